@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class HadashConfig(AppConfig):
+    name = "hadash"
+    verbose_name = "HA manager"

@@ -1,0 +1,238 @@
+"""Configuration keys (SPEC §2): their types, defaults and ranges, and one typed
+accessor. Values live in the `configuration` table and are read on every use, so an
+edit (admin, API, scenario) takes effect without a restart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A value that a key does not accept; the message says why."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    type: str  # "int", "float", "bool", "str", "list"
+    default: str
+    category: str
+    description: str
+    min: float | None = None
+    max: float | None = None
+    check: Callable[[Any], None] | None = None
+
+    def parse(self, raw: Any) -> Any:
+        """Turn a raw value (text from admin/API, or a YAML scalar) into the typed
+        value, or raise ConfigError with a message an operator can act on."""
+        text = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
+        text = text.strip()
+        if isinstance(raw, bool):
+            text = "true" if raw else "false"
+        if self.type == "int":
+            try:
+                value = int(text)
+            except ValueError:
+                raise ConfigError(f"{self.name} must be a whole number, not {text!r}") from None
+        elif self.type == "float":
+            try:
+                value = float(text)
+            except ValueError:
+                raise ConfigError(f"{self.name} must be a number, not {text!r}") from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{self.name} must be a finite number")
+        elif self.type == "bool":
+            low = text.lower()
+            if low in ("true", "1", "yes", "on"):
+                value = True
+            elif low in ("false", "0", "no", "off"):
+                value = False
+            else:
+                raise ConfigError(f"{self.name} must be true or false, not {text!r}")
+        elif self.type == "list":
+            value = [part.strip() for part in text.split(",") if part.strip()]
+        else:
+            value = text
+        if self.min is not None and value < self.min:
+            raise ConfigError(f"{self.name} must be at least {_fmt(self.min)}, not {text}")
+        if self.max is not None and value > self.max:
+            raise ConfigError(f"{self.name} must be at most {_fmt(self.max)}, not {text}")
+        if self.check:
+            self.check(value)
+        return value
+
+    def normalise(self, raw: Any) -> str:
+        """The canonical text stored for a valid value."""
+        value = self.parse(raw)
+        if self.type == "bool":
+            return "true" if value else "false"
+        if self.type == "list":
+            return ",".join(value)
+        if self.type == "float":
+            return repr(float(value)) if value != int(value) else f"{int(value)}"
+        return str(value)
+
+
+def _fmt(n: float) -> str:
+    return str(int(n)) if float(n).is_integer() else str(n)
+
+
+INVESTIGATORS = ("CheckOnAgent", "Neighbour", "OutOfBand")
+
+
+def _check_investigators(value: list[str]) -> None:
+    if not value:
+        raise ConfigError("ha.investigators.order must name at least one investigator")
+    unknown = [v for v in value if v not in INVESTIGATORS]
+    if unknown:
+        raise ConfigError(
+            f"ha.investigators.order: unknown investigator(s) {', '.join(unknown)}; "
+            f"choose from {', '.join(INVESTIGATORS)}"
+        )
+    if len(set(value)) != len(value):
+        raise ConfigError("ha.investigators.order names an investigator twice")
+
+
+def _check_tag(value: str) -> None:
+    if "," in value:
+        raise ConfigError("ha.tag is a single host tag and cannot contain a comma")
+
+
+DAY = 86400
+KEYS: dict[str, Key] = {
+    k.name: k
+    for k in [
+        Key("ping.interval", "int", "10", "Agent", "Agents ping this often (seconds).", 1, 3600),
+        Key("ping.timeout", "float", "2.5", "Agent",
+            "A host is behind on ping when now − last_ping > ping.interval × ping.timeout.",
+            1, 100),
+        Key("alert.wait", "int", "1800", "Agent",
+            "An undeterminable host waits this long (seconds) before Alert.", 0, 30 * DAY),
+        Key("ha.workers", "int", "5", "HA",
+            "HA work items processed at once across the installation; edits apply at once.",
+            1, 1000),
+        Key("investigate.retry.interval", "int", "60", "HA",
+            "Retry delay (seconds) while a VM's fate is unknown.", 1, DAY),
+        Key("restart.retry.interval", "int", "600", "HA",
+            "Base retry delay (seconds) after a failed restart.", 1, DAY),
+        Key("migrate.retry.interval", "int", "120", "HA",
+            "Retry delay (seconds) for Migration work.", 1, DAY),
+        Key("stop.retry.interval", "int", "600", "HA",
+            "Retry delay (seconds) for Stop/CheckStop/ForceStop/Destroy work.", 1, DAY),
+        Key("vm.ha.migration.max.retries", "int", "5", "HA",
+            "Attempts before a work item ends in Error (with an alert).", 1, 1000),
+        Key("time.between.failures", "int", "3600", "HA",
+            "Window (seconds) in which a new HA item for the same VM inherits its tries.",
+            0, 30 * DAY),
+        Key("time.between.cleanup", "int", "86400", "HA",
+            "How often (seconds) finished HA items older than time.between.failures are purged.",
+            1, 30 * DAY),
+        Key("force.ha", "bool", "false", "HA", "Treat every VM as HA-enabled."),
+        Key("vm.ha.enabled", "bool", "true", "HA", "Master switch for VM HA."),
+        Key("ha.vm.restart.hostup", "bool", "true", "HA",
+            "Restart an HA VM that powered off while its host is Up."),
+        Key("ha.tag", "str", "", "HA",
+            "When set, HA restarts only land on hosts with this tag; ordinary placement "
+            "avoids them.", check=_check_tag),
+        Key("ha.investigators.order", "list", "CheckOnAgent,Neighbour,OutOfBand", "HA",
+            "Investigators asked, in order.", check=_check_investigators),
+        Key("ha.max.hosts.down.ratio", "float", "0.5", "HA",
+            "Mass-failure brake: above this share of a cluster's hosts Down or Alert, "
+            "automatic restarts in that cluster pause.", 0, 1),
+    ]
+}
+
+
+def key(name: str) -> Key:
+    try:
+        return KEYS[name]
+    except KeyError:
+        raise ConfigError(f"unknown configuration key {name!r}") from None
+
+
+def get(name: str) -> Any:
+    """The typed value in force for ``name`` (database first, then the default)."""
+    from .models import Configuration
+
+    k = key(name)
+    raw = Configuration.objects.filter(name=name).values_list("value", flat=True).first()
+    if raw is None:
+        return k.parse(k.default)
+    try:
+        return k.parse(raw)
+    except ConfigError:
+        # A value written around the validation (raw SQL) never stops the engine.
+        return k.parse(k.default)
+
+
+class Snapshot:
+    """All values in force, read in one query; use one per engine step."""
+
+    def __init__(self) -> None:
+        from .models import Configuration
+
+        stored = dict(Configuration.objects.values_list("name", "value"))
+        self._values: dict[str, Any] = {}
+        for name, k in KEYS.items():
+            raw = stored.get(name, k.default)
+            try:
+                self._values[name] = k.parse(raw)
+            except ConfigError:
+                self._values[name] = k.parse(k.default)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[key(name).name]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+def snapshot() -> Snapshot:
+    return Snapshot()
+
+
+def set_value(name: str, raw: Any, *, now=None, by: str = "") -> str:
+    """Validate and store a value, writing a `ConfigChanged` event in the same
+    transaction. Raises ConfigError (and changes nothing) on a bad value. Returns
+    the canonical stored text."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from .choices import Subject
+    from .events import record_event
+    from .models import Configuration
+
+    k = key(name)
+    value = k.normalise(raw)
+    now = now or timezone.now()
+    with transaction.atomic():
+        row, _ = Configuration.objects.select_for_update().get_or_create(
+            name=name,
+            defaults={
+                "value": k.default,
+                "default_value": k.default,
+                "category": k.category,
+                "description": k.description,
+            },
+        )
+        old = row.value
+        if old == value:
+            return value
+        row.value = value
+        row.updated = now
+        row.save(update_fields=["value", "updated"])
+        who = f" by {by}" if by else ""
+        record_event(
+            Subject.CONFIG,
+            None,
+            name=name,
+            event="ConfigChanged",
+            field="value",
+            old=old,
+            new=value,
+            reason=by,
+            message=f"Configuration {name}: {old} → {value}{who}",
+            now=now,
+        )
+    return value

@@ -1,0 +1,104 @@
+"""Virtual machines (CloudStack's `vm_instance` table)."""
+
+from __future__ import annotations
+
+import uuid as uuid_lib
+
+from django.db import models, transaction
+
+from hadash.choices import Subject
+from hadash.events import record_event
+
+from .choices import ACTIVE_STATES, PowerState, Priority, VmState, VmType
+
+
+class VMInstance(models.Model):
+    name = models.CharField(max_length=255, unique=True)
+    uuid = models.UUIDField(default=uuid_lib.uuid4, unique=True, editable=False)
+    type = models.CharField(max_length=32, choices=VmType.choices, default=VmType.USER)
+    state = models.CharField(max_length=32, choices=VmState.choices, default=VmState.STOPPED)
+    power_state = models.CharField(
+        max_length=32, choices=PowerState.choices, default=PowerState.POWER_UNKNOWN
+    )
+    power_host = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        db_column="power_host",
+    )
+    power_state_update_time = models.DateTimeField(null=True, blank=True)
+    power_state_update_count = models.PositiveIntegerField(default=0)
+    host = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="vms"
+    )
+    last_host = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    ha_enabled = models.BooleanField(default=False)
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.MEDIUM)
+    cpus = models.PositiveIntegerField(default=1)
+    memory_mb = models.PositiveBigIntegerField(default=1024)
+    # Bumped on every state change; HA work snapshots it (R12.1).
+    update_count = models.PositiveBigIntegerField(default=0)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "vm_instance"
+        verbose_name = "VM"
+        ordering = ["name"]
+        indexes = [
+            models.Index(fields=["host", "state"], name="vm_host_state_idx"),
+            models.Index(fields=["power_host"], name="vm_power_host_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def is_system(self) -> bool:
+        return self.type != VmType.USER
+
+    @property
+    def cluster(self) -> str | None:
+        """A VM belongs to the cluster of the host it is on, or was last on."""
+        host = self.host or self.last_host
+        return host.cluster if host else None
+
+    def occupies_capacity(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    def transition(
+        self,
+        to: str,
+        *,
+        now,
+        event: str = "StateChanged",
+        reason: str = "",
+        message: str = "",
+        alert: bool = False,
+        **fields,
+    ) -> bool:
+        """Move the VM to state ``to`` if nobody changed it since this instance was
+        read (same state and update counter), writing the event in the same
+        transaction. Returns False and changes nothing when the VM moved meanwhile.
+        """
+        with transaction.atomic():
+            changed = VMInstance.objects.filter(
+                pk=self.pk, state=self.state, update_count=self.update_count
+            ).update(state=to, update_count=models.F("update_count") + 1, **fields)
+            if not changed:
+                return False
+            old = self.state
+            self.refresh_from_db()
+            where = f" on {self.host.name}" if self.host_id else ""
+            record_event(
+                Subject.VM,
+                self,
+                event=event,
+                field="state",
+                old=old,
+                new=to,
+                reason=reason,
+                message=message or f"VM {self.name}: {old} → {to}{where}",
+                alert=alert,
+                now=now,
+            )
+        return True
