@@ -1,1 +1,53 @@
-urlpatterns: list = []
+"""Operator REST API, mounted at /api/v1/ (PROTOCOL.md, Operator API)."""
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularJSONAPIView
+from rest_framework.permissions import AllowAny
+
+from . import views
+
+api_patterns = [
+    path("hosts", views.HostListView.as_view(), name="host-list"),
+    path("hosts/<str:name>", views.HostDetailView.as_view(), name="host-detail"),
+    path("hosts/<str:name>/enable", views.HostEnableView.as_view(), name="host-enable"),
+    path("hosts/<str:name>/disable", views.HostDisableView.as_view(), name="host-disable"),
+    path(
+        "hosts/<str:name>/maintenance",
+        views.HostMaintenanceView.as_view(),
+        name="host-maintenance",
+    ),
+    path(
+        "hosts/<str:name>/cancel-maintenance",
+        views.HostCancelMaintenanceView.as_view(),
+        name="host-cancel-maintenance",
+    ),
+    path("vms", views.VMListView.as_view(), name="vm-list"),
+    path("vms/<str:name>", views.VMDetailView.as_view(), name="vm-detail"),
+    path("vms/<str:name>/stop", views.VMStopView.as_view(), name="vm-stop"),
+    path("vms/<str:name>/start", views.VMStartView.as_view(), name="vm-start"),
+    path("ha-work", views.HaWorkListView.as_view(), name="ha-work-list"),
+    path("ha-work/<int:pk>", views.HaWorkDetailView.as_view(), name="ha-work-detail"),
+    path("events", views.EventListView.as_view(), name="event-list"),
+    path("events/<int:pk>", views.EventDetailView.as_view(), name="event-detail"),
+    path(
+        "events/<int:pk>/acknowledge",
+        views.EventAcknowledgeView.as_view(),
+        name="event-acknowledge",
+    ),
+    path("config", views.ConfigListView.as_view(), name="config-list"),
+    path("config/<str:key>", views.ConfigDetailView.as_view(), name="config-detail"),
+]
+
+urlpatterns = [
+    *api_patterns,
+    # The document covers the operator API only (the agent protocol is PROTOCOL.md).
+    path(
+        "openapi.json",
+        SpectacularJSONAPIView.as_view(
+            authentication_classes=[],
+            permission_classes=[AllowAny],
+            patterns=[path("api/v1/", include(api_patterns))],
+        ),
+        name="openapi",
+    ),
+]

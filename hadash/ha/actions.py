@@ -6,3 +6,174 @@ from __future__ import annotations
 
 class ActionError(ValueError):
     """An action that cannot be done as asked; the message says why (API: 400/409)."""
+
+
+def register_vm(*, name, host_name, cpus, memory_mb, ha_enabled=False, priority="medium",
+                type="User", now):
+    """Register a VM that runs on ``host_name`` (state Running, PowerOn)."""
+    from django.db import IntegrityError, transaction
+
+    from hadash.choices import Subject
+    from hadash.events import record_event
+    from hosts.models import Host
+    from vms.choices import PowerState, Priority, VmState, VmType
+    from vms.models import VMInstance
+
+    if not isinstance(name, str) or not name.strip() or len(name) > 255:
+        raise ActionError("name must be a non-empty string of at most 255 characters")
+    if priority not in Priority.values:
+        raise ActionError(f"priority must be one of {', '.join(Priority.values)}")
+    if type not in VmType.values:
+        raise ActionError(f"type must be one of {', '.join(VmType.values)}")
+    for field, value in (("cpus", cpus), ("memory_mb", memory_mb)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ActionError(f"{field} must be a whole number of at least 1")
+    host = Host.objects.filter(name=host_name).first()
+    if host is None:
+        raise ActionError(f"unknown host {host_name!r}")
+    try:
+        with transaction.atomic():
+            vm = VMInstance.objects.create(
+                name=name, host=host, last_host=host, state=VmState.RUNNING,
+                power_state=PowerState.POWER_ON, power_host=host, power_state_update_time=now,
+                power_state_update_count=1, ha_enabled=bool(ha_enabled), priority=priority,
+                type=type, cpus=cpus, memory_mb=memory_mb,
+            )
+            record_event(Subject.VM, vm, event="Registered", field="state", old="",
+                         new=VmState.RUNNING, now=now,
+                         message=f"VM {name} registered, Running on {host.name}")
+    except IntegrityError:
+        raise ActionError(f"a VM named {name!r} already exists") from None
+    return vm
+
+
+def set_host_enabled(host, enabled: bool, *, now, by=""):
+    from hosts.choices import ResourceState
+
+    to = ResourceState.ENABLED if enabled else ResourceState.DISABLED
+    allowed = (ResourceState.ENABLED, ResourceState.DISABLED)
+    if host.resource_state not in allowed:
+        raise ActionError(
+            f"host {host.name} is {host.resource_state}; cancel maintenance first"
+        )
+    if host.resource_state != to:
+        host.set_resource_state(to, now=now, reason=by, expect=allowed,
+                                message=f"Host {host.name}: {host.resource_state} → {to}"
+                                        f"{' by ' + by if by else ''}")
+    host.refresh_from_db()
+    return host
+
+
+def prepare_maintenance(host, *, now, by=""):
+    """R15: PrepareForMaintenance and Migration work for every running VM."""
+    from django.db import transaction
+
+    from hadash.ha import maintenance, work
+    from hosts.choices import ResourceState
+    from vms.choices import VmState
+    from vms.models import VMInstance
+
+    allowed = (ResourceState.ENABLED, ResourceState.DISABLED, ResourceState.ERROR_IN_MAINTENANCE)
+    if host.resource_state not in allowed:
+        raise ActionError(f"host {host.name} is already {host.resource_state}")
+    with transaction.atomic():
+        if not host.set_resource_state(
+            ResourceState.PREPARE_FOR_MAINTENANCE, now=now, reason=by, expect=allowed,
+            message=f"Host {host.name}: preparing for maintenance{' (' + by + ')' if by else ''}",
+        ):
+            raise ActionError(f"host {host.name} changed meanwhile; try again")
+        for vm in VMInstance.objects.filter(host=host, state=VmState.RUNNING):
+            work.schedule_migration(vm, now=now)
+    maintenance.complete_if_ready(host, now=now)
+    host.refresh_from_db()
+    return host
+
+
+def cancel_maintenance(host, *, now, by=""):
+    from django.db import transaction
+
+    from hadash.choices import FINAL_STEPS, Step, WorkType
+    from hadash.ha import work
+    from hadash.models import HaWork
+    from hosts.choices import ResourceState
+
+    allowed = (ResourceState.PREPARE_FOR_MAINTENANCE, ResourceState.MAINTENANCE,
+               ResourceState.ERROR_IN_MAINTENANCE)
+    if host.resource_state not in allowed:
+        raise ActionError(f"host {host.name} is not in maintenance ({host.resource_state})")
+    with transaction.atomic():
+        host.set_resource_state(ResourceState.ENABLED, now=now, reason=by, expect=allowed,
+                                message=f"Host {host.name}: maintenance cancelled")
+        for item in HaWork.objects.select_related("instance").filter(
+            host=host, type=WorkType.MIGRATION, taken__isnull=True
+        ).exclude(step__in=FINAL_STEPS):
+            item.taken_by = ""
+            work.set_step(item, Step.CANCELLED, now=now,
+                          message=f"Migration of {item.instance.name} cancelled with "
+                                  "maintenance")
+    host.refresh_from_db()
+    return host
+
+
+def stop_vm(vm, *, now, by=""):
+    """Queue a Stop work item; a worker stops the VM."""
+    from vms.choices import VmState
+
+    from . import work
+
+    if vm.state in (VmState.STOPPED, VmState.DESTROYED, VmState.EXPUNGING):
+        raise ActionError(f"VM {vm.name} is already {vm.state}")
+    item = work.schedule_stop(vm, now=now, by=by)
+    if item is None:
+        raise ActionError(f"VM {vm.name} already has a stop in progress")
+    return item
+
+
+def start_vm(vm, *, engine, by=""):
+    """Start a Stopped VM on a placed host now (synchronous)."""
+    from django.db import transaction
+
+    from hadash import config
+    from hadash.choices import FINAL_STEPS
+    from hadash.models import HaWork
+    from hosts.models import Host
+    from hosts.transport import AgentError, Unreachable
+    from vms import placement
+    from vms.choices import PowerState, VmState
+
+    cfg = config.snapshot()
+    vm.refresh_from_db()
+    if vm.state != VmState.STOPPED:
+        raise ActionError(f"VM {vm.name} is {vm.state}, not Stopped")
+    if HaWork.objects.filter(instance=vm).exclude(step__in=FINAL_STEPS).exists():
+        raise ActionError(f"VM {vm.name} has unfinished HA work; let it finish first")
+    now = engine.now()
+    target = None
+    for host in placement.candidates(vm, ha=False, ha_tag=cfg["ha.tag"], cluster=vm.cluster):
+        with transaction.atomic():
+            locked = Host.objects.select_for_update().get(pk=host.pk)
+            if placement.candidates(vm, ha=False, ha_tag=cfg["ha.tag"], cluster=vm.cluster,
+                                    only=(locked.pk,)) and vm.transition(
+                VmState.STARTING, now=now, event="StartRequested", host=locked, reason=by,
+                power_state_update_time=now,
+                message=f"VM {vm.name} starting on {locked.name}"
+                        f"{' (by ' + by + ')' if by else ''}",
+            ):
+                target = locked
+                break
+    if target is None:
+        raise ActionError(f"no host has room for VM {vm.name}")
+    try:
+        engine.agents.start_vm(target, vm)
+    except (Unreachable, AgentError) as exc:
+        vm.refresh_from_db()
+        vm.transition(VmState.STOPPED, now=engine.now(), event="StartFailed", host=None,
+                      last_host=target,
+                      message=f"Starting VM {vm.name} on {target.name} failed: {exc}")
+        raise ActionError(f"starting {vm.name} on {target.name} failed: {exc}") from None
+    vm.refresh_from_db()
+    vm.transition(VmState.RUNNING, now=engine.now(), event="Started",
+                  power_state=PowerState.POWER_ON, power_host=target,
+                  power_state_update_time=engine.now(), power_state_update_count=1,
+                  message=f"VM {vm.name} Running on {target.name}")
+    return vm

@@ -1,0 +1,335 @@
+"""Acceptance scenarios (../shared/scenarios/README.md): load a YAML failure story,
+run the real engine against an in-process simulated fleet on a virtual clock, and
+check the expectations and the double-run invariant.
+
+The runner drives exactly what production runs — agent connect/ping handling,
+the monitor sweep, the HA workers, cleanup — through `hosts.agent.service`,
+`hosts.liveness.monitor_step`, `hadash.ha.work.worker_step` and
+`hadash.ha.cleanup.cleanup_step`, with `fleet.sim` behind the transport interfaces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hadash.clock import VirtualClock
+
+HOST_EVENT = re.compile(
+    r"^host (\S+) (power off|power on|agent stop|agent start|network off|network on|"
+    r"disable|enable|maintenance|cancel-maintenance|start-fail (\d+))$"
+)
+BMC_EVENT = re.compile(r"^bmc (\S+) (fail|ok)$")
+VM_EVENT = re.compile(r"^vm (\S+) (crash|vanish|stop)$")
+CONFIG_EVENT = re.compile(r"^config (\S+) (.+)$")
+
+HOST_DEFAULTS = {"cluster": "c1", "cpus": 16, "memory_mb": 65536, "tags": []}
+VM_DEFAULTS = {"cpus": 1, "memory_mb": 1024, "ha": False, "state": "Running",
+               "priority": "medium"}
+EXPECT_KEYS = {
+    "vm": {"state", "power_state", "host", "host_not", "restarts"},
+    "host": {"status", "resource_state"},
+    "work": {"step", "count"},
+}
+MAX_WORK_PER_SECOND = 10_000
+
+
+class ScenarioError(ValueError):
+    """The scenario file is malformed; the message says where."""
+
+
+@dataclass
+class Check:
+    at: int
+    kind: str
+    name: str
+    key: str
+    expected: Any
+    found: Any = None
+    ok: bool | None = None
+
+    def describe(self) -> str:
+        return f"t={self.at} {self.kind} {self.name} {self.key}={self.expected}"
+
+
+@dataclass
+class Result:
+    path: str
+    name: str
+    checks: list[Check] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and not self.violations and all(c.ok for c in self.checks)
+
+
+# --- loading --------------------------------------------------------------------------
+
+def load(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{path}: a scenario is a mapping")
+    for key in ("hosts",):
+        if not isinstance(data.get(key), dict) or not data[key]:
+            raise ScenarioError(f"{path}: '{key}' must be a non-empty mapping")
+    data.setdefault("vms", {})
+    data.setdefault("events", [])
+    data.setdefault("expect", [])
+    data.setdefault("config", {})
+    for section in ("events", "expect"):
+        if not isinstance(data[section], list):
+            raise ScenarioError(f"{path}: '{section}' must be a list")
+        for i, entry in enumerate(data[section]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("at"), int) \
+                    or entry["at"] < 0:
+                raise ScenarioError(f"{path}: {section}[{i}] needs a whole-second 'at' ≥ 0")
+    for i, ev in enumerate(data["events"]):
+        if not isinstance(ev.get("do"), str) or not (
+            HOST_EVENT.match(ev["do"]) or BMC_EVENT.match(ev["do"])
+            or VM_EVENT.match(ev["do"]) or CONFIG_EVENT.match(ev["do"])
+        ):
+            raise ScenarioError(f"{path}: events[{i}]: unknown event {ev.get('do')!r}")
+    for i, ex in enumerate(data["expect"]):
+        kind = kind_of(ex)
+        if kind is None:
+            raise ScenarioError(f"{path}: expect[{i}] names one of vm, host or work")
+        extra = set(ex) - {"at", kind} - EXPECT_KEYS[kind]
+        if extra:
+            raise ScenarioError(f"{path}: expect[{i}]: unknown key(s) {', '.join(sorted(extra))}")
+    return data
+
+
+def kind_of(ex: dict) -> str | None:
+    """`vm:` and `work:` name their subject; `host` is then an attribute."""
+    for kind in ("vm", "work", "host"):
+        if kind in ex:
+            return kind
+    return None
+
+
+def checks_of(data: dict) -> list[Check]:
+    out = []
+    for ex in data["expect"]:
+        kind = kind_of(ex)
+        for key in sorted(EXPECT_KEYS[kind] & set(ex)):
+            out.append(Check(at=ex["at"], kind=kind, name=str(ex[kind]), key=key,
+                             expected=ex[key]))
+    return out
+
+
+# --- running ----------------------------------------------------------------------------
+
+class Run:
+    """One scenario against the current (fresh) database."""
+
+    def __init__(self, data: dict, path: str):
+        from fleet.sim import SimAgentClient, SimFleet, SimOobClient
+        from hadash.ha.engine import Engine
+
+        self.data = data
+        self.result = Result(path=path, name=str(data.get("name", Path(path).stem)))
+        self.clock = VirtualClock()
+        self.fleet = SimFleet()
+        self.engine = Engine(agents=SimAgentClient(self.fleet), oob=SimOobClient(self.fleet),
+                             clock=self.clock, worker_id="scenario-worker")
+        self.checks = checks_of(data)
+        last = max([e["at"] for e in data["events"]] + [c.at for c in self.checks] + [0])
+        self.until = int(data.get("until", last + 60))
+
+    # set-up
+    def setup(self) -> None:
+        from hadash import config
+        from hadash.ha import actions
+        from hosts.models import Host
+        from vms.choices import VmState
+        from vms.models import VMInstance
+
+        now = self.clock.now()
+        for k, v in (self.data.get("config") or {}).items():
+            config.set_value(k, v, now=now, by="scenario")
+        for name, spec in self.data["hosts"].items():
+            spec = {**HOST_DEFAULTS, **(spec or {})}
+            tags = spec["tags"] if isinstance(spec["tags"], list) else [spec["tags"]]
+            self.fleet.add_host(str(name), cluster=str(spec["cluster"]), cpus=int(spec["cpus"]),
+                                memory_mb=int(spec["memory_mb"]), tags=[str(t) for t in tags])
+        for name, spec in self.data["vms"].items():
+            spec = {**VM_DEFAULTS, **(spec or {})}
+            if spec["state"] == "Running":
+                if not spec.get("host"):
+                    raise ScenarioError(f"vm {name}: a Running VM needs a host")
+                self.fleet.host(str(spec["host"])).vms[str(name)] = "PowerOn"
+        for h in self.fleet.hosts.values():
+            self.connect(h.name)
+            Host.objects.filter(name=h.name).update(
+                tags=",".join(h.tags), oobm_enabled=True, oobm_address=f"sim://{h.name}-bmc",
+                oobm_system_id=h.name,
+            )
+        for name, spec in self.data["vms"].items():
+            spec = {**VM_DEFAULTS, **(spec or {})}
+            if spec["state"] == "Running":
+                actions.register_vm(
+                    name=str(name), host_name=str(spec["host"]), cpus=int(spec["cpus"]),
+                    memory_mb=int(spec["memory_mb"]), ha_enabled=bool(spec["ha"]),
+                    priority=str(spec["priority"]), now=now,
+                )
+            else:
+                VMInstance.objects.create(
+                    name=str(name), state=spec["state"], cpus=int(spec["cpus"]),
+                    memory_mb=int(spec["memory_mb"]), ha_enabled=bool(spec["ha"]),
+                    priority=str(spec["priority"]),
+                    last_host=Host.objects.filter(name=spec.get("host")).first(),
+                )
+                if spec["state"] not in VmState.values:
+                    raise ScenarioError(f"vm {name}: unknown state {spec['state']!r}")
+
+    def connect(self, name: str) -> None:
+        from hosts.agent.service import ConnectData, connect
+
+        h = self.fleet.host(name)
+        connect(ConnectData(
+            name=h.name, type=h.type, hypervisor="Simulated", cluster=h.cluster, cpus=h.cpus,
+            memory_mb=h.memory_mb, address=f"sim-{h.name}", agent_url=h.agent_url,
+            vms=h.report(),
+        ), now=self.clock.now())
+
+    # the timeline
+    def apply(self, do: str) -> None:
+        from hadash import config
+        from hadash.ha import actions
+        from hosts.models import Host
+        from vms.models import VMInstance
+
+        now = self.clock.now()
+        if m := HOST_EVENT.match(do):
+            name, what = m.group(1), m.group(2)
+            f = self.fleet
+            if what == "power off":
+                f.power_off(name)
+            elif what == "power on":
+                f.power_on(name)
+                self.connect(name)
+            elif what == "agent stop":
+                f.agent_stop(name)
+            elif what == "agent start":
+                f.agent_start(name)
+                if f.host(name).reachable:
+                    self.connect(name)
+            elif what == "network off":
+                f.network(name, False)
+            elif what == "network on":
+                f.network(name, True)
+            elif what.startswith("start-fail"):
+                f.start_fail(name, int(m.group(3)))
+            else:
+                host = Host.objects.get(name=name)
+                if what in ("disable", "enable"):
+                    actions.set_host_enabled(host, what == "enable", now=now, by="scenario")
+                elif what == "maintenance":
+                    actions.prepare_maintenance(host, now=now, by="scenario")
+                else:
+                    actions.cancel_maintenance(host, now=now, by="scenario")
+        elif m := BMC_EVENT.match(do):
+            self.fleet.bmc(m.group(1), m.group(2) == "ok")
+        elif m := VM_EVENT.match(do):
+            name, what = m.group(1), m.group(2)
+            if what == "crash":
+                self.fleet.vm_crash(name)
+            elif what == "vanish":
+                self.fleet.vm_vanish(name)
+            else:
+                actions.stop_vm(VMInstance.objects.get(name=name), now=now, by="scenario")
+        elif m := CONFIG_EVENT.match(do):
+            config.set_value(m.group(1), m.group(2), now=now, by="scenario")
+
+    def pings(self, t: int) -> None:
+        from hadash import config
+        from hosts.agent.service import ping
+        from hosts.models import Host
+
+        interval = config.get("ping.interval")
+        if t % interval:
+            return
+        for h in self.fleet.hosts.values():
+            if h.reachable:
+                host = Host.objects.get(name=h.name)
+                ping(host, h.report(), now=self.clock.now())
+
+    def engine_second(self) -> None:
+        from hadash.ha.cleanup import cleanup_step
+        from hadash.ha.work import worker_step
+        from hosts.liveness import monitor_step
+
+        monitor_step(self.engine)
+        for _ in range(MAX_WORK_PER_SECOND):
+            if not worker_step(self.engine):
+                break
+        cleanup_step(self.engine)
+
+    def run(self) -> Result:
+        events = sorted(self.data["events"], key=lambda e: e["at"])
+        self.setup()
+        for t in range(0, self.until + 1):
+            self.clock.set(t)
+            for ev in events:
+                if ev["at"] == t:
+                    self.apply(ev["do"])
+            self.pings(t)
+            self.engine_second()
+            for vm, hosts in self.fleet.double_runs().items():
+                self.result.violations.append(
+                    f"t={t} invariant: VM {vm} powered on on {', '.join(hosts)} at once"
+                )
+            for c in self.checks:
+                if c.at == t:
+                    self.check(c)
+        self.result.checks = self.checks
+        return self.result
+
+    # expectations
+    def check(self, c: Check) -> None:
+        from hadash.choices import WorkType
+        from hadash.models import Event, HaWork
+        from hosts.models import Host
+        from vms.models import VMInstance
+
+        if c.kind == "vm":
+            vm = VMInstance.objects.select_related("host").filter(name=c.name).first()
+            if vm is None:
+                c.found, c.ok = "no such VM", False
+                return
+            if c.key == "restarts":
+                c.found = Event.objects.filter(vm=vm, event="HaStarted").count()
+            elif c.key in ("host", "host_not"):
+                c.found = vm.host.name if vm.host else None
+            else:
+                c.found = getattr(vm, c.key)
+            if c.key == "host_not":
+                c.ok = c.found != c.expected
+            else:
+                c.ok = c.found == c.expected
+        elif c.kind == "host":
+            host = Host.objects.filter(name=c.name).first()
+            c.found = getattr(host, c.key) if host else "no such host"
+            c.ok = c.found == c.expected
+        else:
+            items = HaWork.objects.filter(instance__name=c.name, type=WorkType.HA)
+            if c.key == "count":
+                c.found = items.count()
+            else:
+                latest = items.order_by("-id").first()
+                c.found = latest.step if latest else None
+            c.ok = c.found == c.expected
+
+
+def fmt_time(t: dt.timedelta) -> str:
+    return f"{t.total_seconds():.2f}s"

@@ -1,0 +1,353 @@
+"""Operator API shapes (PROTOCOL.md, Operator API). Host, VM and HA work fields keep
+CloudStack's names; related hosts and VMs are given by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from hadash.choices import Subject
+from hadash.events import record_event
+from hadash.models import Event, HaWork
+from hosts.models import Host
+from vms.choices import ACTIVE_STATES, Priority, VmType
+from vms.models import VMInstance
+
+
+class ErrorSerializer(serializers.Serializer):
+    """Every error answer: `{"error": "<human-readable message>"}`."""
+
+    error = serializers.CharField()
+    details = serializers.JSONField(
+        required=False, help_text="For a rejected body or query: the messages per field."
+    )
+
+
+# --- hosts --------------------------------------------------------------------
+
+
+@extend_schema_field(
+    {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "Host tags (also accepted as one comma-separated string).",
+    }
+)
+class TagsField(serializers.Field):
+    """Host tags: stored comma-separated (CloudStack), shown as a list."""
+
+    default_error_messages = {
+        "invalid": "Expected a list of tags or a comma-separated string.",
+        "too_long": "Tags are too long (at most 1024 characters in all).",
+    }
+
+    def to_representation(self, value: str) -> list[str]:
+        return [t.strip() for t in (value or "").split(",") if t.strip()]
+
+    def to_internal_value(self, data: Any) -> str:
+        if isinstance(data, str):
+            items = data.split(",")
+        elif isinstance(data, list) and all(isinstance(i, str) for i in data):
+            items = data
+        else:
+            self.fail("invalid")
+        tags: list[str] = []
+        for item in items:
+            if "," in item:
+                tags.extend(t.strip() for t in item.split(",") if t.strip())
+            elif item.strip():
+                tags.append(item.strip())
+        joined = ",".join(dict.fromkeys(tags))
+        if len(joined) > 1024:
+            self.fail("too_long")
+        return joined
+
+
+class HostSerializer(serializers.ModelSerializer):
+    hypervisor = serializers.CharField(source="hypervisor_type", read_only=True)
+    address = serializers.CharField(source="private_ip_address", read_only=True)
+    tags = TagsField(read_only=True)
+    allocated_cpus = serializers.SerializerMethodField(
+        help_text="CPUs of the VMs that occupy capacity on this host (SPEC R13)."
+    )
+    allocated_memory_mb = serializers.SerializerMethodField(
+        help_text="Memory (MB) of the VMs that occupy capacity on this host."
+    )
+    vm_count = serializers.SerializerMethodField(
+        help_text="VMs that occupy capacity on this host."
+    )
+    oobm_password_set = serializers.SerializerMethodField(
+        help_text="Whether a BMC password is stored (the password itself is never shown)."
+    )
+
+    class Meta:
+        model = Host
+        fields = [
+            "name", "status", "resource_state", "cluster", "last_ping", "cpus", "memory_mb",
+            "id", "uuid", "type", "hypervisor", "tags", "address", "agent_url",
+            "allocated_cpus", "allocated_memory_mb", "vm_count",
+            "oobm_enabled", "oobm_address", "oobm_system_id", "oobm_username",
+            "oobm_password_set", "next_investigation", "created",
+        ]
+        read_only_fields = fields
+
+    def _allocation(self, obj: Host) -> dict[str, int]:
+        if hasattr(obj, "allocated_cpus"):
+            return {
+                "cpus": obj.allocated_cpus or 0,
+                "memory_mb": obj.allocated_memory_mb or 0,
+                "count": obj.vm_count or 0,
+            }
+        cache = getattr(obj, "_allocation_cache", None)
+        if cache is None:
+            rows = list(
+                VMInstance.objects.filter(host=obj, state__in=ACTIVE_STATES).values_list(
+                    "cpus", "memory_mb"
+                )
+            )
+            cache = {
+                "cpus": sum(r[0] for r in rows),
+                "memory_mb": sum(r[1] for r in rows),
+                "count": len(rows),
+            }
+            obj._allocation_cache = cache
+        return cache
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_allocated_cpus(self, obj: Host) -> int:
+        return self._allocation(obj)["cpus"]
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_allocated_memory_mb(self, obj: Host) -> int:
+        return self._allocation(obj)["memory_mb"]
+
+    @extend_schema_field(OpenApiTypes.INT)
+    def get_vm_count(self, obj: Host) -> int:
+        return self._allocation(obj)["count"]
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_oobm_password_set(self, obj: Host) -> bool:
+        return bool(obj.oobm_password)
+
+
+HOST_SETTINGS = ("tags", "oobm_enabled", "oobm_address", "oobm_system_id", "oobm_username",
+                 "oobm_password")
+
+
+class HostSettingsSerializer(serializers.Serializer):
+    """The operator-set fields of a host (`PATCH /api/v1/hosts/{name}`). Everything
+    else about a host comes from its agent and the HA engine."""
+
+    tags = TagsField(required=False)
+    oobm_enabled = serializers.BooleanField(required=False)
+    oobm_address = serializers.URLField(
+        required=False, allow_blank=True, max_length=1024,
+        help_text="Redfish service root of the host's BMC, e.g. https://10.0.1.11",
+    )
+    oobm_system_id = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    oobm_username = serializers.CharField(required=False, allow_blank=True, max_length=255)
+    oobm_password = serializers.CharField(
+        required=False, allow_blank=True, max_length=255, write_only=True, trim_whitespace=False,
+        style={"input_type": "password"},
+    )
+
+    def validate(self, attrs):
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError(
+                f"cannot set {', '.join(unknown)}; settable host fields: "
+                f"{', '.join(HOST_SETTINGS)}"
+            )
+        host: Host | None = self.instance
+        merged = {f: attrs.get(f, getattr(host, f, "")) for f in HOST_SETTINGS}
+        if merged["oobm_enabled"] and not (merged["oobm_address"] and merged["oobm_system_id"]):
+            raise serializers.ValidationError(
+                "out-of-band management needs oobm_address and oobm_system_id to be enabled"
+            )
+        return attrs
+
+
+# --- VMs ----------------------------------------------------------------------
+
+
+class VMSerializer(serializers.ModelSerializer):
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    last_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    power_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = VMInstance
+        fields = [
+            "name", "state", "power_state", "host", "last_host", "ha_enabled", "priority",
+            "cpus", "memory_mb",
+            "id", "uuid", "type", "power_host", "power_state_update_time",
+            "power_state_update_count", "update_count", "created",
+        ]
+        read_only_fields = fields
+
+
+class VMCreateSerializer(serializers.Serializer):
+    """Registers a VM that runs on ``host`` (state Running, power PowerOn)."""
+
+    name = serializers.CharField(max_length=255)
+    host = serializers.CharField(max_length=255, help_text="Name of the host the VM runs on.")
+    cpus = serializers.IntegerField(min_value=1)
+    memory_mb = serializers.IntegerField(min_value=1)
+    ha_enabled = serializers.BooleanField(default=False)
+    priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.MEDIUM)
+    # A plain string in the schema (one enum component per name: see VMSerializer.type).
+    type = serializers.CharField(
+        default=VmType.USER,
+        help_text="One of " + ", ".join(VmType.values) + " (default User).",
+    )
+
+    def validate_type(self, value: str) -> str:
+        if value not in VmType.values:
+            raise serializers.ValidationError(
+                f"{value!r} is not a VM type; choose from {', '.join(VmType.values)}"
+            )
+        return value
+
+
+VM_SETTINGS = ("ha_enabled", "priority")
+
+
+class VMSettingsSerializer(serializers.Serializer):
+    """The operator-set fields of a VM (`PATCH /api/v1/vms/{name}`)."""
+
+    ha_enabled = serializers.BooleanField(required=False)
+    priority = serializers.ChoiceField(choices=Priority.choices, required=False)
+
+    def validate(self, attrs):
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError(
+                f"cannot set {', '.join(unknown)}; settable VM fields: {', '.join(VM_SETTINGS)} "
+                "(state changes go through the start/stop actions)"
+            )
+        return attrs
+
+
+# --- HA work ------------------------------------------------------------------
+
+
+class HaWorkSerializer(serializers.ModelSerializer):
+    vm = serializers.CharField(source="instance.name", read_only=True)
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    state = serializers.CharField(read_only=True, help_text="The VM's state when scheduled.")
+
+    class Meta:
+        model = HaWork
+        fields = [
+            "id", "vm", "type", "step", "reason", "tried", "host", "time_to_try",
+            "vm_type", "target_host", "state", "update_count", "taken", "taken_by",
+            "created", "updated", "last_error",
+        ]
+        read_only_fields = fields
+
+
+# --- events -------------------------------------------------------------------
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Event
+        fields = [
+            "id", "time", "subject", "subject_name", "event", "field", "old", "new",
+            "reason", "message", "alert", "severity", "acknowledged_at",
+            "subject_id", "acknowledged_by",
+        ]
+        read_only_fields = fields
+
+
+# --- configuration ------------------------------------------------------------
+
+
+@extend_schema_field(
+    {
+        "oneOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}],
+        "description": 'The new value; text as shown in `value` (e.g. "8"), or a JSON '
+        "number/boolean.",
+    }
+)
+class ScalarField(serializers.Field):
+    default_error_messages = {"invalid": "value must be a string, a number or a boolean"}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, (str, int, float, bool)):
+            return data
+        self.fail("invalid")
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class ConfigSerializer(serializers.Serializer):
+    """One SPEC §2 key: ``value`` is the stored text in force."""
+
+    name = serializers.CharField(read_only=True)
+    value = serializers.CharField(read_only=True)
+    default = serializers.CharField(read_only=True)
+    type = serializers.ChoiceField(
+        choices=["int", "float", "bool", "str", "list"], read_only=True
+    )
+    category = serializers.CharField(read_only=True)
+    description = serializers.CharField(read_only=True)
+    min = serializers.FloatField(read_only=True, allow_null=True)
+    max = serializers.FloatField(read_only=True, allow_null=True)
+    updated = serializers.DateTimeField(read_only=True, allow_null=True)
+
+
+class ConfigUpdateSerializer(serializers.Serializer):
+    value = ScalarField()
+
+
+# --- shared -------------------------------------------------------------------
+
+
+SECRET_FIELDS = {"oobm_password"}
+
+
+def apply_settings(obj: Host | VMInstance, changes: dict[str, Any], *, by: str = "",
+                   now=None) -> list[str]:
+    """Store operator-set fields of a host or VM and write one `SettingsChanged`
+    event in the same transaction. Only the given fields are written (an UPDATE of
+    those columns), so a concurrent status change by the engine is never overwritten.
+    Returns the names of the fields that changed."""
+    changed = {f: v for f, v in changes.items() if getattr(obj, f) != v}
+    if not changed:
+        return []
+    subject = Subject.HOST if isinstance(obj, Host) else Subject.VM
+    parts = []
+    for f, v in changed.items():
+        if f in SECRET_FIELDS:
+            parts.append(f"{f} changed")
+        else:
+            parts.append(f"{f} {getattr(obj, f)!r} → {v!r}")
+    single = next(iter(changed)) if len(changed) == 1 else None
+    old = getattr(obj, single) if single and single not in SECRET_FIELDS else ""
+    new = changed[single] if single and single not in SECRET_FIELDS else ""
+    who = f" by {by}" if by else ""
+    kind = "Host" if subject == Subject.HOST else "VM"
+    with transaction.atomic():
+        type(obj).objects.filter(pk=obj.pk).update(**changed)
+        for f, v in changed.items():
+            setattr(obj, f, v)
+        record_event(
+            subject,
+            obj,
+            event="SettingsChanged",
+            field=",".join(changed)[:64],
+            old=old,
+            new=new,
+            reason=by,
+            message=f"{kind} {obj.name}: {'; '.join(parts)}{who}",
+            now=now or timezone.now(),
+        )
+    return list(changed)

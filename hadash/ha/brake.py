@@ -1,0 +1,86 @@
+"""Mass-failure brake (R14): while more than ha.max.hosts.down.ratio of a cluster's
+hosts are Down or Alert, no VM of that cluster is started. Engagement and release
+are each announced once (a conditional UPDATE on the cluster's brake row)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from django.db import transaction
+from django.db.models import Count
+
+from hadash.choices import FINAL_STEPS, Step, Subject, WorkType
+from hadash.events import record_event
+from hadash.models import ClusterBrake, HaWork
+from hosts.choices import FAILED_STATUSES, HostStatus, HostType
+from hosts.models import Host
+
+WAITING = "mass-failure brake engaged"
+
+
+def cluster_counts() -> dict[str, tuple[int, int]]:
+    """(failed, total) Routing hosts per cluster."""
+    rows = (
+        Host.objects.filter(type=HostType.ROUTING)
+        .exclude(status=HostStatus.REMOVED)
+        .values("cluster", "status")
+        .annotate(n=Count("id"))
+    )
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        counts[r["cluster"]][1] += r["n"]
+        if r["status"] in FAILED_STATUSES:
+            counts[r["cluster"]][0] += r["n"]
+    return {c: (f, t) for c, (f, t) in counts.items()}
+
+
+def over_ratio(failed: int, total: int, cfg) -> bool:
+    return total > 0 and failed / total > cfg["ha.max.hosts.down.ratio"]
+
+
+def is_braked(cluster: str | None, *, now, cfg) -> bool:
+    if not cluster:
+        return False
+    failed, total = cluster_counts().get(cluster, (0, 0))
+    braked = over_ratio(failed, total, cfg)
+    _announce(cluster, braked, failed, total, now=now, cfg=cfg)
+    return braked
+
+
+def update_all(*, now, cfg) -> None:
+    """Called by the monitor sweep: engage or release brakes as ratios change."""
+    counts = cluster_counts()
+    engaged = set(ClusterBrake.objects.filter(engaged=True).values_list("cluster", flat=True))
+    for cluster in set(counts) | engaged:
+        failed, total = counts.get(cluster, (0, 0))
+        _announce(cluster, over_ratio(failed, total, cfg), failed, total, now=now, cfg=cfg)
+
+
+def _announce(cluster: str, braked: bool, failed: int, total: int, *, now, cfg) -> None:
+    with transaction.atomic():
+        ClusterBrake.objects.get_or_create(cluster=cluster)
+        changed = ClusterBrake.objects.filter(cluster=cluster, engaged=not braked).update(
+            engaged=braked, since=now
+        )
+        if not changed:
+            return
+        ratio = cfg["ha.max.hosts.down.ratio"]
+        if braked:
+            record_event(
+                Subject.CLUSTER, None, name=cluster, event="BrakeEngaged", alert=True,
+                now=now, old="released", new="engaged",
+                message=f"Cluster {cluster}: {failed} of {total} hosts Down or Alert "
+                        f"(more than {ratio:.0%}); automatic restarts paused",
+            )
+        else:
+            record_event(
+                Subject.CLUSTER, None, name=cluster, event="BrakeReleased", now=now,
+                old="engaged", new="released",
+                message=f"Cluster {cluster}: {failed} of {total} hosts Down or Alert "
+                        f"(within {ratio:.0%}); automatic restarts resume",
+            )
+            # R14: waiting items start as soon as the ratio is back within bounds.
+            HaWork.objects.exclude(step__in=FINAL_STEPS).filter(
+                type=WorkType.HA, step=Step.SCHEDULED, last_error__startswith=WAITING,
+                taken__isnull=True, time_to_try__gt=now,
+            ).update(time_to_try=now)

@@ -1,0 +1,332 @@
+"""What a worker does with each type of work item (R12, R15, operator stops).
+
+A handler runs with its item claimed; it does I/O outside transactions and commits
+each change together with its event through `work.set_step`/`mark_vm`/`retry`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+
+from hadash.choices import Step, Subject, WorkType
+from hadash.events import record_event
+from hosts.choices import HostEvent, HostStatus, ResourceState, Verdict
+from hosts.investigators import investigate_vm
+from hosts.models import Host
+from hosts.transport import AgentError, Unreachable
+from vms.choices import PowerState, VmState
+from vms.models import VMInstance
+from vms.powersync import ha_wanted
+
+from . import brake, maintenance, placement_guard
+from .work import (
+    backoff_seconds,
+    finish,
+    mark_vm,
+    retry,
+    set_step,
+    stopped_fields,
+)
+
+log = logging.getLogger("hadash.handlers")
+
+
+def _load(item):
+    vm = VMInstance.objects.select_related("host", "last_host").get(pk=item.instance_id)
+    item.instance = vm
+    host = Host.objects.filter(pk=item.host_id).first() if item.host_id else None
+    item.host = host
+    return vm, host
+
+
+# --- HA (R12) ------------------------------------------------------------------------------
+
+def handle_ha(engine, item, cfg) -> None:
+    vm, host = _load(item)
+    now = engine.now()
+    # R12.1: someone else acted on the VM since scheduling.
+    if (vm.state, vm.update_count) != (item.state, item.update_count):
+        finish(item, Step.DONE, now=now,
+               message=f"HA work #{item.pk}: VM {vm.name} changed since scheduling "
+                       f"({item.state} → {vm.state}); nothing to do")
+        return
+    while True:
+        now = engine.now()
+        step = item.step
+        if step == Step.INVESTIGATING:
+            verdict, by = investigate_vm(engine, vm, host, now=now, cfg=cfg)
+            if verdict == Verdict.ALIVE:
+                if host and host.status == HostStatus.UP:
+                    finish(item, Step.DONE, now=now,
+                           message=f"VM {vm.name} is alive on {host.name} ({by}); nothing "
+                                   "to do")
+                else:
+                    retry(item, now=now, after=cfg["investigate.retry.interval"],
+                          message=f"VM {vm.name} is alive ({by}) but its host is not Up")
+                return
+            if verdict == Verdict.DEAD:
+                set_step(item, Step.STOPPING, now=now,
+                         message=f"VM {vm.name} is dead ({by}); stopping it")
+            else:
+                set_step(item, Step.FENCING, now=now,
+                         message=f"VM {vm.name}: cannot tell whether it runs; fencing "
+                                 f"{host.name if host else 'its host'}")
+        elif step == Step.FENCING:
+            if not fence(engine, item, host, now=now, cfg=cfg):
+                return
+            host.refresh_from_db()
+            set_step(item, Step.STOPPING, now=now,
+                     message=f"{host.name} fenced; stopping VM {vm.name}")
+        elif step == Step.STOPPING:
+            if not force_stop(engine, item, vm, host, now=now):
+                return
+            set_step(item, Step.SCHEDULED, now=now)
+        elif step == Step.SCHEDULED:
+            if vm.state != VmState.STOPPED:
+                # Scheduled without investigation: stop it first (R12.3).
+                set_step(item, Step.STOPPING, now=now)
+                continue
+            if not ha_wanted(vm, cfg):
+                finish(item, Step.DONE, now=now,
+                       message=f"VM {vm.name} is not HA-enabled; it stays Stopped")
+                return
+            if not place_and_start(engine, item, vm, now=now, cfg=cfg):
+                return
+        elif step == Step.RESTARTING:
+            start_on_target(engine, item, vm, now=now, cfg=cfg)
+            return
+        else:
+            finish(item, Step.ERROR, now=now, alert=True,
+                   message=f"HA work #{item.pk} in unexpected step {step}")
+            return
+
+
+def fence(engine, item, host, *, now, cfg) -> bool:
+    """R12.2: out-of-band power off. A VM is never started elsewhere while its old
+    host might still run it: no fence, no restart."""
+    if host is None:
+        return True
+    if host.status == HostStatus.DOWN:
+        return True
+    if engine.oob.power_off(host):
+        from hosts.liveness import host_down
+
+        now = engine.now()
+        with transaction.atomic():
+            record_event(Subject.HOST, host, event=HostEvent.FENCED, reason="HA", now=now,
+                         alert=True, message=f"Host {host.name} fenced (out-of-band power off)"
+                                            f" for VM {item.instance.name}")
+        host.refresh_from_db()
+        host_down(host, now=now, cfg=cfg, by="fenced")
+        return True
+    now = engine.now()
+    with transaction.atomic():
+        record_event(Subject.HOST, host, event=HostEvent.FENCE_FAILED, reason="HA", now=now,
+                     alert=True,
+                     message=f"Fencing {host.name} failed: VM {item.instance.name} cannot be "
+                             "restarted while its host might still run it")
+    retry(item, now=now, after=cfg["restart.retry.interval"],
+          message=f"fencing {host.name} failed")
+    return False
+
+
+def force_stop(engine, item, vm, host, *, now) -> bool:
+    """R12.3: make the old host forget the VM if it answers; mark it Stopped."""
+    if host is not None and host.status != HostStatus.DOWN:
+        try:
+            engine.agents.stop_vm(host, vm.name, force=True)
+        except (Unreachable, AgentError) as exc:
+            log.info("force stop of %s on %s: %s", vm.name, host.name, exc)
+    now = engine.now()
+    if vm.state == VmState.STOPPED:
+        return True
+    if not mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStopped",
+                   message=f"VM {vm.name} stopped by HA (was on {host.name if host else '?'})",
+                   **stopped_fields(vm)):
+        finish(item, Step.DONE, now=now,
+               message=f"VM {vm.name} changed while HA was stopping it; nothing to do")
+        return False
+    return True
+
+
+def place_and_start(engine, item, vm, *, now, cfg) -> bool:
+    """R13/R14: choose a host and reserve it; then go on to Restarting."""
+    cluster = vm.cluster
+    if brake.is_braked(cluster, now=now, cfg=cfg):
+        retry(item, now=now, after=cfg["investigate.retry.interval"],
+              message=f"{brake.WAITING} in cluster {cluster}: restart paused")
+        return False
+    target = placement_guard.reserve(vm, item, ha=True, now=now, cfg=cfg)
+    if target is None:
+        retry(item, now=now, after=cfg["restart.retry.interval"],
+              message=f"no host has room for VM {vm.name} in cluster {cluster}")
+        return False
+    return True
+
+
+def start_on_target(engine, item, vm, *, now, cfg) -> None:
+    target = Host.objects.get(pk=item.target_host_id)
+    try:
+        engine.agents.start_vm(target, vm)
+        ok, error = True, ""
+    except (Unreachable, AgentError) as exc:
+        ok, error = False, str(exc) or type(exc).__name__
+    now = engine.now()
+    vm.refresh_from_db()
+    if ok:
+        with transaction.atomic():
+            mark_vm(vm, item, VmState.RUNNING, now=now, event="HaStarted", alert=True,
+                    message=f"HA started VM {vm.name} on {target.name}",
+                    power_state=PowerState.POWER_ON, power_host=target,
+                    power_state_update_time=now, power_state_update_count=1)
+            finish(item, Step.DONE, now=now,
+                   message=f"HA work #{item.pk}: VM {vm.name} Running on {target.name}")
+        return
+    tried = item.tried + 1
+    with transaction.atomic():
+        mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStartFailed",
+                message=f"Starting VM {vm.name} on {target.name} failed: {error}",
+                host=None, last_host=target)
+        if tried >= cfg["vm.ha.migration.max.retries"]:
+            _update_tried(item, tried, now)
+            finish(item, Step.ERROR, now=now, alert=True,
+                   message=f"HA gave up on VM {vm.name} after {tried} failed start(s); "
+                           f"last error: {error}")
+            return
+    retry(item, now=now, after=backoff_seconds(cfg, tried), tried=tried, step=Step.SCHEDULED,
+          message=f"start on {target.name} failed ({error}); try {tried}")
+
+
+def _update_tried(item, tried, now):
+    from .work import _update
+
+    _update(item, now, tried=tried)
+
+
+# --- Migration (R15) -------------------------------------------------------------------------
+
+def handle_migration(engine, item, cfg) -> None:
+    vm, source = _load(item)
+    now = engine.now()
+    if source is None or source.resource_state != ResourceState.PREPARE_FOR_MAINTENANCE:
+        finish(item, Step.CANCELLED, now=now,
+               message=f"Migration of {vm.name} cancelled: host no longer preparing for "
+                       "maintenance")
+        return
+    if vm.host_id != source.pk or vm.state not in (VmState.RUNNING, VmState.MIGRATING):
+        finish(item, Step.DONE, now=now,
+               message=f"VM {vm.name} is no longer running on {source.name}")
+        maintenance.complete_if_ready(source, now=now)
+        return
+    if vm.state == VmState.RUNNING:
+        target = placement_guard.pick(vm, ha=False, cfg=cfg, exclude=(source.pk,))
+        if target is None:
+            retry(item, now=now, after=cfg["migrate.retry.interval"],
+                  message=f"no host has room to migrate {vm.name} to")
+            return
+        with transaction.atomic():
+            if not mark_vm(vm, item, VmState.MIGRATING, now=now, event="MigrationStarted",
+                           message=f"VM {vm.name} migrating {source.name} → {target.name}"):
+                finish(item, Step.DONE, now=now, message=f"VM {vm.name} changed; not migrated")
+                return
+            set_step(item, Step.MIGRATING, now=now, target_host=target)
+    target = Host.objects.get(pk=item.target_host_id)
+    try:
+        engine.agents.migrate_vm(source, vm.name, target)
+        ok, error = True, ""
+    except (Unreachable, AgentError) as exc:
+        ok, error = False, str(exc) or type(exc).__name__
+    now = engine.now()
+    vm.refresh_from_db()
+    if ok:
+        with transaction.atomic():
+            mark_vm(vm, item, VmState.RUNNING, now=now, event="Migrated",
+                    message=f"VM {vm.name} migrated {source.name} → {target.name}",
+                    host=target, last_host=source, power_state=PowerState.POWER_ON,
+                    power_host=target, power_state_update_time=now, power_state_update_count=1)
+            finish(item, Step.DONE, now=now,
+                   message=f"Migration of {vm.name} to {target.name} done")
+        maintenance.complete_if_ready(source, now=now)
+        return
+    with transaction.atomic():
+        mark_vm(vm, item, VmState.RUNNING, now=now, event="MigrationFailed",
+                message=f"Migration of {vm.name} to {target.name} failed: {error}")
+        finish(item, Step.ERROR, now=now, alert=True,
+               message=f"Migration of {vm.name} to {target.name} failed: {error}")
+        source.refresh_from_db()
+        source.set_resource_state(
+            ResourceState.ERROR_IN_MAINTENANCE, now=now, alert=True,
+            expect=(ResourceState.PREPARE_FOR_MAINTENANCE,),
+            reason="migration failed",
+            message=f"Host {source.name}: migration of {vm.name} failed; ErrorInMaintenance",
+        )
+
+
+# --- Stop, ForceStop, CheckStop, Destroy ------------------------------------------------------
+
+def handle_stop(engine, item, cfg) -> None:
+    vm, host = _load(item)
+    now = engine.now()
+    kind = item.type
+    if kind == WorkType.FORCE_STOP:
+        # R6: a second copy on item.host; the VM's own record is not touched.
+        try:
+            engine.agents.stop_vm(host, vm.name, force=True)
+        except (Unreachable, AgentError) as exc:
+            _stop_retry(item, cfg, now, f"stopping the copy of {vm.name} on {host}: {exc}")
+            return
+        finish(item, Step.DONE, now=engine.now(),
+               message=f"Second copy of VM {vm.name} on {host.name} stopped")
+        return
+    if vm.state in (VmState.STOPPED, VmState.DESTROYED, VmState.EXPUNGING) and \
+            kind != WorkType.DESTROY:
+        finish(item, Step.DONE, now=now, message=f"VM {vm.name} is already {vm.state}")
+        return
+    on = vm.host
+    if on is not None and vm.state != VmState.STOPPED:
+        if vm.state != VmState.STOPPING:
+            if not mark_vm(vm, item, VmState.STOPPING, now=now, event="StopRequested",
+                           message=f"VM {vm.name} stopping on {on.name}"):
+                finish(item, Step.DONE, now=now, message=f"VM {vm.name} changed; not stopped")
+                return
+        try:
+            if kind == WorkType.CHECK_STOP:
+                if engine.agents.get_vm(on, vm.name) == PowerState.POWER_ON:
+                    engine.agents.stop_vm(on, vm.name, force=True)
+            else:
+                engine.agents.stop_vm(on, vm.name, force=kind != WorkType.STOP)
+        except (Unreachable, AgentError) as exc:
+            _stop_retry(item, cfg, engine.now(), f"stopping {vm.name} on {on.name}: {exc}")
+            return
+        now = engine.now()
+        vm.refresh_from_db()
+        mark_vm(vm, item, VmState.STOPPED, now=now, event="Stopped",
+                message=f"VM {vm.name} stopped on {on.name}", **stopped_fields(vm))
+    if kind == WorkType.DESTROY:
+        vm.refresh_from_db()
+        mark_vm(vm, item, VmState.DESTROYED, now=now, event="Destroyed",
+                message=f"VM {vm.name} destroyed")
+    finish(item, Step.DONE, now=engine.now(), message=f"{kind} of VM {vm.name} done")
+
+
+def _stop_retry(item, cfg, now, message) -> None:
+    tried = item.tried + 1
+    if tried >= cfg["vm.ha.migration.max.retries"]:
+        _update_tried(item, tried, now)
+        finish(item, Step.ERROR, now=now, alert=True,
+               message=f"{item.type} of VM {item.instance.name} gave up after {tried} tries: "
+                       f"{message}")
+        return
+    retry(item, now=now, after=cfg["stop.retry.interval"], tried=tried, message=message)
+
+
+HANDLERS = {
+    WorkType.HA: handle_ha,
+    WorkType.MIGRATION: handle_migration,
+    WorkType.STOP: handle_stop,
+    WorkType.FORCE_STOP: handle_stop,
+    WorkType.CHECK_STOP: handle_stop,
+    WorkType.DESTROY: handle_stop,
+}

@@ -1,0 +1,299 @@
+"""HA work (R10–R13, CloudStack's HighAvailabilityManagerImpl): scheduling, claiming
+and processing of op_ha_work items.
+
+Every item is both history and work queue. Workers claim due items with a
+conditional UPDATE under a row lock that skips locked rows, never more than
+`ha.workers` at once across the installation; all agent and BMC I/O happens outside
+database transactions; every step change is committed together with its event.
+`worker_step(engine)` processes one item and says whether there may be more.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+
+from hadash import config
+from hadash.choices import FINAL_STEPS, Reason, Step, Subject, WorkType
+from hadash.events import record_event
+from hadash.models import HaWork, Lease
+from hosts.choices import HostStatus
+from vms.choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES, PowerState, VmState
+from vms.models import VMInstance
+
+log = logging.getLogger("hadash.work")
+
+# R11: a worker that dies leaves its item taken; after this lease another may retake it.
+WORK_LEASE = dt.timedelta(minutes=5)
+MAX_BACKOFF = dt.timedelta(hours=1)
+CLAIM_LOCK = "ha.claim"
+
+__all__ = ["HaWork", "schedule_restart", "schedule_restart_for_vms_on_host", "worker_step"]
+
+
+def rank_of(vm: VMInstance) -> int:
+    """R11 order: system VMs first, then high, medium, low priority."""
+    if vm.type in SYSTEM_VM_TYPES:
+        return 0
+    return 1 + PRIORITY_RANK.get(vm.priority, 1)
+
+
+# --- scheduling ----------------------------------------------------------------------
+
+def _create(vm: VMInstance, *, type: str, reason: str, step: str, now, host=None,
+            tried: int = 0, message: str = "") -> HaWork | None:
+    """Insert one item with its event; None when the VM already has an unfinished
+    item of that type (the database constraint decides, R10)."""
+    if HaWork.objects.unfinished().filter(instance=vm, type=type).exists():
+        return None
+    try:
+        with transaction.atomic():
+            item = HaWork.objects.create(
+                instance=vm, vm_type=vm.type, type=type, reason=reason, step=step,
+                host=host if host is not None else vm.host, state=vm.state,
+                update_count=vm.update_count, time_to_try=now, tried=tried, rank=rank_of(vm),
+                created=now, updated=now,
+            )
+            record_event(
+                Subject.WORK, item, name=vm.name, event="WorkScheduled", field="step",
+                old="", new=step, reason=reason, now=now, related_vm=vm,
+                related_host=item.host,
+                message=message or f"{type} work #{item.pk} scheduled for VM {vm.name} "
+                                   f"({reason})",
+            )
+            return item
+    except IntegrityError:
+        return None  # another process scheduled it first
+
+
+def schedule_restart(vm: VMInstance, *, investigate: bool, reason: str, now,
+                     cfg=None) -> HaWork | None:
+    """R10: one HA item for the VM (at most one unfinished, by the database).
+    Within time.between.failures a new item inherits the previous item's tries."""
+    cfg = cfg or config.snapshot()
+    window = now - dt.timedelta(seconds=cfg["time.between.failures"])
+    previous = (
+        HaWork.objects.filter(instance=vm, type=WorkType.HA, created__gte=window)
+        .order_by("-id").values_list("tried", flat=True).first()
+    )
+    return _create(
+        vm, type=WorkType.HA, reason=reason, now=now, tried=previous or 0,
+        step=Step.INVESTIGATING if investigate else Step.SCHEDULED,
+    )
+
+
+def schedule_restart_for_vms_on_host(host, *, now, cfg=None) -> list[HaWork]:
+    """R10/R5: every VM on the host, system VMs first then by priority; one alert
+    naming the HA VMs. Runs inside the transaction that marks the host Down."""
+    from vms.powersync import ha_wanted
+
+    cfg = cfg or config.snapshot()
+    vms = sorted(
+        VMInstance.objects.select_related("host").filter(host=host, state__in=ACTIVE_STATES),
+        key=lambda v: (rank_of(v), v.name),
+    )
+    items = [
+        item for vm in vms
+        if (item := schedule_restart(vm, investigate=True, reason=Reason.HOST_DOWN, now=now,
+                                     cfg=cfg))
+    ]
+    ha_names = [vm.name for vm in vms if ha_wanted(vm, cfg)]
+    if vms:
+        names = ", ".join(ha_names) if ha_names else "none"
+        record_event(
+            Subject.HOST, host, event="HaScheduled", reason=Reason.HOST_DOWN, alert=True,
+            now=now,
+            message=f"Host {host.name} is down: {len(vms)} VM(s) scheduled; HA VMs to "
+                    f"restart: {names}",
+        )
+    return items
+
+
+def schedule_force_stop(vm: VMInstance, host, *, now) -> HaWork | None:
+    """R6: a second copy of a VM reported by ``host`` while it lives elsewhere."""
+    return _create(
+        vm, type=WorkType.FORCE_STOP, reason=Reason.HOST_DEGRADED, step=Step.SCHEDULED,
+        now=now, host=host,
+        message=f"VM {vm.name} reported running on {host.name} while it lives on "
+                f"{vm.host}: stopping the second copy",
+    )
+
+
+def schedule_stop(vm: VMInstance, *, now, by: str = "") -> HaWork | None:
+    return _create(
+        vm, type=WorkType.STOP, reason=Reason.OPERATOR, step=Step.SCHEDULED, now=now,
+        message=f"Stop of VM {vm.name} requested{' by ' + by if by else ''}",
+    )
+
+
+def schedule_migration(vm: VMInstance, *, now) -> HaWork | None:
+    return _create(
+        vm, type=WorkType.MIGRATION, reason=Reason.HOST_MAINTENANCE, step=Step.SCHEDULED,
+        now=now,
+    )
+
+
+# --- claiming ---------------------------------------------------------------------------
+
+def due_items(now):
+    """R11: due, unfinished, not taken (or with a lapsed lease); system VMs first,
+    then by priority, then oldest first."""
+    return (
+        HaWork.objects.exclude(step__in=FINAL_STEPS)
+        .filter(time_to_try__lte=now)
+        .filter(Q(taken__isnull=True) | Q(taken__lt=now - WORK_LEASE))
+        .order_by("rank", "created", "id")
+    )
+
+
+def in_flight(now) -> int:
+    return (
+        HaWork.objects.exclude(step__in=FINAL_STEPS)
+        .filter(taken__isnull=False, taken__gte=now - WORK_LEASE)
+        .count()
+    )
+
+
+def claim(engine, cfg) -> HaWork | None:
+    """Take one due item, or None (nothing due, or ha.workers items already in
+    flight across the installation)."""
+    now = engine.now()
+    with transaction.atomic():
+        # Claims are serialised on one lease row, so "count in flight, then take"
+        # cannot overshoot ha.workers between two processes.
+        Lease.objects.get_or_create(name=CLAIM_LOCK)
+        Lease.objects.select_for_update().get(name=CLAIM_LOCK)
+        if in_flight(now) >= cfg["ha.workers"]:
+            return None
+        item = due_items(now).select_for_update(skip_locked=True, of=("self",)).first()
+        if item is None:
+            return None
+        taken = HaWork.objects.filter(
+            pk=item.pk, taken=item.taken, updated=item.updated
+        ).update(taken=now, taken_by=engine.worker_id)
+        if not taken:
+            return None
+        item.taken, item.taken_by = now, engine.worker_id
+        return item
+
+
+class LostItem(Exception):
+    """The item was retaken by another worker (our lease lapsed): stop touching it."""
+
+
+def _update(item: HaWork, now, **changes) -> None:
+    """Change our item, only while we still hold it."""
+    changes.setdefault("updated", now)
+    n = HaWork.objects.filter(pk=item.pk, taken_by=item.taken_by, taken=item.taken).update(
+        **changes
+    )
+    if not n:
+        raise LostItem(item.pk)
+    for k, v in changes.items():
+        setattr(item, k, v)
+
+
+def set_step(item: HaWork, step: str, *, now, message: str = "", alert: bool = False,
+             vm: VMInstance | None = None, **changes) -> None:
+    """Move the item to ``step`` with its event, in one transaction."""
+    with transaction.atomic():
+        old = item.step
+        _update(item, now, step=step, **changes)
+        if old != step or message:
+            record_event(
+                Subject.WORK, item, name=item.instance.name, event="WorkStep", field="step",
+                old=old, new=step, reason=item.reason, alert=alert, now=now,
+                related_vm=item.instance, related_host=item.host,
+                message=message or f"{item.type} work #{item.pk} for {item.instance.name}: "
+                                   f"{old} → {step}",
+            )
+
+
+def finish(item: HaWork, step: str, *, now, message: str, alert: bool = False) -> None:
+    set_step(item, step, now=now, message=message, alert=alert, taken=None, taken_by="")
+
+
+def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = None,
+          alert: bool = False, step: str | None = None) -> None:
+    """Release the item to be tried again ``after`` seconds from now."""
+    changes = dict(taken=None, taken_by="", last_error=message[:2000],
+                   time_to_try=now + dt.timedelta(seconds=after))
+    if tried is not None:
+        changes["tried"] = tried
+    with transaction.atomic():
+        old = item.step
+        _update(item, now, step=step or item.step, **changes)
+        record_event(
+            Subject.WORK, item, name=item.instance.name, event="WorkRetry", field="step",
+            old=old, new=item.step, reason=item.reason, alert=alert, now=now,
+            related_vm=item.instance, related_host=item.host,
+            message=f"{item.type} work #{item.pk} for {item.instance.name}: {message}; "
+                    f"next try in {int(after)} s",
+        )
+
+
+def refresh_snapshot(item: HaWork, vm: VMInstance, now) -> None:
+    """R12.1: the engine's own VM changes refresh the item's snapshot."""
+    _update(item, now, state=vm.state, update_count=vm.update_count)
+
+
+# --- the worker step ----------------------------------------------------------------------
+
+def worker_step(engine) -> bool:
+    """Claim and process one due item. Returns True when an item was processed (more
+    may be due), False when there was nothing to take."""
+    cfg = config.snapshot()
+    item = claim(engine, cfg)
+    if item is None:
+        return False
+    process(engine, item, cfg)
+    return True
+
+
+def process(engine, item: HaWork, cfg) -> None:
+    from . import handlers
+
+    now = engine.now()
+    try:
+        handlers.HANDLERS[item.type](engine, item, cfg)
+    except LostItem:
+        log.warning("work #%s was retaken by another worker; dropping our result", item.pk)
+    except Exception as exc:  # one bad item never stops the workers
+        log.exception("work #%s failed", item.pk)
+        try:
+            retry(item, now=now, after=cfg["investigate.retry.interval"],
+                  message=f"internal error: {type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("could not release work #%s", item.pk)
+
+
+def backoff_seconds(cfg, tried: int) -> float:
+    """R12.5: restart.retry.interval × 2^(tried−1), capped at one hour."""
+    base = cfg["restart.retry.interval"]
+    return min(base * (2 ** max(tried - 1, 0)), MAX_BACKOFF.total_seconds())
+
+
+def mark_vm(vm: VMInstance, item: HaWork, to: str, *, now, event: str, message: str,
+            alert: bool = False, **fields) -> bool:
+    """Change the VM and refresh the item's snapshot in one transaction."""
+    with transaction.atomic():
+        if not vm.transition(to, now=now, event=event, message=message, alert=alert,
+                             reason=item.reason, **fields):
+            return False
+        refresh_snapshot(item, vm, now)
+    return True
+
+
+def stopped_fields(vm: VMInstance) -> dict:
+    return dict(host=None, last_host=vm.host or vm.last_host,
+                power_state=PowerState.POWER_OFF)
+
+
+def host_is_up(host) -> bool:
+    return host is not None and host.status == HostStatus.UP
+
+
+__all__ += ["claim", "process", "backoff_seconds", "VmState"]

@@ -1,0 +1,305 @@
+"""Agent protocol input validation (PROTOCOL.md, v1).
+
+Pure functions: each takes decoded JSON (or raw bytes) and returns clean values for
+``hosts.agent.service``, or raises :class:`ProtocolError` with a message an agent's
+author can act on. Nothing here touches the database, so a rejected request changes
+nothing. The HTTP views and the websocket consumer share these.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from hosts.choices import HostType
+from vms.choices import REPORTABLE_POWER_STATES
+
+from .service import ConnectData
+
+MAX_BODY_BYTES = 4 * 1024 * 1024  # 4 MiB: a 10,000-VM report fits with room to spare
+MAX_VMS = 10_000
+MAX_NAME_LENGTH = 255
+MAX_REASON_LENGTH = 255  # Event.reason; longer goodbye reasons are cut, not refused
+
+# Limits of the columns the values land in, so the database never refuses them.
+MAX_POSITIVE_INT = 2_147_483_647  # PositiveIntegerField (host.cpus)
+MAX_POSITIVE_BIGINT = 9_223_372_036_854_775_807  # PositiveBigIntegerField (memory_mb)
+
+POWER_STATES = tuple(str(s) for s in REPORTABLE_POWER_STATES)  # ("PowerOn", "PowerOff")
+HOST_TYPES = tuple(str(t) for t in HostType.values)
+
+
+class ProtocolError(ValueError):
+    """A request the protocol does not allow. ``status`` is the HTTP status to answer
+    with (400 unless said otherwise); ``str(error)`` is the human-readable message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+# --- bodies -------------------------------------------------------------------
+
+
+def check_size(length: int) -> None:
+    if length > MAX_BODY_BYTES:
+        raise ProtocolError(
+            f"report too large: {length} bytes, the limit is {MAX_BODY_BYTES} bytes (4 MiB)",
+            status=413,
+        )
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(
+    raw: bytes | str, *, allow_empty: bool = False, what: str = "request body"
+) -> dict[str, Any]:
+    """Decode a request body (or websocket message: ``what``) that must be one JSON
+    object."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    check_size(len(raw))
+    if not raw.strip():
+        if allow_empty:
+            return {}
+        raise ProtocolError(f"{what} is empty; expected a JSON object")
+    try:
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{what} is not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Bodies are ``application/json``. A missing header is tolerated; any other media
+    type is refused (415)."""
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return
+    raise ProtocolError(
+        f"Content-Type must be application/json, not {media or content_type!r}", status=415
+    )
+
+
+# --- fields -------------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_printable(field: str, value: str) -> None:
+    # PostgreSQL cannot store NUL in text, and no name or address needs control
+    # characters: refuse them here rather than fail in the database.
+    if _CONTROL.search(value):
+        raise ProtocolError(f"{field} must not contain control characters: {_show(value)}")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """A value as it appears in an error message: quoted, and cut if long."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _string(obj: dict[str, Any], field: str, *, max_length: int, non_empty: bool = False) -> str:
+    value = obj[field]
+    if not isinstance(value, str):
+        raise ProtocolError(f"{field} must be a string, not {_json_type(value)}")
+    if non_empty and not value.strip():
+        raise ProtocolError(f"{field} must not be empty")
+    _check_printable(field, value)
+    if len(value) > max_length:
+        raise ProtocolError(
+            f"{field} is too long: {len(value)} characters, at most {max_length} allowed"
+        )
+    return value
+
+
+def _integer(obj: dict[str, Any], field: str, *, maximum: int) -> int:
+    value = obj[field]
+    # bool is an int in Python but not in the protocol: `"cpus": true` is a mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"{field} must be an integer, not {_json_type(value)}")
+    if value < 1:
+        raise ProtocolError(f"{field} must be at least 1, not {value}")
+    if value > maximum:
+        raise ProtocolError(f"{field} must be at most {maximum}, not {value}")
+    return value
+
+
+def _url(obj: dict[str, Any], field: str) -> str:
+    value = _string(obj, field, max_length=1024, non_empty=True)
+    problem = None
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        problem = "is not a valid URL"
+    else:
+        if parts.scheme not in ("http", "https"):
+            problem = "must be an http:// or https:// URL"
+        elif not parts.hostname:
+            problem = "must name a host"
+        elif any(c.isspace() for c in value):
+            problem = "must not contain whitespace"
+    if problem:
+        raise ProtocolError(f"{field} {problem}: {_show(value)}")
+    return value
+
+
+def _require(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
+    missing = [f for f in fields if f not in obj]
+    if missing:
+        plural = "s" if len(missing) > 1 else ""
+        raise ProtocolError(f"missing required field{plural}: {', '.join(missing)}")
+
+
+def parse_vms(value: Any, *, field: str = "vms") -> list[tuple[str, str]]:
+    """A power report: ``[{"name": …, "power_state": "PowerOn"|"PowerOff"}, …]``."""
+    if not isinstance(value, list):
+        raise ProtocolError(f"{field} must be an array, not {_json_type(value)}")
+    if len(value) > MAX_VMS:
+        raise ProtocolError(
+            f"report too large: {field} has {len(value)} entries, at most {MAX_VMS} allowed"
+        )
+    report: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(entry, dict):
+            raise ProtocolError(
+                f"{where} must be an object with name and power_state, not {_json_type(entry)}"
+            )
+        missing = [f for f in ("name", "power_state") if f not in entry]
+        if missing:
+            raise ProtocolError(f"{where} is missing {' and '.join(missing)}")
+        name = entry["name"]
+        if not isinstance(name, str):
+            raise ProtocolError(f"{where}.name must be a string, not {_json_type(name)}")
+        if not name.strip():
+            raise ProtocolError(f"{where}.name must not be empty")
+        _check_printable(f"{where}.name", name)
+        if len(name) > MAX_NAME_LENGTH:
+            raise ProtocolError(
+                f"{where}.name is too long: {len(name)} characters, "
+                f"at most {MAX_NAME_LENGTH} allowed"
+            )
+        state = entry["power_state"]
+        if not isinstance(state, str) or state not in POWER_STATES:
+            shown = _show(state)
+            raise ProtocolError(
+                f"{where}.power_state: {shown} is not a power state an agent may report "
+                f"(expected one of {', '.join(POWER_STATES)})"
+            )
+        if name in seen:
+            first = f"{field}[{seen[name]}]"
+            raise ProtocolError(
+                f"{where}.name: duplicate VM {_show(name)} (already reported at {first})"
+            )
+        seen[name] = i
+        report.append((name, state))
+    return report
+
+
+# --- messages -----------------------------------------------------------------
+
+CONNECT_FIELDS = (
+    "name",
+    "type",
+    "hypervisor",
+    "cluster",
+    "cpus",
+    "memory_mb",
+    "address",
+    "agent_url",
+)
+
+
+def parse_connect(obj: dict[str, Any]) -> ConnectData:
+    """``POST /connect``. Extra fields are allowed (extensions) and ignored."""
+    _require(obj, CONNECT_FIELDS)
+    name = _string(obj, "name", max_length=MAX_NAME_LENGTH, non_empty=True)
+    host_type = obj["type"]
+    if not isinstance(host_type, str):
+        raise ProtocolError(f"type must be a string, not {_json_type(host_type)}")
+    if host_type not in HOST_TYPES:
+        raise ProtocolError(
+            f"type: {_show(host_type)} is not a host type (expected one of {', '.join(HOST_TYPES)})"
+        )
+    hypervisor = _string(obj, "hypervisor", max_length=32)
+    cluster = _string(obj, "cluster", max_length=255)
+    cpus = _integer(obj, "cpus", maximum=MAX_POSITIVE_INT)
+    memory_mb = _integer(obj, "memory_mb", maximum=MAX_POSITIVE_BIGINT)
+    address = _string(obj, "address", max_length=255)
+    agent_url = _url(obj, "agent_url")
+    vms = parse_vms(obj["vms"]) if "vms" in obj else []
+    return ConnectData(
+        name=name,
+        type=host_type,
+        hypervisor=hypervisor,
+        cluster=cluster,
+        cpus=cpus,
+        memory_mb=memory_mb,
+        address=address,
+        agent_url=agent_url,
+        vms=vms,
+    )
+
+
+def parse_ping(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """``POST /ping``: the full power report is required."""
+    _require(obj, ("vms",))
+    return parse_vms(obj["vms"])
+
+
+def parse_disconnect(obj: dict[str, Any]) -> str:
+    """``POST /disconnect``: an optional string ``reason``."""
+    reason = obj.get("reason", "")
+    if reason is None:
+        return ""
+    if not isinstance(reason, str):
+        raise ProtocolError(f"reason must be a string, not {_json_type(reason)}")
+    return _CONTROL.sub(" ", reason)[:MAX_REASON_LENGTH]
+
+
+def parse_ws_message(text: str | bytes) -> list[tuple[str, str]]:
+    """One websocket text message: ``{"type": "ping", "vms": [...]}``."""
+    obj = parse_json_object(text, what="message")
+    kind = obj.get("type")
+    if kind is None:
+        raise ProtocolError('missing required field: type (expected "ping")')
+    if kind != "ping":
+        raise ProtocolError(f'unsupported message type {_show(kind)} (expected "ping")')
+    return parse_ping(obj)

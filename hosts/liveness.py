@@ -1,0 +1,187 @@
+"""Host liveness (R2–R5, CloudStack's AgentManagerImpl monitor): find hosts behind on
+ping, investigate them, and act on the verdict.
+
+`monitor_step(engine)` is one sweep: it takes the time from the engine's clock, so
+tests and the scenario runner drive it with virtual time; production runs it at
+least every second.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from django.db import transaction
+from django.db.models import Q
+
+from hadash import config
+
+from .choices import (
+    NO_INVESTIGATION_HOST_TYPES,
+    NO_INVESTIGATION_RESOURCE_STATES,
+    SWEPT_STATUSES,
+    UNWATCHED_HOST_TYPES,
+    HostEvent,
+    HostStatus,
+    Verdict,
+)
+from .investigators import investigate_host
+from .models import Host
+
+log = logging.getLogger("hadash.liveness")
+
+# How long one sweep may hold a host under investigation before another may retry.
+INVESTIGATION_LEASE = dt.timedelta(seconds=60)
+
+
+def behind_cutoff(now, cfg) -> dt.datetime:
+    return now - dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
+
+
+def hosts_to_investigate(now, cfg) -> list[Host]:
+    """R2 (Up/Connecting hosts behind on ping) and R5 (Alert hosts due again)."""
+    due = Q(next_investigation__isnull=True) | Q(next_investigation__lte=now)
+    behind = Q(status__in=SWEPT_STATUSES, last_ping__lt=behind_cutoff(now, cfg))
+    alert = Q(status=HostStatus.ALERT)
+    return list(
+        Host.objects.filter((behind | alert) & due)
+        .exclude(type__in=UNWATCHED_HOST_TYPES)
+        .order_by("last_ping", "name")
+    )
+
+
+def monitor_step(engine) -> bool:
+    """One sweep. Returns True when it acted on at least one host."""
+    from hadash.ha import brake, maintenance
+
+    now = engine.now()
+    cfg = config.snapshot()
+    acted = False
+    for host in hosts_to_investigate(now, cfg):
+        try:
+            acted |= check_host(engine, host, now=now, cfg=cfg)
+        except Exception:  # one bad host never stops the sweep
+            log.exception("investigating host %s failed", host.name)
+    brake.update_all(now=now, cfg=cfg)
+    maintenance.complete_ready_hosts(now=now)
+    return acted
+
+
+def _claim(host: Host, now) -> bool:
+    """Hold the host for one investigation (conditional UPDATE: one sweeper wins)."""
+    return bool(
+        Host.objects.filter(
+            pk=host.pk,
+            status=host.status,
+            update_count=host.update_count,
+            next_investigation=host.next_investigation,
+        ).update(next_investigation=now + INVESTIGATION_LEASE)
+    )
+
+
+def check_host(engine, host: Host, *, now, cfg) -> bool:
+    """R3–R5 for one host."""
+    guard = {"expect": (host.status,)}
+    # R3: no investigation for disabled/maintenance hosts and system-VM host types.
+    if host.status != HostStatus.ALERT and (
+        host.resource_state in NO_INVESTIGATION_RESOURCE_STATES
+        or host.type in NO_INVESTIGATION_HOST_TYPES
+    ):
+        why = (
+            f"resource state {host.resource_state}"
+            if host.resource_state in NO_INVESTIGATION_RESOURCE_STATES
+            else f"host type {host.type}"
+        )
+        return _guarded_transition(
+            host, HostStatus.DISCONNECTED, now=now, event=HostEvent.SHUTDOWN_REQUESTED,
+            reason="PingTimeout",
+            message=f"Host {host.name}: behind on ping, {why}: disconnected without "
+                    "investigation",
+            **guard,
+        )
+    if not _claim(host, now):
+        return False
+    host.refresh_from_db()
+    seen_ping = host.last_ping
+
+    # R4: first a direct health check of the agent.
+    health = engine.agents.check_health(host)
+    if health:
+        with transaction.atomic():
+            if not Host.objects.filter(pk=host.pk, last_ping=seen_ping).update(
+                last_ping=now, next_investigation=None
+            ):
+                return False
+            if host.status != HostStatus.UP:
+                host.transition(
+                    HostStatus.UP, now=now, event=HostEvent.PING,
+                    message=f"Host {host.name}: agent answers its health check "
+                            f"({host.status} → Up)",
+                )
+        return True
+
+    verdict, by = investigate_host(engine, host, now=now, cfg=cfg, health=health)
+    if verdict == Verdict.DEAD:
+        return host_down(host, now=now, cfg=cfg, by=by, seen_ping=seen_ping)
+    retry = now + dt.timedelta(seconds=cfg["investigate.retry.interval"])
+    if verdict == Verdict.ALIVE:
+        # R5: alive but not talking to us — Alert; its VMs may still run, so untouched.
+        if host.status == HostStatus.ALERT:
+            return _release(host, seen_ping, retry)
+        return _guarded_transition(
+            host, HostStatus.ALERT, now=now, event=HostEvent.AGENT_DISCONNECTED,
+            reason=f"{by}: host alive", alert=True, seen_ping=seen_ping,
+            message=f"Host {host.name} is disconnected but alive ({by}); its VMs are left "
+                    "running",
+            next_investigation=retry,
+        )
+    # Unknown: investigate again next sweep; after alert.wait, Alert.
+    waited = now - (seen_ping or now)
+    if host.status != HostStatus.ALERT and waited > dt.timedelta(seconds=cfg["alert.wait"]):
+        return _guarded_transition(
+            host, HostStatus.ALERT, now=now, event=HostEvent.WAIT_TIMEOUT,
+            reason="undeterminable", alert=True, seen_ping=seen_ping,
+            message=f"Host {host.name}: state undeterminable for {int(waited.total_seconds())}"
+                    " s; Alert",
+            next_investigation=retry,
+        )
+    return _release(host, seen_ping, retry if host.status == HostStatus.ALERT else None)
+
+
+def _release(host: Host, seen_ping, next_investigation) -> bool:
+    Host.objects.filter(pk=host.pk, last_ping=seen_ping).update(
+        next_investigation=next_investigation
+    )
+    return False
+
+
+def _guarded_transition(host: Host, to: str, *, seen_ping=None, **kwargs) -> bool:
+    """A transition that also requires that no ping arrived meanwhile."""
+    with transaction.atomic():
+        if seen_ping is not None and not Host.objects.select_for_update().filter(
+            pk=host.pk, last_ping=seen_ping
+        ).exists():
+            return False
+        return host.transition(to, **kwargs)
+
+
+def host_down(host: Host, *, now, cfg, by: str, seen_ping=None) -> bool:
+    """R5 Down branch: alert, event HostDown, status Down, and every VM on the host
+    scheduled for HA (R10) — all in one transaction."""
+    from hadash.ha import work
+
+    with transaction.atomic():
+        if seen_ping is not None and not Host.objects.select_for_update().filter(
+            pk=host.pk, last_ping=seen_ping
+        ).exists():
+            return False
+        if not host.transition(
+            HostStatus.DOWN, now=now, event=HostEvent.HOST_DOWN, reason=by, alert=True,
+            expect=(HostStatus.UP, HostStatus.CONNECTING, HostStatus.ALERT,
+                    HostStatus.DISCONNECTED),
+            next_investigation=None,
+            message=f"Host {host.name} is Down ({by or 'investigation'})",
+        ):
+            return False
+        work.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg)
+    return True

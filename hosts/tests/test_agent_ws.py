@@ -1,0 +1,249 @@
+"""Websocket transport for pings (PROTOCOL.md): /api/agent/v1/ws means exactly
+`POST /ping` — same authentication, same validation, same effect (R1, R8) — and a
+closed socket is not a disconnect (R7 needs an explicit goodbye)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.testing import WebsocketCommunicator
+
+from hadash import config
+from hadash.asgi import application
+from hadash.models import Event, HaWork
+from hosts.choices import HostStatus
+from hosts.models import Host
+from vms.choices import PowerState, VmState
+from vms.models import VMInstance
+
+WS = "/api/agent/v1/ws"
+EARLIER = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+TIMEOUT = 5
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def host():
+    """An Up host with a Running VM; ``host.token`` is its agent token."""
+    h = Host.objects.create(
+        name="kvm-01",
+        status=HostStatus.UP,
+        cluster="c1",
+        cpus=32,
+        memory_mb=131072,
+        private_ip_address="10.0.0.11",
+        agent_url="http://10.0.0.11:8250",
+        last_ping=EARLIER,
+        token_generation=1,
+    )
+    h.token_hash = Host.hash_token(h.agent_token())
+    h.save(update_fields=["token_hash"])
+    VMInstance.objects.create(
+        name="i-2-10-VM",
+        state=VmState.RUNNING,
+        host=h,
+        power_state=PowerState.POWER_UNKNOWN,
+        power_host=h,
+        power_state_update_time=EARLIER,
+        ha_enabled=True,
+    )
+    h.token = h.agent_token()
+    return h
+
+
+def db_state() -> dict:
+    return {
+        "hosts": list(Host.objects.order_by("pk").values()),
+        "vms": list(VMInstance.objects.order_by("pk").values()),
+        "events": Event.objects.count(),
+        "ha_work": HaWork.objects.count(),
+    }
+
+
+def communicator(token: str | None) -> WebsocketCommunicator:
+    headers = [(b"host", b"testserver")]
+    if token is not None:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    return WebsocketCommunicator(application, WS, headers=headers)
+
+
+def exchange(token: str | None, messages: list, *, close: bool = True) -> dict:
+    """Open a socket, send each message (a dict is sent as JSON text, bytes as a binary
+    frame, str as it is), collect one answer per message. Returns what happened."""
+
+    async def run():
+        comm = communicator(token)
+        connected, code = await comm.connect(timeout=TIMEOUT)
+        result = {"connected": connected, "code": code, "answers": [], "closed": None}
+        if not connected:
+            return result
+        for message in messages:
+            if isinstance(message, bytes):
+                await comm.send_to(bytes_data=message)
+            elif isinstance(message, str):
+                await comm.send_to(text_data=message)
+            else:
+                await comm.send_json_to(message)
+            output = await comm.receive_output(timeout=TIMEOUT)
+            if output["type"] == "websocket.close":
+                result["closed"] = output.get("code")
+                break
+            result["answers"].append(json.loads(output["text"]))
+        if result["closed"] is None and result["answers"] and messages:
+            # A token rejected mid-connection answers with an error, then closes.
+            if not await comm.receive_nothing(timeout=0.1):
+                output = await comm.receive_output(timeout=TIMEOUT)
+                result["closed"] = output.get("code")
+        if close and result["closed"] is None:
+            await comm.disconnect()
+        return result
+
+    return async_to_sync(run)()
+
+
+def ping(vms=()):
+    return {"type": "ping", "vms": [{"name": n, "power_state": s} for n, s in vms]}
+
+
+def test_ping_over_websocket_refreshes_last_ping(host):
+    """R1 over the websocket: a ping refreshes last_ping; answered with a pong."""
+    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])])
+    assert result["connected"]
+    assert result["answers"] == [{"type": "pong", "ping_interval": 10}]
+    host.refresh_from_db()
+    assert host.last_ping > EARLIER
+
+
+def test_ping_over_websocket_applies_report(host):
+    """R8 over the websocket: the report updates the named VMs' power state."""
+    exchange(host.token, [ping([("i-2-10-VM", "PowerOn"), ("unknown-vm", "PowerOff")])])
+    vm = VMInstance.objects.get(name="i-2-10-VM")
+    assert vm.power_state == PowerState.POWER_ON
+    assert vm.power_host_id == host.pk
+
+
+def test_pong_carries_configured_interval(host):
+    """The pong's ping_interval is `ping.interval` in force."""
+    config.set_value("ping.interval", "4")
+    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])])
+    assert result["answers"] == [{"type": "pong", "ping_interval": 4}]
+
+
+def test_many_pings_on_one_socket(host):
+    """One socket carries ping after ping."""
+    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])] * 3)
+    assert [a["type"] for a in result["answers"]] == ["pong"] * 3
+
+
+@pytest.mark.parametrize(
+    "token", [None, "not-a-token", "join"], ids=["missing", "wrong", "join-key"]
+)
+def test_wrong_token_refuses_upgrade(host, agent_key, token):
+    """A missing or wrong token (the join key included) refuses the upgrade and
+    changes nothing."""
+    before = db_state()
+    result = exchange(agent_key if token == "join" else token, [ping()])
+    assert not result["connected"]
+    assert db_state() == before
+
+
+BAD_MESSAGES = [
+    ("bad-json", "{type: ping", "not valid JSON"),
+    ("not-object", json.dumps([1, 2]), "JSON object"),
+    ("no-type", {"vms": []}, "type"),
+    ("wrong-type", {"type": "hello", "vms": []}, "hello"),
+    ("vms-missing", {"type": "ping"}, "vms"),
+    ("vms-not-list", {"type": "ping", "vms": "x"}, "array"),
+    (
+        "unknown-state",
+        {"type": "ping", "vms": [{"name": "i-2-10-VM", "power_state": "Running"}]},
+        "Running",
+    ),
+    (
+        "duplicate",
+        {"type": "ping", "vms": [{"name": "a", "power_state": "PowerOn"}] * 2},
+        "duplicate",
+    ),
+    ("binary", b'{"type": "ping", "vms": []}', "text"),
+]
+
+
+@pytest.mark.parametrize(
+    "message,word", [c[1:] for c in BAD_MESSAGES], ids=[c[0] for c in BAD_MESSAGES]
+)
+def test_malformed_message_answers_error_and_changes_nothing(host, message, word):
+    """A malformed message is answered with an error, changes nothing (no last_ping
+    refresh, no power state), and the socket stays usable."""
+    before = db_state()
+    result = exchange(host.token, [message])
+    assert result["connected"] and result["closed"] is None
+    [answer] = result["answers"]
+    assert answer["type"] == "error"
+    assert word in answer["error"]
+    assert db_state() == before
+    # The same socket then takes a good ping.
+    result = exchange(host.token, [message, ping([("i-2-10-VM", "PowerOn")])])
+    assert [a["type"] for a in result["answers"]] == ["error", "pong"]
+
+
+def test_closing_is_not_a_disconnect(host):
+    """R7 needs an explicit goodbye: a socket that closes leaves the host Up and writes
+    nothing."""
+    exchange(host.token, [])
+    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])])
+    assert result["answers"][0]["type"] == "pong"
+    after_ping = db_state()
+    exchange(host.token, [])  # connect and close again
+    host.refresh_from_db()
+    assert host.status == HostStatus.UP
+    assert db_state() == after_ping
+
+
+def test_rotated_token_closes_socket(host, client, agent_key):
+    """R6: a reconnect issues a fresh token; a socket opened with the old one gets an
+    error and is closed on its next ping, changing nothing."""
+
+    async def run():
+        comm = communicator(host.token)
+        connected, _ = await comm.connect(timeout=TIMEOUT)
+        assert connected
+        from channels.db import database_sync_to_async
+
+        @database_sync_to_async
+        def reconnect():
+            body = {
+                "name": host.name,
+                "type": "Routing",
+                "hypervisor": "KVM",
+                "cluster": "c1",
+                "cpus": 32,
+                "memory_mb": 131072,
+                "address": "10.0.0.11",
+                "agent_url": "http://10.0.0.11:8250",
+            }
+            resp = client.post(
+                "/api/agent/v1/connect",
+                data=json.dumps(body),
+                content_type="application/json",
+                HTTP_AUTHORIZATION=f"Bearer {agent_key}",
+            )
+            assert resp.status_code == 200
+            Host.objects.filter(pk=host.pk).update(last_ping=EARLIER)
+            return resp.json()["token"]
+
+        new_token = await reconnect()
+        assert new_token != host.token
+        await comm.send_json_to(ping())
+        answer = await comm.receive_json_from(timeout=TIMEOUT)
+        closed = await comm.receive_output(timeout=TIMEOUT)
+        return answer, closed
+
+    answer, closed = async_to_sync(run)()
+    assert answer["type"] == "error" and "token" in answer["error"]
+    assert closed["type"] == "websocket.close" and closed["code"] == 4401
+    host.refresh_from_db()
+    assert host.last_ping == EARLIER

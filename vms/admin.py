@@ -1,0 +1,55 @@
+"""Django admin for VMs. State and placement belong to the HA engine and are read-only
+here; operators set ha_enabled and priority (saved column by column with a
+`SettingsChanged` event) and can queue a stop through hadash.ha.actions."""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.utils import timezone
+
+from hadash.api.serializers import VM_SETTINGS, apply_settings
+from hadash.ha import actions
+
+from .models import VMInstance
+
+
+@admin.register(VMInstance)
+class VMInstanceAdmin(admin.ModelAdmin):
+    list_display = ("name", "state", "power_state", "host", "last_host", "ha_enabled",
+                    "priority", "type", "cpus", "memory_mb")
+    list_filter = ("state", "power_state", "ha_enabled", "type", "priority")
+    search_fields = ("name", "host__name")
+    list_select_related = ("host", "last_host")
+    show_full_result_count = False
+    fields = ("name", "uuid", "type", "state", "power_state", "host", "last_host",
+              "power_host", "power_state_update_time", "power_state_update_count",
+              "ha_enabled", "priority", "cpus", "memory_mb", "update_count", "created")
+    readonly_fields = tuple(f for f in fields if f not in VM_SETTINGS)
+    actions = ["stop_vms"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # register VMs with POST /api/v1/vms
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def save_model(self, request, obj: VMInstance, form, change) -> None:
+        current = VMInstance.objects.get(pk=obj.pk)
+        apply_settings(
+            current,
+            {f: form.cleaned_data[f] for f in VM_SETTINGS if f in form.cleaned_data},
+            by=request.user.get_username(),
+            now=timezone.now(),
+        )
+
+    @admin.action(permissions=["change"], description="Stop selected VMs (queue Stop work)")
+    def stop_vms(self, request, queryset):
+        done, now, by = 0, timezone.now(), request.user.get_username()
+        for vm in queryset:
+            try:
+                actions.stop_vm(vm, now=now, by=by)
+                done += 1
+            except actions.ActionError as exc:
+                self.message_user(request, f"{vm.name}: {exc}", messages.ERROR)
+        if done:
+            self.message_user(request, f"Queued a stop for {done} VM(s).", messages.SUCCESS)
