@@ -265,33 +265,46 @@ class Run:
                 ping(host, h.report(), now=self.clock.now())
 
     def engine_second(self) -> None:
+        from hadash import config
         from hadash.ha.cleanup import cleanup_step
         from hadash.ha.work import worker_step
         from hosts.liveness import monitor_step
 
-        monitor_step(self.engine)
+        cfg = config.snapshot()
+        monitor_step(self.engine, cfg)
         for _ in range(MAX_WORK_PER_SECOND):
-            if not worker_step(self.engine):
+            if not worker_step(self.engine, cfg):
                 break
-        cleanup_step(self.engine)
+        cleanup_step(self.engine, cfg=cfg)
+
+    def second(self, t: int) -> None:
+        """Everything that happens at virtual second ``t``: events first, then pings,
+        then the engine; then the invariant and the expectations due at ``t``."""
+        self.clock.set(t)
+        for ev in self.data["events"]:
+            if ev["at"] == t:
+                self.apply(ev["do"])
+        self.pings(t)
+        self.engine_second()
+        for vm, hosts in self.fleet.double_runs().items():
+            self.result.violations.append(
+                f"t={t} invariant: VM {vm} powered on on {', '.join(hosts)} at once"
+            )
+        for c in self.checks:
+            if c.at == t:
+                self.check(c)
+        self.t = t
+
+    def advance_to(self, t: int) -> None:
+        """Run every second up to and including ``t`` (tests drive the engine so)."""
+        start = getattr(self, "t", -1) + 1
+        for s in range(start, t + 1):
+            self.second(s)
 
     def run(self) -> Result:
-        events = sorted(self.data["events"], key=lambda e: e["at"])
+        self.data["events"] = sorted(self.data["events"], key=lambda e: e["at"])
         self.setup()
-        for t in range(0, self.until + 1):
-            self.clock.set(t)
-            for ev in events:
-                if ev["at"] == t:
-                    self.apply(ev["do"])
-            self.pings(t)
-            self.engine_second()
-            for vm, hosts in self.fleet.double_runs().items():
-                self.result.violations.append(
-                    f"t={t} invariant: VM {vm} powered on on {', '.join(hosts)} at once"
-                )
-            for c in self.checks:
-                if c.at == t:
-                    self.check(c)
+        self.advance_to(self.until)
         self.result.checks = self.checks
         return self.result
 

@@ -16,7 +16,7 @@ class SystemClock:
 class VirtualClock:
     """Starts at ``epoch`` and moves only when told to."""
 
-    EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
     def __init__(self, epoch: dt.datetime | None = None):
         self.epoch = epoch or self.EPOCH

@@ -4,8 +4,9 @@ edit (admin, API, scenario) takes effect without a restart."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 
 class ConfigError(ValueError):

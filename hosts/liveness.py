@@ -50,12 +50,12 @@ def hosts_to_investigate(now, cfg) -> list[Host]:
     )
 
 
-def monitor_step(engine) -> bool:
+def monitor_step(engine, cfg=None) -> bool:
     """One sweep. Returns True when it acted on at least one host."""
     from hadash.ha import brake, maintenance
 
     now = engine.now()
-    cfg = config.snapshot()
+    cfg = cfg or config.snapshot()
     acted = False
     for host in hosts_to_investigate(now, cfg):
         try:

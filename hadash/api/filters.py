@@ -70,6 +70,11 @@ class EventParams(serializers.Serializer):
         help_text=f"At most this many events (default {EVENTS_DEFAULT_LIMIT}, "
         f"max {EVENTS_MAX_LIMIT}); ask again with after=<last id> for more.",
     )
+    latest = serializers.BooleanField(
+        default=False,
+        help_text="true: the newest `limit` matching events (still oldest first), e.g. to "
+        "fill a feed before following it with after=<last id>.",
+    )
     subject = serializers.ChoiceField(choices=Subject.choices, required=False)
     subject_name = serializers.CharField(required=False)
     event = serializers.CharField(required=False)

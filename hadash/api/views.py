@@ -407,7 +407,8 @@ class EventListView(ApiView):
     @extend_schema(
         summary="List events, oldest first",
         description="Events with an id greater than `after`, oldest first, at most `limit` "
-        "of them. To follow the feed, ask again with `after` set to the last id seen.",
+        "of them (`latest=true`: the newest `limit` of them). To follow the feed, ask again "
+        "with `after` set to the last id seen.",
         parameters=[filters.EventParams],
         responses={200: EventSerializer(many=True), 400: E400, 401: E401},
     )
@@ -417,7 +418,11 @@ class EventListView(ApiView):
         qs = filters.apply_lookups(qs, p, filters.EventParams.lookups)
         if "acknowledged" in p:
             qs = qs.filter(acknowledged_at__isnull=not p["acknowledged"])
-        return Response(EventSerializer(qs[: p["limit"]], many=True).data)
+        if p["latest"]:
+            rows = list(qs.order_by("-id")[: p["limit"]])[::-1]
+        else:
+            rows = qs[: p["limit"]]
+        return Response(EventSerializer(rows, many=True).data)
 
 
 class EventDetailView(ApiView):

@@ -48,12 +48,15 @@ def is_braked(cluster: str | None, *, now, cfg) -> bool:
 
 
 def update_all(*, now, cfg) -> None:
-    """Called by the monitor sweep: engage or release brakes as ratios change."""
+    """Called by the monitor sweep: engage or release brakes as ratios change.
+    Writes only where a cluster's brake changes."""
     counts = cluster_counts()
     engaged = set(ClusterBrake.objects.filter(engaged=True).values_list("cluster", flat=True))
     for cluster in set(counts) | engaged:
         failed, total = counts.get(cluster, (0, 0))
-        _announce(cluster, over_ratio(failed, total, cfg), failed, total, now=now, cfg=cfg)
+        braked = over_ratio(failed, total, cfg)
+        if braked != (cluster in engaged):
+            _announce(cluster, braked, failed, total, now=now, cfg=cfg)
 
 
 def _announce(cluster: str, braked: bool, failed: int, total: int, *, now, cfg) -> None:

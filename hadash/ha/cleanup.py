@@ -14,11 +14,14 @@ from hadash.models import HaWork, Lease
 LEASE_NAME = "ha.cleanup"
 
 
-def cleanup_step(engine, *, force: bool = False) -> int:
+def cleanup_step(engine, *, force: bool = False, cfg=None) -> int:
     """Purge if a cleanup is due (or ``force``). Returns the number of items purged."""
     now = engine.now()
-    cfg = config.snapshot()
+    cfg = cfg or config.snapshot()
     every = dt.timedelta(seconds=cfg["time.between.cleanup"])
+    last = Lease.objects.filter(name=LEASE_NAME).values_list("last_run", flat=True).first()
+    if not force and last is not None and now - last < every:
+        return 0  # not due: decided without a lock
     with transaction.atomic():
         Lease.objects.get_or_create(name=LEASE_NAME)
         lease = Lease.objects.select_for_update().get(name=LEASE_NAME)

@@ -161,11 +161,13 @@ def claim(engine, cfg) -> HaWork | None:
     """Take one due item, or None (nothing due, or ha.workers items already in
     flight across the installation)."""
     now = engine.now()
+    if not due_items(now).exists():
+        return None  # the common case, without taking any lock
     with transaction.atomic():
         # Claims are serialised on one lease row, so "count in flight, then take"
         # cannot overshoot ha.workers between two processes.
-        Lease.objects.get_or_create(name=CLAIM_LOCK)
-        Lease.objects.select_for_update().get(name=CLAIM_LOCK)
+        if not Lease.objects.select_for_update().filter(name=CLAIM_LOCK).exists():
+            Lease.objects.get_or_create(name=CLAIM_LOCK)
         if in_flight(now) >= cfg["ha.workers"]:
             return None
         item = due_items(now).select_for_update(skip_locked=True, of=("self",)).first()
@@ -242,10 +244,10 @@ def refresh_snapshot(item: HaWork, vm: VMInstance, now) -> None:
 
 # --- the worker step ----------------------------------------------------------------------
 
-def worker_step(engine) -> bool:
+def worker_step(engine, cfg=None) -> bool:
     """Claim and process one due item. Returns True when an item was processed (more
     may be due), False when there was nothing to take."""
-    cfg = config.snapshot()
+    cfg = cfg or config.snapshot()
     item = claim(engine, cfg)
     if item is None:
         return False

@@ -30,7 +30,8 @@ def temporary_database(path: Path):
     connections["default"].close()
     conn_settings.update({
         "ENGINE": "django.db.backends.sqlite3", "NAME": str(path),
-        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
+        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20,
+                    "init_command": "PRAGMA synchronous=OFF; PRAGMA journal_mode=MEMORY;"},
         "HOST": "", "PORT": "", "USER": "", "PASSWORD": "", "CONN_MAX_AGE": 0,
     })
     del connections["default"]

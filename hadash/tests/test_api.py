@@ -1,0 +1,640 @@
+"""Operator REST API (PROTOCOL.md, "Operator API"): the shapes other programs rely on,
+authentication (API token or session, 401 without), read-only users vs staff, the
+operator actions, and the OpenAPI document at /api/v1/openapi.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from io import StringIO
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from hadash.choices import Reason, Severity, Step, Subject, WorkType
+from hadash.events import record_event
+from hadash.models import ApiToken, Event, HaWork
+from hosts.choices import HostStatus, ResourceState
+from hosts.models import Host
+from vms.choices import PowerState, VmState
+from vms.models import VMInstance
+
+pytestmark = pytest.mark.django_db
+
+API = "/api/v1"
+VM_KEYS = {"name", "state", "power_state", "host", "last_host", "ha_enabled", "priority",
+           "cpus", "memory_mb"}
+HOST_KEYS = {"name", "status", "resource_state", "cluster", "last_ping", "cpus", "memory_mb"}
+WORK_KEYS = {"id", "vm", "type", "step", "reason", "tried", "host", "time_to_try"}
+EVENT_KEYS = {"id", "time", "subject", "subject_name", "event", "field", "old", "new",
+              "reason", "message", "alert", "severity", "acknowledged_at"}
+
+
+# --- fixtures -----------------------------------------------------------------
+
+
+def token_client(user) -> APIClient:
+    _, key = ApiToken.issue(user)
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+@pytest.fixture
+def staff():
+    return get_user_model().objects.create_user("ops", password="x", is_staff=True)
+
+
+@pytest.fixture
+def reader():
+    return get_user_model().objects.create_user("viewer", password="x")
+
+
+@pytest.fixture
+def api(staff) -> APIClient:
+    return token_client(staff)
+
+
+@pytest.fixture
+def ro_api(reader) -> APIClient:
+    return token_client(reader)
+
+
+def make_host(name="kvm-01", **kw) -> Host:
+    fields = dict(status=HostStatus.UP, resource_state=ResourceState.ENABLED, cluster="c1",
+                  cpus=32, memory_mb=131072, last_ping=timezone.now(),
+                  agent_url=f"http://{name}:8250")
+    fields.update(kw)
+    return Host.objects.create(name=name, **fields)
+
+
+def make_vm(name, host, **kw) -> VMInstance:
+    fields = dict(state=VmState.RUNNING, power_state=PowerState.POWER_ON, host=host,
+                  last_host=host, power_host=host, cpus=2, memory_mb=4096)
+    fields.update(kw)
+    return VMInstance.objects.create(name=name, **fields)
+
+
+def make_work(vm, *, type=WorkType.HA, step=Step.DONE, reason=Reason.HOST_DOWN,
+              tried=0) -> HaWork:
+    now = timezone.now()
+    return HaWork.objects.create(
+        instance=vm, vm_type=vm.type, type=type, reason=reason, step=step, host=vm.host,
+        state=vm.state, update_count=vm.update_count, time_to_try=now, tried=tried,
+        created=now, updated=now,
+    )
+
+
+def event(subject=Subject.HOST, name="kvm-01", alert=False, **kw) -> Event:
+    from django.db import transaction
+
+    with transaction.atomic():
+        return record_event(subject, None, name=name, event=kw.pop("event", "Test"),
+                            alert=alert, **kw)
+
+
+def state() -> dict:
+    return {
+        "hosts": list(Host.objects.order_by("pk").values()),
+        "vms": list(VMInstance.objects.order_by("pk").values()),
+        "work": list(HaWork.objects.order_by("pk").values()),
+        "events": list(Event.objects.order_by("pk").values()),
+    }
+
+
+# --- authentication and permissions ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [("get", "/vms"), ("get", "/hosts"), ("get", "/ha-work"), ("get", "/events"),
+     ("get", "/config"), ("put", "/config/ha.workers"), ("post", "/vms"),
+     ("post", "/hosts/kvm-01/disable")],
+)
+def test_unauthenticated_is_401(method, path):
+    """PROTOCOL.md: the operator API takes a Bearer API token; none → 401."""
+    make_host()
+    before = state()
+    r = getattr(APIClient(), method)(API + path, {"value": "8"}, format="json")
+    assert r.status_code == 401
+    assert "error" in r.json()
+    assert r["WWW-Authenticate"] == "Bearer"
+    assert state() == before
+
+
+@pytest.mark.parametrize("header", ["Bearer wrong", "Bearer", "Bearer a b", "Token abc"])
+def test_wrong_token_is_401(staff, header):
+    """PROTOCOL.md: wrong credentials → 401."""
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=header)
+    r = client.get(f"{API}/vms")
+    assert r.status_code == 401
+    assert set(r.json()) == {"error"}
+
+
+def test_inactive_users_token_is_401(staff):
+    client = token_client(staff)
+    staff.is_active = False
+    staff.save()
+    assert client.get(f"{API}/vms").status_code == 401
+
+
+def test_token_records_last_used(staff):
+    client = token_client(staff)
+    assert client.get(f"{API}/hosts").status_code == 200
+    assert ApiToken.objects.get(user=staff).last_used is not None
+
+
+def test_session_login_reads(staff):
+    """PROTOCOL.md: the API also takes a logged-in (session) user, e.g. the dashboard."""
+    client = APIClient()
+    client.force_login(staff)
+    assert client.get(f"{API}/hosts").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "method,path,body",
+    [("post", "/vms", {"name": "web-1", "host": "kvm-01", "cpus": 1, "memory_mb": 512}),
+     ("put", "/config/ha.workers", {"value": "8"}),
+     ("patch", "/hosts/kvm-01", {"tags": ["ssd"]}),
+     ("post", "/hosts/kvm-01/disable", None),
+     ("post", "/hosts/kvm-01/maintenance", None),
+     ("post", "/vms/vm-1/stop", None),
+     ("post", "/vms/vm-1/start", None),
+     ("post", "/events/{alert}/acknowledge", None)],
+)
+def test_read_only_user_cannot_write(ro_api, method, path, body):
+    """PROTOCOL.md: writes and actions need a staff user (403), nothing changes."""
+    host = make_host()
+    make_vm("vm-1", host)
+    alert = event(alert=True)
+    before = state()
+    r = getattr(ro_api, method)(API + path.format(alert=alert.pk), body, format="json")
+    assert r.status_code == 403
+    assert "staff" in r.json()["error"]
+    assert state() == before
+
+
+def test_read_only_user_reads(ro_api):
+    host = make_host()
+    make_vm("vm-1", host)
+    for path in ("/vms", "/vms/vm-1", "/hosts", "/hosts/kvm-01", "/ha-work", "/events",
+                 "/config", "/config/ha.workers"):
+        assert ro_api.get(API + path).status_code == 200, path
+
+
+# --- VMs ----------------------------------------------------------------------
+
+
+def test_register_vm(api):
+    """PROTOCOL.md: POST /api/v1/vms registers a VM running on that host → 201 with it."""
+    make_host()
+    body = {"name": "web-1", "host": "kvm-01", "cpus": 2, "memory_mb": 4096,
+            "ha_enabled": True, "priority": "high"}
+    r = api.post(f"{API}/vms", body, format="json")
+    assert r.status_code == 201, r.content
+    data = r.json()
+    assert VM_KEYS <= set(data)
+    assert {k: data[k] for k in VM_KEYS} == {
+        "name": "web-1", "state": "Running", "power_state": "PowerOn", "host": "kvm-01",
+        "last_host": "kvm-01", "ha_enabled": True, "priority": "high", "cpus": 2,
+        "memory_mb": 4096,
+    }
+    vm = VMInstance.objects.get(name="web-1")
+    assert (vm.state, vm.power_state, vm.host.name) == ("Running", "PowerOn", "kvm-01")
+    assert Event.objects.filter(subject="vm", subject_name="web-1").exists()
+
+
+def test_register_vm_defaults(api):
+    make_host()
+    r = api.post(f"{API}/vms", {"name": "web-2", "host": "kvm-01", "cpus": 1,
+                                "memory_mb": 512}, format="json")
+    assert r.status_code == 201
+    assert (r.json()["ha_enabled"], r.json()["priority"], r.json()["type"]) == (
+        False, "medium", "User")
+
+
+def test_register_vm_unknown_host_is_400_and_writes_nothing(api):
+    """PROTOCOL.md: a rejected request changes nothing."""
+    make_host()
+    before = state()
+    r = api.post(f"{API}/vms", {"name": "web-1", "host": "nope", "cpus": 2,
+                                "memory_mb": 4096}, format="json")
+    assert r.status_code == 400
+    assert "nope" in r.json()["error"]
+    assert state() == before
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [({"host": "kvm-01", "cpus": 2, "memory_mb": 1}, "name"),
+     ({"name": "x", "host": "kvm-01", "cpus": 0, "memory_mb": 1}, "cpus"),
+     ({"name": "x", "host": "kvm-01", "cpus": "two", "memory_mb": 1}, "cpus"),
+     ({"name": "x", "host": "kvm-01", "cpus": 1, "memory_mb": 1, "priority": "urgent"},
+      "priority"),
+     ({"name": "x", "host": "kvm-01", "cpus": 1, "memory_mb": 1, "type": "Router"}, "type")],
+)
+def test_register_vm_bad_body_is_400(api, body, needle):
+    make_host()
+    before = state()
+    r = api.post(f"{API}/vms", body, format="json")
+    assert r.status_code == 400
+    assert needle in r.json()["error"]
+    assert needle in r.json()["details"]
+    assert state() == before
+
+
+def test_register_vm_duplicate_is_400(api):
+    host = make_host()
+    make_vm("web-1", host)
+    before = state()
+    r = api.post(f"{API}/vms", {"name": "web-1", "host": "kvm-01", "cpus": 1,
+                                "memory_mb": 512}, format="json")
+    assert r.status_code == 400
+    assert "web-1" in r.json()["error"]
+    assert state() == before
+
+
+def test_malformed_json_is_400(api):
+    r = api.post(f"{API}/vms", "{not json", content_type="application/json")
+    assert r.status_code == 400
+    assert set(r.json()) == {"error"}
+
+
+def test_get_vm_shape(api):
+    """PROTOCOL.md: GET /api/v1/vms/{name} → name, state, power_state, host, last_host,
+    ha_enabled, priority, cpus, memory_mb (host names or null)."""
+    old = make_host("kvm-00")
+    make_vm("db-1", None, state=VmState.STOPPED, power_state=PowerState.POWER_OFF,
+            last_host=old, power_host=None, ha_enabled=True, priority="low")
+    r = api.get(f"{API}/vms/db-1")
+    assert r.status_code == 200
+    data = r.json()
+    assert {k: data[k] for k in VM_KEYS} == {
+        "name": "db-1", "state": "Stopped", "power_state": "PowerOff", "host": None,
+        "last_host": "kvm-00", "ha_enabled": True, "priority": "low", "cpus": 2,
+        "memory_mb": 4096,
+    }
+    assert api.get(f"{API}/vms/nope").status_code == 404
+    assert "nope" in api.get(f"{API}/vms/nope").json()["error"]
+
+
+def test_list_vms_filters(api):
+    a, b = make_host("kvm-01"), make_host("kvm-02")
+    make_vm("v1", a, ha_enabled=True)
+    make_vm("v2", b)
+    make_vm("v3", None, state=VmState.STOPPED, power_state=PowerState.POWER_OFF, last_host=b)
+    names = lambda q="": [v["name"] for v in api.get(f"{API}/vms{q}").json()]  # noqa: E731
+    assert names() == ["v1", "v2", "v3"]
+    assert names("?state=Running") == ["v1", "v2"]
+    assert names("?host=kvm-02") == ["v2"]
+    assert names("?ha_enabled=true") == ["v1"]
+    assert names("?ha_enabled=false") == ["v2", "v3"]
+    assert names("?power_state=PowerOff") == ["v3"]
+    assert names("?limit=1&offset=1") == ["v2"]
+    r = api.get(f"{API}/vms?state=Runing")
+    assert r.status_code == 400 and "state" in r.json()["error"]
+    assert api.get(f"{API}/vms?limit=0").status_code == 400
+
+
+def test_patch_vm_settings(api):
+    host = make_host()
+    make_vm("v1", host)
+    r = api.patch(f"{API}/vms/v1", {"ha_enabled": True, "priority": "high"}, format="json")
+    assert r.status_code == 200
+    assert (r.json()["ha_enabled"], r.json()["priority"]) == (True, "high")
+    ev = Event.objects.get(event="SettingsChanged", subject="vm")
+    assert ev.reason == "ops"
+    before = state()
+    r = api.patch(f"{API}/vms/v1", {"state": "Stopped"}, format="json")
+    assert r.status_code == 400 and "state" in r.json()["error"]
+    assert state() == before
+
+
+def test_stop_vm_queues_stop_work(api):
+    """PROTOCOL.md: POST /api/v1/vms/{name}/stop queues a Stop work item (202)."""
+    host = make_host()
+    make_vm("v1", host)
+    r = api.post(f"{API}/vms/v1/stop")
+    assert r.status_code == 202, r.content
+    data = r.json()
+    assert WORK_KEYS <= set(data)
+    assert (data["vm"], data["type"], data["host"]) == ("v1", "Stop", "kvm-01")
+    assert HaWork.objects.filter(instance__name="v1", type=WorkType.STOP).count() == 1
+    # A second stop while the first is open is refused as a conflict.
+    before = state()
+    r = api.post(f"{API}/vms/v1/stop")
+    assert r.status_code == 409 and "error" in r.json()
+    assert state() == before
+
+
+def test_stop_stopped_vm_is_409(api):
+    make_vm("v1", None, state=VmState.STOPPED, power_state=PowerState.POWER_OFF)
+    r = api.post(f"{API}/vms/v1/stop")
+    assert r.status_code == 409
+    assert "Stopped" in r.json()["error"]
+
+
+class FakeAgents:
+    def __init__(self):
+        self.started = []
+
+    def start_vm(self, host, vm):
+        self.started.append((host.name, vm.name))
+
+
+def test_start_vm(api, monkeypatch):
+    """PROTOCOL.md: POST /api/v1/vms/{name}/start starts a stopped VM (synchronous)."""
+    from hadash.api import views
+    from hadash.ha.engine import Engine
+
+    agents = FakeAgents()
+    monkeypatch.setattr(views, "production_engine", lambda: Engine(agents=agents, oob=None))
+    host = make_host()
+    make_vm("v1", None, state=VmState.STOPPED, power_state=PowerState.POWER_OFF,
+            last_host=host, power_host=None)
+    r = api.post(f"{API}/vms/v1/start")
+    assert r.status_code == 200, r.content
+    assert (r.json()["state"], r.json()["host"]) == ("Running", "kvm-01")
+    assert agents.started == [("kvm-01", "v1")]
+    r = api.post(f"{API}/vms/v1/start")
+    assert r.status_code == 409 and "Running" in r.json()["error"]
+
+
+# --- hosts --------------------------------------------------------------------
+
+
+def test_get_host_shape(api):
+    """PROTOCOL.md: GET /api/v1/hosts/{name} → name, status, resource_state, cluster,
+    last_ping, cpus, memory_mb."""
+    ping = dt.datetime(2026, 3, 1, 12, 0, 5, tzinfo=dt.UTC)
+    host = make_host(last_ping=ping, tags="ssd,gpu", oobm_password="s3cret")
+    make_vm("v1", host, cpus=4, memory_mb=8192)
+    make_vm("v2", None, state=VmState.STOPPED, last_host=host)
+    r = api.get(f"{API}/hosts/kvm-01")
+    assert r.status_code == 200
+    data = r.json()
+    assert {k: data[k] for k in HOST_KEYS} == {
+        "name": "kvm-01", "status": "Up", "resource_state": "Enabled", "cluster": "c1",
+        "last_ping": "2026-03-01T12:00:05Z", "cpus": 32, "memory_mb": 131072,
+    }
+    assert (data["allocated_cpus"], data["allocated_memory_mb"], data["vm_count"]) == (
+        4, 8192, 1)
+    assert data["tags"] == ["ssd", "gpu"]
+    assert data["oobm_password_set"] is True
+    assert "s3cret" not in r.content.decode()
+    assert "oobm_password" not in data
+    r = api.get(f"{API}/hosts/nope")
+    assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+def test_list_hosts_filters(api):
+    make_host("a", cluster="c1")
+    make_host("b", cluster="c2", status=HostStatus.DOWN)
+    make_host("c", cluster="c2", resource_state=ResourceState.MAINTENANCE)
+    names = lambda q="": [h["name"] for h in api.get(f"{API}/hosts{q}").json()]  # noqa: E731
+    assert names() == ["a", "b", "c"]
+    assert names("?status=Down") == ["b"]
+    assert names("?resource_state=Maintenance") == ["c"]
+    assert names("?cluster=c2") == ["b", "c"]
+    assert names("?cluster=c2&status=Up") == ["c"]
+    assert api.get(f"{API}/hosts?status=down").status_code == 400
+
+
+def test_patch_host_settings(api):
+    """PROTOCOL.md: BMC settings are set by an operator (API), the password is never
+    shown; each change is an event."""
+    make_host()
+    body = {"tags": ["ssd", "ha"], "oobm_enabled": True, "oobm_address": "https://10.0.1.11",
+            "oobm_system_id": "kvm-01", "oobm_username": "root", "oobm_password": "pw"}
+    r = api.patch(f"{API}/hosts/kvm-01", body, format="json")
+    assert r.status_code == 200, r.content
+    data = r.json()
+    assert data["tags"] == ["ssd", "ha"]
+    assert (data["oobm_enabled"], data["oobm_address"], data["oobm_password_set"]) == (
+        True, "https://10.0.1.11", True)
+    assert "oobm_password" not in data and "pw" not in json.dumps(data)
+    host = Host.objects.get(name="kvm-01")
+    assert (host.tags, host.oobm_password) == ("ssd,ha", "pw")
+    ev = Event.objects.get(event="SettingsChanged")
+    assert "oobm_password changed" in ev.message and "pw'" not in ev.message
+    # tags also as a comma-separated string
+    r = api.patch(f"{API}/hosts/kvm-01", {"tags": "gpu, ssd"}, format="json")
+    assert r.json()["tags"] == ["gpu", "ssd"]
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [({"status": "Up"}, "status"),
+     ({"oobm_address": "not a url"}, "oobm_address"),
+     ({"oobm_enabled": True}, "oobm_address"),
+     ({"tags": 5}, "tags")],
+)
+def test_patch_host_bad_body_is_400(api, body, needle):
+    make_host()
+    before = state()
+    r = api.patch(f"{API}/hosts/kvm-01", body, format="json")
+    assert r.status_code == 400
+    assert needle in r.json()["error"]
+    assert state() == before
+
+
+def test_host_actions(api):
+    """PROTOCOL.md: operator actions — disable, enable, maintenance, cancel-maintenance."""
+    make_host()
+    r = api.post(f"{API}/hosts/kvm-01/disable")
+    assert r.status_code == 200 and r.json()["resource_state"] == "Disabled"
+    r = api.post(f"{API}/hosts/kvm-01/enable")
+    assert r.status_code == 200 and r.json()["resource_state"] == "Enabled"
+    r = api.post(f"{API}/hosts/kvm-01/maintenance")
+    assert r.status_code == 200
+    assert r.json()["resource_state"] in ("PrepareForMaintenance", "Maintenance")
+    before = state()
+    r = api.post(f"{API}/hosts/kvm-01/enable")
+    assert r.status_code == 409 and "maintenance" in r.json()["error"]
+    assert state() == before
+    r = api.post(f"{API}/hosts/kvm-01/cancel-maintenance")
+    assert r.status_code == 200 and r.json()["resource_state"] == "Enabled"
+    assert api.post(f"{API}/hosts/kvm-01/cancel-maintenance").status_code == 409
+    assert api.post(f"{API}/hosts/nope/enable").status_code == 404
+    assert Event.objects.filter(event="ResourceStateChanged", reason="ops").count() >= 4
+
+
+def test_maintenance_queues_migrations(api):
+    host = make_host()
+    make_host("kvm-02")
+    make_vm("v1", host)
+    r = api.post(f"{API}/hosts/kvm-01/maintenance")
+    assert r.status_code == 200
+    assert r.json()["resource_state"] == "PrepareForMaintenance"
+    work = api.get(f"{API}/ha-work?vm=v1").json()
+    assert [w["type"] for w in work] == ["Migration"]
+
+
+# --- HA work ------------------------------------------------------------------
+
+
+def test_ha_work_filter_newest_first(api):
+    """PROTOCOL.md: GET /api/v1/ha-work?vm={name} → that VM's items, newest first."""
+    host = make_host()
+    v1, v2 = make_vm("v1", host), make_vm("v2", host)
+    first = make_work(v1, tried=1)
+    make_work(v2)
+    second = make_work(v1, type=WorkType.STOP, reason=Reason.OPERATOR)
+    third = make_work(v1, step=Step.SCHEDULED, tried=2)
+    r = api.get(f"{API}/ha-work?vm=v1")
+    assert r.status_code == 200
+    data = r.json()
+    assert [w["id"] for w in data] == [third.pk, second.pk, first.pk]
+    for w in data:
+        assert WORK_KEYS <= set(w)
+    assert {k: data[0][k] for k in WORK_KEYS - {"time_to_try"}} == {
+        "id": third.pk, "vm": "v1", "type": "HA", "step": "Scheduled", "reason": "HostDown",
+        "tried": 2, "host": "kvm-01",
+    }
+    assert data[0]["time_to_try"].endswith("Z")
+    ids = lambda q: [w["id"] for w in api.get(f"{API}/ha-work?{q}").json()]  # noqa: E731
+    assert ids("vm=v1&type=Stop") == [second.pk]
+    assert ids("vm=v1&step=Scheduled") == [third.pk]
+    assert ids("finished=false") == [third.pk]
+    assert len(ids("")) == 4
+    assert ids("vm=nope") == []
+    assert api.get(f"{API}/ha-work?step=Bogus").status_code == 400
+
+
+def test_ha_work_detail(api):
+    host = make_host()
+    item = make_work(make_vm("v1", host))
+    r = api.get(f"{API}/ha-work/{item.pk}")
+    assert r.status_code == 200 and r.json()["id"] == item.pk and r.json()["vm"] == "v1"
+    assert api.get(f"{API}/ha-work/999999").status_code == 404
+
+
+# --- events -------------------------------------------------------------------
+
+
+def test_events_after_oldest_first(api):
+    """PROTOCOL.md: GET /api/v1/events?after={id} → events with a greater id, oldest first."""
+    evs = [event(name=f"h{i}") for i in range(5)]
+    r = api.get(f"{API}/events?after={evs[1].pk}")
+    assert r.status_code == 200
+    data = r.json()
+    assert [e["id"] for e in data] == [e.pk for e in evs[2:]]
+    assert EVENT_KEYS <= set(data[0])
+    assert data[0]["subject_name"] == "h2"
+    assert [e["id"] for e in api.get(f"{API}/events?after={evs[1].pk}&limit=2").json()] == [
+        evs[2].pk, evs[3].pk]
+    assert api.get(f"{API}/events?after={evs[4].pk}").json() == []
+    assert [e["id"] for e in api.get(f"{API}/events").json()] == [e.pk for e in evs]
+    assert [e["id"] for e in api.get(f"{API}/events?latest=true&limit=2").json()] == [
+        evs[3].pk, evs[4].pk]
+    assert api.get(f"{API}/events?limit=5001").status_code == 400
+    assert api.get(f"{API}/events?after=x").status_code == 400
+
+
+def test_events_filters_and_acknowledge(api):
+    event()
+    alert = event(alert=True, event="HostDown")
+    vm_ev = event(subject=Subject.VM, name="v1")
+    ids = lambda q: [e["id"] for e in api.get(f"{API}/events?{q}").json()]  # noqa: E731
+    assert ids("alert=true") == [alert.pk]
+    assert ids("subject=vm") == [vm_ev.pk]
+    assert ids("alert=true&acknowledged=false") == [alert.pk]
+    data = api.get(f"{API}/events?alert=true").json()[0]
+    assert (data["alert"], data["severity"], data["acknowledged_at"]) == (
+        True, Severity.CRITICAL, None)
+
+    r = api.post(f"{API}/events/{alert.pk}/acknowledge")
+    assert r.status_code == 200
+    assert r.json()["acknowledged_at"] is not None and r.json()["acknowledged_by"] == "ops"
+    first = r.json()["acknowledged_at"]
+    assert api.post(f"{API}/events/{alert.pk}/acknowledge").json()["acknowledged_at"] == first
+    assert ids("alert=true&acknowledged=false") == []
+    r = api.post(f"{API}/events/{vm_ev.pk}/acknowledge")
+    assert r.status_code == 400 and "not an alert" in r.json()["error"]
+    assert api.post(f"{API}/events/999999/acknowledge").status_code == 404
+    assert api.get(f"{API}/events/{alert.pk}").json()["id"] == alert.pk
+
+
+# --- OpenAPI ------------------------------------------------------------------
+
+
+def test_openapi_document():
+    """PROTOCOL.md: the API describes itself as OpenAPI at /api/v1/openapi.json."""
+    r = APIClient().get(f"{API}/openapi.json")
+    assert r.status_code == 200
+    doc = json.loads(r.content)
+    assert doc["openapi"].startswith("3.")
+    paths = doc["paths"]
+    for p, methods in {
+        "/api/v1/vms": {"get", "post"},
+        "/api/v1/vms/{name}": {"get", "patch"},
+        "/api/v1/vms/{name}/stop": {"post"},
+        "/api/v1/vms/{name}/start": {"post"},
+        "/api/v1/hosts": {"get"},
+        "/api/v1/hosts/{name}": {"get", "patch"},
+        "/api/v1/hosts/{name}/enable": {"post"},
+        "/api/v1/hosts/{name}/disable": {"post"},
+        "/api/v1/hosts/{name}/maintenance": {"post"},
+        "/api/v1/hosts/{name}/cancel-maintenance": {"post"},
+        "/api/v1/ha-work": {"get"},
+        "/api/v1/ha-work/{id}": {"get"},
+        "/api/v1/events": {"get"},
+        "/api/v1/events/{id}/acknowledge": {"post"},
+        "/api/v1/config": {"get"},
+        "/api/v1/config/{key}": {"get", "put"},
+    }.items():
+        assert methods <= set(paths[p]), p
+    assert doc["components"]["securitySchemes"]["BearerAuth"] == {
+        "type": "http", "scheme": "bearer",
+        "description": doc["components"]["securitySchemes"]["BearerAuth"]["description"],
+    }
+    assert {"BearerAuth": []} in paths["/api/v1/vms"]["get"]["security"]
+    params = {p["name"] for p in paths["/api/v1/events"]["get"]["parameters"]}
+    assert {"after", "limit", "subject", "alert"} <= params
+    vm = doc["components"]["schemas"]["VM"]["properties"]
+    assert VM_KEYS <= set(vm)
+    assert not any(p.startswith("/api/agent") for p in paths)
+
+
+def test_openapi_schema_has_no_warnings(tmp_path):
+    """The document generates without drf-spectacular warnings and validates."""
+    call_command("spectacular", "--urlconf", "hadash.api.urls", "--fail-on-warn",
+                 "--validate", "--file", str(tmp_path / "schema.yaml"))
+
+
+# --- apitoken -----------------------------------------------------------------
+
+
+def test_apitoken_command_prints_usable_token(staff):
+    """PROTOCOL.md: `python manage.py apitoken USERNAME` prints a token."""
+    out = StringIO()
+    call_command("apitoken", "ops", stdout=out)
+    key = out.getvalue().strip()
+    assert key and "\n" not in key
+    assert ApiToken.objects.get(user=staff).key_hash == ApiToken.hash(key)
+    assert key not in str(list(ApiToken.objects.values()))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    assert client.get(f"{API}/hosts").status_code == 200
+
+
+def test_apitoken_unknown_user():
+    with pytest.raises(CommandError, match="no user named 'ghost'"):
+        call_command("apitoken", "ghost", stdout=StringIO())
+    assert not ApiToken.objects.exists()
+
+
+def test_apitoken_create_makes_staff_user():
+    out = StringIO()
+    call_command("apitoken", "robot", "--create", stdout=out, stderr=StringIO())
+    user = get_user_model().objects.get(username="robot")
+    assert user.is_staff and not user.has_usable_password()
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {out.getvalue().strip()}")
+    make_host()
+    assert client.post(f"{API}/hosts/kvm-01/disable").status_code == 200
