@@ -14,9 +14,11 @@ How answers map onto the interface (``hosts.transport``):
   and ``check_health`` reports False. It carries the status and the agent's message,
   and is logged at WARNING (a token mismatch needs an operator);
 * any other 4xx, or a 5xx with ``{"error": …}`` → ``AgentError(message, status)``
-  (PROTOCOL.md: a rejected request changes nothing). Exceptions: ``get_vm`` 404 → None;
-  ``stop_vm`` 404 with an ``{"error"}`` body → success (the hypervisor does not know
-  the VM, which is what stop is for);
+  (PROTOCOL.md: a rejected request changes nothing). Exceptions: ``get_vm`` 404 with a
+  JSON body → None (a 404 that is not JSON → ``Unreachable``: whatever answered is not
+  an agent, and "unknown VM" would make the VM look dead); ``stop_vm`` 404 with an
+  ``{"error"}`` body → success (the hypervisor does not know the VM, which is what stop
+  is for);
 * a 2xx whose body is not the documented JSON → ``AgentError`` (the agent answered,
   but not in protocol).
 
@@ -134,10 +136,11 @@ class HttpAgentClient:
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             log.debug("agent %s: %s %s failed: %r", host.name, method, url, exc)
             raise Unreachable(f"host {host.name}: {method} {path} failed ({exc!r})") from exc
-        log.debug(
-            "agent %s: %s %s → %s %s",
-            host.name, method, path, response.status_code, response.text[:500],
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "agent %s: %s %s → %s %s",
+                host.name, method, path, response.status_code, response.text[:500],
+            )
         return response
 
     @staticmethod
@@ -185,6 +188,13 @@ class HttpAgentClient:
     def get_vm(self, host: Host, vm_name: str) -> str | None:
         response = self._send(host, "GET", _vm_path(vm_name))
         if response.status_code == 404:
+            if self._json(response) is None:
+                # Not the protocol's error shape: whatever answered is not an agent
+                # (a wrong agent_url, an address taken over by another server), so it
+                # must not be read as "the hypervisor does not know this VM".
+                raise Unreachable(
+                    f"host {host.name}: get {vm_name}: 404 without a JSON answer"
+                )
             return None
         data = self._answer(host, response, f"get {vm_name}")
         state = data.get("power_state")

@@ -166,8 +166,7 @@ def claim(engine, cfg) -> HaWork | None:
     with transaction.atomic():
         # Claims are serialised on one lease row, so "count in flight, then take"
         # cannot overshoot ha.workers between two processes.
-        if not Lease.objects.select_for_update().filter(name=CLAIM_LOCK).exists():
-            Lease.objects.get_or_create(name=CLAIM_LOCK)
+        lock_claims()
         if in_flight(now) >= cfg["ha.workers"]:
             return None
         item = due_items(now).select_for_update(skip_locked=True, of=("self",)).first()
@@ -180,6 +179,15 @@ def claim(engine, cfg) -> HaWork | None:
             return None
         item.taken, item.taken_by = now, engine.worker_id
         return item
+
+
+def lock_claims() -> None:
+    """Take the installation-wide claim lock (a row lock on PostgreSQL; SQLite's
+    IMMEDIATE transactions already serialise writers). The row is seeded by a
+    migration; created here if someone deleted it."""
+    if Lease.objects.select_for_update().filter(name=CLAIM_LOCK).first() is None:
+        Lease.objects.get_or_create(name=CLAIM_LOCK)
+        Lease.objects.select_for_update().get(name=CLAIM_LOCK)
 
 
 class LostItem(Exception):

@@ -126,6 +126,14 @@ def test_get_vm_power_states_and_unknown(client, stack):
     assert len({s.client_port for s in fake.seen}) == 1
 
 
+def test_get_vm_404_that_is_not_the_protocol_is_not_unknown(client, stack):
+    host = make_host()
+    fake = serve(stack, host)
+    fake.raw(404, "<html>Not Found</html>")
+    with pytest.raises(Unreachable):
+        client.get_vm(host, "i-2-10-VM")
+
+
 def test_get_vm_quotes_the_name(client, stack):
     host = make_host()
     fake = serve(stack, host)
