@@ -19,11 +19,6 @@ from .models import VMInstance
 
 log = logging.getLogger("hadash.powersync")
 
-# CloudStack's MAX_CONSECUTIVE_SAME_STATE_UPDATE_COUNT: an unchanged power state
-# refreshes power_state_update_time only for its first few reports, so a steady fleet
-# does not rewrite every VM row on every ping.
-MAX_SAME_STATE_UPDATES = 3
-
 
 def ha_wanted(vm: VMInstance, cfg) -> bool:
     """R9/R12.4: the VM is to be restarted by HA."""
@@ -40,6 +35,7 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
             models.Q(name__in=list(reported)) | models.Q(host=host, state__in=REPORTED_STATES)
         )
     )
+    confirmed: list[int] = []  # reported again, unchanged: refreshed in one UPDATE
     busy = set(
         work.HaWork.objects.filter(instance__in=vms)
         .exclude(step__in=FINAL_STEPS)
@@ -53,7 +49,7 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
                 continue
             if vm.power_state == PowerState.POWER_REPORT_MISSING:
                 pass
-            elif vm.power_state_update_time and now - vm.power_state_update_time < missing_after:
+            elif vm.power_state_update_time and now - vm.power_state_update_time <= missing_after:
                 continue
             else:
                 _set_power(vm, host, PowerState.POWER_REPORT_MISSING, now)
@@ -65,11 +61,20 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
             ):
                 work.schedule_force_stop(vm, host, now=now)
             continue
+        elif vm.power_state == ps and vm.power_host_id == host.pk:
+            confirmed.append(vm.pk)
         else:
             _set_power(vm, host, ps, now)
         if vm.pk in busy:
             continue  # R9: a VM with an unfinished work item is left to that item.
         apply_power_rules(vm, now=now, cfg=cfg)
+    if confirmed:
+        # The power state of these VMs was confirmed now (R8 measures "missing" from
+        # the last confirmation): one statement for all of them.
+        VMInstance.objects.filter(pk__in=confirmed).update(
+            power_state_update_time=now,
+            power_state_update_count=models.F("power_state_update_count") + 1,
+        )
 
 
 def _set_power(vm: VMInstance, host, ps: str, now) -> None:
@@ -77,15 +82,6 @@ def _set_power(vm: VMInstance, host, ps: str, now) -> None:
     from hadash.choices import Subject
     from hadash.events import record_event
 
-    if vm.power_state == ps and vm.power_host_id == host.pk:
-        if vm.power_state_update_count >= MAX_SAME_STATE_UPDATES:
-            return
-        vm.power_state_update_count += 1
-        vm.power_state_update_time = now
-        VMInstance.objects.filter(pk=vm.pk).update(
-            power_state_update_count=vm.power_state_update_count, power_state_update_time=now
-        )
-        return
     old = vm.power_state
     vm.power_state, vm.power_host, vm.power_state_update_time = ps, host, now
     vm.power_state_update_count = 1

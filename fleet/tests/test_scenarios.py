@@ -1,5 +1,9 @@
-"""The acceptance scenarios (published in ../shared/scenarios and the project's own in
-scenarios/) run through `manage.py scenario`, as a user runs them."""
+"""The scenario runner, run as a user runs it (`manage.py scenario`).
+
+The acceptance scenarios themselves (../shared/scenarios and the project's own in
+scenarios/) are run by scripts/test once per test run — the runner always uses its own
+temporary SQLite databases, so running them again under each pytest database would
+only repeat them. Here: the runner's own behaviour, plus the project's scenarios."""
 
 import subprocess
 import sys
@@ -8,9 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = sorted((ROOT.parent / "shared" / "scenarios").glob("*.yaml")) + sorted(
-    (ROOT / "scenarios").glob("*.yaml")
-)
+PUBLISHED = ROOT.parent / "shared" / "scenarios"
 
 
 def run_scenario(*paths, extra=()):
@@ -20,12 +22,13 @@ def run_scenario(*paths, extra=()):
     )
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
-def test_scenario_passes(path):
-    proc = run_scenario(path)
+@pytest.mark.skipif(not PUBLISHED.is_dir(), reason="../shared/scenarios is not beside the checkout")
+def test_published_scenario_passes():
+    """One published scenario end to end: exit 0, PASS lines, no FAIL."""
+    proc = run_scenario(PUBLISHED / "001-host-power-loss.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
-    assert "PASS" in proc.stdout
+    assert proc.stdout.count("PASS") == 8
 
 
 def test_a_failing_expectation_fails_the_run(tmp_path):
