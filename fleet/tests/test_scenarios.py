@@ -28,7 +28,7 @@ def test_published_scenario_passes():
     proc = run_scenario(PUBLISHED / "001-host-power-loss.yaml")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
-    assert proc.stdout.count("PASS") == 8
+    assert proc.stdout.count("PASS") == 16  # 15 expectations + the invariant
 
 
 def test_a_failing_expectation_fails_the_run(tmp_path):
