@@ -178,6 +178,27 @@ class Lease(models.Model):
         return self.name
 
 
+class EngineProcess(models.Model):
+    """A live engine loop (hadash.ha.runtime): its heartbeat proves it alive."""
+
+    id = models.CharField(max_length=255, primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started = models.DateTimeField()
+    heartbeat = models.DateTimeField()
+    leaving = models.BooleanField(default=False)
+    sweeper = models.BooleanField(default=False)
+    workers = models.PositiveIntegerField(default=0)
+    busy = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        db_table = "op_engine_process"
+        ordering = ["started"]
+
+    def __str__(self) -> str:
+        return self.id
+
+
 class ClusterBrake(models.Model):
     """Mass-failure brake state of a cluster (R14), so engagement and release are
     each announced once."""

@@ -153,14 +153,21 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
 }
 
-# django-q2: the ORM broker needs no extra server; the cluster runs sweeps and workers.
+# django-q2: the ORM broker needs no extra server; the cluster runs the engine loops
+# (hadash.ha.runtime). A loop lives HADASH_LOOP_LIFETIME (240 s) < timeout < retry,
+# so django-q never kills or re-delivers a healthy loop.
 Q_CLUSTER = {
     "name": "hadash",
     "orm": "default",
-    "workers": 2,
-    "timeout": 60,
-    "retry": 90,
+    "workers": int(os.environ.get("HADASH_Q_WORKERS", 4)),
+    "timeout": 300,
+    "retry": 360,
+    "max_attempts": 1,
+    "ack_failures": True,
     "catch_up": False,
+    "poll": 0.2,
+    "save_limit": 100,
+    "label": "Task queue",
 }
 
 LOGGING = {

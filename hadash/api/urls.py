@@ -36,6 +36,7 @@ api_patterns = [
     ),
     path("config", views.ConfigListView.as_view(), name="config-list"),
     path("config/<str:key>", views.ConfigDetailView.as_view(), name="config-detail"),
+    path("engine", views.EngineStatusView.as_view(), name="engine-status"),
 ]
 
 urlpatterns = [

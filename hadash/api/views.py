@@ -14,6 +14,7 @@ import logging
 from django.db.models import BigIntegerField, Count, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
 from rest_framework.generics import GenericAPIView
@@ -524,3 +525,16 @@ class ConfigDetailView(ApiView):
         except config.ConfigError as exc:
             return error(str(exc), status.HTTP_400_BAD_REQUEST)
         return Response(ConfigSerializer(self._item(key)).data)
+
+
+class EngineStatusView(ApiView):
+    """The HA engine's liveness: sweeper lease and engine loops (hadash.ha.runtime)."""
+
+    @extend_schema(
+        summary="Engine status: who sweeps, which engine loops are alive",
+        responses={200: OpenApiTypes.OBJECT, 401: E401},
+    )
+    def get(self, request):
+        from hadash.ha import runtime
+
+        return Response(runtime.status())

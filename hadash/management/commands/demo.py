@@ -1,0 +1,121 @@
+"""python manage.py demo — the whole system on one machine.
+
+Migrates the configured database (the embedded SQLite default unless DATABASE_URL is
+set), makes an admin login, starts daphne (web + agent protocol + websockets), a
+django-q cluster (the HA engine loops) and a simulated fleet, and prints the URLs and
+the login. Ctrl-C stops everything: SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import secrets
+import signal
+import sys
+import time
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from hadash.supervisor import Supervisor, port_is_free, wait_for_port
+
+
+class Command(BaseCommand):
+    help = "Run the web server, the HA engine (django-q) and a simulated fleet together."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--port", type=int, default=8000, help="web port (8000)")
+        parser.add_argument("--fleet-port", type=int, default=9100,
+                            help="simulated fleet's agents/BMCs/control API port (9100)")
+        parser.add_argument("--hosts", type=int, default=20)
+        parser.add_argument("--vms", type=int, default=200)
+        parser.add_argument("--ha-ratio", type=float, default=0.5)
+        parser.add_argument("--clusters", type=int, default=2)
+        parser.add_argument("--start-delay", type=float, default=1.0,
+                            help="seconds a simulated VM start takes (1.0)")
+        parser.add_argument("--no-fleet", action="store_true",
+                            help="do not start the simulated fleet")
+        parser.add_argument("--username", default="admin")
+
+    def handle(self, *args, **o):
+        for port in (o["port"], o["fleet_port"]):
+            if not port_is_free(port):
+                raise CommandError(
+                    f"port {port} is in use; is a demo already running? "
+                    "Choose others with --port / --fleet-port."
+                )
+        db = settings.DATABASES["default"]
+        self.stdout.write(f"hadash: database {db['ENGINE'].rsplit('.', 1)[-1]} {db['NAME']}")
+        self.stdout.write("hadash: applying migrations…")
+        call_command("migrate", verbosity=0, interactive=False)
+        password, token = self.make_login(o["username"])
+
+        base = f"http://127.0.0.1:{o['port']}"
+        fleet = f"http://127.0.0.1:{o['fleet_port']}"
+        sup = Supervisor(grace=10.0)
+        stopping = False
+
+        def on_signal(signum, frame):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(o["port"]),
+                             "hadash.asgi:application")
+            wait_for_port(o["port"], proc=web.proc, timeout=60)
+            call_command("engine", "start")
+            sup.manage("engine", "qcluster")
+            if not o["no_fleet"]:
+                sup.manage(
+                    "fleet", "simulate", "--server", base, "--listen",
+                    f"127.0.0.1:{o['fleet_port']}", "--hosts", str(o["hosts"]),
+                    "--vms", str(o["vms"]), "--ha-ratio", str(o["ha_ratio"]),
+                    "--clusters", str(o["clusters"]), "--start-delay", str(o["start_delay"]),
+                    "--api-token", token,
+                )
+            self.banner(base, fleet, o, password, token)
+            while not stopping:
+                dead = sup.first_exited()
+                if dead is not None:
+                    self.stderr.write(
+                        f"hadash: {dead.name} exited with {dead.proc.returncode}; stopping"
+                    )
+                    break
+                time.sleep(0.5)
+        finally:
+            self.stdout.write("hadash: stopping (SIGTERM, then SIGKILL after 10 s)…")
+            codes = sup.stop()
+            self.stdout.write(f"hadash: stopped {', '.join(codes)}")
+        if not stopping:
+            sys.exit(1)
+
+    def make_login(self, username: str) -> tuple[str, str]:
+        from django.contrib.auth import get_user_model
+
+        from hadash.models import ApiToken
+
+        User = get_user_model()
+        password = secrets.token_urlsafe(12)
+        user, _ = User.objects.get_or_create(username=username)
+        user.is_staff = user.is_superuser = user.is_active = True
+        user.set_password(password)
+        user.save()
+        _, token = ApiToken.issue(user)
+        return password, token
+
+    def banner(self, base, fleet, o, password, token) -> None:
+        w = self.stdout.write
+        w("")
+        w("=" * 72)
+        w(f"  hadash is running — dashboard  {base}/")
+        w(f"  login  {o['username']} / {password}")
+        w(f"  admin  {base}/admin/     API  {base}/api/v1/  (Bearer {token})")
+        if not o["no_fleet"]:
+            w(f"  simulated fleet: {o['hosts']} hosts, {o['vms']} VMs; faults: "
+              f"{fleet}/control/ or")
+            w("    python manage.py simulate fault \"host kvm-003 power off\"")
+        w("  Ctrl-C stops everything")
+        w("=" * 72)
+        w("")
