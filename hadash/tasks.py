@@ -8,7 +8,11 @@ from django.utils import timezone
 
 log = logging.getLogger("hadash.tasks")
 
-ENSURE_SCHEDULE = "hadash: keep the engine loops running"
+# Two one-minute schedules half a minute apart: django-q's scheduler wakes every 30 s
+# in every cluster, so the loops are topped up about every 30 s — a dead cluster's
+# sweeper is replaced well within a minute even when no standby loop survived it.
+ENSURE_SCHEDULES = ("hadash: keep the engine loops running (:00)",
+                    "hadash: keep the engine loops running (:30)")
 ENGINE_LOOP = "hadash.tasks.engine_loop"
 
 
@@ -39,22 +43,16 @@ def ensure_engine() -> str:
 
 
 def register_schedules() -> None:
-    """Idempotent: the one schedule the engine needs (update_or_create by name)."""
+    """Idempotent: the schedules the engine needs (update_or_create by name)."""
+    import datetime as dt
+
     from django_q.models import Schedule
 
-    Schedule.objects.update_or_create(
-        name=ENSURE_SCHEDULE,
-        defaults={
-            "func": "hadash.tasks.ensure_engine",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-            "repeats": -1,
-        },
-        create_defaults={
-            "func": "hadash.tasks.ensure_engine",
-            "schedule_type": Schedule.MINUTES,
-            "minutes": 1,
-            "repeats": -1,
-            "next_run": timezone.now(),
-        },
-    )
+    for offset, name in enumerate(ENSURE_SCHEDULES):
+        fields = {"func": "hadash.tasks.ensure_engine", "schedule_type": Schedule.MINUTES,
+                  "minutes": 1, "repeats": -1}
+        Schedule.objects.update_or_create(
+            name=name, defaults=fields,
+            create_defaults={**fields,
+                             "next_run": timezone.now() + dt.timedelta(seconds=30 * offset)},
+        )

@@ -14,12 +14,10 @@ import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.utils import timezone
 
-from hadash import config
-
-from . import service, validation
+from . import ingest, validation
 from .auth import bearer, host_for_token
+from .ingest import TokenRevoked
 from .validation import ProtocolError
 
 # Close code when the host's token stops being valid mid-connection (the agent
@@ -27,22 +25,8 @@ from .validation import ProtocolError
 CLOSE_UNAUTHORIZED = 4401
 
 
-class TokenRevoked(Exception):
-    pass
-
-
 def _authenticate(token: str | None):
     return host_for_token(token)
-
-
-def _ping(token: str, vms: list[tuple[str, str]]) -> int:
-    """One ping, in one thread hop: re-check the token (a reconnect rotates it),
-    apply the report, read the interval to answer with."""
-    host = host_for_token(token)
-    if host is None:
-        raise TokenRevoked
-    service.ping(host, vms, now=timezone.now())
-    return config.get("ping.interval")
 
 
 class AgentPingConsumer(AsyncWebsocketConsumer):
@@ -68,7 +52,9 @@ class AgentPingConsumer(AsyncWebsocketConsumer):
             await self._send({"type": "error", "error": exc.message})
             return
         try:
-            interval = await database_sync_to_async(_ping)(self.token, vms)
+            # Batched with the other sockets' pings (hosts.agent.ingest); the token is
+            # re-checked there, since a reconnect rotates it.
+            interval = await ingest.batcher().submit(self.token, vms)
         except TokenRevoked:
             await self._send({"type": "error", "error": "invalid host token; reconnect"})
             await self.close(code=CLOSE_UNAUTHORIZED)

@@ -1,0 +1,224 @@
+"""python manage.py simulate [run] [options]      — run a simulated fleet
+python manage.py simulate fault "DO" [--control URL]   — inject a fault into a running one
+python manage.py simulate status [--control URL]       — show a running one's health
+
+The simulator is a separate process speaking only HTTP (and the websocket upgrade) to
+the hadash server; it never touches the database (docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+log = logging.getLogger("fleet.simulator")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise CommandError(f"--listen {value!r}: expected HOST:PORT") from None
+    if not 0 <= number <= 65535:
+        raise CommandError(f"--listen {value!r}: no such port")
+    return host, number
+
+
+def parse_fault_option(value: str) -> tuple[float, str]:
+    from fleet.simulator.state import FaultError, parse_fault
+
+    at, sep, do = value.partition(":")
+    try:
+        seconds = float(at)
+    except ValueError:
+        seconds = -1.0
+    if not sep or seconds < 0:
+        raise CommandError(
+            f"--fault {value!r}: expected SECONDS:FAULT, e.g. '30:host kvm-003 power off'"
+        )
+    try:
+        parse_fault(do)
+    except FaultError as exc:
+        raise CommandError(f"--fault {value!r}: {exc}") from None
+    return seconds, do.strip()
+
+
+class Command(BaseCommand):
+    help = (
+        "Run a simulated fleet (hosts with agents and Redfish BMCs) against a hadash "
+        "server, or send a fault to a running simulator: simulate fault \"host kvm-003 "
+        "power off\"."
+    )
+    requires_system_checks: list = []
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "action", nargs="?", default="run", choices=["run", "fault", "status"],
+            help="run (default): run a simulator; fault DO: send a fault to a running one; "
+            "status: print a running one's health",
+        )
+        parser.add_argument("fault_text", nargs="*", metavar="DO",
+                            help='with "fault": e.g. "host kvm-003 power off"')
+        parser.add_argument("--control", default="http://127.0.0.1:9100",
+                            help="with fault/status: the running simulator's URL "
+                            "(default http://127.0.0.1:9100)")
+        g = parser.add_argument_group("run")
+        g.add_argument("--server", default="http://127.0.0.1:8000",
+                       help="the hadash server's base URL (default http://127.0.0.1:8000)")
+        g.add_argument("--listen", default="127.0.0.1:9100",
+                       help="where agents, BMCs and the control API listen (default "
+                       "127.0.0.1:9100; port 0: any free port)")
+        g.add_argument("--advertise", default="",
+                       help="base URL the server reaches the simulator at (default: "
+                       "http://LISTEN)")
+        g.add_argument("--hosts", type=int, default=20, help="simulated hosts (default 20)")
+        g.add_argument("--vms", type=int, default=200, help="demo VMs (default 200)")
+        g.add_argument("--ha-ratio", type=float, default=0.5,
+                       help="fraction of VMs with HA enabled (default 0.5)")
+        g.add_argument("--clusters", type=int, default=1, help="clusters c1…cK (default 1)")
+        g.add_argument("--host-cpus", type=int, default=32, help="CPUs per host (default 32)")
+        g.add_argument("--host-memory-mb", type=int, default=131072,
+                       help="memory per host in MB (default 131072)")
+        g.add_argument("--start-delay", type=float, default=1.0,
+                       help="seconds a VM start or migration takes (default 1.0; 0 allowed)")
+        g.add_argument("--transport", choices=["ws", "http"], default="ws",
+                       help="pings over one websocket per host (ws, default) or POST /ping")
+        g.add_argument("--agent-key", default=None,
+                       help="join key (default: $HADASH_AGENT_KEY, else the settings' key)")
+        g.add_argument("--api-token", default=None,
+                       help="operator API token to register VMs and BMC settings "
+                       "(default: $HADASH_API_TOKEN; none: no registration)")
+        g.add_argument("--fault", action="append", default=[], metavar="AT:DO",
+                       help="apply a fault AT seconds after start, e.g. "
+                       "'30:host kvm-003 power off' (repeatable)")
+        g.add_argument("--bmc-username", default="admin", help="BMC user (default admin)")
+        g.add_argument("--bmc-password", default="hadash-sim",
+                       help="BMC password (default hadash-sim)")
+        g.add_argument("--connect-concurrency", type=int, default=20,
+                       help="connects in flight at once (default 20)")
+        g.add_argument("--api-concurrency", type=int, default=20,
+                       help="operator API calls in flight at once when registering "
+                       "(default 20)")
+        g.add_argument("--status-interval", type=float, default=10.0,
+                       help="seconds between status lines (default 10; 0: none)")
+        g.add_argument("--goodbye", action="store_true",
+                       help="on shutdown, send disconnect for every connected host (default: "
+                       "just stop; the hosts then fall behind on ping)")
+        g.add_argument("--seed", type=int, default=None,
+                       help="random seed (VM sizes, ping phases)")
+
+    def handle(self, *args, **opts):
+        action = opts["action"]
+        if action == "fault":
+            return self.send_fault(opts)
+        if action == "status":
+            return self.show_status(opts)
+        if opts["fault_text"]:
+            raise CommandError(f"unexpected arguments: {' '.join(opts['fault_text'])}")
+        return self.run(opts)
+
+    # --- fault / status -----------------------------------------------------------
+    def send_fault(self, opts) -> None:
+        from fleet.simulator import control
+
+        text = " ".join(opts["fault_text"]).strip()
+        if not text:
+            raise CommandError('say which fault, e.g. simulate fault "host kvm-003 power off"')
+        try:
+            answer = control.fault(text, opts["control"])
+        except control.ControlError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(f"applied: {answer.get('do')}")
+        for h in answer.get("hosts", []):
+            running = sum(1 for v in h["vms"] if v["power_state"] == "PowerOn")
+            self.stdout.write(
+                f"  {h['name']}: powered={'on' if h['powered'] else 'off'} "
+                f"agent={'running' if h['agent'] else 'stopped'} "
+                f"network={'on' if h['network'] else 'off'} bmc={'ok' if h['bmc'] else 'fail'} "
+                f"start_fail={h['start_fail']} vms={running} running/{len(h['vms'])}"
+            )
+
+    def show_status(self, opts) -> None:
+        from fleet.simulator import control
+
+        try:
+            answer = control.health(opts["control"])
+        except control.ControlError as exc:
+            raise CommandError(str(exc)) from None
+        self.stdout.write(json.dumps(answer, indent=2))
+
+    # --- run ----------------------------------------------------------------------
+    def configure_logging(self, verbosity: int) -> None:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.handlers[:] = [handler]
+        log.propagate = False
+        log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG))
+
+    def run(self, opts) -> None:
+        from fleet.simulator import Options, Simulator
+        from fleet.simulator.state import FaultError
+
+        self.configure_logging(opts["verbosity"])
+        host, port = parse_listen(opts["listen"])
+        faults = [parse_fault_option(f) for f in opts["fault"]]
+        for name in ("hosts", "clusters", "connect_concurrency", "api_concurrency"):
+            if opts[name] < 1:
+                raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+        if opts["vms"] < 0 or opts["start_delay"] < 0:
+            raise CommandError("--vms and --start-delay must not be negative")
+        if not 0 <= opts["ha_ratio"] <= 1:
+            raise CommandError("--ha-ratio must be between 0 and 1")
+        agent_key = opts["agent_key"] or os.environ.get("HADASH_AGENT_KEY") or getattr(
+            settings, "HADASH_AGENT_KEY", "")
+        options = Options(
+            server=opts["server"], listen_host=host, listen_port=port,
+            advertise=opts["advertise"], hosts=opts["hosts"], vms=opts["vms"],
+            ha_ratio=opts["ha_ratio"], clusters=opts["clusters"], host_cpus=opts["host_cpus"],
+            host_memory_mb=opts["host_memory_mb"], start_delay=opts["start_delay"],
+            transport=opts["transport"], agent_key=agent_key,
+            api_token=opts["api_token"] or os.environ.get("HADASH_API_TOKEN", ""),
+            faults=faults, bmc_username=opts["bmc_username"],
+            bmc_password=opts["bmc_password"],
+            connect_concurrency=opts["connect_concurrency"],
+            api_concurrency=opts["api_concurrency"],
+            status_interval=opts["status_interval"], goodbye=opts["goodbye"], seed=opts["seed"],
+        )
+        try:
+            sim = Simulator(options)
+        except (FaultError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        try:
+            asyncio.run(self.main(sim))
+        except OSError as exc:
+            raise CommandError(f"cannot serve on {opts['listen']}: {exc}") from None
+
+    async def main(self, sim) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(name: str) -> None:
+            if stop.is_set():
+                log.warning("%s again: exiting at once", name)
+                os._exit(130)
+            log.info("%s: shutting down", name)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            await sim.start()
+            await stop.wait()
+        finally:
+            await sim.stop()

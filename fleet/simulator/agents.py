@@ -1,0 +1,299 @@
+"""Each simulated host's agent: connect, then ping on a fixed schedule (PROTOCOL.md).
+
+One asyncio task per host runs while the server could reach the host (powered on, agent
+running, network on; :meth:`Simulator.sync_agent` starts and cancels it). It connects
+with the join key when the agent (re)started, then pings with a full power report every
+``ping_interval`` seconds — over one websocket per host (``/api/agent/v1/ws``, the
+default) or by ``POST /ping`` (``--transport http``) — and follows the interval the
+server answers with.
+
+Pings keep a fixed grid, ``t0 + k × interval`` with a random phase ``t0``, so a host's
+rhythm does not drift with its neighbours' work or with the server's answer times; a
+slot missed altogether (the loop was blocked for longer than an interval) is skipped,
+never made up in a burst. With the websocket transport a second small task per host
+reads the pongs, so a slow answer never holds back the next ping.
+
+If the server is down the agent retries with a jittered exponential back-off (1 s …
+30 s); if it refuses the host token (the host connected again elsewhere, or the
+server's database was reset) the agent connects again with the join key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from .runner import Simulator
+    from .state import Host
+
+log = logging.getLogger("fleet.simulator")
+
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 30.0
+CONNECT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
+CLOSE_UNAUTHORIZED = 4401  # hosts.agent.consumers: the token stopped being valid
+
+
+class TokenRefused(Exception):
+    """The server does not accept the host token (any more): connect again."""
+
+
+class ServerRefused(Exception):
+    """The server answered, but not with what the protocol promises."""
+
+
+class Grid:
+    """A fixed schedule ``first + k × interval``."""
+
+    __slots__ = ("interval", "next")
+
+    def __init__(self, interval: float, first: float):
+        self.interval = interval
+        self.next = first
+
+    async def wait(self) -> float:
+        """Sleep until the next slot; returns how late we woke (seconds). Slots that
+        passed altogether are skipped."""
+        loop = asyncio.get_running_loop()
+        delay = self.next - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        now = loop.time()
+        slot = self.next
+        nxt = slot + self.interval
+        if nxt <= now:
+            nxt += (math.floor((now - nxt) / self.interval) + 1) * self.interval
+        self.next = nxt
+        return now - slot
+
+
+def _error_text(data: object, status: int) -> str:
+    if isinstance(data, dict) and data.get("error"):
+        return str(data["error"])
+    return f"HTTP {status}"
+
+
+async def _json(response: aiohttp.ClientResponse) -> object:
+    try:
+        return await response.json(content_type=None)
+    except (ValueError, aiohttp.ContentTypeError):
+        return None
+
+
+def _interval(data: object, default: float) -> float:
+    if isinstance(data, dict):
+        value = data.get("ping_interval")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return default
+
+
+async def run_agent(sim: Simulator, h: Host) -> None:
+    """The host's agent, until cancelled (the host became unreachable, or shutdown)."""
+    backoff = BACKOFF_MIN
+    trouble = ""  # the last failure logged, so a long outage logs once per host
+    loop = asyncio.get_running_loop()
+    while True:
+        connected_at = None
+        try:
+            if h.must_connect or h.token is None:
+                await connect(sim, h)
+                connected_at = loop.time()
+            if sim.opts.transport == "ws":
+                await ping_ws(sim, h)
+            else:
+                await ping_http(sim, h)
+            raise ConnectionError("the server closed the link")
+        except TokenRefused:
+            h.must_connect = True
+            if h.linked:
+                h.linked = False
+                log.info("%s: the server refused its token; connecting again", h.name)
+            if connected_at is None or loop.time() - connected_at > 5:
+                backoff = BACKOFF_MIN
+                continue  # connect again at once
+            problem = "the server refused a token it had just issued"
+        except (TimeoutError, aiohttp.ClientError, OSError, ServerRefused) as exc:
+            problem = str(exc) or type(exc).__name__
+        if h.linked:
+            h.linked = False
+            log.info("%s disconnected (%s); retrying", h.name, problem)
+            backoff = BACKOFF_MIN
+        elif problem != trouble:
+            log.info("%s cannot reach the server (%s); retrying with back-off", h.name, problem)
+        trouble = problem
+        await asyncio.sleep(backoff * sim.jitter(0.5, 1.0))
+        backoff = min(backoff * 2, BACKOFF_MAX)
+
+
+async def connect(sim: Simulator, h: Host) -> None:
+    """``POST /api/agent/v1/connect`` with the join key; stores the new token."""
+    body = {
+        "name": h.name,
+        "type": h.type,
+        "hypervisor": "Simulated",
+        "cluster": h.cluster,
+        "cpus": h.cpus,
+        "memory_mb": h.memory_mb,
+        "address": h.address,
+        "agent_url": sim.agent_url(h.name),
+        "vms": h.power_report(),
+    }
+    headers = {"Authorization": f"Bearer {sim.opts.agent_key}"}
+    assert sim.session is not None and sim.connect_slots is not None
+    async with sim.connect_slots:
+        async with sim.session.post(
+            f"{sim.server_url}/api/agent/v1/connect", json=body, headers=headers,
+            timeout=CONNECT_TIMEOUT,
+        ) as response:
+            data = await _json(response)
+            if response.status == 401:
+                raise ServerRefused(f"connect refused: {_error_text(data, 401)} "
+                                    "(check --agent-key / HADASH_AGENT_KEY)")
+            if response.status != 200 or not isinstance(data, dict) or not data.get("token"):
+                raise ServerRefused(f"connect failed: {_error_text(data, response.status)}")
+    h.token = str(data["token"])
+    h.host_id = data.get("host_id")
+    h.ping_interval = _interval(data, h.ping_interval)
+    h.must_connect = False
+    h.linked = True
+    h.last_ack = asyncio.get_running_loop().time()
+    log.info("%s connected (host id %s, ping every %g s)", h.name, h.host_id, h.ping_interval)
+
+
+def _first_slot(sim: Simulator, h: Host) -> Grid:
+    loop = asyncio.get_running_loop()
+    return Grid(h.ping_interval, loop.time() + sim.jitter(0.0, h.ping_interval))
+
+
+def _ws_url(server_url: str) -> str:
+    if server_url.startswith("https://"):
+        return "wss://" + server_url[len("https://"):]
+    if server_url.startswith("http://"):
+        return "ws://" + server_url[len("http://"):]
+    return server_url
+
+
+def _relinked(h: Host) -> None:
+    if not h.linked:
+        h.linked = True
+        log.info("%s connected again (pinging with its token)", h.name)
+
+
+async def ping_ws(sim: Simulator, h: Host) -> None:
+    """Ping over one websocket until it closes (returns) or the token is refused."""
+    assert sim.session is not None
+    headers = {"Authorization": f"Bearer {h.token}"}
+    try:
+        ws = await sim.session.ws_connect(
+            f"{_ws_url(sim.server_url)}/api/agent/v1/ws", headers=headers, autoping=True,
+            heartbeat=None, timeout=WS_TIMEOUT, compress=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        if exc.status in (401, 403):
+            raise TokenRefused from exc
+        raise
+    reader = asyncio.get_running_loop().create_task(_read_pongs(sim, h, ws))
+    try:
+        _relinked(h)
+        grid = _first_slot(sim, h)
+        while True:
+            late = await grid.wait()
+            if reader.done():
+                break
+            message = json.dumps({"type": "ping", "vms": h.power_report()})
+            await ws.send_str(message)
+            sim.stats.ping(late)
+            grid.interval = h.ping_interval
+        if reader.result() == "token":
+            raise TokenRefused
+    finally:
+        reader.cancel()
+        if not ws.closed:
+            await ws.close()
+
+
+async def _read_pongs(sim: Simulator, h: Host, ws: aiohttp.ClientWebSocketResponse) -> str:
+    """Read the server's answers; returns why the socket ended ("closed"/"token")."""
+    loop = asyncio.get_running_loop()
+    async for msg in ws:
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            continue
+        try:
+            data = json.loads(msg.data)
+        except ValueError:
+            continue
+        if not isinstance(data, dict):
+            continue
+        if data.get("type") == "pong":
+            sim.stats.acks += 1
+            h.last_ack = loop.time()
+            h.ping_interval = _interval(data, h.ping_interval)
+        elif data.get("type") == "error":
+            sim.stats.ping_errors += 1
+            log.warning("%s: the server answered a ping with an error: %s",
+                        h.name, data.get("error"))
+    if ws.close_code == CLOSE_UNAUTHORIZED:
+        return "token"
+    return "closed"
+
+
+async def ping_http(sim: Simulator, h: Host) -> None:
+    """``POST /api/agent/v1/ping`` on the grid until something fails (raises)."""
+    assert sim.session is not None
+    url = f"{sim.server_url}/api/agent/v1/ping"
+    headers = {"Authorization": f"Bearer {h.token}", "Content-Type": "application/json"}
+    grid = _first_slot(sim, h)
+    loop = asyncio.get_running_loop()
+    while True:
+        late = await grid.wait()
+        body = json.dumps({"vms": h.power_report()}).encode()
+        sim.stats.ping(late)
+        timeout = aiohttp.ClientTimeout(total=max(1.0, min(h.ping_interval, 10.0)))
+        async with sim.session.post(url, data=body, headers=headers,
+                                    timeout=timeout) as response:
+            data = await _json(response)
+            if response.status == 401:
+                raise TokenRefused
+            if response.status != 200:
+                sim.stats.ping_errors += 1
+                raise ServerRefused(f"ping failed: {_error_text(data, response.status)}")
+        sim.stats.acks += 1
+        h.last_ack = loop.time()
+        _relinked(h)
+        h.ping_interval = grid.interval = _interval(data, h.ping_interval)
+
+
+async def goodbye_all(sim: Simulator, timeout: float = 5.0) -> None:
+    """``POST /disconnect`` for every connected host (``--goodbye``), bounded."""
+    assert sim.session is not None
+    slots = asyncio.Semaphore(50)
+    hosts = [h for h in sim.fleet.hosts.values() if h.linked and h.reachable and h.token]
+
+    async def one(h: Host) -> None:
+        async with slots:
+            try:
+                async with sim.session.post(
+                    f"{sim.server_url}/api/agent/v1/disconnect",
+                    json={"reason": "simulator shutdown"},
+                    headers={"Authorization": f"Bearer {h.token}"},
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as response:
+                    await response.read()
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                pass
+
+    if not hosts:
+        return
+    log.info("saying goodbye (disconnect) for %d hosts", len(hosts))
+    tasks = [asyncio.ensure_future(one(h)) for h in hosts]
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()

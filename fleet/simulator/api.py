@@ -1,0 +1,269 @@
+"""The simulator's use of hadash's operator API (``/api/v1/``, Bearer API token).
+
+* :func:`adopt`, before the agents connect: what the server already knows wins. A VM
+  the server has Running (or Starting, Stopping, Migrating) on one of our hosts runs
+  there; one of our demo VMs the server has in any other state runs nowhere. So a
+  restarted simulator reports what the database expects instead of its initial
+  placement (which would look like VMs vanishing and appearing).
+* :func:`register`, once the hosts have connected: ``PATCH /api/v1/hosts/{name}`` with
+  each host's BMC settings, then ``POST /api/v1/vms`` for each demo VM the server does
+  not know yet (a 400 "already exists" counts as known), ``api_concurrency`` requests
+  at a time, with a progress line every couple of seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from .runner import Simulator
+
+log = logging.getLogger("fleet.simulator")
+
+TIMEOUT = aiohttp.ClientTimeout(total=60)
+PAGE = 10_000  # hadash.api.filters.MAX_LIMIT
+ON_HOST = ("Running", "Starting", "Stopping", "Migrating")
+PROGRESS_EVERY = 2.0  # seconds
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _headers(sim: Simulator) -> dict[str, str]:
+    return {"Authorization": f"Bearer {sim.opts.api_token}", "Accept": "application/json"}
+
+
+async def call(sim: Simulator, method: str, path: str, body: Any = None,
+               params: dict | None = None) -> tuple[int, Any]:
+    """One operator API call: (status, decoded JSON or None)."""
+    assert sim.session is not None
+    async with sim.session.request(
+        method, f"{sim.server_url}{path}", json=body, params=params, headers=_headers(sim),
+        timeout=TIMEOUT,
+    ) as response:
+        try:
+            data = await response.json(content_type=None)
+        except ValueError:
+            data = None
+        if response.status in (401, 403):
+            error = data.get("error") if isinstance(data, dict) else None
+            raise ApiError(
+                f"the operator API refused the token ({response.status}: "
+                f"{error or 'no reason given'}); check --api-token / HADASH_API_TOKEN "
+                "(a staff user's token)", response.status,
+            )
+        return response.status, data
+
+
+def _error(data: Any, status: int) -> str:
+    if isinstance(data, dict) and data.get("error"):
+        return str(data["error"])
+    return f"HTTP {status}"
+
+
+async def server_vms(sim: Simulator) -> list[dict]:
+    rows: list[dict] = []
+    offset = 0
+    while True:
+        status, data = await call(sim, "GET", "/api/v1/vms",
+                                  params={"limit": PAGE, "offset": offset})
+        if status != 200 or not isinstance(data, list):
+            raise ApiError(f"listing VMs failed: {_error(data, status)}", status)
+        rows.extend(d for d in data if isinstance(d, dict))
+        if len(data) < PAGE:
+            return rows
+        offset += PAGE
+
+
+async def adopt(sim: Simulator) -> None:
+    """Place VMs where the server's database says they run (see the module doc)."""
+    fleet = sim.fleet
+    try:
+        rows = await server_vms(sim)
+    except (TimeoutError, ApiError, aiohttp.ClientError, OSError) as exc:
+        log.warning("could not read the server's VMs (%s): starting with the demo placement",
+                    exc or type(exc).__name__)
+        return
+    moved = stopped = adopted = 0
+    for row in rows:
+        name, host, state = row.get("name"), row.get("host"), row.get("state")
+        if not isinstance(name, str):
+            continue
+        ours = name in fleet.vm_specs
+        runs_here = host in fleet.hosts and state in ON_HOST
+        if not ours and not runs_here:
+            continue
+        placed = [h for h in fleet.hosts.values() if name in h.vms]
+        if runs_here:
+            if [h.name for h in placed] == [host]:
+                continue
+            for h in placed:
+                del h.vms[name]
+            fleet.hosts[host].vms[name] = "PowerOn"
+            if ours:
+                moved += 1
+            else:
+                adopted += 1
+        elif placed:
+            for h in placed:
+                del h.vms[name]
+            stopped += 1
+    if moved or stopped or adopted:
+        log.info(
+            "adopted the server's placement: %d demo VMs moved to the host the server has "
+            "them on, %d not running (not Running there), %d other VMs on our hosts",
+            moved, stopped, adopted,
+        )
+    sim.registration["known_to_server"] = sum(
+        1 for row in rows if row.get("name") in fleet.vm_specs
+    )
+    sim.server_known_vms = {row["name"] for row in rows if isinstance(row.get("name"), str)}
+
+
+async def _wait_for_hosts(sim: Simulator, limit: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
+    shown = 0.0
+    while True:
+        waiting = [h for h in sim.fleet.hosts.values() if h.reachable and h.host_id is None]
+        if not waiting or loop.time() > deadline:
+            if waiting:
+                log.warning("%d hosts have not connected after %.0f s; registering anyway "
+                            "(their BMC settings and VMs may fail)", len(waiting), limit)
+            return
+        if loop.time() - shown >= PROGRESS_EVERY * 2:
+            shown = loop.time()
+            total = len(sim.fleet.hosts)
+            log.info("waiting for hosts to connect before registering: %d/%d",
+                     total - len(waiting), total)
+        await asyncio.sleep(0.2)
+
+
+async def _run_all(sim: Simulator, what: str, items: list, one) -> dict[str, int]:
+    """Run ``one(item) -> outcome`` over ``items``, ``api_concurrency`` at a time, with
+    progress lines; returns a count per outcome."""
+    loop = asyncio.get_running_loop()
+    counts: dict[str, int] = {}
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+    done = 0
+    started = loop.time()
+
+    async def worker() -> None:
+        nonlocal done
+        while not queue.empty():
+            item = queue.get_nowait()
+            outcome = await one(item)
+            counts[outcome] = counts.get(outcome, 0) + 1
+            done += 1
+            sim.registration[what] = {"done": done, "of": len(items), **counts}
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY)
+            rate = done / max(loop.time() - started, 1e-6)
+            log.info("registering %s: %d/%d (%s), %.0f/s", what, done, len(items),
+                     ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none yet",
+                     rate)
+
+    reporter = loop.create_task(progress())
+    workers = [loop.create_task(worker())
+               for _ in range(max(1, min(sim.opts.api_concurrency, len(items))))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        reporter.cancel()
+        for w in workers:
+            w.cancel()
+    return counts
+
+
+async def register(sim: Simulator) -> None:
+    """BMC settings for every host, then the demo VMs (see the module doc)."""
+    fleet = sim.fleet
+    reg = sim.registration
+    reg["state"] = "waiting for hosts"
+    await _wait_for_hosts(sim, limit=60.0 + len(fleet.hosts) / 20)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    reg["state"] = "running"
+    failures: list[str] = []
+
+    async def patch_host(name: str) -> str:
+        body = {
+            "oobm_enabled": True,
+            "oobm_address": sim.bmc_url(name),
+            "oobm_system_id": name,
+            "oobm_username": sim.opts.bmc_username,
+            "oobm_password": sim.opts.bmc_password,
+        }
+        try:
+            status, data = await call(sim, "PATCH", f"/api/v1/hosts/{name}", body)
+        except ApiError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            failures.append(f"host {name}: {exc or type(exc).__name__}")
+            return "failed"
+        if status == 200:
+            return "set"
+        failures.append(f"host {name}: {_error(data, status)}")
+        return "failed"
+
+    known = sim.server_known_vms
+
+    async def post_vm(name: str) -> str:
+        spec = fleet.vm_specs[name]
+        if name in known:
+            return "already known"
+        where = [h.name for h in fleet.hosts.values() if name in h.vms]
+        body = {
+            "name": name,
+            "host": where[0] if where else spec.home,
+            "cpus": spec.cpus,
+            "memory_mb": spec.memory_mb,
+            "ha_enabled": spec.ha_enabled,
+            "priority": spec.priority,
+        }
+        try:
+            status, data = await call(sim, "POST", "/api/v1/vms", body)
+        except ApiError:
+            raise
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            failures.append(f"VM {name}: {exc or type(exc).__name__}")
+            return "failed"
+        if status == 201:
+            return "registered"
+        message = _error(data, status)
+        if status == 400 and "already exists" in message:
+            return "already known"
+        failures.append(f"VM {name}: {message}")
+        return "failed"
+
+    try:
+        hosts = await _run_all(sim, "hosts", list(fleet.hosts), patch_host)
+        vms = await _run_all(sim, "vms", list(fleet.vm_specs), post_vm)
+    except ApiError as exc:
+        reg["state"] = "failed"
+        reg["error"] = str(exc)
+        log.error("registration stopped: %s", exc)
+        return
+    for line in failures[:10]:
+        log.warning("registration: %s", line)
+    if len(failures) > 10:
+        log.warning("registration: … and %d more failures", len(failures) - 10)
+    reg["state"] = "done" if not failures else "done with failures"
+    reg["seconds"] = round(loop.time() - started, 1)
+    log.info(
+        "registration done in %.1f s: BMC settings for %d hosts (%d failed); VMs: %d "
+        "registered, %d already known to the server, %d failed",
+        reg["seconds"], hosts.get("set", 0), hosts.get("failed", 0),
+        vms.get("registered", 0), vms.get("already known", 0), vms.get("failed", 0),
+    )

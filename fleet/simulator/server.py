@@ -1,0 +1,393 @@
+"""The simulator's HTTP server: every host's agent and BMC, and the control API.
+
+One aiohttp application on one port:
+
+* ``/agents/{host}/…`` — PROTOCOL.md's server→agent endpoints (``check-health``,
+  ``vms/{name}``, ``vms/{name}/start|stop|migrate``, ``check-on-host``), so a host's
+  ``agent_url`` is ``http://HOST:PORT/agents/{host}``. The server's bearer token must
+  be the one the host got from ``connect`` (401 otherwise). A host the server could not
+  reach (powered off, agent stopped, network off) — or that does not exist — answers
+  nothing: the connection is closed without a response, so the server's client sees a
+  connection error (``Unreachable``).
+* ``/bmc/{host}/redfish/v1/…`` — a Redfish BMC per host (``oobm_address``
+  ``http://HOST:PORT/bmc/{host}``, system id = host name, basic auth): the system's
+  ``PowerState`` and ``Actions/ComputerSystem.Reset``. It answers while the BMC is ok,
+  whatever the machine's state; ``bmc H fail`` closes connections unanswered.
+* ``/control/…`` — the control API (docs/simulator.md): ``GET /control/health``,
+  ``GET /control/hosts``, ``GET /control/hosts/{name}``, ``POST /control/faults``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from aiohttp import web
+
+from .state import FaultError, Host
+
+if TYPE_CHECKING:
+    from .runner import Simulator
+
+log = logging.getLogger("fleet.simulator")
+
+SIM: web.AppKey[Simulator] = web.AppKey("simulator")
+MAX_BODY = 4 * 1024 * 1024
+
+RESET_TYPES = ("On", "ForceOn", "ForceOff", "GracefulShutdown", "ForceRestart",
+               "GracefulRestart", "PowerCycle", "PushPowerButton")
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data), status=status, content_type="application/json")
+
+
+def error(message: str, status: int, **headers: str) -> web.Response:
+    response = json_response({"error": message}, status)
+    response.headers.update(headers)
+    return response
+
+
+def drop(request: web.Request) -> web.StreamResponse:
+    """Nobody is there: close the connection without answering."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    raise web.HTTPServiceUnavailable()  # never reaches the (closed) connection
+
+
+async def read_json(request: web.Request) -> dict:
+    """The request body as a JSON object ({} when empty); 400 otherwise."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "the body is not valid JSON"}),
+            content_type="application/json",
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": "the body must be a JSON object"}),
+            content_type="application/json",
+        )
+    return data
+
+
+# --- agents ---------------------------------------------------------------------
+
+AgentHandler = Callable[["Simulator", Host, web.Request], Awaitable[web.StreamResponse]]
+
+
+def agent_endpoint(fn: AgentHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Unreachable hosts answer nothing; then the server's token is checked."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sim = request.app[SIM]
+        h = sim.fleet.hosts.get(request.match_info["host"])
+        if h is None or not h.reachable:
+            return drop(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or h.token is None
+            or not hmac.compare_digest(token.encode(), h.token.encode())
+        ):
+            why = ("the agent has not connected yet" if h.token is None
+                   else "wrong or missing host token")
+            return error(why, 401, **{"WWW-Authenticate": 'Bearer realm="hadash-agent"'})
+        return await fn(sim, h, request)
+
+    return handler
+
+
+@agent_endpoint
+async def check_health(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    return json_response({"ok": True})
+
+
+@agent_endpoint
+async def get_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    name = request.match_info["vm"]
+    state = h.vms.get(name)
+    if state is None:
+        return error(f"{h.name} does not know VM {name}", 404)
+    return json_response({"name": name, "power_state": state})
+
+
+@agent_endpoint
+async def start_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    name = request.match_info["vm"]
+    await read_json(request)
+    if h.start_fail > 0:
+        h.start_fail -= 1
+        log.info("%s: start %s refused (injected start-fail, %d more)", h.name, name,
+                 h.start_fail)
+        return error(f"{h.name} refused to start {name} (injected failure)", 500)
+    if h.vms.get(name) == "PowerOn":
+        return json_response({"power_state": "PowerOn"})
+    h.starting.add(name)
+    try:
+        if sim.opts.start_delay > 0:
+            await asyncio.sleep(sim.opts.start_delay)
+    finally:
+        h.starting.discard(name)
+    if not h.reachable:  # the machine died (or was cut off) while starting
+        return drop(request)
+    others = [o for o in sim.fleet.where(name) if o != h.name]
+    if others:
+        log.warning("%s: VM %s started here while it runs on %s (double run!)", h.name, name,
+                    ", ".join(others))
+    h.vms[name] = "PowerOn"
+    return json_response({"power_state": "PowerOn"})
+
+
+@agent_endpoint
+async def stop_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    name = request.match_info["vm"]
+    await read_json(request)
+    if h.vms.pop(name, None) is None:
+        return error(f"{h.name} does not know VM {name}", 404)
+    return json_response({"power_state": "PowerOff"})
+
+
+def target_host_name(target_url: object) -> str | None:
+    """The host name of an agent URL ``…/agents/{name}``."""
+    if not isinstance(target_url, str):
+        return None
+    path = urlsplit(target_url).path.rstrip("/")
+    head, _, name = path.rpartition("/")
+    if not head.endswith("/agents") or not name:
+        return None
+    return unquote(name)
+
+
+@agent_endpoint
+async def migrate_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    name = request.match_info["vm"]
+    body = await read_json(request)
+    target_name = target_host_name(body.get("target_url"))
+    target = sim.fleet.hosts.get(target_name or "")
+    if target is None:
+        return error(f"cannot migrate {name}: {body.get('target_url')!r} is not a host "
+                     "of this simulator", 409)
+    if target is h:
+        return error(f"cannot migrate {name}: it is already on {h.name}", 409)
+    if h.vms.get(name) != "PowerOn":
+        return error(f"{name} is not running on {h.name}", 409)
+    if not (target.powered and target.agent_running):
+        return error(f"cannot migrate {name}: {target.name} does not answer", 409)
+    if sim.opts.start_delay > 0:
+        await asyncio.sleep(sim.opts.start_delay)
+    if not h.reachable:
+        return drop(request)
+    if h.vms.get(name) != "PowerOn":
+        return error(f"{name} stopped running on {h.name} during the migration", 409)
+    if not (target.powered and target.agent_running):
+        return error(f"migration of {name} failed: {target.name} went away", 409)
+    del h.vms[name]
+    target.vms[name] = "PowerOn"
+    log.info("%s: migrated %s to %s", h.name, name, target.name)
+    return json_response({"power_state": "PowerOn", "host": target.name})
+
+
+@agent_endpoint
+async def check_on_host(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    body = await read_json(request)
+    other = sim.fleet.hosts.get(body.get("name")) if isinstance(body.get("name"), str) else None
+    # Neighbours see the machine (its storage heartbeat), not its agent.
+    return json_response({"alive": None if other is None else other.powered})
+
+
+# --- Redfish BMCs ---------------------------------------------------------------
+
+
+def _redfish_error(message: str, status: int, code: str = "Base.1.0.GeneralError",
+                   **headers: str) -> web.Response:
+    body = {"error": {"code": code, "message": message,
+                      "@Message.ExtendedInfo": [{"MessageId": code, "Message": message}]}}
+    response = json_response(body, status)
+    response.headers.update(headers)
+    return response
+
+
+def _basic_auth_ok(sim: Simulator, request: web.Request) -> bool:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return hmac.compare_digest(user.encode(), sim.opts.bmc_username.encode()) and (
+        hmac.compare_digest(password.encode(), sim.opts.bmc_password.encode())
+    )
+
+
+BmcHandler = Callable[["Simulator", Host, web.Request], Awaitable[web.StreamResponse]]
+
+
+def bmc_endpoint(fn: BmcHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        sim = request.app[SIM]
+        h = sim.fleet.hosts.get(request.match_info["host"])
+        if h is None or not h.bmc_ok:
+            return drop(request)
+        if not _basic_auth_ok(sim, request):
+            return _redfish_error("invalid credentials", 401, "Base.1.0.InsufficientPrivilege",
+                                  **{"WWW-Authenticate": 'Basic realm="hadash-sim BMC"'})
+        system = request.match_info.get("system")
+        if system is not None and system != h.name:
+            return _redfish_error(f"no system {system!r} on this BMC", 404,
+                                  "Base.1.0.ResourceMissingAtURI")
+        return await fn(sim, h, request)
+
+    return handler
+
+
+@bmc_endpoint
+async def redfish_root(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    base = f"/bmc/{h.name}/redfish/v1"
+    return json_response({
+        "@odata.id": base, "@odata.type": "#ServiceRoot.v1_5_0.ServiceRoot",
+        "Id": "RootService", "Name": f"Simulated BMC of {h.name}", "RedfishVersion": "1.6.0",
+        "Systems": {"@odata.id": f"{base}/Systems"},
+    })
+
+
+@bmc_endpoint
+async def redfish_systems(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    base = f"/bmc/{h.name}/redfish/v1/Systems"
+    return json_response({
+        "@odata.id": base, "@odata.type": "#ComputerSystemCollection.ComputerSystemCollection",
+        "Name": "Computer System Collection", "Members@odata.count": 1,
+        "Members": [{"@odata.id": f"{base}/{h.name}"}],
+    })
+
+
+@bmc_endpoint
+async def redfish_system(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    uri = f"/bmc/{h.name}/redfish/v1/Systems/{h.name}"
+    return json_response({
+        "@odata.id": uri, "@odata.type": "#ComputerSystem.v1_10_0.ComputerSystem",
+        "Id": h.name, "Name": h.name, "SystemType": "Physical",
+        "PowerState": "On" if h.powered else "Off",
+        "Status": {"State": "Enabled", "Health": "OK"},
+        "ProcessorSummary": {"Count": h.cpus},
+        "MemorySummary": {"TotalSystemMemoryGiB": round(h.memory_mb / 1024, 1)},
+        "Actions": {"#ComputerSystem.Reset": {
+            "target": f"{uri}/Actions/ComputerSystem.Reset",
+            "ResetType@Redfish.AllowableValues": list(RESET_TYPES),
+        }},
+    })
+
+
+@bmc_endpoint
+async def redfish_reset(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
+    try:
+        body = await read_json(request)
+    except web.HTTPBadRequest:
+        return _redfish_error("the body is not a JSON object", 400, "Base.1.0.MalformedJSON")
+    reset = body.get("ResetType")
+    if reset not in RESET_TYPES:
+        return _redfish_error(
+            f"ResetType {reset!r} is not one of {', '.join(RESET_TYPES)}", 400,
+            "Base.1.0.ActionParameterValueNotInList",
+        )
+    source = f"BMC {reset}"
+    if reset == "PushPowerButton":
+        reset = "ForceOff" if h.powered else "On"
+    if reset in ("ForceOff", "GracefulShutdown", "ForceRestart", "GracefulRestart",
+                 "PowerCycle") and h.powered:
+        sim.apply_fault(f"host {h.name} power off", source=source)
+    if reset in ("On", "ForceOn", "ForceRestart", "GracefulRestart", "PowerCycle"):
+        if not h.powered:
+            sim.apply_fault(f"host {h.name} power on", source=source)
+    return web.Response(status=204)
+
+
+# --- control API ----------------------------------------------------------------
+
+
+async def control_health(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[SIM].health())
+
+
+async def control_hosts(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM]
+    now = asyncio.get_running_loop().time()
+    return json_response([sim.fleet.view(h, now) for h in sim.fleet.hosts.values()])
+
+
+async def control_host(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM]
+    h = sim.fleet.hosts.get(request.match_info["name"])
+    if h is None:
+        return error(f"no simulated host {request.match_info['name']!r}", 404)
+    return json_response(sim.fleet.view(h, asyncio.get_running_loop().time()))
+
+
+async def control_faults(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM]
+    try:
+        body = await read_json(request)
+    except web.HTTPBadRequest:
+        return error('the body must be a JSON object: {"do": "host kvm-001 power off"}', 400)
+    do = body.get("do")
+    if not isinstance(do, str) or not do.strip():
+        return error('missing "do": a fault such as "host kvm-001 power off"', 400)
+    try:
+        touched = sim.apply_fault(do)
+    except FaultError as exc:
+        return error(str(exc), 400)
+    now = asyncio.get_running_loop().time()
+    return json_response({"ok": True, "do": " ".join(do.split()),
+                          "hosts": [sim.fleet.view(h, now) for h in touched]})
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    sim = request.app[SIM]
+    return json_response({
+        "simulator": "hadash fleet simulator",
+        "agents": f"{sim.base_url}/agents/{{host}}",
+        "bmcs": f"{sim.base_url}/bmc/{{host}}/redfish/v1/Systems/{{host}}",
+        "control": [f"GET {sim.control_url}/health", f"GET {sim.control_url}/hosts",
+                    f"GET {sim.control_url}/hosts/{{name}}",
+                    f"POST {sim.control_url}/faults {{\"do\": \"host H power off\"}}"],
+    })
+
+
+def make_app(sim: Simulator) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY)
+    app[SIM] = sim
+    r = app.router
+    r.add_get("/", index)
+    a = "/agents/{host}"
+    r.add_post(f"{a}/check-health", check_health)
+    r.add_get(a + "/vms/{vm}", get_vm)
+    r.add_post(a + "/vms/{vm}/start", start_vm)
+    r.add_post(a + "/vms/{vm}/stop", stop_vm)
+    r.add_post(a + "/vms/{vm}/migrate", migrate_vm)
+    r.add_post(f"{a}/check-on-host", check_on_host)
+    b = "/bmc/{host}/redfish/v1"
+    r.add_get(b, redfish_root)
+    r.add_get(b + "/", redfish_root)
+    r.add_get(b + "/Systems", redfish_systems)
+    r.add_get(b + "/Systems/{system}", redfish_system)
+    r.add_post(b + "/Systems/{system}/Actions/ComputerSystem.Reset", redfish_reset)
+    r.add_get("/control/health", control_health)
+    r.add_get("/control/hosts", control_hosts)
+    r.add_get("/control/hosts/{name}", control_host)
+    r.add_post("/control/faults", control_faults)
+    return app
