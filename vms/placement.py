@@ -4,7 +4,7 @@ then host name)."""
 
 from __future__ import annotations
 
-from django.db.models import Q, Sum
+from django.db.models import Sum
 
 from hosts.choices import HostStatus, ResourceState
 from hosts.models import Host
@@ -33,12 +33,8 @@ def candidates(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
         hosts = hosts.exclude(pk__in=exclude)
     if only:
         hosts = hosts.filter(pk__in=only)
-    if ha_tag:
-        tag_q = Q(tags=ha_tag) | Q(tags__startswith=f"{ha_tag},") | Q(
-            tags__endswith=f",{ha_tag}") | Q(tags__contains=f",{ha_tag},")
-        hosts = hosts.filter(tag_q) if ha else hosts.exclude(tag_q)
     hosts = list(hosts)
-    if ha_tag:  # the SQL filter is a prefilter; tags may carry spaces
+    if ha_tag:  # tags are matched exactly, in Python (databases differ on LIKE and case)
         hosts = [h for h in hosts if h.has_tag(ha_tag) == ha]
     used = allocations([h.pk for h in hosts])
     fitting = []

@@ -66,7 +66,11 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
         else:
             _set_power(vm, host, ps, now)
         if vm.pk in busy:
-            continue  # R9: a VM with an unfinished work item is left to that item.
+            # R9: a VM with an unfinished work item is left to that item — except a
+            # Stopped VM that a host reports running: it is Running there (so the
+            # item, seeing the VM changed, ends without starting a second copy).
+            if not (vm.state == VmState.STOPPED and vm.power_state == PowerState.POWER_ON):
+                continue
         apply_power_rules(vm, now=now, cfg=cfg)
     if confirmed:
         # The power state of these VMs was confirmed now (R8 measures "missing" from

@@ -273,3 +273,18 @@ def test_r13_ha_tag_ha_restart_waits_when_no_tagged_host_has_room():
     [item] = HaWork.objects.filter(instance__name="vm1", type=WorkType.HA)
     assert (item.step, item.tried) == (Step.SCHEDULED, 0)
     assert starts(w) == []
+
+
+def test_r13_ha_tag_every_fitting_host_is_either_ha_or_ordinary():
+    """R13/ha.tag: with ha.tag set, every fitting Up/Enabled host is a candidate for
+    exactly one kind of placement — HA restarts (it has the tag) or ordinary placement
+    (it has not) — whatever the case of its tags and on every database."""
+    world({"hosts": {"h1": {"tags": ["ha"]}, "h2": {"tags": ["ssd", "Ha"]},
+                     "h3": {"tags": ["HA"]}, "h4": {"tags": ["ha", "ssd"]}, "h5": {}},
+           "vms": {"x": {"state": "Stopped", "host": "h1"}}})
+    x = vm("x")
+    ha = set(names(placement.candidates(x, ha=True, ha_tag="ha", cluster="c1")))
+    ordinary = set(names(placement.candidates(x, ha=False, ha_tag="ha", cluster="c1")))
+    assert ha & ordinary == set()
+    assert ha | ordinary == {"h1", "h2", "h3", "h4", "h5"}
+    assert {"h1", "h4"} <= ha and "h5" in ordinary

@@ -272,3 +272,34 @@ def test_r9_vm_with_an_unfinished_ha_item_is_left_to_that_item():
     w.advance_to(70)
     assert HaWork.objects.filter(type=WorkType.HA).count() == 2
     assert w.result.violations == []
+
+
+def test_r9_vm_started_out_of_band_while_its_ha_item_waits_is_not_started_twice():
+    """R9 + §6 invariant: an HA VM waits for capacity (Stopped, item Scheduled); its old
+    host boots and the operator starts the VM there by hand (out-of-band start). When
+    capacity appears elsewhere, HA must not start a second copy: the VM never runs on two
+    hosts, and its record says where it runs."""
+    w = world({"config": {"restart.retry.interval": 30},
+               "hosts": {"h1": {}, "h2": {"cpus": 4}},
+               "vms": {"big": {"host": "h1", "ha": True, "cpus": 8},
+                       "load": {"host": "h1", "cpus": 2}}})
+    w.advance_to(5)
+    w.apply("host h1 power off")
+    w.advance_to(26)  # h1 Down; big fits nowhere: Stopped, its item waits
+    assert ha_items("big")[0].step == Step.SCHEDULED
+    w.advance_to(30)
+    w.apply("host h1 power on")
+    w.advance_to(35)
+    # The operator starts both VMs by hand on h1's hypervisor.
+    w.fleet.host("h1").vms["big"] = "PowerOn"
+    w.fleet.host("h1").vms["load"] = "PowerOn"
+    w.advance_to(45)
+    assert (vm("load").state, vm("load").host.name) == (VmState.RUNNING, "h1")
+    w.fleet.add_host("h3")  # capacity appears elsewhere
+    w.connect("h3")
+    w.advance_to(70)
+    assert w.result.violations == []
+    where = w.fleet.where("big")
+    assert len(where) == 1
+    v = vm("big")
+    assert (v.state, v.host.name) == (VmState.RUNNING, where[0])

@@ -170,7 +170,6 @@ class Command(BaseCommand):
         from fleet.simulator import Options, Simulator
         from fleet.simulator.state import FaultError
 
-        self.configure_logging(opts["verbosity"])
         host, port = parse_listen(opts["listen"])
         faults = [parse_fault_option(f) for f in opts["fault"]]
         for name in ("hosts", "clusters", "connect_concurrency", "api_concurrency"):
@@ -195,6 +194,7 @@ class Command(BaseCommand):
             api_concurrency=opts["api_concurrency"],
             status_interval=opts["status_interval"], goodbye=opts["goodbye"], seed=opts["seed"],
         )
+        self.configure_logging(opts["verbosity"])
         try:
             sim = Simulator(options)
         except (FaultError, ValueError) as exc:
