@@ -15,6 +15,8 @@ from django.db import transaction
 from django.db.models import Q
 
 from hadash import config
+from hadash.choices import Severity, Subject
+from hadash.events import record_event
 
 from .choices import (
     NO_INVESTIGATION_HOST_TYPES,
@@ -99,10 +101,21 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
                     "investigation",
             **guard,
         )
+    first = host.next_investigation is None and host.status != HostStatus.ALERT
     if not _claim(host, now):
         return False
     host.refresh_from_db()
     seen_ping = host.last_ping
+    if first:
+        # Detection: the moment a host is found behind (once per episode; an
+        # undeterminable host is re-investigated without repeating this).
+        behind = int((now - seen_ping).total_seconds()) if seen_ping else None
+        with transaction.atomic():
+            record_event(
+                Subject.HOST, host, event=HostEvent.PING_TIMEOUT, reason="PingTimeout",
+                now=now, severity=Severity.WARNING,
+                message=f"Host {host.name}: no ping for {behind} s; investigating",
+            )
 
     # R4: first a direct health check of the agent.
     health = engine.agents.check_health(host)
@@ -145,7 +158,8 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
                     " s; Alert",
             next_investigation=retry,
         )
-    return _release(host, seen_ping, retry if host.status == HostStatus.ALERT else None)
+    # `now` (not None) marks the episode as under way: no second PingTimeout event.
+    return _release(host, seen_ping, retry if host.status == HostStatus.ALERT else now)
 
 
 def _release(host: Host, seen_ping, next_investigation) -> bool:

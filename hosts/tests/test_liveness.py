@@ -563,3 +563,23 @@ def test_r6_r7_disconnected_host_that_pings_again_is_up():
     ev = status_events("h1")[-1]
     assert (ev.event, ev.old, ev.new) == ("Ping", "Disconnected", "Up")
     assert ha_items() == []
+
+
+def test_r2_detection_is_one_ping_timeout_event_per_episode():
+    """R2/R4: the moment a host is found behind on ping is recorded once (the incident's
+    "detected"), even though an undeterminable host is investigated every sweep."""
+    w = world({"hosts": {"h1": {}, "h2": {}}, "vms": {},
+               "config": {"ha.investigators.order": "CheckOnAgent,OutOfBand"}})
+    w.apply("host h1 network off")  # undeterminable: BMC says On, no neighbours asked
+    w.advance_to(60)
+    timeouts = Event.objects.filter(host__name="h1", event="PingTimeout")
+    assert timeouts.count() == 1
+    assert timeouts[0].time == w.clock.epoch + dt.timedelta(seconds=26)
+    assert "no ping for 26 s" in timeouts[0].message
+    assert len([c for c in w.fleet.calls if c == ("check-health", "h1")]) >= 30
+    # Back, then gone again: a new episode, a new event.
+    w.apply("host h1 network on")
+    w.advance_to(70)
+    w.apply("host h1 network off")
+    w.advance_to(100)
+    assert timeouts.count() == 2
