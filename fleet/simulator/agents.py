@@ -38,6 +38,7 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = aiohttp.ClientTimeout(total=30)
 WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=1.0)
+HANDSHAKE_TIMEOUT = 30.0
 CLOSE_UNAUTHORIZED = 4401  # hosts.agent.consumers: the token stopped being valid
 
 
@@ -189,13 +190,16 @@ def _relinked(h: Host) -> None:
 
 async def ping_ws(sim: Simulator, h: Host) -> None:
     """Ping over one websocket until it closes (returns) or the token is refused."""
-    assert sim.session is not None
+    assert sim.session is not None and sim.connect_slots is not None
     headers = {"Authorization": f"Bearer {h.token}"}
     try:
-        ws = await sim.session.ws_connect(
-            f"{_ws_url(sim.server_url)}/api/agent/v1/ws", headers=headers, autoping=True,
-            heartbeat=None, timeout=WS_TIMEOUT, compress=0,
-        )
+        # Upgrades share the connect slots: a thousand hosts (re)opening their sockets
+        # at once would otherwise swamp the server's handshakes.
+        async with sim.connect_slots, asyncio.timeout(HANDSHAKE_TIMEOUT):
+            ws = await sim.session.ws_connect(
+                f"{_ws_url(sim.server_url)}/api/agent/v1/ws", headers=headers,
+                autoping=True, heartbeat=None, timeout=WS_TIMEOUT, compress=0,
+            )
     except aiohttp.WSServerHandshakeError as exc:
         if exc.status in (401, 403):
             raise TokenRefused from exc

@@ -128,21 +128,28 @@ async def adopt(sim: Simulator) -> None:
 
 
 async def _wait_for_hosts(sim: Simulator, limit: float) -> None:
+    """Until every reachable host has connected. While none has (the server is not up
+    yet) this waits as long as it takes; from the first connect on, at most ``limit``
+    seconds more."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    shown = 0.0
+    deadline = None
+    shown = (0.0, -1)
+    total = len(sim.fleet.hosts)
     while True:
-        waiting = [h for h in sim.fleet.hosts.values() if h.reachable and h.host_id is None]
-        if not waiting or loop.time() > deadline:
-            if waiting:
-                log.warning("%d hosts have not connected after %.0f s; registering anyway "
-                            "(their BMC settings and VMs may fail)", len(waiting), limit)
+        waiting = sum(1 for h in sim.fleet.hosts.values() if h.reachable and h.host_id is None)
+        if not waiting:
             return
-        if loop.time() - shown >= PROGRESS_EVERY * 2:
-            shown = loop.time()
-            total = len(sim.fleet.hosts)
+        if deadline is None and waiting < total:
+            deadline = loop.time() + limit
+        if deadline is not None and loop.time() > deadline:
+            log.warning("%d hosts have not connected after %.0f s; registering anyway "
+                        "(their BMC settings and VMs may fail)", waiting, limit)
+            return
+        now = loop.time()
+        if now - shown[0] >= PROGRESS_EVERY * 2 and waiting != shown[1]:
+            shown = (now, waiting)
             log.info("waiting for hosts to connect before registering: %d/%d",
-                     total - len(waiting), total)
+                     total - waiting, total)
         await asyncio.sleep(0.2)
 
 

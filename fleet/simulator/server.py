@@ -126,6 +126,18 @@ async def get_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamRes
     return json_response({"name": name, "power_state": state})
 
 
+async def _takes_time(sim: Simulator, h: Host) -> bool:
+    """Wait ``--start-delay`` seconds; False as soon as the server could no longer reach
+    the host (its connection then drops at once, as a dying machine's would)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + sim.opts.start_delay
+    while (left := end - loop.time()) > 0:
+        await asyncio.sleep(min(left, 0.1))
+        if not h.reachable:
+            return False
+    return h.reachable
+
+
 @agent_endpoint
 async def start_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamResponse:
     name = request.match_info["vm"]
@@ -139,11 +151,10 @@ async def start_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamR
         return json_response({"power_state": "PowerOn"})
     h.starting.add(name)
     try:
-        if sim.opts.start_delay > 0:
-            await asyncio.sleep(sim.opts.start_delay)
+        alive = await _takes_time(sim, h)
     finally:
         h.starting.discard(name)
-    if not h.reachable:  # the machine died (or was cut off) while starting
+    if not alive:  # the machine died (or was cut off) while starting
         return drop(request)
     others = [o for o in sim.fleet.where(name) if o != h.name]
     if others:
@@ -188,9 +199,7 @@ async def migrate_vm(sim: Simulator, h: Host, request: web.Request) -> web.Strea
         return error(f"{name} is not running on {h.name}", 409)
     if not (target.powered and target.agent_running):
         return error(f"cannot migrate {name}: {target.name} does not answer", 409)
-    if sim.opts.start_delay > 0:
-        await asyncio.sleep(sim.opts.start_delay)
-    if not h.reachable:
+    if not await _takes_time(sim, h):
         return drop(request)
     if h.vms.get(name) != "PowerOn":
         return error(f"{name} stopped running on {h.name} during the migration", 409)
@@ -324,10 +333,20 @@ async def control_health(request: web.Request) -> web.StreamResponse:
     return json_response(request.app[SIM].health())
 
 
+def _flag(request: web.Request, name: str, default: bool) -> bool:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() not in ("0", "false", "no", "off")
+
+
 async def control_hosts(request: web.Request) -> web.StreamResponse:
+    """Every host; ``?vms=false`` leaves out the VM lists (counts only), which keeps
+    the answer small for a large fleet."""
     sim = request.app[SIM]
     now = asyncio.get_running_loop().time()
-    return json_response([sim.fleet.view(h, now) for h in sim.fleet.hosts.values()])
+    vms = _flag(request, "vms", True)
+    return json_response([sim.fleet.view(h, now, vms) for h in sim.fleet.hosts.values()])
 
 
 async def control_host(request: web.Request) -> web.StreamResponse:
@@ -362,7 +381,8 @@ async def index(request: web.Request) -> web.StreamResponse:
         "simulator": "hadash fleet simulator",
         "agents": f"{sim.base_url}/agents/{{host}}",
         "bmcs": f"{sim.base_url}/bmc/{{host}}/redfish/v1/Systems/{{host}}",
-        "control": [f"GET {sim.control_url}/health", f"GET {sim.control_url}/hosts",
+        "control": [f"GET {sim.control_url}/health",
+                    f"GET {sim.control_url}/hosts[?vms=false]",
                     f"GET {sim.control_url}/hosts/{{name}}",
                     f"POST {sim.control_url}/faults {{\"do\": \"host H power off\"}}"],
     })

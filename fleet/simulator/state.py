@@ -185,9 +185,10 @@ class Fleet(SimFleet):
         return [h]
 
     # --- views --------------------------------------------------------------------
-    def view(self, h: Host, now: float) -> dict[str, Any]:
-        """A host as the control API shows it."""
-        return {
+    def view(self, h: Host, now: float, vms: bool = True) -> dict[str, Any]:
+        """A host as the control API shows it (``vms=False``: without the VM list)."""
+        running = sum(1 for s in h.vms.values() if s == "PowerOn")
+        view = {
             "name": h.name,
             "cluster": h.cluster,
             "cpus": h.cpus,
@@ -201,9 +202,14 @@ class Fleet(SimFleet):
             "connected": h.linked and h.reachable,
             "last_ping_age": round(now - h.last_ack, 3) if h.last_ack else None,
             "ping_interval": h.ping_interval,
-            "vms": [{"name": n, "power_state": s} for n, s in sorted(h.vms.items())],
-            "starting": sorted(h.starting),
+            "vms_running": running,
+            "vms_powered_off": len(h.vms) - running,
+            "vms_starting": len(h.starting),
         }
+        if vms:
+            view["vms"] = [{"name": n, "power_state": s} for n, s in sorted(h.vms.items())]
+            view["starting"] = sorted(h.starting)
+        return view
 
 
 def _width(n: int, minimum: int) -> int:

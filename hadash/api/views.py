@@ -27,6 +27,7 @@ from hadash import config
 from hadash.choices import FINAL_STEPS
 from hadash.ha import actions
 from hadash.models import Configuration, Event, HaWork
+from hadash.permissions import is_admin
 from hosts.models import Host
 from vms.choices import ACTIVE_STATES
 from vms.models import VMInstance
@@ -94,15 +95,17 @@ def error(message: str, code: int) -> Response:
 
 
 class StaffWrites(BasePermission):
-    """Any authenticated user reads; writes and actions need a staff user."""
+    """Any authenticated user reads; writes and actions need an admin (staff,
+    superuser or group "admins": hadash.permissions)."""
 
-    message = "this needs a staff account: read-only users can only read"
+    message = ("this needs an admin (staff, or the group \"admins\"): read-only users can "
+               "only read")
 
     def has_permission(self, request, view) -> bool:
         user = request.user
         if not (user and user.is_authenticated):
             return False
-        return request.method in SAFE_METHODS or bool(user.is_staff)
+        return request.method in SAFE_METHODS or is_admin(user)
 
 
 class ApiView(GenericAPIView):

@@ -15,6 +15,7 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from hadash import config
 from hadash.choices import Reason, Severity, Step, Subject, WorkType
 from hadash.events import record_event
 from hadash.models import ApiToken, Event, HaWork
@@ -638,3 +639,23 @@ def test_apitoken_create_makes_staff_user():
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {out.getvalue().strip()}")
     make_host()
     assert client.post(f"{API}/hosts/kvm-01/disable").status_code == 200
+
+
+def test_member_of_admins_group_may_act_without_staff():
+    """Roles (issue 4): the group "admins" acts through the API like staff does; a
+    member of "operators" only reads."""
+    from django.contrib.auth.models import Group
+
+    user = get_user_model().objects.create_user("grp-admin", password="x" * 12)
+    user.groups.add(Group.objects.get_or_create(name="admins")[0])
+    client = APIClient()
+    client.force_authenticate(user)
+    make_host()
+    r = client.put(f"{API}/config/ha.workers", {"value": "7"}, format="json")
+    assert r.status_code == 200, r.content
+    assert config.get("ha.workers") == 7
+    reader = get_user_model().objects.create_user("grp-op", password="x" * 12)
+    reader.groups.add(Group.objects.get_or_create(name="operators")[0])
+    client.force_authenticate(reader)
+    assert client.put(f"{API}/config/ha.workers", {"value": "3"},
+                      format="json").status_code == 403

@@ -62,8 +62,10 @@ class Command(BaseCommand):
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         try:
+            # The dashboard's simulator panel talks to the fleet's control API.
             web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(o["port"]),
-                             "hadash.asgi:application")
+                             "hadash.asgi:application",
+                             env={} if o["no_fleet"] else {"HADASH_FLEET_URL": fleet})
             wait_for_port(o["port"], proc=web.proc, timeout=60)
             call_command("engine", "start")
             sup.manage("engine", "qcluster")

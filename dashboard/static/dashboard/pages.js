@@ -1,0 +1,576 @@
+/* Page handlers: each dashboard page registers what it does with live events
+ * (window.hadashLive, live.js). The page is chosen by <body data-page="…">. */
+(function () {
+  "use strict";
+  var L = window.hadashLive;
+  if (!L) return;
+  var body = document.body;
+  var $ = function (id) { return document.getElementById(id); };
+  var int = function (v) { var n = parseInt(v, 10); return isNaN(n) ? 0 : n; };
+  var isAdmin = body.dataset.admin === "1";
+
+  function setText(node, text) {
+    if (node && node.textContent !== String(text)) node.textContent = text;
+  }
+
+  function toast(text, bad) {
+    var box = $("fleet-result") || $("toast");
+    if (!box) {
+      box = L.el("div", "banner banner-info toast");
+      box.id = "toast";
+      box.setAttribute("role", "status");
+      document.body.appendChild(box);
+    }
+    box.textContent = text;
+    box.hidden = false;
+    box.classList.toggle("banner-critical", !!bad);
+    box.classList.toggle("banner-info", !bad);
+    clearTimeout(box._t);
+    box._t = setTimeout(function () { box.hidden = true; }, 6000);
+  }
+
+  /* Events/s over the last few seconds, shown in #feed-rate; #feed-count = received. */
+  function rateMeter() {
+    var times = [];
+    L.on(function (evs) {
+      var now = Date.now();
+      for (var i = 0; i < evs.length; i++) times.push(now);
+    });
+    setInterval(function () {
+      var cut = Date.now() - 5000;
+      while (times.length && times[0] < cut) times.shift();
+      setText($("feed-rate"), (times.length / 5).toFixed(1));
+      setText($("feed-count"), L.count);
+    }, 1000);
+  }
+
+  // --- overview ---------------------------------------------------------------------
+  function overview() {
+    var feed = L.feed($("event-feed"), { max: 200 });
+    rateMeter();
+    var map = $("fleet-map");
+    var tiles = {};
+    map.querySelectorAll(".tile").forEach(function (t) { tiles[t.dataset.hostId] = t; });
+    var tileChanges = {};
+    var flashed = [];
+
+    function sizeClass(n) {
+      if (n <= 0) return "v0";
+      if (n < 5) return "v1";
+      if (n < 10) return "v2";
+      if (n < 20) return "v3";
+      return "v4";
+    }
+
+    function paintTile(t, status, rs, vms) {
+      var changed = false;
+      if (status !== undefined && t.dataset.status !== status) { t.dataset.status = status; changed = true; }
+      if (rs !== undefined && t.dataset.rs !== rs) { t.dataset.rs = rs; changed = true; }
+      if (vms !== undefined && int(t.dataset.vms) !== vms) {
+        t.dataset.vms = vms; t.textContent = vms; changed = true;
+      }
+      if (!changed) return false;
+      var n = int(t.dataset.vms);
+      t.className = "tile st-" + t.dataset.status + " rs-" + t.dataset.rs + " " + sizeClass(n) + " flash";
+      t.title = t.dataset.host + " · " + t.dataset.status +
+        (t.dataset.rs === "Enabled" ? "" : " · " + t.dataset.rs) + " · " + n + " VMs";
+      flashed.push(t);
+      return true;
+    }
+    setInterval(function () {
+      if (!flashed.length) return;
+      var done = flashed; flashed = [];
+      L.frame("unflash", function () { done.forEach(function (t) { t.classList.remove("flash"); }); });
+    }, 1500);
+
+    function applyTiles() {
+      var ids = Object.keys(tileChanges);
+      for (var i = 0; i < ids.length; i++) {
+        var t = tiles[ids[i]];
+        var c = tileChanges[ids[i]];
+        if (t) paintTile(t, c.status, c.resource_state, undefined);
+      }
+      tileChanges = {};
+      clusterCounts();
+    }
+
+    function clusterCounts() {
+      map.querySelectorAll(".cluster").forEach(function (sec) {
+        var all = sec.querySelectorAll(".tile");
+        var bad = sec.querySelectorAll('.tile[data-status="Down"], .tile[data-status="Alert"]').length;
+        var label = sec.querySelector(".cluster-count");
+        setText(label, all.length + " hosts" + (bad ? " · " + bad + " Down/Alert" : ""));
+      });
+    }
+
+    function clusterSection(name) {
+      var secs = map.querySelectorAll(".cluster");
+      for (var i = 0; i < secs.length; i++) if (secs[i].dataset.cluster === name) return secs[i];
+      var empty = $("fleet-empty");
+      if (empty) empty.remove();
+      var sec = L.el("section", "cluster");
+      sec.dataset.cluster = name;
+      var h = L.el("h3", "cluster-head");
+      h.appendChild(L.el("span", "cluster-name", name));
+      h.appendChild(document.createTextNode(" "));
+      var cnt = L.el("span", "cluster-count", "");
+      cnt.dataset.clusterCount = name;
+      h.appendChild(cnt);
+      sec.appendChild(h);
+      sec.appendChild(L.el("div", "tiles"));
+      map.appendChild(sec);
+      return sec;
+    }
+
+    // Alerts -----------------------------------------------------------------------
+    var alertList = $("alert-list");
+    var alertsOpen = int(($("alerts-open-count") || {}).textContent);
+
+    function setAlertCount(n) {
+      alertsOpen = Math.max(0, n);
+      setText($("alerts-open-count"), alertsOpen);
+      var card = $("alerts-card");
+      if (card) card.classList.toggle("card-alert", alertsOpen > 0);
+    }
+
+    function alertRow(e) {
+      var li = L.el("li", "alert-row sev-" + (e.severity || "critical") + " new");
+      li.dataset.alertId = e.id;
+      li.dataset.event = e.event;
+      var line = L.el("div", "alert-line");
+      var t = L.el("time", null, L.clock(e.time, true));
+      t.setAttribute("datetime", e.time); t.title = e.time;
+      line.appendChild(t);
+      line.appendChild(L.el("span", "ev-kind", e.event));
+      var href = L.subjectUrl(e);
+      var s = L.el(href ? "a" : "span", "ev-subj", e.subject_name);
+      if (href) s.href = href;
+      line.appendChild(s);
+      if (isAdmin) {
+        var f = L.el("form", "inline ack-form");
+        f.method = "post"; f.action = "/alerts/" + e.id + "/ack";
+        var b = L.el("button", "btn btn-small ack-btn", "Acknowledge");
+        b.type = "submit"; b.dataset.ack = e.id;
+        f.appendChild(b);
+        line.appendChild(f);
+      }
+      li.appendChild(line);
+      li.appendChild(L.el("div", "alert-msg", e.message));
+      return li;
+    }
+
+    var newAlerts = [];
+    function flushAlerts() {
+      var batch = newAlerts; newAlerts = [];
+      var frag = document.createDocumentFragment();
+      for (var i = batch.length - 1; i >= 0; i--) {
+        if (!alertList.querySelector('[data-alert-id="' + batch[i].id + '"]')) frag.appendChild(alertRow(batch[i]));
+      }
+      var none = $("no-alerts");
+      if (none && frag.childNodes.length) none.remove();
+      var added = [].slice.call(frag.childNodes);
+      alertList.insertBefore(frag, alertList.firstChild);
+      setTimeout(function () {
+        L.frame("alerts-unmark", function () { added.forEach(function (r) { r.classList.remove("new"); }); });
+      }, 2000);
+      var rows = alertList.querySelectorAll(".alert-row");
+      for (var j = 50; j < rows.length; j++) rows[j].remove();
+      ensureAckAll();
+    }
+
+    function ensureAckAll() {
+      var form = $("ack-all-form");
+      var any = alertList.querySelector(".alert-row");
+      if (form) form.hidden = !any;
+      if (!any && !$("no-alerts")) {
+        var li = L.el("li", "muted empty", "No open alerts.");
+        li.id = "no-alerts";
+        alertList.appendChild(li);
+      }
+    }
+
+    alertList.addEventListener("submit", function (ev) {
+      var form = ev.target.closest(".ack-form");
+      if (!form) return;
+      ev.preventDefault();
+      var row = form.closest(".alert-row");
+      L.post(form.action, {}).then(function (r) {
+        if (r.ok) {
+          row.remove();
+          setAlertCount(alertsOpen - 1);
+          ensureAckAll();
+        } else {
+          toast((r.data && r.data.error) || "Acknowledging failed (HTTP " + r.status + ")", true);
+        }
+      });
+    });
+    var ackAll = $("ack-all-form");
+    if (ackAll) {
+      ackAll.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        var ids = [].map.call(alertList.querySelectorAll(".alert-row"), function (r) { return int(r.dataset.alertId); });
+        var upto = Math.max.apply(null, ids.concat([0]));
+        L.post(ackAll.action, { upto: upto }).then(function (r) {
+          if (!r.ok) { toast((r.data && r.data.error) || "HTTP " + r.status, true); return; }
+          alertList.querySelectorAll(".alert-row").forEach(function (row) {
+            if (int(row.dataset.alertId) <= upto) row.remove();
+          });
+          ensureAckAll();
+          summary.request();
+        });
+      });
+    }
+
+    // Summary (counts, tiles, engine) ------------------------------------------------------
+    function applySummary(s) {
+      var hc = s.host_counts || {}, vc = s.vm_counts || {}, wc = s.work || {};
+      document.querySelectorAll("[data-count]").forEach(function (chip) {
+        var parts = chip.dataset.count.split(":");
+        var src = parts[0] === "host" ? hc : parts[0] === "vm" ? vc : wc;
+        var n = src[parts[1]] || 0;
+        setText(chip.querySelector(".n"), n);
+        chip.classList.toggle("zero", !n);
+      });
+      setText($("host-total"), s.hosts.length);
+      var vt = 0; Object.keys(vc).forEach(function (k) { vt += vc[k]; });
+      setText($("vm-total"), vt);
+      setText($("work-in-flight"), s.work_in_flight);
+      setAlertCount(s.alerts_open);
+      // Engine health.
+      var eng = s.engine || {};
+      var box = $("engine-health");
+      if (box) {
+        box.dataset.healthy = eng.healthy ? "true" : "false";
+        setText($("engine-state-text"), eng.healthy ? "Sweeper healthy" : "STALLED");
+        setText($("engine-loops"), eng.alive_loops + "/" + eng.target_loops);
+        setText($("engine-workers"), eng.workers);
+        setText($("engine-busy"), eng.busy);
+        setText($("engine-holder"), eng.holder ? "lease: " + eng.holder : "no sweeper lease");
+      }
+      var banner = $("engine-alert");
+      if (banner) banner.hidden = !!eng.healthy;
+      // Tiles: update in place; add new hosts, drop removed ones.
+      var present = {};
+      var notEnabled = 0;
+      var clusters = {};
+      for (var i = 0; i < s.hosts.length; i++) {
+        var h = s.hosts[i];
+        var id = String(h[0]);
+        present[id] = true;
+        clusters[h[2]] = true;
+        if (h[4] !== "Enabled") notEnabled++;
+        var t = tiles[id];
+        if (!t) {
+          t = L.el("a", "tile");
+          t.href = "/hosts/" + encodeURIComponent(h[1]);
+          t.dataset.host = h[1]; t.dataset.hostId = id;
+          t.dataset.status = ""; t.dataset.rs = ""; t.dataset.vms = "-1";
+          clusterSection(h[2]).querySelector(".tiles").appendChild(t);
+          tiles[id] = t;
+        }
+        paintTile(t, h[3], h[4], h[5]);
+      }
+      Object.keys(tiles).forEach(function (id) {
+        if (!present[id]) { tiles[id].remove(); delete tiles[id]; }
+      });
+      setText($("maintenance-total"), notEnabled);
+      setText($("cluster-total"), Object.keys(clusters).length);
+      map.classList.toggle("compact", s.hosts.length > 300);
+      map.classList.toggle("roomy", s.hosts.length <= 60);
+      clusterCounts();
+      // Alerts acknowledged elsewhere disappear.
+      var open = {};
+      (s.open_alert_ids || []).forEach(function (id) { open[id] = true; });
+      var top = int(s.top_event);
+      alertList.querySelectorAll(".alert-row").forEach(function (row) {
+        var aid = int(row.dataset.alertId);
+        if (aid <= top && !open[aid]) row.remove();
+      });
+      ensureAckAll();
+    }
+
+    var summary = (function () {
+      var inFlight = false, dirty = false, last = 0, timer = null;
+      var url = body.dataset.summaryUrl;
+      function go() {
+        timer = null; inFlight = true; dirty = false; last = Date.now();
+        fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+          .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
+          .then(function (s) { L.frame("summary", function () { applySummary(s); }); })
+          .catch(function () {})
+          .then(function () { inFlight = false; if (dirty) request(); });
+      }
+      function request() {
+        if (inFlight) { dirty = true; return; }
+        if (timer) return;
+        timer = setTimeout(go, Math.max(0, 1000 - (Date.now() - last)));
+      }
+      return { request: request };
+    })();
+    // Engine health changes without events (a lease simply expires): look every 10 s.
+    setInterval(summary.request, 10000);
+
+    L.on(function (evs) {
+      feed.add(evs);
+      var need = false;
+      for (var i = 0; i < evs.length; i++) {
+        var e = evs[i];
+        if (e.subject === "host" && (e.field === "status" || e.field === "resource_state")) {
+          var c = tileChanges[e.subject_id] || (tileChanges[e.subject_id] = {});
+          c[e.field] = e.new;
+        }
+        if (e.subject !== "config") need = true;
+        if (e.alert && !e.acknowledged_at) newAlerts.push(e);
+      }
+      if (Object.keys(tileChanges).length) L.frame("tiles", applyTiles);
+      if (newAlerts.length) {
+        setAlertCount(alertsOpen + newAlerts.length);
+        L.frame("alerts", flushAlerts);
+      }
+      if (need) summary.request();
+    });
+  }
+
+  // --- host -----------------------------------------------------------------------------
+  function host() {
+    var id = int(body.dataset.hostId);
+    var mine = function (e) {
+      return e.host_id === id || (e.subject === "host" && e.subject_id === id);
+    };
+    var feed = L.feed($("event-feed"), { max: 200, filter: mine });
+    var regions = L.refresher(["host-actions", "host-summary", "host-vms", "host-investigations",
+                               "host-work", "host-power"], 1000);
+    var vmNames = function () {
+      var s = {};
+      document.querySelectorAll("#host-vm-table [data-vm]").forEach(function (r) { s[r.dataset.vm] = 1; });
+      return s;
+    };
+    L.on(function (evs) {
+      feed.add(evs);
+      var names = null, hit = false;
+      for (var i = 0; i < evs.length; i++) {
+        var e = evs[i];
+        if (e.subject === "host" && e.subject_id === id) {
+          var badge = e.field === "status" ? $("host-status") : e.field === "resource_state" ? $("host-resource-state") : null;
+          if (badge) {
+            badge.textContent = e.new;
+            if (e.field === "status") { badge.dataset.status = e.new; badge.className = "badge st-" + e.new; }
+            else { badge.dataset.rs = e.new; badge.className = "badge rs rs-" + e.new; }
+          }
+        }
+        if (mine(e)) { hit = true; continue; }
+        if (e.subject === "vm" || e.subject === "work") {
+          names = names || vmNames();
+          if (names[e.subject_name]) hit = true;
+        }
+      }
+      if (hit) regions.request();
+    });
+  }
+
+  // --- VM ---------------------------------------------------------------------------------
+  function vm() {
+    var id = int(body.dataset.vmId);
+    var feed = L.feed($("event-feed"), {
+      max: 200, filter: function (e) { return e.subject === "vm" && e.subject_id === id; }
+    });
+    var regions = L.refresher(["vm-actions", "vm-summary", "vm-work"], 1000);
+    L.on(function (evs) {
+      feed.add(evs);
+      var hit = false;
+      for (var i = 0; i < evs.length; i++) {
+        var e = evs[i];
+        if (e.vm_id !== id) continue;
+        hit = true;
+        if (e.subject === "vm" && e.field === "state") {
+          var b = $("vm-state");
+          if (b) { b.textContent = e.new; b.dataset.state = e.new; b.className = "badge vs-" + e.new; }
+        }
+        if (e.subject === "vm" && e.field === "power_state") {
+          var p = $("vm-power");
+          if (p) { p.textContent = e.new; p.dataset.power = e.new; p.className = "ps ps-" + e.new; }
+        }
+      }
+      if (hit) regions.request();
+    });
+  }
+
+  // --- HA work queue ------------------------------------------------------------------------
+  function work() {
+    var regions = L.refresher(["work-filters", "work-rows"], 1000);
+    L.on(function (evs) {
+      for (var i = 0; i < evs.length; i++) {
+        if (evs[i].subject === "work") { regions.request(); return; }
+      }
+    });
+  }
+
+  // --- incidents ----------------------------------------------------------------------------
+  function incidents() {
+    var regions = L.refresher(["incidents-body"], 3000);
+    L.on(function () { regions.request(); });
+  }
+
+  // --- configuration -----------------------------------------------------------------------
+  function config() {
+    L.on(function (evs) {
+      var rows = [];
+      for (var i = 0; i < evs.length; i++) {
+        if (evs[i].subject === "config" && evs[i].event === "ConfigChanged") rows.push(evs[i]);
+      }
+      if (!rows.length) return;
+      L.frame("config", function () {
+        rows.forEach(function (e) {
+          var tr = document.querySelector('tr[data-config="' + CSS.escape(e.subject_name) + '"]');
+          if (!tr) return;
+          tr.dataset.value = e.new;
+          var cell = tr.querySelector(".cfg-value");
+          cell.textContent = "";
+          cell.appendChild(L.el("b", null, e.new || "(empty)"));
+          var def = tr.querySelector(".cfg-default");
+          tr.classList.toggle("changed", !def || def.textContent !== (e.new || "(empty)"));
+          var up = tr.querySelector(".cfg-updated");
+          if (up) {
+            up.textContent = "";
+            var t = L.el("time", null, "just now (" + L.clock(e.time) + ")");
+            t.setAttribute("datetime", e.time); t.title = e.message;
+            up.appendChild(t);
+          }
+          tr.classList.remove("flash");
+          void tr.offsetWidth;
+          tr.classList.add("flash");
+        });
+      });
+    });
+  }
+
+  // --- simulator panel --------------------------------------------------------------------------
+  function fleet() {
+    var hostsUrl = body.dataset.fleetHostsUrl;
+    var faultUrl = body.dataset.fleetFaultUrl;
+    var tbody = $("sim-host-rows");
+    var err = $("fleet-error");
+    var lastHosts = [];
+
+    function flag(on, yes, no) {
+      return '<span class="flag ' + (on ? "on" : "off") + '">' + (on ? yes : no) + "</span>";
+    }
+    function esc(s) {
+      return String(s === null || s === undefined ? "" : s).replace(/[&<>"']/g, function (c) {
+        return { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c];
+      });
+    }
+    function btn(fault, label, danger) {
+      return '<button type="button" class="btn btn-small' + (danger ? " btn-danger" : "") +
+        '" data-fault="' + esc(fault) + '">' + label + "</button>";
+    }
+    function row(h) {
+      var n = esc(h.name);
+      var cells = [
+        '<td><a href="/hosts/' + encodeURIComponent(h.name) + '">' + n + "</a></td>",
+        "<td>" + esc(h.cluster) + "</td>",
+        '<td><span class="badge st-' + esc(h.db_status) + '" data-db-status="' + esc(h.db_status) + '">' +
+          esc(h.db_status || "unknown") + "</span></td>",
+        "<td>" + flag(h.powered, "on", "off") + "</td>",
+        "<td>" + flag(h.agent, "running", "stopped") + "</td>",
+        "<td>" + flag(h.network, "on", "off") + "</td>",
+        "<td>" + flag(h.bmc, "ok", "failed") + "</td>",
+        "<td>" + (h.connected ? "yes" : "no") + "</td>",
+        '<td class="num">' + (h.last_ping_age === null || h.last_ping_age === undefined ? "—" : h.last_ping_age.toFixed(1) + " s") + "</td>",
+        '<td class="num">' + (h.vm_count || 0) + "</td>",
+        "<td>" + (h.start_fail || "—") + "</td>"
+      ];
+      if (isAdmin) {
+        cells.push('<td class="fault-buttons">' +
+          (h.powered ? btn("host " + h.name + " power off", "Power off", true) : btn("host " + h.name + " power on", "Power on")) +
+          (h.agent ? btn("host " + h.name + " agent stop", "Stop agent") : btn("host " + h.name + " agent start", "Start agent")) +
+          (h.network ? btn("host " + h.name + " network off", "Cut network") : btn("host " + h.name + " network on", "Restore network")) +
+          (h.bmc ? btn("bmc " + h.name + " fail", "Fail BMC") : btn("bmc " + h.name + " ok", "Fix BMC")) +
+          '<button type="button" class="btn btn-small" data-fault-start-fail="' + n + '">Fail starts</button></td>');
+      }
+      return '<tr data-sim-host="' + n + '" data-powered="' + !!h.powered + '" data-agent="' + !!h.agent +
+        '" data-network="' + !!h.network + '" data-bmc="' + !!h.bmc + '" data-connected="' + !!h.connected + '">' +
+        cells.join("") + "</tr>";
+    }
+    function render(hosts) {
+      lastHosts = hosts;
+      tbody.innerHTML = hosts.map(row).join("") ||
+        '<tr><td colspan="12" class="muted empty">The simulator has no hosts.</td></tr>';
+      setText($("sim-count"), hosts.length);
+      var dl = $("sim-vms");
+      if (dl) {
+        var names = [];
+        hosts.forEach(function (h) { (h.vms || []).forEach(function (v) { names.push(v.name); }); });
+        names.sort();
+        if (dl.dataset.n !== String(names.length) || dl.dataset.first !== names[0]) {
+          dl.innerHTML = names.map(function (v) { return '<option value="' + esc(v) + '">'; }).join("");
+          dl.dataset.n = names.length; dl.dataset.first = names[0] || "";
+        }
+      }
+    }
+    var polling = false;
+    function poll() {
+      if (polling) return;
+      polling = true;
+      fetch(hostsUrl, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.json().then(function (d) { return { ok: r.ok, d: d }; }); })
+        .then(function (r) {
+          if (!r.ok) { err.textContent = r.d.error || "the simulator does not answer"; err.hidden = false; return; }
+          err.hidden = true;
+          L.frame("fleet", function () { render(r.d.hosts || []); });
+        })
+        .catch(function () { err.textContent = "the dashboard does not answer"; err.hidden = false; })
+        .then(function () { polling = false; });
+    }
+    setInterval(poll, 2000);
+    poll();
+
+    function inject(fault) {
+      return L.post(faultUrl, { "do": fault }).then(function (r) {
+        if (r.ok) toast("Fault applied: " + (r.data.do || fault));
+        else toast((r.data && r.data.error) || "HTTP " + r.status, true);
+        poll();
+        return r;
+      });
+    }
+    window.hadashFleet = { inject: inject, hosts: function () { return lastHosts; } };
+
+    document.addEventListener("click", function (ev) {
+      var b = ev.target.closest("button");
+      if (!b) return;
+      if (b.dataset.fault) { inject(b.dataset.fault); return; }
+      if (b.dataset.faultStartFail) {
+        var n = Math.max(1, int(($("start-fail-n") || {}).value) || 1);
+        inject("host " + b.dataset.faultStartFail + " start-fail " + n);
+        return;
+      }
+      if (b.dataset.vmFault) {
+        var name = ($("vm-fault-name").value || "").trim();
+        if (!name) { toast("Name a VM first.", true); return; }
+        inject("vm " + name + " " + b.dataset.vmFault);
+      }
+    });
+    var form = $("fault-form");
+    if (form) {
+      form.addEventListener("submit", function (ev) {
+        ev.preventDefault();
+        var v = $("fault-do").value.trim();
+        if (v) inject(v).then(function (r) { if (r.ok) $("fault-do").value = ""; });
+      });
+    }
+    // hadash's own view of the hosts moves with events between polls.
+    L.on(function (evs) {
+      evs.forEach(function (e) {
+        if (e.subject !== "host" || e.field !== "status") return;
+        var tr = tbody.querySelector('tr[data-sim-host="' + CSS.escape(e.subject_name) + '"]');
+        var b = tr && tr.querySelector("[data-db-status]");
+        if (b) { b.dataset.dbStatus = e.new; b.textContent = e.new; b.className = "badge st-" + e.new; }
+      });
+    });
+  }
+
+  var pages = { overview: overview, host: host, vm: vm, work: work, incidents: incidents,
+                config: config, fleet: fleet };
+  var run = pages[body.dataset.page];
+  if (run) run();
+})();

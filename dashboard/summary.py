@@ -1,0 +1,193 @@
+"""What the overview shows, in a handful of aggregate queries (no per-host query):
+counts of hosts by status and VMs by state, HA work in flight, open alerts, engine
+health, and the fleet map (one tile per host with its VM count).
+
+The same data feeds the page and ``summary.json``, which the overview refetches (at
+most about once a second) while events arrive.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from urllib.parse import quote
+
+from django.db.models import Count, Max
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import escape
+from django.utils.safestring import SafeString, mark_safe
+
+from hadash.choices import Step
+from hadash.ha import runtime
+from hadash.models import Event, HaWork
+from hosts.choices import HostStatus, ResourceState
+from hosts.models import Host
+from vms.choices import ACTIVE_STATES, VmState
+from vms.models import VMInstance
+
+# Host statuses always shown on the overview (others appear when a host has them).
+MAIN_STATUSES = (HostStatus.UP, HostStatus.CONNECTING, HostStatus.ALERT, HostStatus.DOWN,
+                 HostStatus.DISCONNECTED)
+MAIN_VM_STATES = (VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING,
+                  VmState.STOPPED, VmState.ERROR)
+IN_FLIGHT_STEPS = (Step.SCHEDULED, Step.INVESTIGATING, Step.FENCING, Step.STOPPING,
+                   Step.RESTARTING, Step.MIGRATING)
+OPEN_ALERTS_SHOWN = 50
+
+
+def size_class(vms: int) -> str:
+    """Tile size bucket by VM count (the label carries the exact number)."""
+    if vms <= 0:
+        return "v0"
+    if vms < 5:
+        return "v1"
+    if vms < 10:
+        return "v2"
+    if vms < 20:
+        return "v3"
+    return "v4"
+
+
+def hosts_and_vm_counts() -> tuple[list[tuple], dict[int, int]]:
+    """Every host as (id, name, cluster, status, resource_state) ordered by cluster and
+    name, and the number of VMs on each (VMs that occupy it: Starting … Migrating)."""
+    hosts = list(
+        Host.objects.order_by("cluster", "name")
+        .values_list("id", "name", "cluster", "status", "resource_state")
+    )
+    per_host = dict(
+        VMInstance.objects.filter(state__in=ACTIVE_STATES, host__isnull=False)
+        .order_by().values("host_id").annotate(n=Count("id")).values_list("host_id", "n")
+    )
+    return hosts, per_host
+
+
+def counts() -> dict:
+    vm_counts = dict(
+        VMInstance.objects.order_by().values("state").annotate(n=Count("id"))
+        .values_list("state", "n")
+    )
+    work = dict(
+        HaWork.objects.unfinished().order_by().values("step").annotate(n=Count("id"))
+        .values_list("step", "n")
+    )
+    alerts_open = Event.objects.filter(alert=True, acknowledged_at__isnull=True).count()
+    return {"vms": vm_counts, "work": work, "alerts_open": alerts_open}
+
+
+def engine_health(now=None) -> dict:
+    """runtime.status() shaped for the page: healthy iff the sweeper lease is fresh."""
+    now = now or timezone.now()
+    st = runtime.status(now)
+    sweeper = st["sweeper"]
+    loops = st["loops"]
+    return {
+        "healthy": bool(sweeper["healthy"]),
+        "holder": sweeper["holder"],
+        "expires": sweeper["expires"].isoformat() if sweeper["expires"] else None,
+        "alive_loops": st["alive_loops"],
+        "target_loops": st["target_loops"],
+        "loops": len(loops),
+        "workers": sum(p["workers"] for p in loops if p["alive"]),
+        "busy": sum(p["busy"] for p in loops if p["alive"]),
+    }
+
+
+def ordered_counts(counter: dict, main: tuple, all_values: list[str]) -> list[tuple[str, int]]:
+    keys = list(main) + [v for v in all_values if v not in main and counter.get(v)]
+    return [(k, counter.get(k, 0)) for k in keys]
+
+
+def open_alert_ids() -> list[int]:
+    return list(
+        Event.objects.filter(alert=True, acknowledged_at__isnull=True)
+        .order_by("-id").values_list("id", flat=True)[:OPEN_ALERTS_SHOWN]
+    )
+
+
+def summary_json() -> dict:
+    """``summary.json``: everything the overview updates in place."""
+    hosts, per_host = hosts_and_vm_counts()
+    c = counts()
+    host_counts = Counter(h[3] for h in hosts)
+    return {
+        "time": timezone.now().isoformat(),
+        # Alerts up to this id that are not in open_alert_ids were acknowledged.
+        "top_event": Event.objects.aggregate(m=Max("id"))["m"] or 0,
+        "hosts": [[h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0)] for h in hosts],
+        "host_counts": dict(host_counts),
+        "vm_counts": c["vms"],
+        "work": c["work"],
+        "work_in_flight": sum(c["work"].values()),
+        "alerts_open": c["alerts_open"],
+        "open_alert_ids": open_alert_ids(),
+        "engine": engine_health(),
+    }
+
+
+def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
+    """The fleet map, built as one string (1,000 tiles through the template engine
+    would cost more than every query of the page together)."""
+    href = reverse("dash:host", args=["__HOST__"])
+    out: list[str] = []
+    cluster = None
+    members: list[str] = []
+    tally: Counter = Counter()
+
+    def close():
+        if cluster is None:
+            return
+        c = escape(cluster)
+        bad = tally[HostStatus.DOWN] + tally[HostStatus.ALERT]
+        out.append(
+            f'<section class="cluster" data-cluster="{c}"><h3 class="cluster-head">'
+            f'<span class="cluster-name">{c}</span> <span class="cluster-count" '
+            f'data-cluster-count="{c}">{sum(tally.values())} hosts'
+            f'{f" · {bad} Down/Alert" if bad else ""}</span></h3><div class="tiles">'
+        )
+        out.extend(members)
+        out.append("</div></section>")
+
+    for hid, name, cl, status, rs, in hosts:
+        if cl != cluster:
+            close()
+            cluster, members, tally = cl, [], Counter()
+        n = per_host.get(hid, 0)
+        tally[status] += 1
+        e = escape(name)
+        members.append(
+            f'<a class="tile st-{status} rs-{rs} {size_class(n)}" '
+            f'href="{href.replace("__HOST__", quote(name, safe=""))}" data-host="{e}" '
+            f'data-host-id="{hid}" data-status="{status}" data-rs="{rs}" data-vms="{n}" '
+            f'title="{e} · {status}{"" if rs == ResourceState.ENABLED else " · " + rs} · '
+            f'{n} VMs">{n}</a>'
+        )
+    close()
+    return mark_safe("".join(out))
+
+
+def overview(now=None) -> dict:
+    now = now or timezone.now()
+    hosts, per_host = hosts_and_vm_counts()
+    c = counts()
+    host_counts = Counter(h[3] for h in hosts)
+    return {
+        "host_total": len(hosts),
+        "host_counts": ordered_counts(host_counts, MAIN_STATUSES, HostStatus.values),
+        "vm_total": sum(c["vms"].values()),
+        "vm_counts": ordered_counts(c["vms"], MAIN_VM_STATES, VmState.values),
+        "work_counts": [(s, c["work"].get(s, 0)) for s in IN_FLIGHT_STEPS],
+        "work_in_flight": sum(c["work"].values()),
+        "alerts_open": c["alerts_open"],
+        "tiles": tiles_html(hosts, per_host),
+        "clusters": len({h[2] for h in hosts}),
+        "engine": engine_health(now),
+        "maintenance_hosts": sum(1 for h in hosts if h[4] != ResourceState.ENABLED),
+    }
+
+
+def age_seconds(when: dt.datetime | None, now=None) -> float | None:
+    if when is None:
+        return None
+    return ((now or timezone.now()) - when).total_seconds()

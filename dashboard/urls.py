@@ -1,0 +1,22 @@
+from django.urls import path
+
+from . import views
+
+app_name = "dash"
+
+urlpatterns = [
+    path("", views.overview, name="overview"),
+    path("summary.json", views.summary_json, name="summary"),
+    path("alerts/<int:pk>/ack", views.acknowledge, name="ack"),
+    path("alerts/ack-all", views.acknowledge_all, name="ack-all"),
+    path("hosts/<str:name>", views.host, name="host"),
+    path("hosts/<str:name>/<str:action>", views.host_action, name="host-action"),
+    path("vms/<str:name>", views.vm, name="vm"),
+    path("vms/<str:name>/<str:action>", views.vm_action, name="vm-action"),
+    path("work", views.work, name="work"),
+    path("incidents", views.incidents_page, name="incidents"),
+    path("config", views.config_page, name="config"),
+    path("fleet", views.fleet_page, name="fleet"),
+    path("fleet/hosts.json", views.fleet_hosts_json, name="fleet-hosts"),
+    path("fleet/fault", views.fleet_fault, name="fleet-fault"),
+]

@@ -1,0 +1,476 @@
+"""The operator dashboard (issue 4): server-rendered pages, each kept live by
+static/dashboard/live.js (the /ws/events socket) and a small page handler.
+
+Reads need a login; actions need an admin (dashboard.perms), checked here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from urllib.parse import urlencode
+
+from django.contrib import messages
+from django.contrib.admin.utils import quote as admin_quote
+from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Max, Q
+from django.http import Http404, HttpResponseNotAllowed, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
+
+from hadash import config, live
+from hadash.choices import FINAL_STEPS, Step, Subject, WorkType
+from hadash.ha import actions
+from hadash.models import Configuration, Event, HaWork
+from hosts.choices import HostStatus
+from hosts.models import Host
+from vms.choices import ACTIVE_STATES
+from vms.models import VMInstance
+
+from . import charts, fleetproxy, incidents, summary
+from .perms import admin_required, is_admin, wants_json
+
+# The client resumes from a little before the newest event the page shows, and drops
+# the ids it already has: an event committed just after the render (an older id that
+# was still in flight) is not lost.
+LIVE_MARGIN = 50
+FEED_ROWS = 100
+EV = live.FIELDS
+
+
+def production_engine():
+    """The engine the VM start action places and starts VMs with (tests replace it)."""
+    from hadash.ha.engine import Engine
+
+    return Engine.production()
+
+
+def latest_event_id() -> int:
+    return Event.objects.aggregate(m=Max("id"))["m"] or 0
+
+
+def page(request, template: str, name: str, ctx: dict, *, top_id: int | None = None):
+    top = latest_event_id() if top_id is None else top_id
+    ctx.update(
+        page=name,
+        is_admin=is_admin(request.user),
+        fleet_url=fleetproxy.url(),
+        live_after=max(0, top - LIVE_MARGIN),
+        live_top=top,
+    )
+    return render(request, template, ctx)
+
+
+def events_values(qs, n: int) -> list[dict]:
+    return list(qs.order_by("-id").values(*EV)[:n])
+
+
+def back(request, fallback: str):
+    target = request.POST.get("next") or request.headers.get("Referer") or fallback
+    if not url_has_allowed_host_and_scheme(target, {request.get_host()},
+                                           require_https=request.is_secure()):
+        target = fallback
+    return redirect(target)
+
+
+# --- overview -----------------------------------------------------------------
+
+
+@login_required
+def overview(request):
+    feed = events_values(Event.objects.all(), FEED_ROWS)
+    alerts = events_values(Event.objects.filter(alert=True, acknowledged_at__isnull=True),
+                           summary.OPEN_ALERTS_SHOWN)
+    ctx = summary.overview()
+    ctx.update(feed=feed, alerts=alerts)
+    return page(request, "dashboard/overview.html", "overview", ctx,
+                top_id=feed[0]["id"] if feed else 0)
+
+
+@login_required
+def summary_json(request):
+    return JsonResponse(summary.summary_json())
+
+
+# --- alerts -------------------------------------------------------------------
+
+
+@require_POST
+@admin_required
+def acknowledge(request, pk: int):
+    event = get_object_or_404(Event, pk=pk)
+    if not event.alert:
+        if wants_json(request):
+            return JsonResponse({"error": f"event {pk} is not an alert"}, status=400)
+        messages.error(request, f"Event {pk} is not an alert.")
+        return back(request, reverse("dash:overview"))
+    Event.objects.filter(pk=pk, acknowledged_at__isnull=True).update(
+        acknowledged_at=timezone.now(), acknowledged_by=request.user.get_username()
+    )
+    if wants_json(request):
+        return JsonResponse({"ok": True, "id": pk})
+    messages.success(request, f"Alert {pk} acknowledged.")
+    return back(request, reverse("dash:overview"))
+
+
+@require_POST
+@admin_required
+def acknowledge_all(request):
+    """Acknowledge every open alert up to the id the operator saw (``upto``), so one
+    that arrived meanwhile is not acknowledged unseen."""
+    try:
+        upto = int(request.POST.get("upto", ""))
+    except ValueError:
+        upto = latest_event_id()
+    n = Event.objects.filter(alert=True, acknowledged_at__isnull=True, id__lte=upto).update(
+        acknowledged_at=timezone.now(), acknowledged_by=request.user.get_username()
+    )
+    if wants_json(request):
+        return JsonResponse({"ok": True, "acknowledged": n})
+    messages.success(request, f"{n} alert(s) acknowledged.")
+    return back(request, reverse("dash:overview"))
+
+
+# --- hosts --------------------------------------------------------------------
+
+
+HOST_HISTORY_EVENTS = ("HostDown", "PingTimeout", "AgentDisconnected", "AgentConnected",
+                       "Ready", "Ping", "ShutdownRequested", "WaitedTooLong", "HostFenced",
+                       "FenceFailed", "HaScheduled", "ResourceStateChanged")
+
+
+@login_required
+def host(request, name: str):
+    h = get_object_or_404(Host, name=name)
+    cfg = config.snapshot()
+    now = timezone.now()
+    vms = list(VMInstance.objects.filter(host=h).select_related("power_host").order_by("name"))
+    active = [v for v in vms if v.state in ACTIVE_STATES]
+    work = list(
+        HaWork.objects.filter(Q(host=h) | Q(target_host=h))
+        .select_related("instance", "host", "target_host").order_by("-id")[:100]
+    )
+    own = events_values(Event.objects.filter(subject=Subject.HOST, subject_id=h.pk), 100)
+    investigations = [e for e in own if e["event"] in HOST_HISTORY_EVENTS or e["alert"]]
+    power = events_values(Event.objects.filter(host=h, event="PowerStateChanged"), 30)
+    feed = events_values(Event.objects.filter(host=h), FEED_ROWS)
+    threshold = cfg["ping.interval"] * cfg["ping.timeout"]
+    age = summary.age_seconds(h.last_ping, now)
+    ctx = {
+        "host": h,
+        "vms": vms,
+        "allocated_cpus": sum(v.cpus for v in active),
+        "allocated_memory_mb": sum(v.memory_mb for v in active),
+        "active_vms": len(active),
+        "work": work,
+        "open_work": sum(1 for w in work if w.step not in FINAL_STEPS),
+        "investigations": investigations,
+        "power": power,
+        "feed": feed,
+        "ping_interval": cfg["ping.interval"],
+        "ping_threshold": threshold,
+        "ping_age": age,
+        "behind": age is not None and age > threshold
+        and h.status in (HostStatus.UP, HostStatus.CONNECTING),
+        "host_actions": host_actions(h),
+    }
+    return page(request, "dashboard/host.html", "host", ctx)
+
+
+def host_actions(h: Host) -> list[tuple[str, str]]:
+    """The operator actions that make sense in the host's resource state."""
+    rs = h.resource_state
+    out = []
+    if rs == "Disabled":
+        out.append(("enable", "Enable"))
+    if rs == "Enabled":
+        out.append(("disable", "Disable"))
+    if rs in ("Enabled", "Disabled", "ErrorInMaintenance"):
+        out.append(("maintenance", "Prepare for maintenance"))
+    if rs in ("PrepareForMaintenance", "Maintenance", "ErrorInMaintenance"):
+        out.append(("cancel-maintenance", "Cancel maintenance"))
+    return out
+
+
+HOST_ACTIONS = {
+    "enable": lambda h, now, by: actions.set_host_enabled(h, True, now=now, by=by),
+    "disable": lambda h, now, by: actions.set_host_enabled(h, False, now=now, by=by),
+    "maintenance": lambda h, now, by: actions.prepare_maintenance(h, now=now, by=by),
+    "cancel-maintenance": lambda h, now, by: actions.cancel_maintenance(h, now=now, by=by),
+}
+
+
+@require_POST
+@admin_required
+def host_action(request, name: str, action: str):
+    run = HOST_ACTIONS.get(action)
+    if run is None:
+        raise Http404(f"no host action {action!r}")
+    h = get_object_or_404(Host, name=name)
+    try:
+        run(h, timezone.now(), request.user.get_username())
+    except actions.ActionError as exc:
+        messages.error(request, str(exc))
+    else:
+        h.refresh_from_db()
+        messages.success(request, f"Host {h.name}: {action} done — resource state "
+                                  f"{h.resource_state}.")
+    return redirect("dash:host", name=name)
+
+
+# --- VMs ----------------------------------------------------------------------
+
+
+@login_required
+def vm(request, name: str):
+    v = get_object_or_404(
+        VMInstance.objects.select_related("host", "last_host", "power_host"), name=name
+    )
+    history = events_values(Event.objects.filter(subject=Subject.VM, subject_id=v.pk), 200)
+    # Every HA item it had — from the events, as finished items may have been purged.
+    work_events = list(Event.objects.filter(subject=Subject.WORK, vm=v)
+                       .order_by("-id").values(*EV)[:3000])[::-1]
+    by_item: dict[int, list[dict]] = defaultdict(list)
+    for e in work_events:
+        by_item[e["subject_id"]].append(e)
+    rows = {w.pk: w for w in HaWork.objects.filter(instance=v)
+            .select_related("host", "target_host")}
+    items = []
+    for pk in sorted(set(by_item) | set(rows), reverse=True):
+        evs = by_item.get(pk, [])
+        w = rows.get(pk)
+        first = evs[0] if evs else None
+        items.append({
+            "id": pk,
+            "row": w,
+            "events": evs,
+            "type": w.type if w else (first["message"].split(" ", 1)[0] if first else "?"),
+            "reason": w.reason if w else (first["reason"] if first else ""),
+            "step": w.step if w else (evs[-1]["new"] if evs else "?"),
+            "start": first["time"] if first else (w.created if w else None),
+            "purged": w is None,
+        })
+    ctx = {
+        "vm": v,
+        "history": history,
+        "items": items,
+        "open_item": any(i["step"] not in FINAL_STEPS for i in items),
+        "can_start": v.state == "Stopped",
+        "can_stop": v.state not in ("Stopped", "Destroyed", "Expunging"),
+    }
+    return page(request, "dashboard/vm.html", "vm", ctx)
+
+
+@require_POST
+@admin_required
+def vm_action(request, name: str, action: str):
+    v = get_object_or_404(VMInstance, name=name)
+    by = request.user.get_username()
+    try:
+        if action == "stop":
+            item = actions.stop_vm(v, now=timezone.now(), by=by)
+            messages.success(request, f"VM {v.name}: stop queued (HA work #{item.pk}).")
+        elif action == "start":
+            v = actions.start_vm(v, engine=production_engine(), by=by)
+            messages.success(request, f"VM {v.name} started on {v.host.name}.")
+        else:
+            raise Http404(f"no VM action {action!r}")
+    except actions.ActionError as exc:
+        messages.error(request, str(exc))
+    return redirect("dash:vm", name=name)
+
+
+# --- HA work queue ------------------------------------------------------------
+
+
+WORK_LIMITS = (100, 200, 500, 1000)
+
+
+@login_required
+def work(request):
+    step = request.GET.get("step", "")
+    wtype = request.GET.get("type", "")
+    show = request.GET.get("show", "all")
+    try:
+        limit = int(request.GET.get("limit", 200))
+    except ValueError:
+        limit = 200
+    limit = min(max(limit, 1), WORK_LIMITS[-1])
+    qs = HaWork.objects.select_related("instance", "host", "target_host").order_by("-id")
+    if step in Step.values:
+        qs = qs.filter(step=step)
+    if wtype in WorkType.values:
+        qs = qs.filter(type=wtype)
+    if show == "open":
+        qs = qs.unfinished()
+    elif show == "finished":
+        qs = qs.filter(step__in=FINAL_STEPS)
+    step_counts = dict(HaWork.objects.order_by().values("step").annotate(n=Count("id"))
+                       .values_list("step", "n"))
+    type_counts = dict(HaWork.objects.order_by().values("type").annotate(n=Count("id"))
+                       .values_list("type", "n"))
+    rows = list(qs[:limit])
+    now = timezone.now()
+
+    def link(**change):
+        q = {"step": step, "type": wtype, "show": show, **change}
+        return "?" + urlencode({k: v for k, v in q.items() if v and v != "all"})
+
+    ctx = {
+        "rows": rows,
+        "now": now,
+        "step": step,
+        "type": wtype,
+        "show": show,
+        "limit": limit,
+        "steps": [(s, step_counts.get(s, 0), link(step="" if s == step else s))
+                  for s in Step.values],
+        "types": [(t, type_counts.get(t, 0), link(type="" if t == wtype else t))
+                  for t in WorkType.values],
+        "shows": [(s, link(show=s)) for s in ("all", "open", "finished")],
+        "total": sum(step_counts.values()),
+        "open_total": sum(n for s, n in step_counts.items() if s not in FINAL_STEPS),
+        "lease": dt.timedelta(minutes=5),
+    }
+    return page(request, "dashboard/work.html", "work", ctx)
+
+
+# --- incidents ----------------------------------------------------------------
+
+
+@login_required
+def incidents_page(request):
+    incs = incidents.incidents(50)
+    recovered = [i for i in incs if i.recovery_seconds is not None][:40][::-1]
+    recovery_chart = charts.bar_chart(
+        [charts.Bar(value=i.recovery_seconds, cls=f"k-{i.kind}",
+                    label=i.name if len(recovered) <= 12 else "",
+                    title=f"{i.name} ({i.kind} failure, {i.detected:%Y-%m-%d %H:%M:%S}): "
+                          f"recovered in {i.recovery_seconds:.0f} s",
+                    href=f"#inc-{i.key}")
+         for i in recovered],
+        chart_id="chart-recovery", unit=" s", label="Time to recovery per incident (s)",
+        empty="No incident has recovered yet.",
+    )
+    end, per_min = incidents.events_per_minute(60)
+    epm_chart = charts.bar_chart(
+        [charts.Bar(value=n, title=f"{m:%H:%M}: {n} events",
+                    label=f"{m:%H:%M}" if i % 10 == 0 else "")
+         for i, (m, n) in enumerate(per_min)],
+        chart_id="chart-epm", label="Events per minute", height=120,
+    )
+    times = [i.recovery_seconds for i in incs if i.recovery_seconds is not None]
+    ctx = {
+        "incidents": incs,
+        "recovery_chart": recovery_chart,
+        "epm_chart": epm_chart,
+        "epm_end": end,
+        "epm_total": sum(n for _, n in per_min),
+        "recovery_median": sorted(times)[len(times) // 2] if times else None,
+        "recovery_max": max(times) if times else None,
+        "open_incidents": sum(1 for i in incs if i.open),
+    }
+    return page(request, "dashboard/incidents.html", "incidents", ctx)
+
+
+# --- configuration ------------------------------------------------------------
+
+
+def config_text(k: config.Key, value) -> str:
+    if k.type == "bool":
+        return "true" if value else "false"
+    if k.type == "list":
+        return ",".join(value)
+    if k.type == "float":
+        return repr(float(value)) if value != int(value) else f"{int(value)}"
+    return str(value)
+
+
+@login_required
+def config_page(request):
+    snap = config.snapshot().as_dict()
+    stored = {r.name: r for r in Configuration.objects.all()}
+    rows = []
+    for name in sorted(config.KEYS, key=lambda n: (config.KEYS[n].category, n)):
+        k = config.KEYS[name]
+        row = stored.get(name)
+        value = config_text(k, snap[name])
+        rows.append({
+            "key": k,
+            "value": value,
+            "is_default": value == k.normalise(k.default),
+            "stored": row.value if row else None,
+            "invalid": row is not None and row.value != value,
+            "updated": row.updated if row else None,
+            "admin_url": reverse("admin:hadash_configuration_change",
+                                 args=[admin_quote(name)]) if row else
+            reverse("admin:hadash_configuration_changelist"),
+        })
+    return page(request, "dashboard/config.html", "config", {
+        "rows": rows, "can_edit": request.user.is_staff,
+    })
+
+
+# --- simulator panel ----------------------------------------------------------
+
+
+def _fleet_attached():
+    if not fleetproxy.url():
+        raise Http404("no simulated fleet is attached (HADASH_FLEET_URL is not set)")
+
+
+def _with_db_state(sim_hosts: list[dict]) -> list[dict]:
+    names = [h.get("name") for h in sim_hosts if isinstance(h, dict)]
+    db = {r["name"]: r for r in Host.objects.filter(name__in=names)
+          .values("name", "status", "resource_state")}
+    for h in sim_hosts:
+        row = db.get(h.get("name"), {})
+        h["db_status"] = row.get("status", "")
+        h["db_resource_state"] = row.get("resource_state", "")
+        h["vm_count"] = len(h.get("vms") or [])
+    return sim_hosts
+
+
+@login_required
+def fleet_page(request):
+    _fleet_attached()
+    error = ""
+    sim_hosts: list[dict] = []
+    try:
+        sim_hosts = _with_db_state(fleetproxy.hosts())
+    except fleetproxy.FleetError as exc:
+        error = str(exc)
+    return page(request, "dashboard/fleet.html", "fleet", {
+        "sim_hosts": sim_hosts, "error": error,
+    })
+
+
+@login_required
+def fleet_hosts_json(request):
+    _fleet_attached()
+    try:
+        return JsonResponse({"hosts": _with_db_state(fleetproxy.hosts())})
+    except fleetproxy.FleetError as exc:
+        return JsonResponse({"error": str(exc)}, status=exc.status)
+
+
+@admin_required
+def fleet_fault(request):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    _fleet_attached()
+    do = request.POST.get("do", "")
+    try:
+        result = fleetproxy.fault(do)
+    except fleetproxy.FleetError as exc:
+        if wants_json(request):
+            return JsonResponse({"error": str(exc)}, status=exc.status)
+        messages.error(request, str(exc))
+        return redirect("dash:fleet")
+    if wants_json(request):
+        return JsonResponse(result)
+    messages.success(request, f"Fault applied: {result.get('do', do)}")
+    return redirect("dash:fleet")
