@@ -53,6 +53,24 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0,
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def live_members(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (zombies don't count:
+    a container's init may never reap them, but they are dead)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp …  — comm may contain spaces: split after ')'
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 @dataclass
 class Child:
     name: str
@@ -133,7 +151,15 @@ class Supervisor:
                 c.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and self.leftovers():
+            time.sleep(0.05)
         return {c.name: c.proc.returncode for c in self.children}
+
+    def leftovers(self) -> list[int]:
+        """Pids still running in any child's process group (should be none after
+        stop())."""
+        return [pid for c in self.children if c.proc for pid in live_members(c.proc.pid)]
 
     @staticmethod
     def _signal(c: Child, sig: int) -> None:
