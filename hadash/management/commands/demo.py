@@ -115,9 +115,11 @@ class Command(BaseCommand):
         w(f"  login  {o['username']} / {password}")
         w(f"  admin  {base}/admin/     API  {base}/api/v1/  (Bearer {token})")
         if not o["no_fleet"]:
-            w(f"  simulated fleet: {o['hosts']} hosts, {o['vms']} VMs; faults: "
-              f"{fleet}/control/ or")
-            w("    python manage.py simulate fault \"host kvm-003 power off\"")
+            w(f"  simulated fleet: {o['hosts']} hosts, {o['vms']} VMs — inject faults in the "
+              f"dashboard's Simulator page, or:")
+            third = f"kvm-{3:0{max(3, len(str(o['hosts'])))}}"
+            w(f"    .venv/bin/python manage.py simulate fault \"host {third} power off\" "
+              f"--control {fleet}")
         w("  Ctrl-C stops everything")
         w("=" * 72)
         w("")

@@ -46,7 +46,8 @@ class Command(BaseCommand):
             st = runtime.status()
             missing = max(1, runtime.TARGET_LOOPS - st["alive_loops"])
             spawn_loop(missing)
-            self.stdout.write(f"enqueued {missing} engine loop(s); run `qcluster` to run them")
+            self.stdout.write(f"hadash: enqueued {missing} engine loop(s) for the django-q "
+                              "cluster (python manage.py qcluster runs them)")
         else:
             lifetime = opts["lifetime"] or 10 ** 9
             self.stdout.write("running an engine loop in the foreground (Ctrl-C stops)")

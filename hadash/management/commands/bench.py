@@ -1,0 +1,170 @@
+"""python manage.py bench ping|detect|restart — benchmarks of the running system.
+
+    bench ping     agent ping ingestion over HTTP / websockets on PostgreSQL, beside the
+                   raw PostgreSQL update rate of the same rows (the ceiling)
+    bench detect   detection (host powered off → Down) and recovery (→ its HA VMs Running
+                   elsewhere) latency for a simulated fleet, in real time
+    bench restart  HA restart throughput of one failed host's VMs per ha.workers value
+
+Each run builds a fresh database (PostgreSQL: hadash_bench_<random>, dropped at the
+end), starts real processes (daphne, qcluster, the fleet simulator, a load generator)
+and stops them SIGTERM → SIGKILL, even on Ctrl-C. Results are printed as tables
+(``--json``: as JSON on stdout). See docs/benchmarks.md for numbers and how to read them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from django.core.management.base import BaseCommand, CommandError
+
+
+def int_list(value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise CommandError(f"expected comma-separated integers, not {value!r}") from None
+    if not items or min(items) < 1:
+        raise CommandError(f"expected positive integers, not {value!r}")
+    return items
+
+
+def float_list(value: str) -> list[float]:
+    try:
+        items = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise CommandError(f"expected comma-separated numbers, not {value!r}") from None
+    if not items or min(items) < 0:
+        raise CommandError(f"expected numbers ≥ 0, not {value!r}")
+    return items
+
+
+class Command(BaseCommand):
+    help = "Benchmarks: ping ingestion, failure detection/recovery, HA restart throughput."
+
+    def add_arguments(self, parser):
+        from bench.common import DEFAULT_PG
+
+        sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+        def common(p):
+            p.add_argument("--database", default=DEFAULT_PG,
+                           help="PostgreSQL server to create the throw-away database on "
+                           f"(default {DEFAULT_PG}, or $HADASH_BENCH_PG)")
+            p.add_argument("--allow-sqlite", action="store_true",
+                           help="allow --database sqlite:// (a temporary file)")
+            p.add_argument("--json", action="store_true", help="print the results as JSON")
+            p.add_argument("--verbose", action="store_true",
+                           help="echo the output of the processes started")
+
+        p = sub.add_parser("ping", help="ping ingestion over HTTP/websockets vs PostgreSQL")
+        common(p)
+        p.add_argument("--transport", default="ws,http",
+                       help="ws, http or both (default ws,http)")
+        p.add_argument("--hosts", type=int, default=1000)
+        p.add_argument("--seconds", type=float, default=20.0, help="measured seconds (20)")
+        p.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds (3)")
+        p.add_argument("--web-processes", default="1",
+                       help="daphne processes, e.g. 1 or 1,2 to measure both (default 1)")
+        p.add_argument("--connections", type=int, default=50,
+                       help="pings in flight (closed loop; default 50)")
+        p.add_argument("--rate", type=float, default=0.0,
+                       help="open loop instead: every host pings every hosts/RATE s "
+                       "(e.g. --hosts 10000 --rate 1000 is ping.interval 10)")
+        p.add_argument("--ceiling-seconds", type=float, default=5.0,
+                       help="seconds per PostgreSQL ceiling measurement (0: skip)")
+        p.add_argument("--batch", type=int, default=200,
+                       help="pings per transaction in the batched ceiling (200)")
+        p.add_argument("--conn-max-age", type=int, default=None,
+                       help="experiment: run daphne with CONN_MAX_AGE=N "
+                       "(bench.settings_override) instead of the settings' 0")
+        p.add_argument("--fillfactor", type=int, default=None, choices=range(10, 101),
+                       metavar="PERCENT",
+                       help="experiment: ALTER TABLE host, vm_instance SET (fillfactor = "
+                       "PERCENT) before measuring (HOT updates for pings)")
+        p.add_argument("--db-pool", type=int, default=None,
+                       help="experiment: run daphne with Django's psycopg pool of at most N "
+                       "connections (needs psycopg-pool importable, e.g. via PYTHONPATH)")
+
+        p = sub.add_parser("detect", help="detection and recovery latency of a simulated fleet")
+        common(p)
+        p.add_argument("--hosts", type=int, default=1000)
+        p.add_argument("--vms", type=int, default=10000)
+        p.add_argument("--ha-ratio", type=float, default=0.5)
+        p.add_argument("--clusters", type=int, default=10)
+        p.add_argument("--failures", type=int, default=5)
+        p.add_argument("--ping-interval", type=int, default=2)
+        p.add_argument("--ping-timeout", type=float, default=None,
+                       help="set ping.timeout too (default: leave the configured 2.5)")
+        p.add_argument("--start-delay", type=float, default=1.0,
+                       help="seconds a simulated VM start takes (1.0)")
+        p.add_argument("--ha-workers", type=int, default=None,
+                       help="set ha.workers (default: leave the configured 5)")
+        p.add_argument("--settle", type=float, default=None,
+                       help="seconds to wait after the fleet is ready (default 2 × ping "
+                       "interval)")
+        p.add_argument("--timeout", type=float, default=None,
+                       help="bound on the fleet set-up wait (default 300 s + 0.1 s per VM)")
+
+        p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
+        common(p)
+        p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
+        p.add_argument("--vms", type=int, default=100, help="HA VMs on the failed host (100)")
+        p.add_argument("--start-delay", default="0",
+                       help="seconds a simulated VM start takes; a list runs each "
+                       "(e.g. 0,1.0; default 0: instant starts)")
+        p.add_argument("--spare-hosts", type=int, default=4,
+                       help="hosts that only receive restarted VMs (4)")
+        p.add_argument("--timeout", type=float, default=None,
+                       help="bound on each recovery (default 120 s + 2 × VMs × start delay "
+                       "÷ workers)")
+
+    def handle(self, *args, **o):
+        from bench.common import BenchError, dump_json
+
+        o["command"] = "python manage.py " + " ".join(sys.argv[1:]) \
+            if sys.argv and sys.argv[0].endswith("manage.py") else f"bench {o['benchmark']}"
+        name = o["benchmark"]
+        try:
+            if name == "ping":
+                from bench import ping as mod
+
+                o["transports"] = [t.strip() for t in o["transport"].split(",") if t.strip()]
+                if not o["transports"] or set(o["transports"]) - {"ws", "http"}:
+                    raise CommandError("--transport: ws, http or ws,http")
+                o["web_processes"] = int_list(o["web_processes"])
+                if o["hosts"] < 1 or o["connections"] < 1 or o["seconds"] <= 0:
+                    raise CommandError("--hosts, --connections and --seconds must be positive")
+                if o["db_pool"] is not None:
+                    import importlib.util
+
+                    if importlib.util.find_spec("psycopg_pool") is None:
+                        raise CommandError("--db-pool needs the psycopg-pool package "
+                                           "(pip install psycopg-pool, or PYTHONPATH)")
+            elif name == "detect":
+                from bench import detect as mod
+
+                if o["hosts"] < 2 or o["failures"] < 1 or o["failures"] >= o["hosts"]:
+                    raise CommandError("need --hosts ≥ 2 and 1 ≤ --failures < --hosts")
+            else:
+                from bench import restart as mod
+
+                o["workers"] = int_list(o["workers"])
+                o["start_delays"] = float_list(o["start_delay"])
+                if o["vms"] < 1:
+                    raise CommandError("--vms must be at least 1")
+            result = mod.run(o)
+        except BenchError as exc:
+            raise CommandError(str(exc)) from None
+        except KeyboardInterrupt:
+            raise CommandError("interrupted; processes stopped, database dropped") from None
+        if o["json"]:
+            self.stdout.write(dump_json(result))
+        else:
+            from bench.common import machine_line
+
+            self.stdout.write("")
+            self.stdout.write(f"machine: {machine_line(result['machine'])}")
+            self.stdout.write(f"command: {result['command']}")
+            self.stdout.write("")
+            self.stdout.write(mod.report(result))
