@@ -6,115 +6,16 @@ outcomes are read through the operator API."""
 from __future__ import annotations
 
 import os
-import sys
 import time
-import uuid
 
-import httpx
-import psycopg
 import pytest
 
-from hadash.supervisor import ROOT, Supervisor, free_port, wait_for_port
+from tests.conftest import manage, wait_for
 
 pytestmark = [pytest.mark.e2e]
 
-PG_SERVER = os.environ.get("HADASH_E2E_PG", "")
-
-
-def pg_admin_url() -> str | None:
-    """The PostgreSQL server the suite runs on (None on the SQLite run)."""
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith(("postgres://", "postgresql://")):
-        return url
-    return None
-
-
-@pytest.fixture
-def database(tmp_path):
-    """A fresh database of the same kind as the suite's, for the system under test."""
-    url = pg_admin_url()
-    if url is None:
-        yield f"sqlite:///{tmp_path / 'e2e.sqlite3'}"
-        return
-    import dj_database_url
-
-    cfg = dj_database_url.parse(url)
-    name = f"hadash_e2e_{uuid.uuid4().hex[:8]}"
-    conninfo = dict(host=cfg["HOST"] or "127.0.0.1", port=cfg["PORT"] or 5432,
-                    user=cfg["USER"] or "postgres", password=cfg["PASSWORD"] or None,
-                    dbname="postgres", autocommit=True, connect_timeout=5)
-    with psycopg.connect(**conninfo) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = url.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(**conninfo) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def manage(env, *args, timeout=120) -> str:
-    import subprocess
-
-    proc = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n" \
-                                 f"{proc.stderr}"
-    return proc.stdout
-
-
-def wait_for(what: str, cond, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-@pytest.fixture
-def system(database, tmp_path):
-    env = {**os.environ, "DATABASE_URL": database, "HADASH_VAR_DIR": str(tmp_path),
-           "HADASH_ENGINE_LOOPS": "2", "HADASH_LOG": "INFO"}
-    env.pop("CI", None)
-    manage(env, "migrate", "--noinput", "-v0")
-    token = manage(env, "apitoken", "e2e", "--create").strip().splitlines()[-1]
-    web_port, fleet_port = free_port(), free_port()
-    sup = Supervisor(echo=bool(os.environ.get("HADASH_E2E_ECHO")), grace=8.0, base_env=env)
-    api = httpx.Client(base_url=f"http://127.0.0.1:{web_port}/api/v1",
-                       headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    try:
-        web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port),
-                         "hadash.asgi:application")
-        wait_for_port(web_port, proc=web.proc, timeout=60)
-        for key, value in {"ping.interval": "2", "ping.timeout": "2",
-                           "investigate.retry.interval": "5",
-                           "restart.retry.interval": "5"}.items():
-            assert api.put(f"/config/{key}", json={"value": value}).status_code == 200
-        manage(env, "engine", "start")
-        sup.manage("engine", "qcluster")
-        sup.manage("fleet", "simulate", "--server", f"http://127.0.0.1:{web_port}",
-                   "--listen", f"127.0.0.1:{fleet_port}", "--hosts", "4", "--vms", "8",
-                   "--ha-ratio", "0.5", "--clusters", "1", "--start-delay", "0.2",
-                   "--api-token", token)
-        control = httpx.Client(base_url=f"http://127.0.0.1:{fleet_port}/control", timeout=10)
-        wait_for("8 VMs registered and 4 hosts Up", lambda: (
-            len(api.get("/vms").json()) == 8
-            and [h["status"] for h in api.get("/hosts").json()] == ["Up"] * 4), 60)
-        yield api, control, sup
-    except BaseException:
-        for c in sup.children:
-            print(f"---- {c.name} (last lines)\n" + "\n".join(c.log[-40:]))
-        raise
-    finally:
-        sup.stop()
-        api.close()
-        assert sup.leftovers() == [], "processes left running after stop"
+# The fixtures `database` and `system` (the running system, as `(api, control, sup)`)
+# live in tests/conftest.py, shared with the browser tests (tests/browser).
 
 
 def vms_on(api, host):
