@@ -170,3 +170,13 @@ async def relay() -> Relay:
         r = _relays[loop] = Relay()
     await r.ready.wait()
     return r
+
+
+async def stop_relay() -> None:
+    """Stop this event loop's relay (closing its LISTEN connection). For tests and
+    orderly shutdowns; daphne simply lets it die with the process."""
+    loop = asyncio.get_running_loop()
+    r = _relays.pop(loop, None)
+    if r is not None and not r.task.done():
+        r.task.cancel()
+        await asyncio.gather(r.task, return_exceptions=True)

@@ -32,6 +32,19 @@ def session_headers(origin="http://localhost"):
             (b"cookie", f"sessionid={c.cookies['sessionid'].value}".encode())]
 
 
+def run_async(fn):
+    """Run an async test body, then stop the relay it started, so no LISTEN
+    connection outlives the test (the test database must drop cleanly)."""
+    from hadash import live
+
+    async def wrapped():
+        try:
+            await fn()
+        finally:
+            await live.stop_relay()
+    async_to_sync(wrapped)()
+
+
 async def connect(path, headers):
     comm = WebsocketCommunicator(application, path, headers=headers)
     ok, _ = await comm.connect(timeout=5)
@@ -82,7 +95,7 @@ def test_anonymous_and_foreign_origin_are_refused():
         assert not ok
         comm, ok = await connect("/ws/events", foreign)
         assert not ok
-    async_to_sync(run)()
+    run_async(run)
 
 
 def test_committed_events_arrive_within_a_second():
@@ -100,7 +113,7 @@ def test_committed_events_arrive_within_a_second():
         assert time.monotonic() - t0 < 1.5
         assert mark >= max(ids)
         await comm.disconnect()
-    async_to_sync(run)()
+    run_async(run)
 
 
 def test_reconnect_with_watermark_misses_nothing():
@@ -117,7 +130,7 @@ def test_reconnect_with_watermark_misses_nothing():
         assert missed <= set(got)
         assert min(got) > mark
         await comm.disconnect()
-    async_to_sync(run)()
+    run_async(run)
 
 
 def test_events_from_another_process_arrive():
@@ -151,7 +164,7 @@ def test_events_from_another_process_arrive():
                 break
         assert any(e["event"] == "ConfigChanged" and e["new"] == "9" for e in seen)
         await comm.disconnect()
-    async_to_sync(run)()
+    run_async(run)
     assert config.get("ha.workers") == 9
 
 
@@ -188,4 +201,4 @@ def test_an_event_committed_late_with_a_lower_id_is_still_delivered():
         assert out["id"] in got
         assert mark >= fast
         await comm.disconnect()
-    async_to_sync(run)()
+    run_async(run)
