@@ -202,3 +202,42 @@ def test_an_event_committed_late_with_a_lower_id_is_still_delivered():
         assert mark >= fast
         await comm.disconnect()
     run_async(run)
+
+
+def redis_url():
+    import os
+    import socket
+
+    url = os.environ.get("HADASH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.partition(":")
+    try:
+        socket.create_connection((host, int(port or 6379)), timeout=1).close()
+    except OSError:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Redis is not reachable at {url} (required when CI=true)")
+        pytest.skip(f"Redis is not reachable at {url}")
+    return url
+
+
+def test_events_arrive_through_the_redis_channel_layer(settings):
+    """Production with several web processes sets REDIS_URL (channels_redis): the
+    relay's group messages go through Redis and still reach the socket."""
+    settings.CHANNEL_LAYERS = {"default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [redis_url()]},
+    }}
+    headers = session_headers()
+
+    async def run():
+        from channels.layers import get_channel_layer
+
+        assert type(get_channel_layer()).__name__ == "RedisChannelLayer"
+        comm, ok = await connect("/ws/events", headers)
+        assert ok
+        await comm.receive_json_from(timeout=3)
+        ids = {await asyncio.to_thread(write_event, f"via redis {i}") for i in range(3)}
+        got, _ = await collect(comm, ids, timeout=3)
+        assert ids <= set(got)
+        await comm.disconnect()
+    run_async(run)
