@@ -301,10 +301,34 @@ class Run:
         for s in range(start, t + 1):
             self.second(s)
 
-    def run(self) -> Result:
+    def next_second(self, t: int) -> int:
+        """The next second after ``t`` at which anything can happen: an event, an
+        expectation, a ping, or the engine having something due (hadash.ha.due).
+        Seconds in between would run sweeps and worker steps that do nothing."""
+        import math
+
+        from hadash import config
+        from hadash.ha.due import next_due
+
+        cfg = config.snapshot()
+        interval = cfg["ping.interval"]
+        marks = [e["at"] for e in self.data["events"] if e["at"] > t]
+        marks += [c.at for c in self.checks if c.at > t]
+        marks.append((t // interval + 1) * interval)
+        due = next_due(self.clock.now(), cfg)
+        marks.append(math.ceil((due - self.clock.epoch).total_seconds()))
+        return max(t + 1, min(marks))
+
+    def run(self, every_second: bool = False) -> Result:
         self.data["events"] = sorted(self.data["events"], key=lambda e: e["at"])
         self.setup()
-        self.advance_to(self.until)
+        if every_second:
+            self.advance_to(self.until)
+        else:
+            t = 0
+            while t <= self.until:
+                self.second(t)
+                t = self.next_second(t)
         self.result.checks = self.checks
         return self.result
 

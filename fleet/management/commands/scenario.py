@@ -50,6 +50,11 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("paths", nargs="+", help="scenario YAML files or folders")
         parser.add_argument("--json", action="store_true", help="print a JSON report")
+        parser.add_argument(
+            "--every-second", action="store_true",
+            help="run the engine every virtual second, without skipping idle seconds "
+                 "(slower; the results must be the same)",
+        )
 
     def handle(self, *paths, **opts):
         from fleet import scenario
@@ -78,7 +83,8 @@ class Command(BaseCommand):
                 with temporary_database(db):
                     try:
                         data = scenario.load(f)
-                        result = scenario.Run(data, str(f)).run()
+                        result = scenario.Run(data, str(f)).run(
+                            every_second=opts["every_second"])
                     except scenario.ScenarioError as exc:
                         result = scenario.Result(path=str(f), name=f.stem, error=str(exc))
                     except Exception as exc:  # report, and go on with the next file
