@@ -32,9 +32,10 @@ def spawn_loop(n: int = 1) -> None:
 
 def ensure_engine() -> str:
     """Every minute: alert on a stalled sweeper, top the loops up to the target."""
-    from hadash.ha.runtime import TARGET_LOOPS, check_stall, status
+    from hadash.ha.runtime import TARGET_LOOPS, check_stall, reap_lost_loops, status
 
     stalled = check_stall()
+    reap_lost_loops()
     st = status()
     missing = max(0, TARGET_LOOPS - st["alive_loops"])
     if missing:

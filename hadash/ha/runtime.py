@@ -324,3 +324,32 @@ def check_stall(now=None) -> bool:
             now=now,
         )
     return True
+
+
+def reap_lost_loops(now=None) -> list[str]:
+    """Loops whose heartbeat stopped (a killed or wedged process): one alert each,
+    naming the HA items they still hold (retaken when their 5-minute lease lapses,
+    R11), then their rows go. Returns the loops reaped."""
+    from hadash.choices import FINAL_STEPS
+    from hadash.models import HaWork
+
+    now = now or timezone.now()
+    lost = list(EngineProcess.objects.filter(heartbeat__lt=now - 2 * HEARTBEAT_TTL))
+    for p in lost:
+        held = list(HaWork.objects.exclude(step__in=FINAL_STEPS)
+                    .filter(taken_by__startswith=f"{p.id}/")
+                    .values_list("instance__name", flat=True))
+        with transaction.atomic():
+            if not EngineProcess.objects.filter(id=p.id, heartbeat=p.heartbeat).delete()[0]:
+                continue  # it came back meanwhile
+            silent = int((now - p.heartbeat).total_seconds())
+            what = (f"; HA work of {', '.join(held)} is retaken when its lease lapses"
+                    if held else "")
+            record_event(
+                Subject.ENGINE, None, name=p.id, event="EngineLoopLost", alert=True,
+                severity=Severity.WARNING, old="alive", new="lost", now=now,
+                message=f"Engine loop {p.id} (pid {p.pid} on {p.host}) stopped "
+                        f"heartbeating {silent} s ago{'' if p.leaving else ' without handing over'}"
+                        f"{what}",
+            )
+    return [p.id for p in lost]

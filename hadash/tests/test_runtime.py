@@ -187,3 +187,29 @@ def test_surplus_loops_leave_at_once():
     loops[0].stop()
     for t in threads:
         t.join(30)
+
+
+@pytest.mark.django_db
+def test_a_lost_loop_raises_one_alert_naming_the_work_it_held():
+    """Issue 3: a wedged or killed engine loop stops heartbeating; the next
+    ensure_engine run raises an alert naming the HA work it still holds."""
+    from hadash.choices import Reason
+    from hadash.ha import work
+    from hadash.tasks import ensure_engine
+
+    w = world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
+    work.schedule_restart(VMInstance.objects.get(name="vm1"), investigate=True,
+                          reason=Reason.OPERATOR, now=timezone.now())
+    stale = timezone.now() - dt.timedelta(minutes=2)
+    EngineProcess.objects.create(id="box:42:abc", host="box", pid=42, started=stale,
+                                 heartbeat=stale)
+    from hadash.models import HaWork
+
+    HaWork.objects.update(taken=stale, taken_by="box:42:abc/w0")
+    ensure_engine()
+    ensure_engine()
+    lost = Event.objects.filter(event="EngineLoopLost")
+    assert lost.count() == 1 and lost[0].alert
+    assert "box:42:abc" in lost[0].message and "vm1" in lost[0].message
+    assert not EngineProcess.objects.filter(id="box:42:abc").exists()
+    assert w  # the world made the VM
