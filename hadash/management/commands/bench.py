@@ -73,15 +73,22 @@ class Command(BaseCommand):
                        "(e.g. --hosts 10000 --rate 1000 is ping.interval 10)")
         p.add_argument("--ceiling-seconds", type=float, default=5.0,
                        help="seconds per PostgreSQL ceiling measurement (0: skip)")
+        p.add_argument("--ceiling-warmup", type=float, default=2.0,
+                       help="unmeasured seconds of the same writes before each ceiling "
+                       "measurement (2)")
         p.add_argument("--batch", type=int, default=200,
                        help="pings per transaction in the batched ceiling (200)")
         p.add_argument("--conn-max-age", type=int, default=None,
                        help="experiment: run daphne with CONN_MAX_AGE=N "
-                       "(bench.settings_override) instead of the settings' 0")
+                       "(bench.settings_override) instead of the settings' 0; under ASGI "
+                       "every request runs in a new thread, so expect 'too many clients'")
         p.add_argument("--fillfactor", type=int, default=None, choices=range(10, 101),
                        metavar="PERCENT",
                        help="experiment: ALTER TABLE host, vm_instance SET (fillfactor = "
                        "PERCENT) before measuring (HOT updates for pings)")
+        p.add_argument("--experiment", default="",
+                       help="experiment: run daphne with proposed ingestion changes applied "
+                       "(bench.asgi_experiment): any, dispatch or any,dispatch")
         p.add_argument("--db-pool", type=int, default=None,
                        help="experiment: run daphne with Django's psycopg pool of at most N "
                        "connections (needs psycopg-pool importable, e.g. via PYTHONPATH)")
@@ -105,6 +112,14 @@ class Command(BaseCommand):
                        "interval)")
         p.add_argument("--timeout", type=float, default=None,
                        help="bound on the fleet set-up wait (default 300 s + 0.1 s per VM)")
+
+        p = sub.add_parser("dashboard", help="overview served time and smoothness under events")
+        common(p)
+        p.add_argument("--hosts", type=int, default=1000, help="hosts (1000)")
+        p.add_argument("--vms-per-host", type=int, default=10, help="VMs per host (10)")
+        p.add_argument("--rate", type=float, default=100, help="events per second (100)")
+        p.add_argument("--seconds", type=float, default=20, help="seconds of events (20)")
+        p.add_argument("--requests", type=int, default=20, help="timed GET / (20)")
 
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
@@ -135,12 +150,24 @@ class Command(BaseCommand):
                 o["web_processes"] = int_list(o["web_processes"])
                 if o["hosts"] < 1 or o["connections"] < 1 or o["seconds"] <= 0:
                     raise CommandError("--hosts, --connections and --seconds must be positive")
+                o["experiment"] = [e.strip() for e in o["experiment"].split(",") if e.strip()]
+                if set(o["experiment"]) - {"any", "dispatch"}:
+                    raise CommandError("--experiment: any, dispatch or any,dispatch")
                 if o["db_pool"] is not None:
                     import importlib.util
 
                     if importlib.util.find_spec("psycopg_pool") is None:
                         raise CommandError("--db-pool needs the psycopg-pool package "
                                            "(pip install psycopg-pool, or PYTHONPATH)")
+            elif name == "dashboard":
+                from bench import dashboard as mod
+
+                if o["json"]:
+                    result = mod.run(o)
+                    self.stdout.write(mod.as_json(result))
+                else:
+                    self.stdout.write(mod.report(mod.run(o)))
+                return
             elif name == "detect":
                 from bench import detect as mod
 

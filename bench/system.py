@@ -1,0 +1,269 @@
+"""The whole system for a benchmark, as in production: a fresh database, daphne (web,
+agent protocol, websocket pings), a django-q cluster running the engine loops, and the
+fleet simulator — separate processes on free loopback ports, talking HTTP only. Faults
+go in through the simulator's control API; outcomes are read through the operator API.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hadash.supervisor import Supervisor, free_port, wait_for_port
+
+from .common import BenchDatabase, BenchError, bench_env, manage, say, wait_until
+
+
+def parse_time(value: str) -> float:
+    """An API timestamp as a POSIX time (the server runs on this machine: same clock)."""
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+class System:
+    def __init__(self, db: BenchDatabase, tmp: Path, *, verbose: bool = False,
+                 config: dict[str, str] | None = None, engine_loops: int = 2):
+        self.db = db
+        self.tmp = tmp
+        self.config = dict(config or {})
+        self.env = bench_env(db.url, str(tmp), HADASH_ENGINE_LOOPS=str(engine_loops))
+        self.sup = Supervisor(echo=verbose, grace=8.0, base_env=self.env)
+        self.api: httpx.Client | None = None
+        self.control: httpx.Client | None = None
+        self.token = ""
+        self.web_port = 0
+        self.fleet_port = 0
+        self.hosts = 0
+        self.vms = 0
+
+    # --- start / stop ------------------------------------------------------------------
+    def start(self, *, hosts: int, vms: int, ha_ratio: float, clusters: int,
+              start_delay: float, host_cpus: int | None = None,
+              host_memory_mb: int | None = None) -> None:
+        self.hosts, self.vms = hosts, vms
+        say("migrating …")
+        manage(self.env, "migrate", "--noinput", "-v0")
+        self.token = manage(self.env, "apitoken", "bench", "--create").strip().splitlines()[-1]
+        self.web_port, self.fleet_port = free_port(), free_port()
+        web = self.sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p",
+                              str(self.web_port), "hadash.asgi:application")
+        wait_for_port(self.web_port, proc=web.proc, timeout=60)
+        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.web_port}/api/v1",
+                                headers={"Authorization": f"Bearer {self.token}"},
+                                timeout=30, trust_env=False)
+        for key, value in self.config.items():
+            self.set_config(key, value)
+        say(f"daphne on {self.web_port}; config {self.config or 'defaults'}")
+        manage(self.env, "engine", "start")
+        self.sup.manage("engine", "qcluster")
+        argv = ["fleet", "simulate", "--server", f"http://127.0.0.1:{self.web_port}",
+                "--listen", f"127.0.0.1:{self.fleet_port}", "--hosts", str(hosts),
+                "--vms", str(vms), "--ha-ratio", str(ha_ratio), "--clusters", str(clusters),
+                "--start-delay", str(start_delay), "--api-token", self.token,
+                "--transport", "ws", "--seed", "1", "--status-interval", "10"]
+        if host_cpus:
+            argv += ["--host-cpus", str(host_cpus)]
+        if host_memory_mb:
+            argv += ["--host-memory-mb", str(host_memory_mb)]
+        self.sup.manage(*argv)
+        wait_for_port(self.fleet_port, proc=self.sup.children[-1].proc, timeout=120)
+        self.control = httpx.Client(base_url=f"http://127.0.0.1:{self.fleet_port}/control",
+                                    timeout=30, trust_env=False)
+        say(f"qcluster started; simulator: {hosts} hosts, {vms} VMs (HA ratio {ha_ratio}), "
+            f"{clusters} cluster(s), VM start {start_delay} s, control port {self.fleet_port}")
+
+    def stop(self) -> None:
+        for client in (self.api, self.control):
+            if client is not None:
+                client.close()
+        codes = self.sup.stop()
+        say(f"stopped {', '.join(f'{k} ({v})' for k, v in codes.items())}")
+
+    def __enter__(self) -> System:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- health --------------------------------------------------------------------------
+    def alive(self) -> None:
+        """BenchError if a process of the system exited."""
+        dead = self.sup.first_exited()
+        if dead is not None:
+            raise BenchError(f"{dead.name} exited with {dead.proc.returncode}; its last lines:\n"
+                             + "\n".join(dead.log[-40:]))
+
+    # --- the operator API and the control API -------------------------------------------
+    def get(self, path: str, **params) -> Any:
+        r = self.api.get(path, params=params or None)
+        if r.status_code != 200:
+            raise BenchError(f"GET {path} {params}: HTTP {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def set_config(self, key: str, value: str) -> None:
+        r = self.api.put(f"/config/{key}", json={"value": str(value)})
+        if r.status_code != 200:
+            raise BenchError(f"PUT /config/{key} {value!r}: HTTP {r.status_code} {r.text[:300]}")
+
+    def post(self, path: str) -> Any:
+        r = self.api.post(path, json={})
+        if r.status_code not in (200, 201):
+            raise BenchError(f"POST {path}: HTTP {r.status_code} {r.text[:300]}")
+        return r.json()
+
+    def fault(self, do: str) -> float:
+        """Apply a fault; returns the time (POSIX) the simulator answered."""
+        r = self.control.post("/faults", json={"do": do})
+        t = time.time()
+        if r.status_code != 200:
+            raise BenchError(f"fault {do!r}: HTTP {r.status_code} {r.text[:300]}")
+        return t
+
+    def health(self) -> dict:
+        return self.control.get("/health").json()
+
+    def last_event_id(self) -> int:
+        rows = self.get("/events", latest="true", limit=1)
+        return rows[-1]["id"] if rows else 0
+
+    def events(self, after: int, **filters) -> list[dict]:
+        out: list[dict] = []
+        while True:
+            rows = self.get("/events", after=after, limit=5000, **filters)
+            out.extend(rows)
+            if len(rows) < 5000:
+                return out
+            after = rows[-1]["id"]
+
+    def count_at_least(self, path: str, n: int, **filters) -> bool:
+        """Whether a list endpoint has at least ``n`` rows (one row fetched)."""
+        return bool(self.get(path, limit=1, offset=n - 1, **filters)) if n > 0 else True
+
+    # --- readiness -------------------------------------------------------------------------
+    def wait_ready(self, timeout: float) -> float:
+        """Until the simulator registered every VM, every host is Up and every VM
+        Running; returns the seconds it took."""
+        t0 = time.monotonic()
+
+        def registration() -> str:
+            reg = self.health().get("registration", {})
+            state = reg.get("state")
+            if state == "failed":
+                raise BenchError(f"the simulator's registration failed: {reg.get('error')}")
+            vms = reg.get("vms") or {}
+            bmcs = reg.get("hosts") or {}
+            hosts = self.health().get("hosts_connected")
+            return (f"{hosts}/{self.hosts} hosts connected, registration {state}: BMC "
+                    f"settings {bmcs.get('done', 0)}/{bmcs.get('of', self.hosts)}, VMs "
+                    f"{vms.get('done', 0)}/{vms.get('of', self.vms)}")
+
+        def registered() -> bool:
+            reg = self.health().get("registration", {})
+            if reg.get("state") == "failed":
+                raise BenchError(f"the simulator's registration failed: {reg.get('error')}")
+            return reg.get("state") in ("done", "done with failures")
+
+        wait_until("the simulator to register its hosts and VMs", registered, timeout,
+                   every=1.0, progress=registration, progress_every=10, alive=self.alive)
+        reg = self.health().get("registration", {})
+        if reg.get("state") != "done":
+            say(f"registration: {reg}")
+        say(f"registered in {time.monotonic() - t0:.0f} s: {reg.get('vms')}")
+        left = max(30.0, timeout - (time.monotonic() - t0))
+
+        def counts() -> str:
+            up = len(self.get("/hosts", status="Up", limit=10000))
+            return f"{up}/{self.hosts} hosts Up"
+
+        wait_until(f"all {self.hosts} hosts Up", lambda: self.count_at_least(
+            "/hosts", self.hosts, status="Up"), left, every=1.0, progress=counts,
+            progress_every=10, alive=self.alive)
+        wait_until(f"all {self.vms} VMs Running", lambda: self.count_at_least(
+            "/vms", self.vms, state="Running"), left, every=2.0, alive=self.alive,
+            progress=lambda: "waiting", progress_every=20)
+        self.wait_caught_up(left)
+        return time.monotonic() - t0
+
+    def backlog(self) -> int:
+        """Pings the simulator sent that the server has not answered yet (websocket
+        pings are answered once ingested: this is the ingestion backlog)."""
+        h = self.health()
+        return max(0, h["pings"] - h["ping_acks"] - h["ping_errors"])
+
+    def wait_caught_up(self, timeout: float, interval: float | None = None) -> None:
+        """Until the server answers pings as fast as they come: a backlog of at most
+        about one second of pings, twice in a row. A backlog makes every host look
+        alive for as long as its old pings are still being ingested (and stamped
+        last_ping at ingestion time), which would distort detection."""
+        rate = max(1.0, self.health().get("pings_per_s") or 1.0)
+        ok = {"n": 0}
+
+        def caught_up() -> bool:
+            ok["n"] = ok["n"] + 1 if self.backlog() <= max(20.0, rate) else 0
+            return ok["n"] >= 2
+
+        wait_until("the server to catch up with the pings", caught_up, timeout, every=2.0,
+                   progress=lambda: f"backlog {self.backlog()} pings ({rate:.0f} pings/s)",
+                   progress_every=10, alive=self.alive)
+
+    def host_vms(self, host: str) -> list[dict]:
+        return self.get("/vms", host=host, limit=10000)
+
+    def wait_host_status(self, host: str, status: str, timeout: float,
+                         every: float = 0.1) -> float:
+        """Poll until ``host`` shows ``status``; the POSIX time it was first seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.get(f"/hosts/{host}")["status"] == status:
+                return time.time()
+            time.sleep(every)
+        self.alive()
+        raise BenchError(f"{host} did not become {status} within {timeout:.0f} s "
+                         f"(now {self.get(f'/hosts/{host}')['status']})")
+
+    def wait_started(self, names: set[str], after: int, timeout: float,
+                     every: float = 0.2, victim: str = "") -> dict[str, dict]:
+        """Until every VM in ``names`` runs on another host than ``victim``; for each,
+        the event that made it Running there (normally HaStarted; sometimes the
+        agent's report wins the race, R9's out-of-band start), by VM name."""
+        seen: dict[str, dict] = {}
+        cursor = after
+        deadline = time.monotonic() + timeout
+        last_progress = time.monotonic()
+        while True:
+            for e in self.events(cursor, event="HaStarted"):
+                cursor = max(cursor, e["id"])
+                if e["subject_name"] in names and e["subject_name"] not in seen:
+                    seen[e["subject_name"]] = e
+                    last_progress = time.monotonic()
+            missing = names - set(seen)
+            if missing and time.monotonic() - last_progress > 2.0:
+                # No HaStarted for a while: look at the VMs themselves.
+                for name in sorted(missing):
+                    vm = self.get(f"/vms/{name}")
+                    if vm["state"] != "Running" or vm["host"] in (victim, None):
+                        continue
+                    running = [e for e in self.events(after, subject="vm", subject_name=name)
+                               if e.get("field") == "state" and e.get("new") == "Running"]
+                    if running:
+                        seen[name] = running[-1]
+                last_progress = time.monotonic()
+                missing = names - set(seen)
+            if not missing:
+                return seen
+            if time.monotonic() > deadline:
+                described = []
+                for name in sorted(missing)[:5]:
+                    vm = self.get(f"/vms/{name}")
+                    work = self.get("/ha-work", vm=name, limit=3)
+                    described.append(f"{name} ({vm['state']} on {vm['host']}; HA work: "
+                                     + ", ".join(f"#{w['id']} {w['reason']} {w['step']}"
+                                                 for w in work) + ")")
+                raise BenchError(f"only {len(seen)}/{len(names)} HA VMs of {victim} run "
+                                 f"elsewhere after {timeout:.0f} s; not: "
+                                 + "; ".join(described))
+            self.alive()
+            time.sleep(every)

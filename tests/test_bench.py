@@ -1,0 +1,237 @@
+"""Smoke tests of ``manage.py bench``: every benchmark runs end to end at a tiny size,
+so the command cannot silently rot. No timing is asserted (machines are shared and
+noisy; numbers belong in docs/benchmarks.md): only that each run completes, prints
+its table, and leaves no database and no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from hadash.supervisor import ROOT
+
+
+def pg_server() -> str:
+    url = os.environ.get("DATABASE_URL", "")
+    if not url.startswith(("postgres://", "postgresql://")):
+        pytest.skip("needs DATABASE_URL pointing at PostgreSQL")
+    return url.rsplit("/", 1)[0]
+
+
+def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "bench", *args, "--database", pg_server()],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "HADASH_BENCH_LOG": "WARNING"},
+    )
+    assert proc.returncode == 0, f"bench {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def bench_databases() -> set[str]:
+    import psycopg
+
+    with psycopg.connect(f"{pg_server()}/postgres", autocommit=True) as conn:
+        rows = conn.execute("SELECT datname FROM pg_database").fetchall()
+    return {r[0] for r in rows if r[0].startswith("hadash_bench_")}
+
+
+def databases_named(stderr: str) -> set[str]:
+    return set(re.findall(r"database (hadash_bench_[0-9a-f]+)", stderr))
+
+
+def processes_using(db_name: str) -> list[int]:
+    """Processes of ours whose environment points at the benchmark's database."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if db_name.encode() in f.read():
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def assert_cleaned_up(stderr: str) -> None:
+    names = databases_named(stderr)
+    assert names, f"the run did not say which database it used:\n{stderr[-2000:]}"
+    assert not names & bench_databases(), f"database(s) left behind: {names}"
+    for name in names:
+        assert processes_using(name) == [], f"processes left behind for {name}"
+
+
+def test_refuses_sqlite_unless_allowed():
+    with pytest.raises(CommandError, match="--allow-sqlite"):
+        call_command("bench", "ping", "--database", "sqlite:///bench.sqlite3")
+
+
+def test_rejects_bad_options():
+    with pytest.raises(CommandError):
+        call_command("bench", "ping", "--transport", "carrier-pigeon")
+    with pytest.raises(CommandError):
+        call_command("bench", "restart", "--workers", "0")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_ping_smoke():
+    proc = bench("ping", "--hosts", "5", "--seconds", "2", "--warmup", "0.5",
+                 "--connections", "4", "--web-processes", "1,2", "--ceiling-seconds", "0.5",
+                 "--ceiling-warmup", "0", "--batch", "5")
+    out = proc.stdout
+    assert "| transport" in out and "PostgreSQL ceiling" in out, out
+    for transport in ("ws", "http"):
+        assert re.search(rf"^\| {transport} +\| 1 ", out, re.M), out
+        assert re.search(rf"^\| {transport} +\| 2 ", out, re.M), out
+    for mode in ("per-ping", "batched"):
+        assert re.search(rf"^\| {mode} +\| 1 ", out, re.M), out
+        assert re.search(rf"^\| {mode} +\| 2 ", out, re.M), out
+    assert_cleaned_up(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_ping_json_open_loop():
+    proc = bench("ping", "--hosts", "6", "--seconds", "2", "--warmup", "0.5", "--rate", "12",
+                 "--transport", "ws", "--ceiling-seconds", "0", "--json",
+                 "--experiment", "any,dispatch", "--fillfactor", "70")
+    result = json.loads(proc.stdout)
+    assert result["benchmark"] == "ping" and result["ceiling"] == []
+    assert "any" in result["variant"] and "fillfactor 70" in result["variant"]
+    [run] = result["runs"]
+    assert run["transport"] == "ws" and run["mode"].startswith("open loop")
+    assert run["pings"] > 0 and run["errors"] == 0  # pings were answered, none refused
+    assert_cleaned_up(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_restart_smoke():
+    proc = bench("restart", "--vms", "3", "--workers", "1,2", "--spare-hosts", "1",
+                 timeout=900)
+    out = proc.stdout
+    assert "HA restart throughput" in out and "| VM start s" in out, out
+    assert re.search(r"^\| 0\.0 +\| 1 +\| 3 ", out, re.M), out
+    assert re.search(r"^\| 0\.0 +\| 2 +\| 3 ", out, re.M), out
+    assert_cleaned_up(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_detect_smoke():
+    proc = bench("detect", "--hosts", "4", "--vms", "8", "--failures", "1", "--clusters", "1",
+                 "--start-delay", "0.1", timeout=900)
+    out = proc.stdout
+    assert "detection since last ping" in out and "recovery" in out, out
+    assert re.search(r"^\| kvm-00\d ", out, re.M), out
+    assert_cleaned_up(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_interrupted_run_stops_processes_and_drops_its_database():
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "bench", "ping", "--hosts", "5",
+         "--seconds", "60", "--ceiling-seconds", "0", "--transport", "ws",
+         "--database", pg_server()],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if "load:" in line or time.monotonic() > deadline:
+                break
+        assert any("load:" in line for line in seen), "".join(seen)
+        time.sleep(2)  # the load generator is running
+        proc.send_signal(signal.SIGTERM)
+        rest_out, rest_err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = "".join(seen) + rest_err
+    assert proc.returncode != 0
+    assert "interrupted" in stderr, stderr[-2000:]
+    assert_cleaned_up(stderr)
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db
+def test_experimental_apply_batch_writes_what_the_original_writes():
+    """bench.asgi_experiment's array-parameter apply_batch (a proposal measured by
+    ``bench ping --experiment any``) does what hosts.agent.ingest.apply_batch does."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from bench.asgi_experiment import ORIGINAL_APPLY_BATCH, apply_batch_any
+    from bench.seed import seed_ping
+    from hosts.agent.ingest import TokenRevoked
+    from hosts.models import Host
+    from vms.models import VMInstance
+
+    hosts = seed_ping(4, 3)
+    old = timezone.now() - dt.timedelta(minutes=5)
+    Host.objects.update(last_ping=old)
+    VMInstance.objects.update(power_state_update_time=old)
+
+    def report(h):
+        return (h["token"], [(n, "PowerOn") for n in h["vm_names"]])
+
+    def snapshot():
+        return (sorted(Host.objects.values_list("id", "last_ping", "status")),
+                sorted(VMInstance.objects.values_list(
+                    "id", "power_state_update_count", "power_state", "state")))
+
+    # steady pings of hosts 0 and 1, a bad token, and host 2 reporting a VM missing
+    items = [report(hosts[0]), report(hosts[1]), ("not-a-token", []),
+             (hosts[2]["token"], [(n, "PowerOn") for n in hosts[2]["vm_names"][:2]])]
+    results = apply_batch_any(items)
+    assert results[0] == results[1] == results[3] == 10 and isinstance(results[2], TokenRevoked)
+    after_any = snapshot()
+    for h in hosts[:2]:
+        assert Host.objects.get(pk=h["id"]).last_ping > old
+        assert set(VMInstance.objects.filter(host_id=h["id"]).values_list(
+            "power_state_update_count", flat=True)) == {2}
+    assert Host.objects.get(pk=hosts[3]["id"]).last_ping == old
+
+    # the same batch through the original, from the same starting point
+    Host.objects.update(last_ping=old)
+    VMInstance.objects.update(power_state_update_time=old, power_state_update_count=1)
+    results = ORIGINAL_APPLY_BATCH(items)
+    assert results[0] == results[1] == results[3] == 10 and isinstance(results[2], TokenRevoked)
+    before = after_any
+    after = snapshot()
+    # last_ping values differ (now); compare which hosts moved and the VM counters/states
+    assert [(i, s) for i, _, s in before[0]] == [(i, s) for i, _, s in after[0]]
+    assert [i for i, t, _ in before[0] if t > old] == [i for i, t, _ in after[0] if t > old]
+    assert before[1] == after[1]
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_dashboard_smoke():
+    """The dashboard benchmark runs end to end (Debian's Chromium) at a tiny size."""
+    import shutil
+
+    if not shutil.which("chromium") and not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("no /usr/bin/chromium")
+    out = StringIO()
+    call_command("bench", "dashboard", "--hosts", "5", "--vms-per-host", "2", "--rate", "20",
+                 "--seconds", "2", "--requests", "3", stdout=out)
+    text = out.getvalue()
+    assert "overview served (GET /), median" in text
+    assert "events committed / shown live" in text
