@@ -2,7 +2,7 @@
 ``bench ping --experiment …`` can measure a change before anyone edits the code.
 Each experiment is the reference implementation of a proposal in docs/benchmarks.md.
 
-    HADASH_BENCH_EXPERIMENTS=any,dispatch   (comma-separated)
+    HADASH_BENCH_EXPERIMENTS=any,dispatch,nolayer   (comma-separated)
 
 * ``any`` — ``hosts.agent.ingest.apply_batch`` with the steady path's four statements
   written as SQL with one array parameter each (``= ANY(%s)``) instead of Django
@@ -15,6 +15,13 @@ Each experiment is the reference implementation of a proposal in docs/benchmarks
   ``aclose_old_connections()`` before every message: the consumer itself never touches
   the database while it handles a ping (the batcher's thread owns its connection), yet
   Channels hops into the single thread-sensitive sync thread for every message.
+* ``nolayer`` — ``AgentPingConsumer.channel_layer_alias`` set to an alias that is not
+  configured, so agent sockets get no channel layer: nothing is ever sent to an agent
+  through it (server→agent calls are HTTP), yet every consumer creates a channel and
+  waits on it, and the in-memory layer scans *all* channels on every receive call
+  (``InMemoryChannelLayer._clean_expired``): opening N sockets costs O(N²) — py-spy
+  showed it at 81% of the web process while 10,000 agents connected (with Redis each
+  socket would hold a Redis channel and a receive loop instead).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from hadash.asgi import application  # noqa: F401  (sets Django up)
 
 EXPERIMENTS = {e.strip() for e in os.environ.get("HADASH_BENCH_EXPERIMENTS", "").split(",")
                if e.strip()}
-KNOWN = {"any", "dispatch"}
+KNOWN = {"any", "dispatch", "nolayer"}
 
 
 def apply_batch_any(items):
@@ -134,3 +141,5 @@ if "any" in EXPERIMENTS:
     ingest.apply_batch = apply_batch_any
 if "dispatch" in EXPERIMENTS:
     consumers.AgentPingConsumer.dispatch = dispatch_without_db_close
+if "nolayer" in EXPERIMENTS:
+    consumers.AgentPingConsumer.channel_layer_alias = "hadash-agents-use-no-channel-layer"

@@ -88,7 +88,7 @@ class Command(BaseCommand):
                        "PERCENT) before measuring (HOT updates for pings)")
         p.add_argument("--experiment", default="",
                        help="experiment: run daphne with proposed ingestion changes applied "
-                       "(bench.asgi_experiment): any, dispatch or any,dispatch")
+                       "(bench.asgi_experiment): any of any,dispatch,nolayer")
         p.add_argument("--db-pool", type=int, default=None,
                        help="experiment: run daphne with Django's psycopg pool of at most N "
                        "connections (needs psycopg-pool importable, e.g. via PYTHONPATH)")
@@ -151,8 +151,8 @@ class Command(BaseCommand):
                 if o["hosts"] < 1 or o["connections"] < 1 or o["seconds"] <= 0:
                     raise CommandError("--hosts, --connections and --seconds must be positive")
                 o["experiment"] = [e.strip() for e in o["experiment"].split(",") if e.strip()]
-                if set(o["experiment"]) - {"any", "dispatch"}:
-                    raise CommandError("--experiment: any, dispatch or any,dispatch")
+                if set(o["experiment"]) - {"any", "dispatch", "nolayer"}:
+                    raise CommandError("--experiment: any of any,dispatch,nolayer")
                 if o["db_pool"] is not None:
                     import importlib.util
 
