@@ -10,7 +10,7 @@ control API (each in another cluster, the next only after the previous one recov
   ``last_ping``, which stops moving at the power-off): the target, ping.interval ×
   ping.timeout + 1 s, is about the latter; from the power-off up to one ping interval
   less has passed since the last ping. The HostDown event's own timestamp is reported
-  too (the engine stamps it with the start of the sweep that found the host).
+  too (the engine stamps it with the time the investigation started).
 * **recovery** — Down → every HA VM the host ran has an HaStarted event (Running on
   another host; checked through the API at the end), from the events' timestamps.
 """
@@ -146,7 +146,7 @@ def one_failure(system: System, victim: str, interval: float, timeout_factor: fl
     if wrong:
         raise BenchError(f"HA VMs of {victim} not Running elsewhere: {'; '.join(wrong[:5])}")
     # Recovery is measured from the moment Down was committed: the poll saw it at
-    # t_seen_down; the event's stamp is the sweep's start (earlier).
+    # t_seen_down; the event's stamp is when the investigation started (earlier).
     t_down = t_seen_down
     result = {
         "host": victim,
