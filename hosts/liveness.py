@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Min, Q
 
 from hadash import config
 from hadash.choices import Severity, Subject
@@ -40,16 +40,35 @@ def behind_cutoff(now, cfg) -> dt.datetime:
     return now - dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
 
 
-def hosts_to_investigate(now, cfg) -> list[Host]:
-    """R2 (Up/Connecting hosts behind on ping) and R5 (Alert hosts due again)."""
-    due = Q(next_investigation__isnull=True) | Q(next_investigation__lte=now)
+def hosts_to_investigate(now, cfg, *, newly_behind=False) -> list[Host]:
+    """R2 (Up/Connecting hosts behind on ping) and R5 (Alert hosts due again).
+    `newly_behind`: only hosts whose episode has not started yet (no investigation
+    scheduled) — what a between-sweeps detection pass looks for."""
     behind = Q(status__in=SWEPT_STATUSES, last_ping__lt=behind_cutoff(now, cfg))
-    alert = Q(status=HostStatus.ALERT)
+    if newly_behind:
+        wanted = behind & Q(next_investigation__isnull=True)
+    else:
+        due = Q(next_investigation__isnull=True) | Q(next_investigation__lte=now)
+        wanted = (behind | Q(status=HostStatus.ALERT)) & due
     return list(
-        Host.objects.filter((behind | alert) & due)
+        Host.objects.filter(wanted)
         .exclude(type__in=UNWATCHED_HOST_TYPES)
         .order_by("last_ping", "name")
     )
+
+
+def next_falls_behind(now, cfg) -> dt.datetime | None:
+    """The moment the next watched host that is still on time falls behind on ping
+    (R2), or None when no host is on time. The sweeper looks again exactly then, so
+    detection does not wait for its next one-second tick."""
+    cutoff = behind_cutoff(now, cfg)
+    oldest = (
+        Host.objects.filter(status__in=SWEPT_STATUSES, last_ping__gte=cutoff,
+                            next_investigation__isnull=True)
+        .exclude(type__in=UNWATCHED_HOST_TYPES)
+        .aggregate(oldest=Min("last_ping"))["oldest"]
+    )
+    return None if oldest is None else oldest + (now - cutoff)
 
 
 def monitor_step(engine, cfg=None) -> bool:
@@ -135,7 +154,8 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
 
     verdict, by = investigate_host(engine, host, now=now, cfg=cfg, health=health)
     if verdict == Verdict.DEAD:
-        return host_down(host, now=now, cfg=cfg, by=by, seen_ping=seen_ping)
+        # Stamped when the verdict is in, not when the investigation began.
+        return host_down(host, now=engine.now(), cfg=cfg, by=by, seen_ping=seen_ping)
     retry = now + dt.timedelta(seconds=cfg["investigate.retry.interval"])
     if verdict == Verdict.ALIVE:
         # R5: alive but not talking to us — Alert; its VMs may still run, so untouched.

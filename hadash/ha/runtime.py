@@ -11,7 +11,9 @@ shorter than the broker's retry) that each
   claim lock in hadash.ha.work, so several loops never exceed it together);
 - compete for the `sweeper` lease: exactly one loop holds it and runs the monitor
   sweep every second (investigations go to a small thread pool so one slow host
-  never delays the others); the others stand by and take over within the lease's
+  never delays the others) and, between sweeps, wakes at the moment the next host
+  falls behind on ping, so detection does not wait for the next tick; the others
+  stand by and take over within the lease's
   TTL when the holder stops renewing it (a dead or wedged process loses it);
 - before their lifetime ends, enqueue a successor and hand the lease over.
 
@@ -47,6 +49,8 @@ SWEEPER_TTL = dt.timedelta(seconds=10)
 HEARTBEAT_TTL = dt.timedelta(seconds=15)
 LOOP_LIFETIME = float(os.environ.get("HADASH_LOOP_LIFETIME", 240))  # < Q_CLUSTER timeout
 SWEEP_EVERY = 1.0
+# Between sweeps the sweeper wakes when the next host falls behind, this much after.
+DETECT_SLACK = 0.01
 INVESTIGATORS = 16
 TARGET_LOOPS = int(os.environ.get("HADASH_ENGINE_LOOPS", 2))
 
@@ -196,30 +200,68 @@ class EngineLoop:
         )
 
     # sweeping
-    def sweep(self, cfg) -> None:
+    def sweep(self, cfg):
+        """The full sweep (R2–R5, the brake, maintenance, cleanup). Returns when the
+        next host falls behind on ping (or None)."""
         from hadash.ha import brake, cleanup, maintenance
-        from hosts.liveness import check_host, hosts_to_investigate
 
         now = self.engine.now()
-        for host in hosts_to_investigate(now, cfg):
+        self._submit_investigations(now, cfg, newly_behind=False)
+        brake.update_all(now=now, cfg=cfg)
+        maintenance.complete_ready_hosts(now=now)
+        cleanup.cleanup_step(self.engine, cfg=cfg)
+        return self._next_due(cfg)
+
+    def detect(self, cfg):
+        """Between sweeps: investigate hosts that have just fallen behind (R2).
+        Returns when the next one falls behind (or None)."""
+        self._submit_investigations(self.engine.now(), cfg, newly_behind=True)
+        return self._next_due(cfg)
+
+    def _next_due(self, cfg):
+        from hosts.liveness import next_falls_behind
+
+        return next_falls_behind(self.engine.now(), cfg)
+
+    def _submit_investigations(self, now, cfg, *, newly_behind: bool) -> None:
+        from hosts.liveness import hosts_to_investigate
+
+        for host in hosts_to_investigate(now, cfg, newly_behind=newly_behind):
             with self.in_progress_lock:
                 if host.pk in self.in_progress:
                     continue
                 self.in_progress.add(host.pk)
-            self.investigations.submit(self._investigate, check_host, host, cfg)
-        brake.update_all(now=now, cfg=cfg)
-        maintenance.complete_ready_hosts(now=now)
-        cleanup.cleanup_step(self.engine, cfg=cfg)
+            self.investigations.submit(self._investigate, host, cfg)
 
-    def _investigate(self, check_host, host, cfg) -> None:
+    def _investigate(self, host, cfg) -> None:
+        from hosts.liveness import check_host
+
         try:
-            check_host(self.engine, host, now=self.engine.now(), cfg=cfg)
+            if check_host(self.engine, host, now=self.engine.now(), cfg=cfg):
+                self.pool.notify()  # a host went Down: its HA work is waiting
         except Exception:
             log.exception("investigating %s failed", host.name)
         finally:
             with self.in_progress_lock:
                 self.in_progress.discard(host.pk)
             connection.close()
+
+    def wait_detecting(self, due, until: float, cfg) -> None:
+        """Wait until the monotonic time `until`; while sweeping, wake whenever the
+        next host falls behind on ping and look for it at once."""
+        while self.is_sweeper and due is not None and not self.stopping.is_set():
+            delay = (due - self.engine.now()).total_seconds() + DETECT_SLACK
+            if time.monotonic() + delay >= until:
+                break
+            if self.stopping.wait(max(0.0, delay)):
+                return
+            try:
+                due = self.detect(cfg)
+            except Exception:
+                log.exception("engine loop %s detection pass failed", self.id)
+                close_old_connections()
+                break
+        self.stopping.wait(max(0.0, until - time.monotonic()))
 
     def take_sweeper(self) -> None:
         held, previous = acquire(SWEEPER, self.id, SWEEPER_TTL)
@@ -247,19 +289,20 @@ class EngineLoop:
         try:
             while time.monotonic() < deadline and not self.stopping.is_set():
                 started = time.monotonic()
+                cfg, due = None, None
                 try:
                     cfg = config.snapshot()
                     workers = cfg["ha.workers"]
                     self.pool.resize(workers)
                     self.take_sweeper()
                     if self.is_sweeper:
-                        self.sweep(cfg)
+                        due = self.sweep(cfg)
                     self.pool.notify()
                     self.heartbeat(workers)
                 except Exception:
                     log.exception("engine loop %s step failed", self.id)
                     close_old_connections()
-                self.stopping.wait(max(0.0, SWEEP_EVERY - (time.monotonic() - started)))
+                self.wait_detecting(due, started + SWEEP_EVERY, cfg)
             return "lifetime over"
         finally:
             self.leave()

@@ -213,3 +213,35 @@ def test_a_lost_loop_raises_one_alert_naming_the_work_it_held():
     assert "box:42:abc" in lost[0].message and "vm1" in lost[0].message
     assert not EngineProcess.objects.filter(id="box:42:abc").exists()
     assert w  # the world made the VM
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sweeper_detects_a_host_the_moment_it_falls_behind_not_on_the_next_sweep(
+    monkeypatch,
+):
+    """R2 (issue 3, detection latency): between full sweeps the sweeper wakes when the
+    next host falls behind on ping. With full sweeps stretched to one a minute, a host
+    that stops pinging is still found behind, investigated and Down long before the
+    next full sweep — and its HA VM restarted (the workers are woken, not polled)."""
+    monkeypatch.setattr(runtime, "SWEEP_EVERY", 60.0)
+    w = world({"hosts": {"h1": {}, "h2": {}},
+               "vms": {"vm1": {"host": "h1", "ha": True}},
+               "config": {"ping.interval": 1, "ping.timeout": 2}})
+    stop = threading.Event()
+    pinger(w, stop, every=0.3)
+    loops, threads = run_loops(w, 1, lifetime=30)
+    try:
+        assert wait_until(lambda: loops[0].is_sweeper, 5)
+        time.sleep(0.5)  # the loop's one full sweep is over: it now waits 60 s
+        w.fleet.power_off("h1")
+        assert wait_until(lambda: Host.objects.get(name="h1").status == "Down", 15)
+        assert wait_until(lambda: VMInstance.objects.get(name="vm1").state == "Running"
+                          and VMInstance.objects.get(name="vm1").host.name == "h2", 15)
+        assert Event.objects.filter(subject_name="h1", event="PingTimeout").count() == 1
+    finally:
+        stop.set()
+        for lp in loops:
+            lp.stop()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)

@@ -583,3 +583,32 @@ def test_r2_detection_is_one_ping_timeout_event_per_episode():
     w.apply("host h1 network off")
     w.advance_to(100)
     assert timeouts.count() == 2
+
+
+def test_r2_next_falls_behind_is_the_moment_the_oldest_on_time_host_goes_behind():
+    """R2 in production: between one-second sweeps the sweeper wakes exactly when the
+    next host falls behind. That moment is the oldest last ping among watched hosts
+    still on time + interval × timeout; hosts already behind, not swept (Down), or
+    unwatched (traffic monitor) do not count."""
+    from hadash import config
+    from hosts.liveness import hosts_to_investigate, next_falls_behind
+
+    w = world({"config": {"ping.interval": 2, "ping.timeout": 2.5},
+               "hosts": {"h1": {}, "h2": {}, "h3": {}}})
+    connect_host(w, "tm1", type="TrafficMonitor")
+    now = w.clock.now()
+    cfg = config.snapshot()
+    Host.objects.filter(name="h1").update(last_ping=now - dt.timedelta(seconds=3))
+    Host.objects.filter(name="h2").update(last_ping=now - dt.timedelta(seconds=1))
+    Host.objects.filter(name="h3").update(status=HostStatus.DOWN,
+                                          last_ping=now - dt.timedelta(seconds=4))
+    Host.objects.filter(name="tm1").update(last_ping=now - dt.timedelta(seconds=4.5))
+    assert next_falls_behind(now, cfg) == now + dt.timedelta(seconds=2)  # h1: 5 − 3
+    later = now + dt.timedelta(seconds=2, milliseconds=1)
+    assert [h.name for h in hosts_to_investigate(later, cfg, newly_behind=True)] == ["h1"]
+    assert next_falls_behind(later, cfg) == now + dt.timedelta(seconds=4)  # h2 next
+    # An episode under way is not "newly behind" again, nor counted as on time.
+    Host.objects.filter(name="h1").update(next_investigation=later)
+    assert hosts_to_investigate(later, cfg, newly_behind=True) == []
+    Host.objects.filter(name__in=["h2"]).update(status=HostStatus.DOWN)
+    assert next_falls_behind(later, cfg) is None
