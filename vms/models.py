@@ -26,8 +26,10 @@ class VMInstance(models.Model):
     )
     power_state_update_time = models.DateTimeField(null=True, blank=True)
     power_state_update_count = models.PositiveIntegerField(default=0)
+    # No index of its own: vm_host_state_idx (host, state) serves lookups by host.
     host = models.ForeignKey(
-        "hosts.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="vms"
+        "hosts.Host", null=True, blank=True, on_delete=models.PROTECT, related_name="vms",
+        db_index=False,
     )
     last_host = models.ForeignKey(
         "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -46,7 +48,6 @@ class VMInstance(models.Model):
         ordering = ["name"]
         indexes = [
             models.Index(fields=["host", "state"], name="vm_host_state_idx"),
-            models.Index(fields=["power_host"], name="vm_power_host_idx"),
         ]
 
     def __str__(self) -> str:
