@@ -93,7 +93,7 @@ ASGI_APPLICATION = "hadash.asgi.application"
 SQLITE_DEFAULT = f"sqlite:///{VAR_DIR / 'hadash.sqlite3'}"
 DATABASES = {
     "default": dj_database_url.parse(
-        os.environ.get("DATABASE_URL", SQLITE_DEFAULT), conn_max_age=0
+        os.environ.get("DATABASE_URL") or SQLITE_DEFAULT, conn_max_age=0  # empty = unset
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
