@@ -91,9 +91,15 @@ def one_run(o: dict, system: System, victim: str, workers: int, delay: float) ->
     started = system.wait_started(ha, after, timeout=limit, victim=victim)
     times = sorted(parse_time(e["time"]) for e in started.values())
     other = sorted({e["event"] for e in started.values()} - {"HaStarted"})
+    paths = {}
     if other:
         say(f"  note: {sum(e['event'] != 'HaStarted' for e in started.values())} VMs became "
             f"Running through {', '.join(other)} (not HaStarted)")
+        # Their whole story since the power-off, so the path can be told afterwards.
+        for name in sorted(n for n, e in started.items() if e["event"] != "HaStarted"):
+            paths[name] = [e["event"] for e in system.events(after, subject="vm",
+                                                             subject_name=name)]
+            say(f"    {name}: {' → '.join(paths[name])}")
     wrong = [n for n in ha if system.get(f"/vms/{n}")["host"] in (victim, None)]
     if wrong:
         raise BenchError(f"{len(wrong)} VMs of {victim} are not Running elsewhere: "
@@ -111,6 +117,7 @@ def one_run(o: dict, system: System, victim: str, workers: int, delay: float) ->
         "waited_s": round(time.monotonic() - t0, 1),
         "running_by": {ev: sum(e["event"] == ev for e in started.values())
                        for ev in sorted({e["event"] for e in started.values()})},
+        "other_paths": paths,
     }
     say(f"  {len(ha)} VMs Running elsewhere {total:.2f} s after Down "
         f"({fmt(result['vms_per_s'])} VMs/s)")

@@ -303,3 +303,36 @@ def test_r9_vm_started_out_of_band_while_its_ha_item_waits_is_not_started_twice(
     assert len(where) == 1
     v = vm("big")
     assert (v.state, v.host.name) == (VmState.RUNNING, where[0])
+
+
+def test_r8_a_report_that_arrived_before_the_vm_was_placed_does_not_mark_it_missing():
+    """R8 under ingestion delay: a host's report that arrived before HA placed a VM
+    there cannot list it. Applied late (a queued ping carries its arrival time), it
+    leaves the freshly started VM Running — no PowerReportMissing, no second HA item —
+    while a report that arrived more than 2 × ping.interval after the placement and
+    still leaves the VM out does mark it missing."""
+    from hosts.agent.service import ping
+    from hosts.models import Host
+
+    w = one_vm(ha=True)
+    w.advance_to(5)
+    w.apply("host h1 power off")
+    t = 5
+    while vm("vm1").host is None or vm("vm1").host.name != "h2" \
+            or vm("vm1").state != VmState.RUNNING:
+        t += 1
+        assert t < 60, "vm1 was not restarted on h2"
+        w.advance_to(t)
+    placed = vm("vm1").power_state_update_time
+    h2 = Host.objects.get(name="h2")
+    ping(h2, [], now=placed - dt.timedelta(seconds=0.5))
+    v = vm("vm1")
+    assert (v.state, v.power_state, v.host.name) == (VmState.RUNNING, PowerState.POWER_ON, "h2")
+    assert [e.new for e in power_events("vm1")].count("PowerReportMissing") == 0
+    assert len(ha_items("vm1")) == 1
+    # Control: the same empty report, arriving well after the placement, counts.
+    from hadash import config
+
+    late = placed + dt.timedelta(seconds=2 * config.get("ping.interval") + 1)
+    ping(Host.objects.get(name="h2"), [], now=late)
+    assert vm("vm1").power_state == PowerState.POWER_REPORT_MISSING
