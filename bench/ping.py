@@ -54,10 +54,10 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
     extra: dict[str, str] = {}
     if o["conn_max_age"] is not None:
         extra["HADASH_BENCH_CONN_MAX_AGE"] = str(o["conn_max_age"])
-    if o["db_pool"] is not None:
-        extra["HADASH_BENCH_DB_POOL"] = str(o["db_pool"])
     if extra:
         extra["DJANGO_SETTINGS_MODULE"] = "bench.settings_override"
+    if o["db_pool"] is not None:
+        extra["HADASH_DB_POOL"] = str(o["db_pool"])  # hadash.settings' own pool
     app = "hadash.asgi:application"
     if o["experiment"]:
         extra["HADASH_BENCH_EXPERIMENTS"] = ",".join(o["experiment"])

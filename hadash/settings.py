@@ -10,6 +10,9 @@ Environment:
     SECRET_KEY        Django's secret key (also derives the per-host agent tokens)
     DEBUG             1/true/yes to enable debug
     ALLOWED_HOSTS     comma-separated
+    HADASH_DB_POOL    N > 0: a psycopg connection pool of at most N connections per
+                      process (PostgreSQL only; meant for web processes serving HTTP
+                      agents — docs/deploy.md)
 """
 
 import os
@@ -109,6 +112,27 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test-hadash.sqlite3")}
     if DATABASES["default"]["NAME"] != ":memory:":
         VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _db_pool_size() -> int:
+    raw = os.environ.get("HADASH_DB_POOL", "").strip() or "0"
+    if not raw.isdigit():
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            f"HADASH_DB_POOL={raw!r}: give the most connections the pool may hold "
+            "(a whole number; 0 or unset: no pool)")
+    return int(raw)
+
+
+DB_POOL = _db_pool_size()
+if DB_POOL and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # Without a pool every HTTP request opens (and PostgreSQL forks) a connection:
+    # ~90 agent pings/s per web process, most of a core of backend start-ups
+    # (docs/benchmarks.md, P9). CONN_MAX_AGE must stay 0 with a pool.
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1, "max_size": DB_POOL, "timeout": 10,
+    }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
