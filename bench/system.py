@@ -49,7 +49,8 @@ class System:
         self.token = manage(self.env, "apitoken", "bench", "--create").strip().splitlines()[-1]
         self.web_port, self.fleet_port = free_port(), free_port()
         web = self.sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p",
-                              str(self.web_port), "hadash.asgi:application")
+                              str(self.web_port), "hadash.asgi:application",
+                              env={"HADASH_DB_POOL": "8"})  # as docs/deploy.md advises
         wait_for_port(self.web_port, proc=web.proc, timeout=60)
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.web_port}/api/v1",
                                 headers={"Authorization": f"Bearer {self.token}"},
