@@ -531,13 +531,21 @@ class ConfigDetailView(ApiView):
 
 
 class EngineStatusView(ApiView):
-    """The HA engine's liveness: sweeper lease and engine loops (hadash.ha.runtime)."""
+    """The HA engine's liveness: sweeper lease and engine loops (hadash.ha.runtime),
+    and the ping ingestion of the web process that answers (hosts.agent.ingest)."""
 
     @extend_schema(
-        summary="Engine status: who sweeps, which engine loops are alive",
+        summary="Engine status: who sweeps, which engine loops are alive, ping ingestion",
+        description="`ingestion` describes the web process that answers this request "
+                    "(each web process batches the websocket pings of its own agents): "
+                    "pings and batches applied, how many took the steady path, reports "
+                    "replaced by a newer one of the same host while queued, reports "
+                    "queued now, the age of the oldest waiting ping, and whether it is "
+                    "in a backlog (oldest waiting ping older than backlog_after_seconds).",
         responses={200: OpenApiTypes.OBJECT, 401: E401},
     )
     def get(self, request):
         from hadash.ha import runtime
+        from hosts.agent import ingest
 
-        return Response(runtime.status())
+        return Response({**runtime.status(), "ingestion": ingest.snapshot()})

@@ -7,17 +7,41 @@ that power state on that host, nothing missing, nothing inconsistent — changes
 state, so a whole batch of them is two UPDATE statements (last_ping of the hosts,
 power_state_update_time of their VMs). Any ping that may change state goes through
 `service.ping` one by one, so every state change is still committed with its event.
+
+Every ping carries its *arrival time* (taken by the consumer when the message came
+in), and that — never the time its batch is applied — is what lands in last_ping and
+power_state_update_time (R1, R2): a process that falls behind cannot make a host that
+stopped pinging look alive. Neither stamp ever moves backwards (the liveness check may
+have set last_ping to the time of a successful health check meanwhile).
+
+While queued, a newer report of a host replaces its older one (both pings are
+answered with the result of the newer), so a backlog never holds more than one report
+per host. A backlog — the oldest waiting ping older than ``BACKLOG_AFTER`` — raises one
+alert event per episode and one event when it clears (docs/benchmarks.md, P5); the
+counters of this process are in ``snapshot()`` (``GET /api/v1/engine``, "ingestion").
+
+On PostgreSQL the steady path's statements take one array parameter per column
+(``= ANY(%s)``, ``unnest``) instead of Django ``__in`` lookups, which cost more Python
+than the database work at 1,000 pings/s (docs/benchmarks.md, P1); other databases
+(SQLite) take the same steps through the ORM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import itertools
 import logging
+import os
+import threading
 import weakref
-from dataclasses import dataclass
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection, models, transaction
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from hadash import config
@@ -32,6 +56,14 @@ log = logging.getLogger("hadash.ingest")
 
 MAX_BATCH = 500
 MAX_WAIT = 0.005  # seconds a ping may wait for company
+# A backlog episode starts when the oldest waiting ping is older than BACKLOG_AFTER
+# and ends when it is younger than BACKLOG_CLEAR again (or nothing waits): the gap
+# keeps a process hovering around the threshold from raising alert after alert.
+BACKLOG_AFTER = 1.0  # seconds
+BACKLOG_CLEAR = 0.5  # seconds
+
+BACKLOG_EVENT = "IngestionBacklog"
+CAUGHT_UP_EVENT = "IngestionCaughtUp"
 
 
 class TokenRevoked(Exception):
@@ -41,11 +73,14 @@ class TokenRevoked(Exception):
 @dataclass
 class Stats:
     batches: int = 0
-    pings: int = 0
-    steady: int = 0
+    pings: int = 0  # reports applied
+    steady: int = 0  # of which took the steady path
+    coalesced: int = 0  # reports replaced by a newer one of the same host while queued
 
 
 STATS = Stats()
+
+Report = list[tuple[str, str]]
 
 
 def _consistent(vm: dict, host_id: int, ps: str) -> bool:
@@ -57,29 +92,33 @@ def _consistent(vm: dict, host_id: int, ps: str) -> bool:
                                VmState.MIGRATING)
 
 
-def apply_batch(items: list[tuple[str, list[tuple[str, str]]]]) -> list[object]:
-    """Apply pings [(token, report)]; returns per ping the ping interval, or a
-    TokenRevoked instance."""
-    now = timezone.now()
+def apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) -> list[object]:
+    """Apply pings ``[(token, report)]`` or ``[(token, report, arrival)]`` (arrival
+    defaults to ``now``, itself defaulting to the current time); returns per ping the
+    ping interval, an exception, or a TokenRevoked instance. ``arrays``: use the
+    PostgreSQL array statements (default: on PostgreSQL); False takes the ORM path
+    there too, so tests can compare both."""
+    now = now or timezone.now()
+    items = [(it[0], it[1], it[2] if len(it) > 2 and it[2] is not None else now)
+             for it in items]
+    pg = connection.vendor == "postgresql" if arrays is None else arrays
     interval = config.get("ping.interval")
-    hashes = [Host.hash_token(tok) for tok, _ in items]
-    hosts = {h.token_hash: h for h in Host.objects.filter(token_hash__in=set(hashes))}
+    hashes = [Host.hash_token(tok) for tok, _, _ in items]
+    hosts = {h.token_hash: h for h in _hosts_by_hash(set(hashes), pg)}
     results: list[object] = [interval] * len(items)
     ids = {h.pk for h in hosts.values()}
-    names = {name for _, vms in items for name, _ in vms}
-    rows = VMInstance.objects.filter(models.Q(host_id__in=ids) | models.Q(name__in=names)) \
-        .values("id", "name", "host_id", "state", "power_state", "power_host_id")
-    by_name = {r["name"]: r for r in rows}
+    names = {name for _, vms, _ in items for name, _ in vms}
+    by_name = {r["name"]: r for r in _vm_rows(ids, names, pg)}
     on_host: dict[int, set[str]] = {}
     for r in by_name.values():
         if r["host_id"] in ids and r["state"] in REPORTED_STATES:
             on_host.setdefault(r["host_id"], set()).add(r["name"])
 
-    steady_hosts: list[int] = []
-    confirmed: list[int] = []
-    slow: list[tuple[int, Host, list]] = []
+    steady_hosts: list[tuple[int, dt.datetime]] = []
+    confirmed: list[tuple[int, dt.datetime]] = []
+    slow: list[tuple[int, Host, Report, dt.datetime]] = []
     seen: set[int] = set()
-    for i, ((_, vms), digest) in enumerate(zip(items, hashes, strict=True)):
+    for i, ((_, vms, at), digest) in enumerate(zip(items, hashes, strict=True)):
         host = hosts.get(digest)
         if host is None:
             results[i] = TokenRevoked()
@@ -99,21 +138,23 @@ def apply_batch(items: list[tuple[str, list[tuple[str, str]]]]) -> list[object]:
         if steady and not on_host.get(host.pk, set()) <= {n for n, _ in vms}:
             steady = False  # a VM is missing from the report: R8 decides
         if steady:
-            steady_hosts.append(host.pk)
-            confirmed.extend(mine)
+            steady_hosts.append((host.pk, at))
+            confirmed.extend((pk, at) for pk in mine)
         else:
-            slow.append((i, host, vms))
+            slow.append((i, host, vms, at))
     if steady_hosts:
         with transaction.atomic():
-            Host.objects.filter(pk__in=steady_hosts).update(last_ping=now)
-            if confirmed:
-                VMInstance.objects.filter(pk__in=confirmed).update(
-                    power_state_update_time=now,
-                    power_state_update_count=models.F("power_state_update_count") + 1,
-                )
-    for i, host, vms in slow:
+            if pg:
+                _stamp_pg(Host._meta.db_table, "last_ping", steady_hosts)
+                _stamp_pg(VMInstance._meta.db_table, "power_state_update_time", confirmed,
+                          count="power_state_update_count")
+            else:
+                _stamp_orm(Host.objects, "last_ping", steady_hosts)
+                _stamp_orm(VMInstance.objects, "power_state_update_time", confirmed,
+                           count="power_state_update_count")
+    for i, host, vms, at in slow:
         try:
-            service.ping(host, vms, now=now)
+            service.ping(host, vms, now=at)
         except Exception as exc:  # one bad ping never loses the others
             log.exception("ping from %s failed", host.name)
             results[i] = exc
@@ -121,6 +162,66 @@ def apply_batch(items: list[tuple[str, list[tuple[str, str]]]]) -> list[object]:
     STATS.pings += len(items)
     STATS.steady += len(steady_hosts)
     return results
+
+
+def _hosts_by_hash(hashes: set[str], pg: bool):
+    if not pg:
+        return Host.objects.filter(token_hash__in=hashes)
+    return Host.objects.raw(
+        f'SELECT * FROM "{Host._meta.db_table}" WHERE "token_hash" = ANY(%s::text[])',
+        [sorted(hashes)])
+
+
+VM_COLUMNS = ("id", "name", "host_id", "state", "power_state", "power_host_id")
+
+
+def _vm_rows(ids: set[int], names: set[str], pg: bool):
+    if not pg:
+        return VMInstance.objects.filter(models.Q(host_id__in=ids) | models.Q(name__in=names)) \
+            .values(*VM_COLUMNS)
+    meta = VMInstance._meta
+    cols = ", ".join(f'"{meta.get_field(c.removesuffix("_id")).column}"' for c in VM_COLUMNS)
+    with connection.cursor() as cur:
+        cur.execute(
+            f'SELECT {cols} FROM "{meta.db_table}" '
+            f'WHERE "{meta.get_field("host").column}" = ANY(%s::bigint[]) '
+            f'OR "name" = ANY(%s::text[])', [sorted(ids), sorted(names)])
+        return [dict(zip(VM_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+
+
+def _stamp_pg(table: str, column: str, rows: list[tuple[int, dt.datetime]], *,
+              count: str | None = None) -> None:
+    """One UPDATE: each row's ``column`` becomes its own time unless it is already
+    later (GREATEST ignores a NULL); ``count`` (if given) goes up by one."""
+    if not rows:
+        return
+    rows = sorted(rows)  # the same lock order in every process
+    bump = f', "{count}" = "{table}"."{count}" + 1' if count else ""
+    with connection.cursor() as cur:
+        cur.execute(
+            f'UPDATE "{table}" SET "{column}" = GREATEST("{table}"."{column}", s.at){bump} '
+            f'FROM unnest(%s::bigint[], %s::timestamptz[]) AS s(id, at) '
+            f'WHERE "{table}"."id" = s.id',
+            [[pk for pk, _ in rows], [at for _, at in rows]])
+
+
+def _not_before(column: str, at: dt.datetime):
+    """``column``, moved forward to ``at`` if it is earlier (or NULL)."""
+    value = models.Value(at, output_field=models.DateTimeField())
+    return Greatest(Coalesce(models.F(column), value), value)
+
+
+def _stamp_orm(manager, column: str, rows: list[tuple[int, dt.datetime]], *,
+               count: str | None = None) -> None:
+    """What _stamp_pg does, as one UPDATE per distinct time."""
+    by_time: dict[dt.datetime, list[int]] = defaultdict(list)
+    for pk, at in rows:
+        by_time[at].append(pk)
+    for at, pks in by_time.items():
+        fields = {column: _not_before(column, at)}
+        if count:
+            fields[count] = models.F(count) + 1
+        manager.filter(pk__in=sorted(pks)).update(**fields)
 
 
 def _apply_in_thread(items):
@@ -133,49 +234,196 @@ def _apply_in_thread(items):
         raise
 
 
+def _close_connection() -> None:
+    connection.close()  # this thread's connection (resolved in the calling thread)
+
+
+def record_backlog(event: str, message: str, *, now) -> None:
+    """The ingestion backlog's alert (``IngestionBacklog``) or its all-clear
+    (``IngestionCaughtUp``), as an engine event."""
+    from hadash.choices import Severity, Subject
+    from hadash.events import record_event
+
+    backlog = event == BACKLOG_EVENT
+    try:
+        with transaction.atomic():
+            record_event(
+                Subject.ENGINE, None, name=f"ingestion/{os.getpid()}", event=event,
+                alert=backlog, severity=Severity.WARNING if backlog else Severity.INFO,
+                old="caught up" if backlog else "backlog",
+                new="backlog" if backlog else "caught up", now=now, message=message,
+            )
+    except DatabaseError:
+        connection.close()
+        raise
+
+
+@dataclass
+class _Pending:
+    """The newest queued report of one host token, and every ping waiting on it."""
+
+    vms: Report
+    arrival: dt.datetime  # of the report kept
+    first: dt.datetime  # arrival of the oldest ping waiting here
+    futures: list[asyncio.Future] = field(default_factory=list)
+
+
 class Batcher:
     """Collects pings on one event loop and applies them in batches, one batch at a
-    time, in a worker thread."""
+    time, in a worker thread. ``apply`` and ``record`` (async callables) replace the
+    database work in tests."""
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
+    def __init__(self, apply=None, record=None) -> None:
+        # Insertion-ordered, and pings are queued as they arrive: the first entry
+        # holds the oldest waiting ping.
+        self.pending: dict[str, _Pending] = {}
+        self._inflight: list[_Pending] = []  # the batch being applied
+        self.inflight_oldest: dt.datetime | None = None
+        self.backlog = False  # an episode is under way (its alert is recorded)
+        self.backlog_since: dt.datetime | None = None
+        self._wakeup = asyncio.Event()
+        self._full = asyncio.Event()
+        # One worker thread, which keeps one database connection between batches.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hadash-ingest")
+        self.apply = apply or sync_to_async(_apply_in_thread, thread_sensitive=False,
+                                            executor=self._executor)
+        self.record = record or sync_to_async(record_backlog, thread_sensitive=False,
+                                              executor=self._executor)
         self.task = asyncio.get_running_loop().create_task(self._run())
-        self.apply = sync_to_async(_apply_in_thread, thread_sensitive=False)
+        with _lock:
+            _all.add(self)
 
-    async def submit(self, token: str, vms: list[tuple[str, str]]) -> int:
+    async def submit(self, token: str, vms: Report, arrival: dt.datetime | None = None) -> int:
+        """Queue one ping (``arrival``: when it came in, default now) and wait for its
+        answer: the ping interval; raises TokenRevoked or the batch's error."""
+        arrival = arrival or timezone.now()
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((token, vms, fut))
+        p = self.pending.get(token)
+        if p is None:
+            self.pending[token] = _Pending(vms, arrival, arrival, [fut])
+            self._wakeup.set()
+            if len(self.pending) >= MAX_BATCH:
+                self._full.set()
+        else:
+            # Coalesce: the newer report is the one applied; this ping and the older
+            # one(s) get its answer.
+            if arrival >= p.arrival:
+                p.vms, p.arrival = vms, arrival
+            p.first = min(p.first, arrival)
+            p.futures.append(fut)
+            STATS.coalesced += 1
         result = await fut
-        if isinstance(result, TokenRevoked):
-            raise result
         if isinstance(result, Exception):
             raise result
         return result
 
-    async def _run(self) -> None:
-        while True:
-            first = await self.queue.get()
-            batch = [first]
-            deadline = asyncio.get_running_loop().time() + MAX_WAIT
-            while len(batch) < MAX_BATCH:
-                timeout = deadline - asyncio.get_running_loop().time()
-                if timeout <= 0 and self.queue.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(timeout, 0)))
-                except TimeoutError:
-                    break
+    def queued_oldest(self) -> dt.datetime | None:
+        try:
+            return next(iter(self.pending.values())).first
+        except (StopIteration, RuntimeError):  # RuntimeError: read from another thread
+            return None
+
+    def oldest_waiting(self) -> dt.datetime | None:
+        times = [t for t in (self.inflight_oldest, self.queued_oldest()) if t is not None]
+        return min(times) if times else None
+
+    def stats(self, now=None) -> dict:
+        now = now or timezone.now()
+        oldest = self.oldest_waiting()
+        age = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+        return {
+            "queued": len(self.pending),
+            "oldest_age_seconds": round(age, 3),
+            # an episode under way, or one that starts at the next batch (or would,
+            # if the batch being applied ever finished)
+            "backlog": self.backlog or age > BACKLOG_AFTER,
+        }
+
+    async def _gather(self) -> list[tuple[str, _Pending]]:
+        while not self.pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if len(self.pending) < MAX_BATCH:
+            self._full.clear()
             try:
-                results = await self.apply([(t, v) for t, v, _ in batch])
+                await asyncio.wait_for(self._full.wait(), MAX_WAIT)
+            except TimeoutError:
+                pass
+        taken = list(itertools.islice(self.pending, MAX_BATCH))
+        return [(token, self.pending.pop(token)) for token in taken]
+
+    async def _check_backlog(self, oldest: dt.datetime | None, queued: int) -> None:
+        """One alert when the oldest waiting ping passes BACKLOG_AFTER, one event when
+        it is below BACKLOG_CLEAR again."""
+        now = timezone.now()
+        age = (now - oldest).total_seconds() if oldest else 0.0
+        if not self.backlog and age > BACKLOG_AFTER:
+            message = (f"Ping ingestion is behind in web process pid {os.getpid()}: "
+                       f"{queued} ping report(s) waiting, the oldest for {age:.1f} s")
+            event = BACKLOG_EVENT
+        elif self.backlog and age < BACKLOG_CLEAR:
+            took = (now - self.backlog_since).total_seconds() if self.backlog_since else 0
+            message = (f"Ping ingestion caught up in web process pid {os.getpid()} after "
+                       f"{took:.1f} s ({queued} ping report(s) waiting, the oldest for "
+                       f"{age:.1f} s)")
+            event = CAUGHT_UP_EVENT
+        else:
+            return
+        try:
+            await self.record(event, message, now=now)
+        except Exception:
+            log.exception("could not record %s", event)
+            return  # tried again at the next check
+        self.backlog = event == BACKLOG_EVENT
+        self.backlog_since = now if self.backlog else None
+        (log.warning if self.backlog else log.info)("%s", message)
+
+    async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception:
+            log.exception("ping batcher stopped")  # batcher() starts a new one
+            raise
+        finally:
+            # Nobody would answer the pings still queued here: fail them (their
+            # sockets get an error instead of waiting forever). And the event loop
+            # is going away, or this batcher is: so does the worker's connection.
+            stopped = RuntimeError("ping batcher stopped")
+            for p in [*self._inflight, *self.pending.values()]:
+                for fut in p.futures:
+                    if not fut.done():
+                        fut.set_exception(stopped)
+            self.pending.clear()
+            self._executor.submit(_close_connection)
+            self._executor.shutdown(wait=False)
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._gather()
+            self._inflight = [p for _, p in batch]
+            self.inflight_oldest = min(p.first for p in self._inflight)
+            await self._check_backlog(self.inflight_oldest, len(batch) + len(self.pending))
+            try:
+                results = await self.apply([(t, p.vms, p.arrival) for t, p in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} pings")
             except Exception as exc:
                 log.exception("ping batch failed")
                 results = [exc] * len(batch)
-            for (_, _, fut), res in zip(batch, results, strict=True):
-                if not fut.done():
-                    fut.set_result(res)
+            finally:
+                self.inflight_oldest = None
+            for p, res in zip(self._inflight, results, strict=True):
+                for fut in p.futures:
+                    if not fut.done():
+                        fut.set_result(res)
+            self._inflight = []
+            if self.backlog and not self.pending:
+                await self._check_backlog(None, 0)  # drained: nothing may come for a while
 
 
 _batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_all: weakref.WeakSet = weakref.WeakSet()  # every live batcher, for snapshot()
+_lock = threading.Lock()
 
 
 def batcher() -> Batcher:
@@ -184,3 +432,23 @@ def batcher() -> Batcher:
     if b is None or b.task.done():
         b = _batchers[loop] = Batcher()
     return b
+
+
+def snapshot(now=None) -> dict:
+    """This process's ingestion counters and backlog, for ``GET /api/v1/engine``
+    (each web process answers for itself). Safe to call from any thread."""
+    now = now or timezone.now()
+    with _lock:
+        live = [b for b in _all if not b.task.done()]
+    parts = [b.stats(now) for b in live]
+    return {
+        "pid": os.getpid(),
+        "pings": STATS.pings,
+        "batches": STATS.batches,
+        "steady": STATS.steady,
+        "coalesced": STATS.coalesced,
+        "queued": sum(p["queued"] for p in parts),
+        "oldest_age_seconds": max((p["oldest_age_seconds"] for p in parts), default=0.0),
+        "backlog": any(p["backlog"] for p in parts),
+        "backlog_after_seconds": BACKLOG_AFTER,
+    }
