@@ -6,14 +6,22 @@ text message ``{"type": "ping", "vms": [...]}`` means exactly ``POST /ping`` and
 answered ``{"type": "pong", "ping_interval": N}``, or ``{"type": "error", "error": …}``
 for a malformed message, which changes nothing. Closing the socket is not a
 disconnect (R7 needs an explicit goodbye): the host simply stops pinging.
+
+Built for 10,000 sockets per web process (docs/benchmarks.md §1, proposals P2, P4, P5):
+an agent socket has no channel layer (nothing is ever sent to an agent through one), a
+ping does not pay Channels' per-message database clean-up (the consumer never touches
+the database while it handles one), and each ping is stamped with its arrival time
+before it waits in the batcher.
 """
 
 from __future__ import annotations
 
 import json
 
-from channels.db import database_sync_to_async
+from channels.consumer import get_handler_name
+from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.utils import timezone
 
 from . import ingest, validation
 from .auth import bearer, host_for_token
@@ -24,6 +32,12 @@ from .validation import ProtocolError
 # reconnected and got a new token): 4000 + the HTTP status, as is customary.
 CLOSE_UNAUTHORIZED = 4401
 
+# A channel layer alias that is never configured: channels.layers.get_channel_layer
+# returns None for it, so an agent socket creates no channel and runs no receive loop
+# on the layer (with the in-memory layer every new channel made each receive scan all
+# of them: connecting N agents cost O(N²); with Redis, a channel and a poll per agent).
+NO_CHANNEL_LAYER = "hadash-agent-sockets-use-no-channel-layer"
+
 
 def _authenticate(token: str | None):
     return host_for_token(token)
@@ -31,6 +45,20 @@ def _authenticate(token: str | None):
 
 class AgentPingConsumer(AsyncWebsocketConsumer):
     token: str | None = None
+    channel_layer_alias = NO_CHANNEL_LAYER  # P4: agents are sent nothing through it
+
+    async def dispatch(self, message) -> None:
+        """AsyncConsumer.dispatch, except that a ping (websocket.receive) skips
+        Channels' aclose_old_connections(), a hop into the one thread-sensitive sync
+        thread per message: the consumer never uses the database while it handles a
+        ping (the batcher's thread owns its connection). Connect (token check) and
+        disconnect keep it (P2)."""
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        if message["type"] != "websocket.receive":
+            await aclose_old_connections()
+        await handler(message)
 
     async def connect(self) -> None:
         token = bearer(self.scope.get("headers") or [])
@@ -43,6 +71,7 @@ class AgentPingConsumer(AsyncWebsocketConsumer):
         await self.accept()
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None):
+        arrival = timezone.now()  # R1/R2: last_ping is when the ping came in (P5)
         if text_data is None:
             await self._send({"type": "error", "error": "send pings as text messages"})
             return
@@ -54,7 +83,7 @@ class AgentPingConsumer(AsyncWebsocketConsumer):
         try:
             # Batched with the other sockets' pings (hosts.agent.ingest); the token is
             # re-checked there, since a reconnect rotates it.
-            interval = await ingest.batcher().submit(self.token, vms)
+            interval = await ingest.batcher().submit(self.token, vms, arrival)
         except TokenRevoked:
             await self._send({"type": "error", "error": "invalid host token; reconnect"})
             await self.close(code=CLOSE_UNAUTHORIZED)

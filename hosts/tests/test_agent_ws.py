@@ -247,3 +247,76 @@ def test_rotated_token_closes_socket(host, client, agent_key):
     assert closed["type"] == "websocket.close" and closed["code"] == 4401
     host.refresh_from_db()
     assert host.last_ping == EARLIER
+
+
+def test_ping_is_stamped_with_its_arrival_time(host, monkeypatch):
+    """R1/R2 (docs/benchmarks.md P5): last_ping is the time the message came in (taken
+    by the consumer before the ping waits for its batch), on the full path (first
+    ping: the VM's power state changes) and on the steady path (second ping)."""
+    from types import SimpleNamespace
+
+    from django.utils import timezone
+
+    from hosts.agent import consumers
+
+    first, second = timezone.now() - dt.timedelta(seconds=30), timezone.now() - dt.timedelta(
+        seconds=20)
+    times = iter([first, second])
+    monkeypatch.setattr(consumers, "timezone", SimpleNamespace(now=lambda: next(times)))
+    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])] * 2)
+    assert [a["type"] for a in result["answers"]] == ["pong", "pong"]
+    host.refresh_from_db()
+    assert host.last_ping == second
+    vm = VMInstance.objects.get(name="i-2-10-VM")
+    assert (vm.power_state, vm.power_state_update_time, vm.power_state_update_count) == (
+        PowerState.POWER_ON, second, 2)
+
+
+def test_agent_socket_has_no_channel_layer(host):
+    """P4: an agent socket subscribes to no channel layer (nothing is sent to agents
+    through one); the dashboard's live events consumer still uses the default one."""
+    from channels.layers import get_channel_layer
+
+    from hadash.consumers import EventsConsumer
+    from hosts.agent.consumers import AgentPingConsumer
+
+    seen = {}
+
+    class Probe(AgentPingConsumer):
+        async def connect(self):
+            seen["layer"] = self.channel_layer
+            seen["channel"] = getattr(self, "channel_name", None)
+            await super().connect()
+
+    async def run():
+        headers = [(b"host", b"testserver"),
+                   (b"authorization", f"Bearer {host.token}".encode())]
+        comm = WebsocketCommunicator(Probe.as_asgi(), WS, headers=headers)
+        connected, _ = await comm.connect(timeout=TIMEOUT)
+        await comm.send_json_to(ping([("i-2-10-VM", "PowerOn")]))
+        answer = await comm.receive_json_from(timeout=TIMEOUT)
+        await comm.disconnect()
+        return connected, answer
+
+    connected, answer = async_to_sync(run)()
+    assert connected and answer["type"] == "pong"
+    assert seen == {"layer": None, "channel": None}
+    assert get_channel_layer(EventsConsumer.channel_layer_alias) is not None
+
+
+def test_pings_skip_channels_per_message_connection_cleanup(host, monkeypatch):
+    """P2: Channels' aclose_old_connections() runs for connect and disconnect, not for
+    each ping (the consumer never touches the database while it handles one)."""
+    from hosts.agent import consumers
+
+    calls = []
+    real = consumers.aclose_old_connections
+
+    async def counting():
+        calls.append(1)
+        await real()
+
+    monkeypatch.setattr(consumers, "aclose_old_connections", counting)
+    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])] * 3)
+    assert [a["type"] for a in result["answers"]] == ["pong"] * 3
+    assert len(calls) == 2  # websocket.connect, websocket.disconnect
