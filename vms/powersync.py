@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 
 from django.db import models
+from django.db.models.functions import Coalesce, Greatest
 
 from hadash.choices import FINAL_STEPS, Reason, WorkType
 
@@ -75,8 +76,11 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
     if confirmed:
         # The power state of these VMs was confirmed now (R8 measures "missing" from
         # the last confirmation): one statement for all of them.
+        # A report applied late (it carries its arrival time) never moves it back.
         VMInstance.objects.filter(pk__in=confirmed).update(
-            power_state_update_time=now,
+            power_state_update_time=Greatest(
+                Coalesce("power_state_update_time", models.Value(now)), models.Value(now)
+            ),
             power_state_update_count=models.F("power_state_update_count") + 1,
         )
 

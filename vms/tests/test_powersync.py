@@ -336,3 +336,19 @@ def test_r8_a_report_that_arrived_before_the_vm_was_placed_does_not_mark_it_miss
     late = placed + dt.timedelta(seconds=2 * config.get("ping.interval") + 1)
     ping(Host.objects.get(name="h2"), [], now=late)
     assert vm("vm1").power_state == PowerState.POWER_REPORT_MISSING
+
+
+def test_r8_a_late_applied_report_never_moves_the_last_confirmation_back():
+    """R8 measures "missing" from the last confirmation of a VM's power state. A
+    report applied after a newer one (queued pings carry their arrival time) confirms
+    the VM but leaves the newer confirmation time in place."""
+    from hosts.agent.service import ping
+    from hosts.models import Host
+
+    w = one_vm(ha=False)
+    w.advance_to(10)
+    confirmed = vm("vm1").power_state_update_time
+    assert confirmed == at(w, 10)
+    ping(Host.objects.get(name="h1"), [("vm1", PowerState.POWER_ON)],
+         now=confirmed - dt.timedelta(seconds=3))
+    assert vm("vm1").power_state_update_time == confirmed
