@@ -7,6 +7,7 @@ go in through the simulator's control API; outcomes are read through the operato
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,11 @@ class System:
         manage(self.env, "migrate", "--noinput", "-v0")
         self.token = manage(self.env, "apitoken", "bench", "--create").strip().splitlines()[-1]
         self.web_port, self.fleet_port = free_port(), free_port()
+        # HADASH_BENCH_WEB_POOL=N: the web process with HADASH_DB_POOL=N (docs/deploy.md)
+        pool = os.environ.get("HADASH_BENCH_WEB_POOL")
         web = self.sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p",
                               str(self.web_port), "hadash.asgi:application",
-                              env={"HADASH_DB_POOL": "8"})  # as docs/deploy.md advises
+                              env={"HADASH_DB_POOL": pool} if pool else None)
         wait_for_port(self.web_port, proc=web.proc, timeout=60)
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.web_port}/api/v1",
                                 headers={"Authorization": f"Bearer {self.token}"},

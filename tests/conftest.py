@@ -154,10 +154,7 @@ def start_system(database: str, var_dir: Path, *, hosts: int = 4, vms: int = 8,
             setup(system)
         # As `manage.py demo` does: the dashboard's Simulator page talks to the fleet.
         web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port),
-                         "hadash.asgi:application",
-                         # docs/deploy.md: web processes pool their connections (on
-                         # PostgreSQL; SQLite ignores it).
-                         env={"HADASH_FLEET_URL": fleet_url, "HADASH_DB_POOL": "8"})
+                         "hadash.asgi:application", env={"HADASH_FLEET_URL": fleet_url})
         wait_for_port(web_port, proc=web.proc, timeout=60)
         for key, value in FAST_CONFIG.items():
             assert api.put(f"/config/{key}", json={"value": value}).status_code == 200
