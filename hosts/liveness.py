@@ -125,6 +125,28 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
         return False
     host.refresh_from_db()
     seen_ping = host.last_ping
+    done = False
+    try:
+        result = _investigate_claimed(engine, host, seen_ping, now=now, cfg=cfg, first=first)
+        done = True
+        return result
+    finally:
+        # Every outcome sets the host's next investigation itself, guarded by "no
+        # ping arrived meanwhile". When a ping did arrive (the episode is over) or
+        # the investigation failed, the claim must not stay behind: it would hide
+        # the host from the sweep for INVESTIGATION_LEASE should it fall behind again.
+        leftover = Host.objects.filter(pk=host.pk,
+                                       next_investigation=now + INVESTIGATION_LEASE)
+        if done:
+            leftover = leftover.exclude(last_ping=seen_ping)
+        leftover.update(next_investigation=None)
+
+
+def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool) -> bool:
+    if host.status in SWEPT_STATUSES and seen_ping and seen_ping >= behind_cutoff(now, cfg):
+        # R2: it pinged between the sweep that found it behind and this
+        # investigation (which waited for an investigator): it is on time again.
+        return _release(host, seen_ping, None, now=now)
     if first:
         # Detection: the moment a host is found behind (once per episode; an
         # undeterminable host is re-investigated without repeating this).
@@ -160,7 +182,7 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
     if verdict == Verdict.ALIVE:
         # R5: alive but not talking to us — Alert; its VMs may still run, so untouched.
         if host.status == HostStatus.ALERT:
-            return _release(host, seen_ping, retry)
+            return _release(host, seen_ping, retry, now=now)
         return _guarded_transition(
             host, HostStatus.ALERT, now=now, event=HostEvent.AGENT_DISCONNECTED,
             reason=f"{by}: host alive", alert=True, seen_ping=seen_ping,
@@ -179,13 +201,15 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
             next_investigation=retry,
         )
     # `now` (not None) marks the episode as under way: no second PingTimeout event.
-    return _release(host, seen_ping, retry if host.status == HostStatus.ALERT else now)
+    return _release(host, seen_ping, retry if host.status == HostStatus.ALERT else now, now=now)
 
 
-def _release(host: Host, seen_ping, next_investigation) -> bool:
-    Host.objects.filter(pk=host.pk, last_ping=seen_ping).update(
-        next_investigation=next_investigation
-    )
+def _release(host: Host, seen_ping, next_investigation, *, now) -> bool:
+    """End this investigation; the host's episode goes on (`next_investigation`)
+    unless it pinged meanwhile (then check_host drops the claim: episode over)."""
+    Host.objects.filter(
+        pk=host.pk, last_ping=seen_ping, next_investigation=now + INVESTIGATION_LEASE
+    ).update(next_investigation=next_investigation)
     return False
 
 

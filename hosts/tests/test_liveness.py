@@ -605,10 +605,61 @@ def test_r2_next_falls_behind_is_the_moment_the_oldest_on_time_host_goes_behind(
     Host.objects.filter(name="tm1").update(last_ping=now - dt.timedelta(seconds=4.5))
     assert next_falls_behind(now, cfg) == now + dt.timedelta(seconds=2)  # h1: 5 − 3
     later = now + dt.timedelta(seconds=2, milliseconds=1)
-    assert [h.name for h in hosts_to_investigate(later, cfg, newly_behind=True)] == ["h1"]
+    assert "h1" in [h.name for h in hosts_to_investigate(later, cfg, newly_behind=True)]
     assert next_falls_behind(later, cfg) == now + dt.timedelta(seconds=4)  # h2 next
     # An episode under way is not "newly behind" again, nor counted as on time.
     Host.objects.filter(name="h1").update(next_investigation=later)
     assert hosts_to_investigate(later, cfg, newly_behind=True) == []
     Host.objects.filter(name__in=["h2"]).update(status=HostStatus.DOWN)
     assert next_falls_behind(later, cfg) is None
+
+
+def test_r2_host_that_pinged_before_its_investigation_began_is_left_alone():
+    """R2 under load: the sweep found h1 behind, but its investigation waited for an
+    investigator and h1 pinged meanwhile. It is on time: no PingTimeout, nobody is
+    asked about it, and it is free to be found behind again at once."""
+    from hadash import config
+    from hosts.liveness import check_host, hosts_to_investigate
+
+    w = world({"config": {"ping.interval": 2, "ping.timeout": 2.5},
+               "hosts": {"h1": {}, "h2": {}}})
+    w.advance_to(3)
+    w.fleet.agent_stop("h1")
+    now = host("h1").last_ping + dt.timedelta(seconds=6)
+    cfg = config.snapshot()
+    [found] = [h for h in hosts_to_investigate(now, cfg) if h.name == "h1"]
+    Host.objects.filter(name="h1").update(last_ping=now - dt.timedelta(seconds=0.2))
+    w.fleet.calls.clear()
+    assert check_host(w.engine, found, now=now, cfg=cfg) is False
+    assert asked_about(w, "h1") == []
+    assert not Event.objects.filter(subject_name="h1", event="PingTimeout").exists()
+    assert host("h1").next_investigation is None
+
+
+def test_r2_a_ping_during_the_investigation_ends_the_episode_and_its_claim():
+    """R2/R4: h1's agent is silent but answers its health check late — by then a ping
+    has arrived. The health check's write gives way to the ping, and the host's claim
+    is dropped, so should it fall behind again the very next sweep investigates it
+    (instead of waiting out the one-minute investigation lease)."""
+    from hadash import config
+    from hosts.liveness import check_host, hosts_to_investigate
+
+    w = world({"config": {"ping.interval": 2, "ping.timeout": 2.5},
+               "hosts": {"h1": {}, "h2": {}}})
+    w.advance_to(3)
+    w.fleet.agent_stop("h1")  # no pings; the health check below is answered by hand
+    now = host("h1").last_ping + dt.timedelta(seconds=6)
+    cfg = config.snapshot()
+    [found] = [h for h in hosts_to_investigate(now, cfg) if h.name == "h1"]
+    pinged = now + dt.timedelta(seconds=0.5)
+
+    def health_check_answered_after_a_ping(h):
+        Host.objects.filter(pk=h.pk).update(last_ping=pinged)
+        return True
+
+    w.engine.agents.check_health = health_check_answered_after_a_ping
+    assert check_host(w.engine, found, now=now, cfg=cfg) is False
+    h1 = host("h1")
+    assert (h1.status, h1.last_ping, h1.next_investigation) == (HostStatus.UP, pinged, None)
+    later = pinged + dt.timedelta(seconds=5.1)
+    assert "h1" in [h.name for h in hosts_to_investigate(later, cfg, newly_behind=True)]
