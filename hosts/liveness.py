@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 
 from django.db import transaction
-from django.db.models import Min, Q
+from django.db.models import F, Min, Q
 
 from hadash import config
 from hadash.choices import Severity, Subject
@@ -36,6 +36,18 @@ log = logging.getLogger("hadash.liveness")
 INVESTIGATION_LEASE = dt.timedelta(seconds=60)
 
 
+# No investigation episode under way: none was ever scheduled, or the host pinged
+# after the last one was (a ping ends an episode; the ping path does not spend a write
+# on saying so).
+NO_EPISODE = Q(next_investigation__isnull=True) | Q(next_investigation__lt=F("last_ping"))
+
+
+def episode_under_way(host: Host) -> bool:
+    return host.next_investigation is not None and not (
+        host.last_ping and host.next_investigation < host.last_ping
+    )
+
+
 def behind_cutoff(now, cfg) -> dt.datetime:
     return now - dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
 
@@ -46,7 +58,7 @@ def hosts_to_investigate(now, cfg, *, newly_behind=False) -> list[Host]:
     scheduled) — what a between-sweeps detection pass looks for."""
     behind = Q(status__in=SWEPT_STATUSES, last_ping__lt=behind_cutoff(now, cfg))
     if newly_behind:
-        wanted = behind & Q(next_investigation__isnull=True)
+        wanted = behind & NO_EPISODE
     else:
         due = Q(next_investigation__isnull=True) | Q(next_investigation__lte=now)
         wanted = (behind | Q(status=HostStatus.ALERT)) & due
@@ -63,8 +75,7 @@ def next_falls_behind(now, cfg) -> dt.datetime | None:
     detection does not wait for its next one-second tick."""
     cutoff = behind_cutoff(now, cfg)
     oldest = (
-        Host.objects.filter(status__in=SWEPT_STATUSES, last_ping__gte=cutoff,
-                            next_investigation__isnull=True)
+        Host.objects.filter(NO_EPISODE, status__in=SWEPT_STATUSES, last_ping__gte=cutoff)
         .exclude(type__in=UNWATCHED_HOST_TYPES)
         .aggregate(oldest=Min("last_ping"))["oldest"]
     )
@@ -120,7 +131,7 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
                     "investigation",
             **guard,
         )
-    first = host.next_investigation is None and host.status != HostStatus.ALERT
+    first = not episode_under_way(host) and host.status != HostStatus.ALERT
     if not _claim(host, now):
         return False
     host.refresh_from_db()

@@ -589,7 +589,8 @@ def test_r2_next_falls_behind_is_the_moment_the_oldest_on_time_host_goes_behind(
     """R2 in production: between one-second sweeps the sweeper wakes exactly when the
     next host falls behind. That moment is the oldest last ping among watched hosts
     still on time + interval × timeout; hosts already behind, not swept (Down), or
-    unwatched (traffic monitor) do not count."""
+    unwatched (traffic monitor) do not count; a host that pinged after its last
+    investigation counts (a ping ends an episode)."""
     from hadash import config
     from hosts.liveness import hosts_to_investigate, next_falls_behind
 
@@ -599,7 +600,9 @@ def test_r2_next_falls_behind_is_the_moment_the_oldest_on_time_host_goes_behind(
     now = w.clock.now()
     cfg = config.snapshot()
     Host.objects.filter(name="h1").update(last_ping=now - dt.timedelta(seconds=3))
-    Host.objects.filter(name="h2").update(last_ping=now - dt.timedelta(seconds=1))
+    # h2 had an investigation once, and has pinged since: that episode is over.
+    Host.objects.filter(name="h2").update(last_ping=now - dt.timedelta(seconds=1),
+                                          next_investigation=now - dt.timedelta(seconds=9))
     Host.objects.filter(name="h3").update(status=HostStatus.DOWN,
                                           last_ping=now - dt.timedelta(seconds=4))
     Host.objects.filter(name="tm1").update(last_ping=now - dt.timedelta(seconds=4.5))
@@ -607,6 +610,8 @@ def test_r2_next_falls_behind_is_the_moment_the_oldest_on_time_host_goes_behind(
     later = now + dt.timedelta(seconds=2, milliseconds=1)
     assert "h1" in [h.name for h in hosts_to_investigate(later, cfg, newly_behind=True)]
     assert next_falls_behind(later, cfg) == now + dt.timedelta(seconds=4)  # h2 next
+    assert [h.name for h in hosts_to_investigate(now + dt.timedelta(seconds=4.001), cfg,
+                                                 newly_behind=True)] == ["h1", "h2"]
     # An episode under way is not "newly behind" again, nor counted as on time.
     Host.objects.filter(name="h1").update(next_investigation=later)
     assert hosts_to_investigate(later, cfg, newly_behind=True) == []
