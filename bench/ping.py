@@ -218,6 +218,16 @@ def forward(log: list[str], shown: int) -> int:
     return len(log)
 
 
+def sustains(x: dict[str, Any]) -> bool:
+    """Closed loop: answers at least TARGET pings/s. Open loop at TARGET/s or more:
+    keeps up — answers ≥ 98% of what the fleet sends and no queue builds up (median
+    latency under a second)."""
+    if x.get("rate_target"):
+        return (x["rate_target"] >= TARGET and x["pings_per_s"] >= 0.98 * x["rate_target"]
+                and x["p50_ms"] is not None and x["p50_ms"] < 1000)
+    return bool(x["median_bucket_per_s"] and x["median_bucket_per_s"] >= TARGET)
+
+
 def report(r: dict[str, Any]) -> str:
     lines = [f"ping ingestion: {r['hosts']} hosts × 10 VMs, steady reports"
              + (f"; experiment: {r['variant']}" if r["variant"] else "")]
@@ -229,12 +239,12 @@ def report(r: dict[str, Any]) -> str:
             fmt(x["median_bucket_per_s"], 0), fmt(x["p50_ms"]), fmt(x["p99_ms"]), x["errors"],
             fmt(cpu.get("web"), 2), fmt(cpu.get("postgres"), 2), fmt(cpu.get("loadgen"), 2),
             fmt(cpu.get("machine"), 2), fmt(cpu.get("other"), 2),
-            "yes" if x["median_bucket_per_s"] and x["median_bucket_per_s"] >= TARGET else "no",
+            "yes" if sustains(x) else "no",
         ])
     lines.append(table(
         ["transport", "web procs", "load", "pings/s", "median 1-s", "p50 ms", "p99 ms",
          "errors", "CPU web", "CPU pg", "CPU loadgen", "CPU machine", "CPU other",
-         "≥ 1,000/s"], rows))
+         "sustains 1,000/s"], rows))
     lines.append("CPU: cores busy during the measured window (2.0 = both cores of this "
                  "machine); 'other' is everything else running on the machine meanwhile. "
                  "'median 1-s' is the median of the per-second counts.")

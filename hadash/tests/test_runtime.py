@@ -79,6 +79,17 @@ def run_loops(w, n, lifetime):
     return loops, threads
 
 
+def stop_loops(loops, threads, stop=None):
+    """End the loops (and the pinger); every loop thread must be gone."""
+    if stop is not None:
+        stop.set()
+    for lp in loops:
+        lp.stop()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+
+
 def pinger(w, stop, every=0.5):
     """The simulated agents ping in real time while the test runs."""
     def run():
@@ -119,12 +130,7 @@ def test_engine_loops_detect_a_dead_host_and_restart_its_vm_in_real_time():
             ("start", VMInstance.objects.get(name="vm1").host.name, "vm1")]
         assert EngineProcess.objects.filter(sweeper=True).count() == 1
     finally:
-        stop.set()
-        for lp in loops:
-            lp.stop()
-        for t in threads:
-            t.join(30)
-    assert not any(t.is_alive() for t in threads)
+        stop_loops(loops, threads, stop)
     assert not EngineProcess.objects.exists()  # loops deregister when they end
 
 
@@ -147,10 +153,7 @@ def test_standby_loop_takes_over_a_silent_sweeper_and_alerts():
         takeover = Event.objects.get(event="SweeperTakeover")
         assert takeover.alert and takeover.old == active.id and takeover.new == standby.id
     finally:
-        for lp in loops:
-            lp.stop()
-        for t in threads:
-            t.join(30)
+        stop_loops(loops, threads)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -239,9 +242,4 @@ def test_sweeper_detects_a_host_the_moment_it_falls_behind_not_on_the_next_sweep
                           and VMInstance.objects.get(name="vm1").host.name == "h2", 15)
         assert Event.objects.filter(subject_name="h1", event="PingTimeout").count() == 1
     finally:
-        stop.set()
-        for lp in loops:
-            lp.stop()
-        for t in threads:
-            t.join(30)
-    assert not any(t.is_alive() for t in threads)
+        stop_loops(loops, threads, stop)
