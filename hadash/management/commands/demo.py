@@ -107,6 +107,16 @@ class Command(BaseCommand):
         _, token = ApiToken.issue(user)
         return password, token
 
+    @staticmethod
+    def host_with_ha_vms(o) -> str:
+        """The first simulated host running HA-enabled VMs (the same generation the
+        simulator uses), so the suggested fault shows HA restarting them."""
+        from fleet.simulator.state import demo_fleet
+
+        fleet = demo_fleet(hosts=o["hosts"], vms=o["vms"], ha_ratio=o["ha_ratio"])
+        homes = [spec.home for spec in fleet.vm_specs.values() if spec.ha_enabled]
+        return homes[0] if homes else next(iter(fleet.hosts))
+
     def banner(self, base, fleet, o, password, token) -> None:
         w = self.stdout.write
         w("")
@@ -117,8 +127,8 @@ class Command(BaseCommand):
         if not o["no_fleet"]:
             w(f"  simulated fleet: {o['hosts']} hosts, {o['vms']} VMs — inject faults in the "
               f"dashboard's Simulator page, or:")
-            third = f"kvm-{3:0{max(3, len(str(o['hosts'])))}}"
-            w(f"    .venv/bin/python manage.py simulate fault \"host {third} power off\" "
+            victim = self.host_with_ha_vms(o)
+            w(f"    .venv/bin/python manage.py simulate fault \"host {victim} power off\" "
               f"--control {fleet}")
         w("  Ctrl-C stops everything")
         w("=" * 72)
