@@ -30,3 +30,14 @@ class VirtualClock:
 
     def set(self, t: float) -> None:
         self.t = t
+
+
+def not_before(column: str, at: dt.datetime):
+    """An UPDATE value: timestamp ``column`` moved forward to ``at``, never back (NULL
+    becomes ``at``). Reports are applied with their arrival time, which may be
+    earlier than what a later report or a health check already wrote."""
+    from django.db.models import DateTimeField, F, Value
+    from django.db.models.functions import Coalesce, Greatest
+
+    value = Value(at, output_field=DateTimeField())
+    return Greatest(Coalesce(F(column), value), value)

@@ -11,9 +11,9 @@ import datetime as dt
 import logging
 
 from django.db import models
-from django.db.models.functions import Coalesce, Greatest
 
 from hadash.choices import FINAL_STEPS, Reason, WorkType
+from hadash.clock import not_before
 
 from .choices import POWERED_OFF_STATES, REPORTED_STATES, PowerState, VmState
 from .models import VMInstance
@@ -78,9 +78,7 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
         # the last confirmation): one statement for all of them.
         # A report applied late (it carries its arrival time) never moves it back.
         VMInstance.objects.filter(pk__in=confirmed).update(
-            power_state_update_time=Greatest(
-                Coalesce("power_state_update_time", models.Value(now)), models.Value(now)
-            ),
+            power_state_update_time=not_before("power_state_update_time", now),
             power_state_update_count=models.F("power_state_update_count") + 1,
         )
 

@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection, models, transaction
-from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from hadash import config
+from hadash.clock import not_before
 from hosts.choices import HostStatus
 from hosts.models import Host
 from vms.choices import REPORTED_STATES, PowerState, VmState
@@ -205,12 +205,6 @@ def _stamp_pg(table: str, column: str, rows: list[tuple[int, dt.datetime]], *,
             [[pk for pk, _ in rows], [at for _, at in rows]])
 
 
-def _not_before(column: str, at: dt.datetime):
-    """``column``, moved forward to ``at`` if it is earlier (or NULL)."""
-    value = models.Value(at, output_field=models.DateTimeField())
-    return Greatest(Coalesce(models.F(column), value), value)
-
-
 def _stamp_orm(manager, column: str, rows: list[tuple[int, dt.datetime]], *,
                count: str | None = None) -> None:
     """What _stamp_pg does, as one UPDATE per distinct time."""
@@ -218,7 +212,7 @@ def _stamp_orm(manager, column: str, rows: list[tuple[int, dt.datetime]], *,
     for pk, at in rows:
         by_time[at].append(pk)
     for at, pks in by_time.items():
-        fields = {column: _not_before(column, at)}
+        fields = {column: not_before(column, at)}
         if count:
             fields[count] = models.F(count) + 1
         manager.filter(pk__in=sorted(pks)).update(**fields)

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from django.db import transaction
-from django.db.models import DateTimeField, Value
-from django.db.models.functions import Coalesce, Greatest
 
+from hadash.clock import not_before
 from hosts.choices import RECOVERABLE_STATUSES, HostEvent, HostStatus
 
 
@@ -75,8 +74,7 @@ def ping(host, vms: list[tuple[str, str]], *, now) -> None:
     cfg = config.snapshot()
     with transaction.atomic():
         # `now` may be the ping's arrival, earlier than a health check's stamp: never back.
-        at = Value(now, output_field=DateTimeField())
-        Host.objects.filter(pk=host.pk).update(last_ping=Greatest(Coalesce("last_ping", at), at))
+        Host.objects.filter(pk=host.pk).update(last_ping=not_before("last_ping", now))
         host.last_ping = now
         if host.status in RECOVERABLE_STATUSES:
             old = host.status
