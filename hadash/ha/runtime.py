@@ -238,7 +238,8 @@ class EngineLoop:
 
         try:
             if check_host(self.engine, host, now=self.engine.now(), cfg=cfg):
-                self.pool.notify()  # a host went Down: its HA work is waiting
+                # It acted — if the host went Down, its HA work is waiting now.
+                self.pool.notify()
         except Exception:
             log.exception("investigating %s failed", host.name)
         finally:
