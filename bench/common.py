@@ -133,6 +133,21 @@ class BenchDatabase:
         self.drop()
 
 
+@contextmanager
+def throwaway_database(o: dict[str, Any], note: str = ""):
+    """A fresh database (``--database``, ``--allow-sqlite``) and a temporary directory
+    for one measurement: ``(db, path)``. Both go at the end, also on an error."""
+    db = BenchDatabase(o["database"], o["allow_sqlite"])
+    with tempfile.TemporaryDirectory(prefix="hadash-bench-") as tmp:
+        db.create()
+        say(f"database {db.name} ({db.vendor}){note}")
+        try:
+            yield db, Path(tmp)
+        finally:
+            db.drop()
+            say(f"dropped {db.name or 'the database'}")
+
+
 # --- subprocesses ------------------------------------------------------------------------
 
 def bench_env(db_url: str, var_dir: str, **extra: str) -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from .common import (
     run_python,
     say,
     table,
+    throwaway_database,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -75,9 +75,8 @@ try {
 def run(o: dict[str, Any]) -> dict[str, Any]:
     if not Path(CHROMIUM).exists():
         raise BenchError(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with interruptible(), BenchDatabase(o["database"], o["allow_sqlite"]) as db, \
-            tempfile.TemporaryDirectory(prefix="hadash-bench-") as tmp:
-        return _run(o, db, Path(tmp))
+    with interruptible(), throwaway_database(o) as (db, tmp):
+        return _run(o, db, tmp)
 
 
 def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ control API (each in another cluster, the next only after the previous one recov
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,20 +30,14 @@ from .common import (
     median,
     say,
     table,
+    throwaway_database,
 )
 from .system import System, parse_time
 
 
 def run(o: dict[str, Any]) -> dict[str, Any]:
-    db = BenchDatabase(o["database"], o["allow_sqlite"])
-    with interruptible(), tempfile.TemporaryDirectory(prefix="hadash-bench-") as tmp:
-        db.create()
-        say(f"database {db.name} ({db.vendor})")
-        try:
-            return _run(o, db, Path(tmp))
-        finally:
-            db.drop()
-            say(f"dropped {db.name or 'the database'}")
+    with interruptible(), throwaway_database(o) as (db, tmp):
+        return _run(o, db, tmp)
 
 
 def pick_victims(hosts: list[dict], n: int, prefer: set[str]) -> list[str]:

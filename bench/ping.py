@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,21 +32,15 @@ from .common import (
     run_python,
     say,
     table,
+    throwaway_database,
 )
 
 TARGET = 1000.0  # pings/s: 10,000 hosts at ping.interval 10
 
 
 def run(o: dict[str, Any]) -> dict[str, Any]:
-    db = BenchDatabase(o["database"], o["allow_sqlite"])
-    with interruptible(), tempfile.TemporaryDirectory(prefix="hadash-bench-") as tmp:
-        db.create()
-        say(f"database {db.name} ({db.vendor})")
-        try:
-            return _run(o, db, Path(tmp))
-        finally:
-            db.drop()
-            say(f"dropped {db.name or 'the database'}")
+    with interruptible(), throwaway_database(o) as (db, tmp):
+        return _run(o, db, tmp)
 
 
 def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:

@@ -17,12 +17,20 @@ a fresh system.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import BenchDatabase, BenchError, fmt, interruptible, machine_info, say, table
+from .common import (
+    BenchDatabase,
+    BenchError,
+    fmt,
+    interruptible,
+    machine_info,
+    say,
+    table,
+    throwaway_database,
+)
 from .system import System, parse_time
 
 TARGET_VMS = 100
@@ -34,16 +42,9 @@ def run(o: dict[str, Any]) -> dict[str, Any]:
     info: dict[str, Any] = {}
     with interruptible():
         for delay in o["start_delays"]:
-            db = BenchDatabase(o["database"], o["allow_sqlite"])
-            with tempfile.TemporaryDirectory(prefix="hadash-bench-") as tmp:
-                db.create()
-                say(f"database {db.name} ({db.vendor}); VM start {delay} s")
-                try:
-                    info = info or machine_info(db)
-                    runs.extend(_run(o, db, Path(tmp), delay))
-                finally:
-                    db.drop()
-                    say(f"dropped {db.name or 'the database'}")
+            with throwaway_database(o, f"; VM start {delay} s") as (db, tmp):
+                info = info or machine_info(db)
+                runs.extend(_run(o, db, tmp, delay))
     return {"benchmark": "restart", "machine": info, "command": o["command"],
             "vms": o["vms"], "runs": runs,
             "target": {"vms": TARGET_VMS, "seconds": TARGET_SECONDS, "workers": 20,
