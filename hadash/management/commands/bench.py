@@ -19,24 +19,22 @@ import sys
 from django.core.management.base import BaseCommand, CommandError
 
 
-def int_list(value: str) -> list[int]:
+def _number_list(value: str, kind, what: str, minimum, bound: str) -> list:
     try:
-        items = [int(v) for v in value.split(",") if v.strip()]
+        items = [kind(v) for v in value.split(",") if v.strip()]
     except ValueError:
-        raise CommandError(f"expected comma-separated integers, not {value!r}") from None
-    if not items or min(items) < 1:
-        raise CommandError(f"expected positive integers, not {value!r}")
+        raise CommandError(f"expected comma-separated {what}, not {value!r}") from None
+    if not items or min(items) < minimum:
+        raise CommandError(f"expected {bound}, not {value!r}")
     return items
+
+
+def int_list(value: str) -> list[int]:
+    return _number_list(value, int, "integers", 1, "positive integers")
 
 
 def float_list(value: str) -> list[float]:
-    try:
-        items = [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise CommandError(f"expected comma-separated numbers, not {value!r}") from None
-    if not items or min(items) < 0:
-        raise CommandError(f"expected numbers ≥ 0, not {value!r}")
-    return items
+    return _number_list(value, float, "numbers", 0, "numbers ≥ 0")
 
 
 class Command(BaseCommand):
