@@ -159,30 +159,26 @@ def bench_env(db_url: str, var_dir: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def manage(env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    """Run ``manage.py ARGS`` to completion in ``env``; its stdout. Fails loudly."""
-    try:
-        proc = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"manage.py {' '.join(args)} took more than {timeout:.0f} s") from exc
-    if proc.returncode != 0:
-        raise BenchError(f"manage.py {' '.join(args)} failed ({proc.returncode}):\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def run_python(env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    """Run ``python ARGS`` (e.g. ``-m bench.seed …``) from the project root."""
+def run_python(env: dict[str, str], *args: str, timeout: float = 600,
+               label: str = "") -> str:
+    """Run ``python ARGS`` (e.g. ``-m bench.seed …``) from the project root to
+    completion in ``env``; its stdout. Fails loudly, naming it ``label``."""
+    label = label or f"python {' '.join(args)}"
     try:
         proc = subprocess.run([sys.executable, *args], env=env, cwd=ROOT,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"python {' '.join(args)} took more than {timeout:.0f} s") from exc
+        raise BenchError(f"{label} took more than {timeout:.0f} s") from exc
     if proc.returncode != 0:
-        raise BenchError(f"python {' '.join(args)} failed ({proc.returncode}):\n"
+        raise BenchError(f"{label} failed ({proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
+
+
+def manage(env: dict[str, str], *args: str, timeout: float = 600) -> str:
+    """Run ``manage.py ARGS`` to completion in ``env``; its stdout. Fails loudly."""
+    return run_python(env, str(ROOT / "manage.py"), *args, timeout=timeout,
+                      label=f"manage.py {' '.join(args)}")
 
 
 @contextmanager
