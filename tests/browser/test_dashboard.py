@@ -251,7 +251,11 @@ def test_host_failure_shows_live_without_reload(admin, live, story):
     assert overview.evaluate("() => [window.__hadashTestMark, performance.timeOrigin]") == [
         "loaded once", origin]
     assert overview.evaluate("() => hadashLive.count") > 0
-    assert int(overview.inner_text('[data-count="host:Down"] .n')) >= 1
+    # The counters come from the summary, re-read at most once a second after events:
+    # with restarts this fast the last HaStarted can arrive before that read lands.
+    overview.wait_for_function(
+        """() => parseInt(document.querySelector('[data-count="host:Down"] .n')
+                            .textContent, 10) >= 1""", timeout=5000)
 
     # Each restarted VM's page shows it Running on another host.
     for name in ha:
