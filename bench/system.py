@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from hadash.supervisor import Supervisor, free_port, wait_for_port
+from hadash.supervisor import Child, Supervisor, free_port, wait_for_port
 
 from .common import BenchDatabase, BenchError, bench_env, manage, say, wait_until
 
@@ -26,16 +27,20 @@ def parse_time(value: str) -> float:
 
 class System:
     def __init__(self, db: BenchDatabase, tmp: Path, *, verbose: bool = False,
-                 config: dict[str, str] | None = None, engine_loops: int = 2):
+                 config: dict[str, str] | None = None, engine_loops: int = 2,
+                 env: dict[str, str] | None = None):
         self.db = db
         self.tmp = tmp
         self.config = dict(config or {})
-        self.env = bench_env(db.url, str(tmp), HADASH_ENGINE_LOOPS=str(engine_loops))
+        # env: more environment for every process (e.g. REDIS_URL for the channel layer)
+        self.env = bench_env(db.url, str(tmp), HADASH_ENGINE_LOOPS=str(engine_loops),
+                             **(env or {}))
         self.sup = Supervisor(echo=verbose, grace=8.0, base_env=self.env)
         self.api: httpx.Client | None = None
         self.control: httpx.Client | None = None
         self.token = ""
-        self.web_port = 0
+        self.web_port = 0  # where clients (API, simulator) reach the web
+        self.web_ports: list[int] = []  # each web process's own port
         self.fleet_port = 0
         self.hosts = 0
         self.vms = 0
@@ -43,18 +48,29 @@ class System:
     # --- start / stop ------------------------------------------------------------------
     def start(self, *, hosts: int, vms: int, ha_ratio: float, clusters: int,
               start_delay: float, host_cpus: int | None = None,
-              host_memory_mb: int | None = None) -> None:
+              host_memory_mb: int | None = None, web_processes: int = 1,
+              engine_processes: int = 1,
+              front: Callable[[list[int]], int] | None = None) -> None:
+        """``web_processes`` daphnes (named web, or web1, web2 …) and
+        ``engine_processes`` qclusters (engine, or engine1 …). With ``front``, clients
+        reach the web through it: it gets the web processes' ports and returns the
+        port to use instead (a load balancer)."""
         self.hosts, self.vms = hosts, vms
         say("migrating …")
         manage(self.env, "migrate", "--noinput", "-v0")
         self.token = manage(self.env, "apitoken", "bench", "--create").strip().splitlines()[-1]
         self.web_port, self.fleet_port = free_port(), free_port()
+        self.web_ports = [self.web_port] + [free_port() for _ in range(web_processes - 1)]
         # HADASH_BENCH_WEB_POOL=N: the web process with HADASH_DB_POOL=N (docs/deploy.md)
         pool = os.environ.get("HADASH_BENCH_WEB_POOL")
-        web = self.sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p",
-                              str(self.web_port), "hadash.asgi:application",
-                              env={"HADASH_DB_POOL": pool} if pool else None)
-        wait_for_port(self.web_port, proc=web.proc, timeout=60)
+        for i, port in enumerate(self.web_ports):
+            web = self.sup.python(f"web{i + 1}" if web_processes > 1 else "web", "-m",
+                                  "daphne", "-b", "127.0.0.1", "-p", str(port),
+                                  "hadash.asgi:application",
+                                  env={"HADASH_DB_POOL": pool} if pool else None)
+            wait_for_port(port, proc=web.proc, timeout=60)
+        if front is not None:
+            self.web_port = front(list(self.web_ports))
         self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.web_port}/api/v1",
                                 headers={"Authorization": f"Bearer {self.token}"},
                                 timeout=30, trust_env=False)
@@ -62,7 +78,8 @@ class System:
             self.set_config(key, value)
         say(f"daphne on {self.web_port}; config {self.config or 'defaults'}")
         manage(self.env, "engine", "start")
-        self.sup.manage("engine", "qcluster")
+        for i in range(engine_processes):
+            self.sup.manage(f"engine{i + 1}" if engine_processes > 1 else "engine", "qcluster")
         argv = ["fleet", "simulate", "--server", f"http://127.0.0.1:{self.web_port}",
                 "--listen", f"127.0.0.1:{self.fleet_port}", "--hosts", str(hosts),
                 "--vms", str(vms), "--ha-ratio", str(ha_ratio), "--clusters", str(clusters),
@@ -91,6 +108,13 @@ class System:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def respawn(self, child: Child) -> Child:
+        """Start a process of the system again after it died (or was killed): the same
+        command line and environment, under the same name, in place of the old one."""
+        if child in self.sup.children:
+            self.sup.children.remove(child)
+        return self.sup.start(child.name, child.argv, child.env)
 
     # --- health --------------------------------------------------------------------------
     def alive(self) -> None:
