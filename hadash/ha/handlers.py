@@ -12,7 +12,7 @@ from django.db import transaction
 
 from hadash.choices import Step, Subject, WorkType
 from hadash.events import record_event
-from hosts.choices import HostEvent, HostStatus, ResourceState, Verdict
+from hosts.choices import HostEvent, HostStatus, Verdict
 from hosts.investigators import investigate_vm
 from hosts.models import Host
 from hosts.transport import AgentError, Unreachable
@@ -52,6 +52,9 @@ def handle_ha(engine, item, cfg) -> None:
                message=f"HA work #{item.pk}: VM {vm.name} changed since scheduling "
                        f"({item.state} → {vm.state}); nothing to do")
         return
+    # An item that reached Restarting before is resumed: its start may have been sent
+    # already (the worker then lost its database connection or died).
+    resumed = item.step == Step.RESTARTING
     while True:
         now = engine.now()
         step = item.step
@@ -95,7 +98,7 @@ def handle_ha(engine, item, cfg) -> None:
             if not place_and_start(engine, item, vm, now=now, cfg=cfg):
                 return
         elif step == Step.RESTARTING:
-            start_on_target(engine, item, vm, now=now, cfg=cfg)
+            start_on_target(engine, item, vm, now=now, cfg=cfg, resumed=resumed)
             return
         else:
             finish(item, Step.ERROR, now=now, alert=True,
@@ -166,13 +169,21 @@ def place_and_start(engine, item, vm, *, now, cfg) -> bool:
     return True
 
 
-def start_on_target(engine, item, vm, *, now, cfg) -> None:
+def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> None:
+    """R12.5: start the VM on the reserved host. A resumed item asks the host first:
+    a VM it already runs is not started a second time (the start of the interrupted
+    attempt went through), only recorded as Running."""
     target = Host.objects.get(pk=item.target_host_id)
-    try:
-        engine.agents.start_vm(target, vm)
+    if resumed and _runs_on(engine, target, vm.name):
         ok, error = True, ""
-    except (Unreachable, AgentError) as exc:
-        ok, error = False, str(exc) or type(exc).__name__
+        log.info("HA work #%s: VM %s already runs on %s; not started again", item.pk,
+                 vm.name, target.name)
+    else:
+        try:
+            engine.agents.start_vm(target, vm)
+            ok, error = True, ""
+        except (Unreachable, AgentError) as exc:
+            ok, error = False, str(exc) or type(exc).__name__
     now = engine.now()
     vm.refresh_from_db()
     if ok:
@@ -199,6 +210,15 @@ def start_on_target(engine, item, vm, *, now, cfg) -> None:
           message=f"start on {target.name} failed ({error}); try {tried}")
 
 
+def _runs_on(engine, host, vm_name: str) -> bool:
+    """Whether ``host``'s agent reports the VM PowerOn (False when it cannot say)."""
+    try:
+        return engine.agents.get_vm(host, vm_name) == PowerState.POWER_ON
+    except (Unreachable, AgentError) as exc:
+        log.info("asking %s about %s: %s", host.name, vm_name, exc)
+        return False
+
+
 def _update_tried(item, tried, now):
     from .work import _update
 
@@ -210,7 +230,7 @@ def _update_tried(item, tried, now):
 def handle_migration(engine, item, cfg) -> None:
     vm, source = _load(item)
     now = engine.now()
-    if source is None or source.resource_state != ResourceState.PREPARE_FOR_MAINTENANCE:
+    if not maintenance.emptying(source):  # R15: cancelled with maintenance
         finish(item, Step.CANCELLED, now=now,
                message=f"Migration of {vm.name} cancelled: host no longer preparing for "
                        "maintenance")
@@ -220,11 +240,17 @@ def handle_migration(engine, item, cfg) -> None:
                message=f"VM {vm.name} is no longer running on {source.name}")
         maintenance.complete_if_ready(source, now=now)
         return
+    # Migrating already: a resumed item (the worker lost its connection or died).
+    resumed = vm.state == VmState.MIGRATING
     if vm.state == VmState.RUNNING:
         target = placement_guard.pick(vm, ha=False, cfg=cfg, exclude=(source.pk,))
         if target is None:
-            retry(item, now=now, after=cfg["migrate.retry.interval"],
-                  message=f"no host has room to migrate {vm.name} to")
+            # R15: "no host has room" is a failed migration (no try counted, as R13).
+            with transaction.atomic():
+                maintenance.migration_failed(source, now=now,
+                                             why=f"no host has room for VM {vm.name}")
+                retry(item, now=now, after=cfg["migrate.retry.interval"],
+                      message=f"no host has room to migrate {vm.name} to")
             return
         with transaction.atomic():
             if not mark_vm(vm, item, VmState.MIGRATING, now=now, event="MigrationStarted",
@@ -233,11 +259,14 @@ def handle_migration(engine, item, cfg) -> None:
                 return
             set_step(item, Step.MIGRATING, now=now, target_host=target)
     target = Host.objects.get(pk=item.target_host_id)
-    try:
-        engine.agents.migrate_vm(source, vm.name, target)
-        ok, error = True, ""
-    except (Unreachable, AgentError) as exc:
-        ok, error = False, str(exc) or type(exc).__name__
+    if resumed and _runs_on(engine, target, vm.name):
+        ok, error = True, ""  # the interrupted attempt's migration went through
+    else:
+        try:
+            engine.agents.migrate_vm(source, vm.name, target)
+            ok, error = True, ""
+        except (Unreachable, AgentError) as exc:
+            ok, error = False, str(exc) or type(exc).__name__
     now = engine.now()
     vm.refresh_from_db()
     if ok:
@@ -250,18 +279,15 @@ def handle_migration(engine, item, cfg) -> None:
                    message=f"Migration of {vm.name} to {target.name} done")
         maintenance.complete_if_ready(source, now=now)
         return
+    # R15: ErrorInMaintenance while the work keeps retrying every migrate.retry.interval.
     with transaction.atomic():
         mark_vm(vm, item, VmState.RUNNING, now=now, event="MigrationFailed",
                 message=f"Migration of {vm.name} to {target.name} failed: {error}")
-        finish(item, Step.ERROR, now=now, alert=True,
-               message=f"Migration of {vm.name} to {target.name} failed: {error}")
-        source.refresh_from_db()
-        source.set_resource_state(
-            ResourceState.ERROR_IN_MAINTENANCE, now=now, alert=True,
-            expect=(ResourceState.PREPARE_FOR_MAINTENANCE,),
-            reason="migration failed",
-            message=f"Host {source.name}: migration of {vm.name} failed; ErrorInMaintenance",
-        )
+        maintenance.migration_failed(
+            source, now=now, why=f"migration of {vm.name} to {target.name} failed: {error}")
+        retry(item, now=now, after=cfg["migrate.retry.interval"], step=Step.SCHEDULED,
+              tried=item.tried + 1,
+              message=f"migration of {vm.name} to {target.name} failed ({error})")
 
 
 # --- Stop, ForceStop, CheckStop, Destroy ------------------------------------------------------
