@@ -90,42 +90,97 @@ def prepare_maintenance(host, *, now, by=""):
 
 
 def cancel_maintenance(host, *, now, by=""):
+    """R15: Enabled, and the host's unfinished Migration work cancelled (step Cancelled,
+    each with its event), as CloudStack's cancelScheduledMigrations. A migration that a
+    live worker is carrying out at this moment cannot be called back: it ends by itself
+    (Done if it moved the VM; a failure is no longer retried, since the host is no
+    longer being emptied)."""
     from django.db import transaction
+    from django.db.models import Q
 
     from hadash.choices import FINAL_STEPS, Step, WorkType
     from hadash.ha import work
     from hadash.models import HaWork
     from hosts.choices import ResourceState
 
+    host.refresh_from_db()
     allowed = (ResourceState.PREPARE_FOR_MAINTENANCE, ResourceState.MAINTENANCE,
                ResourceState.ERROR_IN_MAINTENANCE)
     if host.resource_state not in allowed:
         raise ActionError(f"host {host.name} is not in maintenance ({host.resource_state})")
     with transaction.atomic():
-        host.set_resource_state(ResourceState.ENABLED, now=now, reason=by, expect=allowed,
-                                message=f"Host {host.name}: maintenance cancelled")
-        for item in HaWork.objects.select_related("instance").filter(
-            host=host, type=WorkType.MIGRATION, taken__isnull=True
+        if not host.set_resource_state(
+            ResourceState.ENABLED, now=now, reason=by, expect=allowed,
+            message=f"Host {host.name}: maintenance cancelled{' by ' + by if by else ''}",
+        ):
+            raise ActionError(f"host {host.name} changed meanwhile; try again")
+        not_held = Q(taken__isnull=True) | Q(taken__lt=now - work.WORK_LEASE)
+        for item in HaWork.objects.select_related("instance", "host").filter(
+            not_held, host=host, type=WorkType.MIGRATION
         ).exclude(step__in=FINAL_STEPS):
-            item.taken_by = ""
-            work.set_step(item, Step.CANCELLED, now=now,
-                          message=f"Migration of {item.instance.name} cancelled with "
-                                  "maintenance")
+            try:
+                work.finish(item, Step.CANCELLED, now=now,
+                            message=f"Migration of {item.instance.name} cancelled with "
+                                    f"the maintenance of {host.name}")
+            except work.LostItem:
+                pass  # a worker took it meanwhile: it finds the host Enabled and cancels it
     host.refresh_from_db()
     return host
 
 
+def cancel_ha_work(vm, *, now, by=""):
+    """R15a: cancel the VM's unfinished HA item, whatever its step and whoever holds it
+    (step Cancelled, with its event). Returns the cancelled item, or None when the VM
+    had none. A worker holding the item loses it and drops its result."""
+    from hadash.choices import Step, WorkType
+    from hadash.models import HaWork
+
+    from . import work
+
+    who = f" by {by}" if by else ""
+    for _ in range(10):  # a worker may change the item between our read and our write
+        item = (HaWork.objects.unfinished().select_related("instance", "host")
+                .filter(instance=vm, type=WorkType.HA).first())
+        if item is None:
+            return None
+        try:
+            work.finish(item, Step.CANCELLED, now=now,
+                        message=f"HA work #{item.pk} for VM {vm.name} cancelled: operator "
+                                f"stop{who}")
+            return item
+        except work.LostItem:
+            continue
+    raise ActionError(f"VM {vm.name}: its HA work keeps changing; try again")
+
+
 def stop_vm(vm, *, now, by=""):
-    """Queue a Stop work item; a worker stops the VM."""
+    """R15a, operator intent wins: cancel the VM's unfinished HA item (whatever the VM's
+    state), then queue a Stop work item unless the VM is already Stopped; a worker stops
+    the VM. Returns the Stop item; for a VM already Stopped, the cancelled HA item, or
+    None when there was nothing to do (no change, no event: not an error)."""
+    from django.db import transaction
+
+    from hadash.choices import FINAL_STEPS, WorkType
+    from hadash.models import HaWork
     from vms.choices import VmState
 
     from . import work
 
-    if vm.state in (VmState.STOPPED, VmState.DESTROYED, VmState.EXPUNGING):
-        raise ActionError(f"VM {vm.name} is already {vm.state}")
-    item = work.schedule_stop(vm, now=now, by=by)
-    if item is None:
-        raise ActionError(f"VM {vm.name} already has a stop in progress")
+    with transaction.atomic():
+        cancelled = cancel_ha_work(vm, now=now, by=by)
+        vm.refresh_from_db()
+        if vm.state == VmState.STOPPED:
+            return cancelled
+        if vm.state in (VmState.DESTROYED, VmState.EXPUNGING):
+            if cancelled is not None:
+                return cancelled
+            raise ActionError(f"VM {vm.name} is already {vm.state}")
+        item = work.schedule_stop(vm, now=now, by=by)
+        if item is None:
+            if cancelled is None:
+                raise ActionError(f"VM {vm.name} already has a stop in progress")
+            item = (HaWork.objects.filter(instance=vm, type=WorkType.STOP)
+                    .exclude(step__in=FINAL_STEPS).first()) or cancelled
     return item
 
 
