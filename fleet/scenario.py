@@ -2,6 +2,12 @@
 run the real engine against an in-process simulated fleet on a virtual clock, and
 check the expectations and the double-run invariant.
 
+An operator action that hadash refuses (prepare-for-maintenance of a host already in
+maintenance, a stop of an unknown VM, a bad configuration value…) is recorded with
+its reason — a line in the output, and an `action:` expectation can check it — and
+the scenario goes on, as it would for an operator; it never aborts the run
+(docs/scenarios.md).
+
 The runner drives exactly what production runs — agent connect/ping handling,
 the monitor sweep, the HA workers, cleanup — through `hosts.agent.service`,
 `hosts.liveness.monitor_step`, `hadash.ha.work.worker_step` and
@@ -35,12 +41,42 @@ EXPECT_KEYS = {
     "vm": {"state", "power_state", "host", "host_not", "restarts"},
     "host": {"status", "resource_state"},
     "work": {"step", "count"},
+    "action": {"refused"},
 }
+# Qualifiers pick the subject of an expectation; they are not checked themselves.
+# `work: V, type: T` looks at V's work items of type T (default HA: the README's).
+EXPECT_QUALIFIERS = {"work": {"type"}}
+OPERATOR_HOST_ACTIONS = ("disable", "enable", "maintenance", "cancel-maintenance")
 MAX_WORK_PER_SECOND = 10_000
 
 
 class ScenarioError(ValueError):
     """The scenario file is malformed; the message says where."""
+
+
+class Refused(Exception):
+    """hadash refused an operator action (as it would refuse an operator); the message
+    says why. The runner records it and goes on."""
+
+
+def is_operator_action(do: str) -> bool:
+    """Operator actions go through hadash and may be refused; faults act on the
+    simulated machines and always happen."""
+    if m := HOST_EVENT.match(do):
+        return m.group(2) in OPERATOR_HOST_ACTIONS
+    if m := VM_EVENT.match(do):
+        return m.group(2) == "stop"
+    return bool(CONFIG_EVENT.match(do))
+
+
+@dataclass
+class ActionRecord:
+    """One operator action as applied: outcome "done", "refused" (with hadash's
+    reason) or "error" (hadash failed unexpectedly: the scenario fails)."""
+    at: int
+    do: str
+    outcome: str
+    message: str = ""
 
 
 @dataclass
@@ -52,9 +88,11 @@ class Check:
     expected: Any
     found: Any = None
     ok: bool | None = None
+    work_type: str = "HA"
 
     def describe(self) -> str:
-        return f"t={self.at} {self.kind} {self.name} {self.key}={self.expected}"
+        kind = self.kind if self.work_type == "HA" else f"{self.kind} ({self.work_type})"
+        return f"t={self.at} {kind} {self.name} {self.key}={self.expected}"
 
 
 @dataclass
@@ -63,11 +101,13 @@ class Result:
     name: str
     checks: list[Check] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
+    actions: list[ActionRecord] = field(default_factory=list)
     error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.error and not self.violations and all(c.ok for c in self.checks)
+        return (not self.error and not self.violations and all(c.ok for c in self.checks)
+                and not any(a.outcome == "error" for a in self.actions))
 
 
 # --- loading --------------------------------------------------------------------------
@@ -99,11 +139,28 @@ def load(path: Path) -> dict:
             or VM_EVENT.match(ev["do"]) or CONFIG_EVENT.match(ev["do"])
         ):
             raise ScenarioError(f"{path}: events[{i}]: unknown event {ev.get('do')!r}")
+        if not is_operator_action(ev["do"]):
+            # A fault acts on a simulated machine, which must exist; an operator
+            # action naming an unknown host or VM is refused by hadash at run time.
+            m = HOST_EVENT.match(ev["do"]) or BMC_EVENT.match(ev["do"])
+            if m and m.group(1) not in {str(h) for h in data["hosts"]}:
+                raise ScenarioError(f"{path}: events[{i}]: no host {m.group(1)!r} in 'hosts'")
+            m = VM_EVENT.match(ev["do"])
+            if m and m.group(1) not in {str(v) for v in data["vms"] or {}}:
+                raise ScenarioError(f"{path}: events[{i}]: no VM {m.group(1)!r} in 'vms'")
     for i, ex in enumerate(data["expect"]):
         kind = kind_of(ex)
         if kind is None:
-            raise ScenarioError(f"{path}: expect[{i}] names one of vm, host or work")
-        extra = set(ex) - {"at", kind} - EXPECT_KEYS[kind]
+            raise ScenarioError(f"{path}: expect[{i}] names one of vm, host, work or action")
+        if kind == "action" and not isinstance(ex["action"], str):
+            raise ScenarioError(f"{path}: expect[{i}]: 'action' is an event's 'do' text")
+        if kind == "work" and "type" in ex:
+            from hadash.choices import WorkType
+
+            if ex["type"] not in WorkType.values:
+                raise ScenarioError(f"{path}: expect[{i}]: work type must be one of "
+                                    f"{', '.join(WorkType.values)}")
+        extra = set(ex) - {"at", kind} - EXPECT_KEYS[kind] - EXPECT_QUALIFIERS.get(kind, set())
         if extra:
             raise ScenarioError(f"{path}: expect[{i}]: unknown key(s) {', '.join(sorted(extra))}")
     return data
@@ -111,7 +168,7 @@ def load(path: Path) -> dict:
 
 def kind_of(ex: dict) -> str | None:
     """`vm:` and `work:` name their subject; `host` is then an attribute."""
-    for kind in ("vm", "work", "host"):
+    for kind in ("vm", "work", "host", "action"):
         if kind in ex:
             return kind
     return None
@@ -123,7 +180,7 @@ def checks_of(data: dict) -> list[Check]:
         kind = kind_of(ex)
         for key in sorted(EXPECT_KEYS[kind] & set(ex)):
             out.append(Check(at=ex["at"], kind=kind, name=str(ex[kind]), key=key,
-                             expected=ex[key]))
+                             expected=ex[key], work_type=str(ex.get("type", "HA"))))
     return out
 
 
@@ -203,11 +260,47 @@ class Run:
         ), now=self.clock.now())
 
     # the timeline
+    def perform(self, do: str, t: int) -> None:
+        """Apply one event of the timeline. An operator action that hadash refuses is
+        recorded and the run goes on; so does one that fails unexpectedly (recorded
+        as an error, which fails the scenario)."""
+        import traceback
+
+        if not is_operator_action(do):
+            self.apply(do)
+            return
+        try:
+            self.apply(do)
+        except Refused as exc:
+            self.result.actions.append(ActionRecord(t, do, "refused", str(exc)))
+        except Exception as exc:  # a bug in hadash: report it, and see the rest
+            self.result.actions.append(ActionRecord(
+                t, do, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        else:
+            self.result.actions.append(ActionRecord(t, do, "done"))
+
     def apply(self, do: str) -> None:
+        """Apply one event now; an operator action that hadash refuses raises
+        Refused (tests that drive a world call this directly)."""
+        from hadash.config import ConfigError
+        from hadash.ha.actions import ActionError
+
+        try:
+            self._apply(do)
+        except (ActionError, ConfigError) as exc:
+            raise Refused(str(exc)) from None
+
+    def _apply(self, do: str) -> None:
         from hadash import config
         from hadash.ha import actions
         from hosts.models import Host
         from vms.models import VMInstance
+
+        def host_named(name):
+            host = Host.objects.filter(name=name).first()
+            if host is None:
+                raise Refused(f"unknown host {name!r}")
+            return host
 
         now = self.clock.now()
         if m := HOST_EVENT.match(do):
@@ -231,7 +324,7 @@ class Run:
             elif what.startswith("start-fail"):
                 f.start_fail(name, int(m.group(3)))
             else:
-                host = Host.objects.get(name=name)
+                host = host_named(name)
                 if what in ("disable", "enable"):
                     actions.set_host_enabled(host, what == "enable", now=now, by="scenario")
                 elif what == "maintenance":
@@ -247,7 +340,10 @@ class Run:
             elif what == "vanish":
                 self.fleet.vm_vanish(name)
             else:
-                actions.stop_vm(VMInstance.objects.get(name=name), now=now, by="scenario")
+                vm = VMInstance.objects.filter(name=name).first()
+                if vm is None:
+                    raise Refused(f"unknown VM {name!r}")
+                actions.stop_vm(vm, now=now, by="scenario")
         elif m := CONFIG_EVENT.match(do):
             config.set_value(m.group(1), m.group(2), now=now, by="scenario")
 
@@ -283,7 +379,7 @@ class Run:
         self.clock.set(t)
         for ev in self.data["events"]:
             if ev["at"] == t:
-                self.apply(ev["do"])
+                self.perform(ev["do"], t)
         self.pings(t)
         self.engine_second()
         for vm, hosts in self.fleet.double_runs().items():
@@ -334,11 +430,18 @@ class Run:
 
     # expectations
     def check(self, c: Check) -> None:
-        from hadash.choices import WorkType
         from hadash.models import Event, HaWork
         from hosts.models import Host
         from vms.models import VMInstance
 
+        if c.kind == "action":
+            done = [a for a in self.result.actions if a.do == c.name and a.at <= c.at]
+            if not done:
+                c.found, c.ok = "not applied", False
+                return
+            c.found = done[-1].outcome == "refused"
+            c.ok = c.found == c.expected
+            return
         if c.kind == "vm":
             vm = VMInstance.objects.select_related("host").filter(name=c.name).first()
             if vm is None:
@@ -359,7 +462,7 @@ class Run:
             c.found = getattr(host, c.key) if host else "no such host"
             c.ok = c.found == c.expected
         else:
-            items = HaWork.objects.filter(instance__name=c.name, type=WorkType.HA)
+            items = HaWork.objects.filter(instance__name=c.name, type=c.work_type)
             if c.key == "count":
                 c.found = items.count()
             else:

@@ -4,6 +4,11 @@ Runs acceptance scenarios (../shared/scenarios/README.md). Each scenario runs in
 fresh temporary SQLite database of its own (copied from one migrated template), so
 the configured database is never touched. Exits 0 only when every expectation of
 every file holds and no VM ever ran on two hosts at once.
+
+An operator action that hadash refuses is printed as a REFUSED line with hadash's
+reason, and the scenario goes on (a refusal alone fails nothing; an `action:`
+expectation can require it). An operator action that fails unexpectedly is a FAIL
+line, and the scenario still runs to its end.
 """
 
 from __future__ import annotations
@@ -104,6 +109,8 @@ class Command(BaseCommand):
                 "scenarios": [{
                     "path": r.path, "name": r.name, "ok": r.ok, "error": r.error,
                     "seconds": round(r.seconds, 3), "violations": r.violations,
+                    "actions": [{"at": a.at, "do": a.do, "outcome": a.outcome,
+                                 "message": a.message} for a in r.actions],
                     "expectations": [{
                         "at": c.at, "kind": c.kind, "name": c.name, "key": c.key,
                         "expected": c.expected, "found": c.found, "ok": bool(c.ok),
@@ -122,6 +129,11 @@ class Command(BaseCommand):
         if r.error:
             w(self.style.ERROR(f"FAIL  scenario error: {r.error}"))
             return
+        for a in r.actions:
+            if a.outcome == "refused":
+                w(self.style.WARNING(f"REFUSED  t={a.at} {a.do} — {a.message}"))
+            elif a.outcome == "error":
+                w(self.style.ERROR(f"FAIL  t={a.at} {a.do} — hadash failed: {a.message}"))
         for c in r.checks:
             line = (f"{'PASS' if c.ok else 'FAIL'}  {c.describe()}"
                     f"{'' if c.ok else ''} — found {c.found}")
