@@ -3,7 +3,19 @@
 App-specific fixtures belong in each app's own tests; keep this file small.
 """
 
+import os
+
 import pytest
+from django.conf import settings
+
+# R30: the suite makes its own secrets. pytest-django imports hadash.settings before
+# this file, and settings.py, seeing PYTEST_VERSION, made up a random SECRET_KEY, join
+# key and fleet token for any the environment lacked and exported them. Make sure of it
+# here: every process a test starts (daphne, qcluster, the simulator, benchmarks) takes
+# its environment from os.environ and so shares this session's secrets.
+for _name in ("SECRET_KEY", "HADASH_AGENT_KEY", "HADASH_FLEET_TOKEN"):
+    if not os.environ.get(_name) and getattr(settings, _name, ""):
+        os.environ[_name] = getattr(settings, _name)
 
 
 def pytest_runtest_setup(item):

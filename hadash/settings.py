@@ -1,24 +1,30 @@
 """hadash settings: everything comes from the environment.
 
 With nothing set, hadash runs on one machine with no servers: an SQLite file under
-``var/`` and in-memory channel layers.
+``var/`` and in-memory channel layers. Secrets (R30) come from the environment, else
+from ``var/secrets.env`` (random ones, written once by ``scripts/setup``); with DEBUG
+off, hadash refuses to start without them or with the development values.
 
-Environment:
+Environment (README.md, "Configuration", has the full table):
     DATABASE_URL      e.g. postgres://postgres@127.0.0.1:5432/hadash (default: sqlite)
     REDIS_URL         e.g. redis://127.0.0.1:6379/0 (optional; channel layer)
-    HADASH_AGENT_KEY  the join key agents present on connect
-    SECRET_KEY        Django's secret key (also derives the per-host agent tokens)
-    DEBUG             1/true/yes to enable debug
+    HADASH_AGENT_KEY  the join key agents present on connect (a secret)
+    SECRET_KEY        Django's secret key (sessions, CSRF, signing)
+    HADASH_FLEET_TOKEN  the simulated fleet's control-API token (optional)
+    DEBUG             1/true/yes to enable debug (and allow the development secrets)
     ALLOWED_HOSTS     comma-separated
+    HADASH_HTTPS      1: served over HTTPS only (redirect, secure cookies, HSTS)
     HADASH_DB_POOL    N > 0: a psycopg connection pool of at most N connections per
                       process (PostgreSQL only; meant for web processes serving HTTP
                       agents — docs/deploy.md)
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from csp.constants import NONE, SELF
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("HADASH_VAR_DIR", BASE_DIR / "var"))
@@ -31,9 +37,6 @@ def env_bool(name: str, default: bool = False) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
-SECRET_KEY = os.environ.get(
-    "SECRET_KEY", "hadash-insecure-development-key-set-SECRET_KEY-in-production"
-)
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [
     h.strip()
@@ -41,8 +44,99 @@ ALLOWED_HOSTS = [
     if h.strip()
 ]
 
+# --- secrets (R30) -----------------------------------------------------------------
+# Each comes from the environment, else from SECRETS_FILE (KEY=value lines, written once
+# with random values by scripts/setup), and is then exported to the processes this one
+# starts. Under pytest (PYTEST_VERSION is set for the whole session) a missing one is
+# made up at random and exported, so the suite and every process it starts share it
+# (conftest.py). With DEBUG on, a missing one falls back to a well-known development
+# value; with DEBUG off that value, or none at all, stops every process (manage.py,
+# daphne, qcluster) at start with a message naming the variable.
+DEVELOPMENT_SECRETS = {
+    "SECRET_KEY": "hadash-insecure-development-key-set-SECRET_KEY-in-production",
+    "HADASH_AGENT_KEY": "hadash-dev-join-key",
+}
+SECRETS_FILE = VAR_DIR / "secrets.env"
+
+
+def _secrets_file() -> dict[str, str]:
+    try:
+        text = SECRETS_FILE.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and not name.startswith("#"):
+            values[name.strip()] = value.strip()
+    return values
+
+
+def _secret(name: str, required: bool = True) -> str:
+    from django.core.exceptions import ImproperlyConfigured
+
+    value = os.environ.get(name, "").strip()
+    if not value and "PYTEST_VERSION" in os.environ:
+        import secrets
+
+        value = os.environ[name] = secrets.token_urlsafe(50)
+    if not value:
+        value = _secrets_file().get(name, "")
+        if value:
+            # Handed down to every process this one starts (the demo's, the benchmarks',
+            # which may run with another HADASH_VAR_DIR), as if it had been set.
+            os.environ[name] = value
+    development = DEVELOPMENT_SECRETS.get(name)
+    if DEBUG or not required:
+        return value or development or ""
+    if not value:
+        raise ImproperlyConfigured(
+            f"{name} is not set and DEBUG is off: hadash will not start without it (R30). "
+            f"Set {name} in the environment (e.g. to the output of python -c 'import "
+            f"secrets; print(secrets.token_urlsafe(50))'), or run ./scripts/setup, which "
+            f"writes random ones to {SECRETS_FILE}; for development only, set DEBUG=1.")
+    if value == development:
+        raise ImproperlyConfigured(
+            f"{name} is the development value and DEBUG is off: hadash refuses to start "
+            f"with it (R30). Set {name} to a secret of your own (or DEBUG=1 for "
+            "development).")
+    return value
+
+
+SECRET_KEY = _secret("SECRET_KEY")
 # The join key agents present on `connect` (PROTOCOL.md, Authentication).
-HADASH_AGENT_KEY = os.environ.get("HADASH_AGENT_KEY", "hadash-dev-join-key")
+HADASH_AGENT_KEY = _secret("HADASH_AGENT_KEY")
+# The simulated fleet's control-API token (docs/simulator.md): the dashboard's
+# Simulator page sends it; `manage.py simulate` takes it by default. Optional.
+HADASH_FLEET_TOKEN = _secret("HADASH_FLEET_TOKEN", required=False)
+
+# --- HTTPS (manage.py check --deploy is clean with HADASH_HTTPS=1) ----------------------
+# HADASH_HTTPS=1 turns everything on; each switch can be overridden on its own.
+HTTPS = env_bool("HADASH_HTTPS", False)
+SECURE_SSL_REDIRECT = env_bool("HADASH_SSL_REDIRECT", HTTPS)
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env_bool("HADASH_SECURE_COOKIES", HTTPS)
+
+
+def env_int(name: str, default: int, minimum: int = 0) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < minimum:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"{name}={raw!r}: give a whole number of at least {minimum}")
+    return int(raw)
+
+
+SECURE_HSTS_SECONDS = env_int("HADASH_HSTS_SECONDS", 365 * 24 * 3600 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("HADASH_HSTS_INCLUDE_SUBDOMAINS", HTTPS)
+SECURE_HSTS_PRELOAD = env_bool("HADASH_HSTS_PRELOAD", HTTPS)
+# Behind a proxy that terminates TLS: the header it sets, e.g. X-Forwarded-Proto
+# (requests carrying "https" in it are secure). Only set it when the proxy always
+# sets (or strips) that header.
+_proxy_header = os.environ.get("HADASH_PROXY_SSL_HEADER", "").strip()
+if _proxy_header:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https")
 
 INSTALLED_APPS = [
     "daphne",  # must precede staticfiles (daphne.E001)
@@ -56,6 +150,8 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "channels",
     "django_q",
+    "axes",
+    "csp",
     "hadash",
     "hosts",
     "vms",
@@ -65,12 +161,15 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: turns a login refused for too many failures into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "hadash.urls"
@@ -151,14 +250,61 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
 
+# --- login throttling (R30): django-axes on the dashboard and admin logins -----------
+# HADASH_LOGIN_FAILURES wrong passwords for one user name from one address lock that
+# pair out for HADASH_LOGIN_LOCKOUT_MINUTES; other users and addresses are unaffected.
+# The operator API takes bearer tokens, not passwords, so it is not throttled here.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("HADASH_LOGIN_FAILURES", 5, minimum=1)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("HADASH_LOGIN_LOCKOUT_MINUTES", 15, minimum=1))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+
+# --- Content-Security-Policy (django-csp 4): only this site's own scripts, styles and
+# connections (the dashboard's websocket included); no inline code, no framing.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "font-src": [SELF],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
+# Redis reads must outlast channels_redis's blocking receive (BZPOPMIN, 5 s): redis-py
+# 8 sets a 5 s socket timeout by default, which ended every idle dashboard socket after
+# ~5.5 s (issue 8, part 8; django/channels_redis#422, redis/redis-py#4091). 15 s still
+# notices a Redis that stopped answering.
+REDIS_SOCKET_TIMEOUT = 15
+
+
+def redis_channel_layer(url: str) -> dict:
+    """The channel layer on Redis at ``url``, as production runs it (REDIS_URL)."""
+    return {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [{
+            "address": url,
+            "socket_timeout": REDIS_SOCKET_TIMEOUT,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+        }]},
+    }
+
+
 REDIS_URL = os.environ.get("REDIS_URL", "")
 if REDIS_URL:
-    CHANNEL_LAYERS = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL]},
-        }
-    }
+    CHANNEL_LAYERS = {"default": redis_channel_layer(REDIS_URL)}
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
