@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,10 @@ class System:
         # env: more environment for every process (e.g. REDIS_URL for the channel layer)
         self.env = bench_env(db.url, str(tmp), HADASH_ENGINE_LOOPS=str(engine_loops),
                              **(env or {}))
+        # Secrets (R30): SECRET_KEY and the join key come with os.environ (settings.py
+        # exports those it read from var/secrets.env; pytest makes its own); the
+        # simulator's control token is this system's own.
+        self.env["HADASH_FLEET_TOKEN"] = secrets.token_urlsafe(32)
         self.sup = Supervisor(echo=verbose, grace=8.0, base_env=self.env)
         self.api: httpx.Client | None = None
         self.control: httpx.Client | None = None
@@ -91,8 +96,10 @@ class System:
             argv += ["--host-memory-mb", str(host_memory_mb)]
         self.sup.manage(*argv)
         wait_for_port(self.fleet_port, proc=self.sup.children[-1].proc, timeout=120)
-        self.control = httpx.Client(base_url=f"http://127.0.0.1:{self.fleet_port}/control",
-                                    timeout=30, trust_env=False)
+        self.control = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.fleet_port}/control", timeout=30,
+            trust_env=False,
+            headers={"Authorization": f"Bearer {self.env['HADASH_FLEET_TOKEN']}"})
         say(f"qcluster started; simulator: {hosts} hosts, {vms} VMs (HA ratio {ha_ratio}), "
             f"{clusters} cluster(s), VM start {start_delay} s, control port {self.fleet_port}")
 

@@ -3,7 +3,8 @@
 Attached when ``HADASH_FLEET_URL`` is set (setting or environment; ``manage.py demo``
 sets it for the web process), e.g. ``http://127.0.0.1:9100``. Calls are made from the
 server (the browser never talks to the simulator): ``GET /control/hosts`` and
-``POST /control/faults {"do": "host kvm-003 power off"}``.
+``POST /control/faults {"do": "host kvm-003 power off"}``, with the control token
+``HADASH_FLEET_TOKEN`` (setting or environment) as ``Authorization: Bearer …``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def url() -> str:
     return (value or "").strip().rstrip("/")
 
 
+def token() -> str:
+    value = getattr(settings, "HADASH_FLEET_TOKEN", None) or os.environ.get(
+        "HADASH_FLEET_TOKEN", "")
+    return (value or "").strip()
+
+
 def _control() -> str:
     base = url()
     if not base:
@@ -48,8 +55,11 @@ def _control() -> str:
 
 def call(method: str, path: str, body: Any = None) -> Any:
     target = _control() + path
+    secret = token()
+    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     try:
-        response = httpx.request(method, target, json=body, timeout=TIMEOUT, trust_env=False)
+        response = httpx.request(method, target, json=body, headers=headers, timeout=TIMEOUT,
+                                 trust_env=False)
     except httpx.HTTPError as exc:
         raise FleetError(
             f"the simulator at {url()} does not answer ({type(exc).__name__}: {exc}); "
@@ -59,6 +69,11 @@ def call(method: str, path: str, body: Any = None) -> Any:
         data = response.json()
     except ValueError:
         data = None
+    if response.status_code == 401:
+        raise FleetError(
+            f"the simulator at {url()} refused this server's control token: set "
+            "HADASH_FLEET_TOKEN for the web process to the simulator's token"
+            + ("" if secret else " (it is not set)"))
     if response.status_code != 200:
         message = data.get("error") if isinstance(data, dict) else None
         status = 400 if response.status_code == 400 else 502

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -137,8 +138,12 @@ def start_system(database: str, var_dir: Path, *, hosts: int = 4, vms: int = 8,
     simulated VM is registered and every host is Up. ``setup(system)`` runs after the
     migrations, before anything starts (e.g. to create users). Everything is stopped on
     exit, and no process may be left running."""
+    # Secrets (R30): SECRET_KEY and HADASH_AGENT_KEY are this test session's own
+    # (conftest.py); the simulator's control token is this system's own.
     env = {**os.environ, "DATABASE_URL": database, "HADASH_VAR_DIR": str(var_dir),
-           "HADASH_ENGINE_LOOPS": "2", "HADASH_LOG": "INFO"}
+           "HADASH_ENGINE_LOOPS": "2", "HADASH_LOG": "INFO",
+           "HADASH_FLEET_TOKEN": secrets.token_urlsafe(32)}
+    assert env.get("SECRET_KEY") and env.get("HADASH_AGENT_KEY"), "conftest.py sets them"
     env.pop("CI", None)
     manage(env, "migrate", "--noinput", "-v0")
     token = manage(env, "apitoken", "e2e", "--create").strip().splitlines()[-1]
@@ -165,7 +170,9 @@ def start_system(database: str, var_dir: Path, *, hosts: int = 4, vms: int = 8,
                    "--vms", str(vms), "--ha-ratio", str(ha_ratio),
                    "--clusters", str(clusters), "--start-delay", "0.2",
                    "--api-token", token)
-        system.control = httpx.Client(base_url=f"{fleet_url}/control", timeout=10)
+        system.control = httpx.Client(
+            base_url=f"{fleet_url}/control", timeout=10,
+            headers={"Authorization": f"Bearer {env['HADASH_FLEET_TOKEN']}"})
         wait_for(f"{vms} VMs registered and {hosts} hosts Up", lambda: (
             len(api.get("/vms").json()) == vms
             and [h["status"] for h in api.get("/hosts").json()] == ["Up"] * hosts), 60)

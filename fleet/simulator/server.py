@@ -15,6 +15,11 @@ One aiohttp application on one port:
   whatever the machine's state; ``bmc H fail`` closes connections unanswered.
 * ``/control/…`` — the control API (docs/simulator.md): ``GET /control/health``,
   ``GET /control/hosts``, ``GET /control/hosts/{name}``, ``POST /control/faults``.
+  Every call needs ``Authorization: Bearer <control token>`` (``--token``,
+  ``$HADASH_FLEET_TOKEN``, else one made up and logged at start), a ``Host`` that names
+  this simulator (loopback, the listen address or the advertised one), no ``Origin``
+  but the simulator's own, and a POST body of ``application/json``: a web page open in
+  the operator's browser cannot inject faults cross-origin (issue 8, part 5).
 """
 
 from __future__ import annotations
@@ -328,7 +333,111 @@ async def redfish_reset(sim: Simulator, h: Host, request: web.Request) -> web.St
 
 # --- control API ----------------------------------------------------------------
 
+CONTROL_TOKEN: web.AppKey[str] = web.AppKey("control_token", str)
+CONTROL_HOSTS: web.AppKey[frozenset] = web.AppKey("control_hosts", frozenset)
+CONTROL_MAX_BODY = 64 * 1024
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
+
+def host_name(value: str) -> str:
+    """The host name of a Host header or URL authority: ``[::1]:9100`` → ``::1``."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") > 1:  # a bare IPv6 address
+        return value
+    return value.partition(":")[0]
+
+
+def _is_loopback(name: str) -> bool:
+    import ipaddress
+
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def control_token(sim: Simulator) -> str:
+    """The control API's token: the one the simulator was given (``--token``), else
+    ``$HADASH_FLEET_TOKEN``, else a random one (logged, so it can be used)."""
+    import os
+    import secrets
+
+    token = getattr(sim, "control_token", "") or os.environ.get("HADASH_FLEET_TOKEN", "")
+    if not token.strip():
+        token = secrets.token_urlsafe(32)
+        log.warning("control API token (none given with --token or HADASH_FLEET_TOKEN): %s",
+                    token)
+    sim.control_token = token.strip()
+    return sim.control_token
+
+
+def control_hosts_allowed(sim: Simulator) -> frozenset:
+    """Host names the control API answers to: loopback, the address it listens on and
+    the host of the URL it advertises (``--advertise``)."""
+    names = set(LOOPBACK_NAMES)
+    listen = host_name(sim.opts.listen_host or "")
+    if listen and listen not in ("0.0.0.0", "::"):
+        names.add(listen)
+    if sim.opts.advertise:
+        names.add(host_name(urlsplit(sim.opts.advertise).netloc.rpartition("@")[2]))
+    return frozenset(names)
+
+
+def _host_allowed(request: web.Request, name: str) -> bool:
+    return name in request.app[CONTROL_HOSTS] or _is_loopback(name)
+
+
+def _origin_allowed(request: web.Request, origin: str) -> bool:
+    """Only the simulator's own origin (no page it serves calls it, so in practice
+    none): a browser adds Origin to cross-origin requests and to every POST."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    local_port = request.transport.get_extra_info("sockname")[1] if request.transport else None
+    return _host_allowed(request, host_name(parts.netloc)) and port == local_port
+
+
+ControlHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def control_endpoint(fn: ControlHandler) -> ControlHandler:
+    """Host, Origin, token and (for a body) JSON, checked before anything is done."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        host = host_name(request.headers.get("Host", ""))
+        if not _host_allowed(request, host):
+            return error(f"the control API does not answer to Host {host!r} (loopback, the "
+                         "listen address and the --advertise host only)", 400)
+        origin = request.headers.get("Origin")
+        if origin is not None and not _origin_allowed(request, origin):
+            return error(f"requests from origin {origin!r} are refused: the control API "
+                         "is not for web pages", 403)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        expected = request.app[CONTROL_TOKEN]
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), expected.encode()):
+            return error("wrong or missing control token (Authorization: Bearer …; see "
+                         "--token / HADASH_FLEET_TOKEN)", 401,
+                         **{"WWW-Authenticate": 'Bearer realm="hadash-sim control"'})
+        if request.method not in ("GET", "HEAD"):
+            if request.content_type != "application/json":
+                return error("the control API takes application/json only", 415)
+            if (request.content_length or 0) > CONTROL_MAX_BODY:
+                return error(f"the body is over {CONTROL_MAX_BODY} bytes", 413)
+        return await fn(request)
+
+    return handler
+
+
+@control_endpoint
 async def control_health(request: web.Request) -> web.StreamResponse:
     return json_response(request.app[SIM].health())
 
@@ -340,6 +449,7 @@ def _flag(request: web.Request, name: str, default: bool) -> bool:
     return value.strip().lower() not in ("0", "false", "no", "off")
 
 
+@control_endpoint
 async def control_hosts(request: web.Request) -> web.StreamResponse:
     """Every host; ``?vms=false`` leaves out the VM lists (counts only), which keeps
     the answer small for a large fleet."""
@@ -349,6 +459,7 @@ async def control_hosts(request: web.Request) -> web.StreamResponse:
     return json_response([sim.fleet.view(h, now, vms) for h in sim.fleet.hosts.values()])
 
 
+@control_endpoint
 async def control_host(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM]
     h = sim.fleet.hosts.get(request.match_info["name"])
@@ -357,6 +468,7 @@ async def control_host(request: web.Request) -> web.StreamResponse:
     return json_response(sim.fleet.view(h, asyncio.get_running_loop().time()))
 
 
+@control_endpoint
 async def control_faults(request: web.Request) -> web.StreamResponse:
     sim = request.app[SIM]
     try:
@@ -391,6 +503,8 @@ async def index(request: web.Request) -> web.StreamResponse:
 def make_app(sim: Simulator) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY)
     app[SIM] = sim
+    app[CONTROL_TOKEN] = control_token(sim)
+    app[CONTROL_HOSTS] = control_hosts_allowed(sim)
     r = app.router
     r.add_get("/", index)
     a = "/agents/{host}"

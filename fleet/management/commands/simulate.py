@@ -1,9 +1,10 @@
 """python manage.py simulate [run] [options]      — run a simulated fleet
-python manage.py simulate fault "DO" [--control URL]   — inject a fault into a running one
-python manage.py simulate status [--control URL]       — show a running one's health
+python manage.py simulate fault "DO" [--control URL] [--token T] — inject a fault into one
+python manage.py simulate status [--control URL] [--token T]     — show a running one's health
 
 The simulator is a separate process speaking only HTTP (and the websocket upgrade) to
-the hadash server; it never touches the database (docs/simulator.md).
+the hadash server; it never touches the database (docs/simulator.md). Its control API
+takes a token (--token, else $HADASH_FLEET_TOKEN or the settings' HADASH_FLEET_TOKEN).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class Command(BaseCommand):
         parser.add_argument("--control", default="http://127.0.0.1:9100",
                             help="with fault/status: the running simulator's URL "
                             "(default http://127.0.0.1:9100)")
+        parser.add_argument("--token", default=None,
+                            help="the control API's token (default: $HADASH_FLEET_TOKEN, "
+                            "else the settings' HADASH_FLEET_TOKEN, e.g. from "
+                            "var/secrets.env; run: a random one, logged, when there is "
+                            "none)")
         g = parser.add_argument_group("run")
         g.add_argument("--server", default="http://127.0.0.1:8000",
                        help="the hadash server's base URL (default http://127.0.0.1:8000)")
@@ -129,6 +135,12 @@ class Command(BaseCommand):
             raise CommandError(f"unexpected arguments: {' '.join(opts['fault_text'])}")
         return self.run(opts)
 
+    @staticmethod
+    def token(opts) -> str:
+        """The control API's token: --token, $HADASH_FLEET_TOKEN, the settings' one."""
+        return (opts["token"] or os.environ.get("HADASH_FLEET_TOKEN")
+                or getattr(settings, "HADASH_FLEET_TOKEN", "") or "").strip()
+
     # --- fault / status -----------------------------------------------------------
     def send_fault(self, opts) -> None:
         from fleet.simulator import control
@@ -137,7 +149,7 @@ class Command(BaseCommand):
         if not text:
             raise CommandError('say which fault, e.g. simulate fault "host kvm-003 power off"')
         try:
-            answer = control.fault(text, opts["control"])
+            answer = control.fault(text, opts["control"], token=self.token(opts))
         except control.ControlError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"applied: {answer.get('do')}")
@@ -154,7 +166,7 @@ class Command(BaseCommand):
         from fleet.simulator import control
 
         try:
-            answer = control.health(opts["control"])
+            answer = control.health(opts["control"], token=self.token(opts))
         except control.ControlError as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(json.dumps(answer, indent=2))
@@ -202,6 +214,8 @@ class Command(BaseCommand):
             sim = Simulator(options)
         except (FaultError, ValueError) as exc:
             raise CommandError(str(exc)) from None
+        # The control API's token (fleet.simulator.server.control_token: none → random).
+        sim.control_token = self.token(opts)
         try:
             asyncio.run(self.main(sim))
         except OSError as exc:

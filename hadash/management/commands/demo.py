@@ -4,6 +4,10 @@ Migrates the configured database (the embedded SQLite default unless DATABASE_UR
 set), makes an admin login, starts daphne (web + agent protocol + websockets), a
 django-q cluster (the HA engine loops) and a simulated fleet, and prints the URLs and
 the login. Ctrl-C stops everything: SIGTERM, a grace period, then SIGKILL.
+
+Secrets (R30) are the settings': the environment's, else var/secrets.env's (random,
+written once by scripts/setup, kept across restarts so sessions and the simulated hosts'
+enrolment stay valid). Every process the demo starts inherits them.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class Command(BaseCommand):
 
         base = f"http://127.0.0.1:{o['port']}"
         fleet = f"http://127.0.0.1:{o['fleet_port']}"
+        # The simulator's control API takes a token (issue 8, part 5): var/secrets.env's
+        # (scripts/setup) when there is one, so `simulate fault` finds it too; else one
+        # for this run. The web process's Simulator page sends it.
+        fleet_token = settings.HADASH_FLEET_TOKEN or secrets.token_urlsafe(32)
+        fleet_env = {"HADASH_FLEET_URL": fleet, "HADASH_FLEET_TOKEN": fleet_token}
         sup = Supervisor(grace=10.0)
         stopping = False
 
@@ -65,7 +74,7 @@ class Command(BaseCommand):
             # The dashboard's simulator panel talks to the fleet's control API.
             web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(o["port"]),
                              "hadash.asgi:application",
-                             env={} if o["no_fleet"] else {"HADASH_FLEET_URL": fleet})
+                             env={} if o["no_fleet"] else fleet_env)
             wait_for_port(o["port"], proc=web.proc, timeout=60)
             call_command("engine", "start")
             sup.manage("engine", "qcluster")
@@ -75,9 +84,9 @@ class Command(BaseCommand):
                     f"127.0.0.1:{o['fleet_port']}", "--hosts", str(o["hosts"]),
                     "--vms", str(o["vms"]), "--ha-ratio", str(o["ha_ratio"]),
                     "--clusters", str(o["clusters"]), "--start-delay", str(o["start_delay"]),
-                    "--api-token", token,
+                    "--api-token", token, env=fleet_env,
                 )
-            self.banner(base, fleet, o, password, token)
+            self.banner(base, fleet, o, password, token, fleet_token)
             while not stopping:
                 dead = sup.first_exited()
                 if dead is not None:
@@ -117,19 +126,25 @@ class Command(BaseCommand):
         homes = [spec.home for spec in fleet.vm_specs.values() if spec.ha_enabled]
         return homes[0] if homes else next(iter(fleet.hosts))
 
-    def banner(self, base, fleet, o, password, token) -> None:
+    def banner(self, base, fleet, o, password, token, fleet_token="") -> None:
         w = self.stdout.write
         w("")
         w("=" * 72)
         w(f"  hadash is running — dashboard  {base}/")
         w(f"  login  {o['username']} / {password}")
         w(f"  admin  {base}/admin/     API  {base}/api/v1/  (Bearer {token})")
+        if settings.SECRETS_FILE.exists():
+            w(f"  secrets (SECRET_KEY, agent join key, control token)  {settings.SECRETS_FILE}")
         if not o["no_fleet"]:
             w(f"  simulated fleet: {o['hosts']} hosts, {o['vms']} VMs — inject faults in the "
               f"dashboard's Simulator page, or:")
             victim = self.host_with_ha_vms(o)
-            w(f"    .venv/bin/python manage.py simulate fault \"host {victim} power off\" "
-              f"--control {fleet}")
+            # `simulate fault` finds the token itself when it is var/secrets.env's.
+            prefix = ("" if fleet_token == settings.HADASH_FLEET_TOKEN
+                      else f"HADASH_FLEET_TOKEN={fleet_token} ")
+            w(f"    {prefix}.venv/bin/python manage.py simulate fault \"host {victim} power "
+              f"off\" --control {fleet}")
+            w(f"  simulator control token  {fleet_token}")
         w("  Ctrl-C stops everything")
         w("=" * 72)
         w("")
