@@ -19,6 +19,7 @@ from hadash import config
 from hadash.asgi import application
 from hadash.choices import Subject
 from hadash.events import record_event
+from hadash.settings import redis_channel_layer
 from hadash.supervisor import ROOT
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -223,10 +224,7 @@ def redis_url():
 def test_events_arrive_through_the_redis_channel_layer(settings):
     """Production with several web processes sets REDIS_URL (channels_redis): the
     relay's group messages go through Redis and still reach the socket."""
-    settings.CHANNEL_LAYERS = {"default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [redis_url()]},
-    }}
+    settings.CHANNEL_LAYERS = {"default": redis_channel_layer(redis_url())}
     headers = session_headers()
 
     async def run():
@@ -239,5 +237,39 @@ def test_events_arrive_through_the_redis_channel_layer(settings):
         ids = {await asyncio.to_thread(write_event, f"via redis {i}") for i in range(3)}
         got, _ = await collect(comm, ids, timeout=3)
         assert ids <= set(got)
+        await comm.disconnect()
+    run_async(run)
+
+
+IDLE = 65.0  # seconds: well past redis-py 8's 5 s socket timeout, and past a minute
+
+
+@pytest.mark.slow
+def test_an_idle_dashboard_socket_stays_up_over_redis(settings):
+    """Issue 8, part 8: with REDIS_URL set (the production channel layer, configured as
+    settings.py does) a dashboard socket that hears nothing for over a minute stays
+    connected — channels_redis waits 5 s for a message, and redis-py 8's default 5 s
+    socket timeout used to end that wait with TimeoutError, closing every idle socket
+    about every 5.5 s — and still gets the next event promptly."""
+    settings.CHANNEL_LAYERS = {"default": redis_channel_layer(redis_url())}
+    headers = session_headers()
+
+    async def run():
+        comm, ok = await connect("/ws/events", headers)
+        assert ok
+        assert (await comm.receive_json_from(timeout=3))["type"] == "events"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < IDLE:
+            # Raises what ended the consumer (redis TimeoutError) if it died; a close
+            # message would be output, which receive_nothing reports as False.
+            assert await comm.receive_nothing(timeout=1.0, interval=0.05), (
+                f"the socket got a message (closed?) after {time.monotonic() - t0:.1f} s "
+                "idle")
+        assert not comm.future.done(), "the consumer ended while idle"
+        t1 = time.monotonic()
+        ids = {await asyncio.to_thread(write_event, "after a quiet minute")}
+        got, _ = await collect(comm, ids, timeout=3)
+        assert ids <= set(got), "the event did not arrive after the idle minute"
+        assert time.monotonic() - t1 < 1.5
         await comm.disconnect()
     run_async(run)
