@@ -1,7 +1,9 @@
 """Django admin for hosts. Everything a host's agent or the HA engine maintains is
 read-only here; operators set tags and out-of-band management (Redfish BMC) settings,
 saved column by column with a `SettingsChanged` event, and run the resource-state
-actions (enable, disable, maintenance) through hadash.ha.actions."""
+actions (enable, disable, maintenance) through hadash.ha.actions, and re-enrolment
+(R29: one join-key connect may take the host within an hour). The agent's credentials
+(token hash, server token) are never shown or editable here."""
 
 from __future__ import annotations
 
@@ -63,19 +65,20 @@ class HostAdmin(admin.ModelAdmin):
     readonly_fields = ("name", "uuid", "type", "hypervisor_type", "cluster", "status",
                        "resource_state", "last_ping", "cpus", "memory_mb",
                        "private_ip_address", "agent_url", "next_investigation",
-                       "update_count", "created")
+                       "reenrol_until", "update_count", "created")
     fieldsets = (
         (None, {"fields": ("name", "uuid", "type", "hypervisor_type", "cluster",
                            "private_ip_address", "agent_url")}),
         ("State", {"fields": ("status", "resource_state", "last_ping", "next_investigation",
-                              "update_count", "created")}),
+                              "reenrol_until", "update_count", "created")}),
         ("Capacity and tags", {"fields": ("cpus", "memory_mb", "tags")}),
         ("Out-of-band management (Redfish)", {
             "fields": ("oobm_enabled", "oobm_address", "oobm_system_id", "oobm_username",
                        "oobm_password", "clear_oobm_password"),
         }),
     )
-    actions = ["enable_hosts", "disable_hosts", "prepare_maintenance", "cancel_maintenance"]
+    actions = ["enable_hosts", "disable_hosts", "prepare_maintenance", "cancel_maintenance",
+               "allow_reenrol"]
 
     def has_add_permission(self, request) -> bool:
         return False  # hosts join by connecting their agent (PROTOCOL.md)
@@ -122,3 +125,19 @@ class HostAdmin(admin.ModelAdmin):
     def cancel_maintenance(self, request, queryset):
         self._run(request, queryset, "Maintenance cancelled",
                   lambda h, **kw: actions.cancel_maintenance(h, **kw))
+
+    @admin.action(permissions=["change"],
+                  description="Re-enrol selected hosts (one join-key connect within an hour)")
+    def allow_reenrol(self, request, queryset):
+        """R29: lets one agent connect with the join key take each selected host within
+        the hour (e.g. its machine was reinstalled and lost its token)."""
+        now, by = timezone.now(), request.user.get_username()
+        done = [host.name for host in queryset if host.allow_reenrol(now=now, by=by)]
+        if done:
+            self.message_user(
+                request,
+                f"Re-enrolment allowed for one hour: {', '.join(done)}. The next agent "
+                "connect with the join key under that name takes the host; its current "
+                "token works until then.",
+                messages.WARNING,
+            )

@@ -23,6 +23,19 @@ How answers map onto the interface (``hosts.transport``):
   but not in protocol).
 
 Timeouts are ours to choose (PROTOCOL.md): short for checks, long for start/stop/migrate.
+
+What the server calls (SPEC R30, R31):
+
+* every request carries ``Authorization: Bearer <server_token>`` — the host's
+  server token from its ``connect``, never the agent's own token; a host without one
+  (never connected) is not called (``AgentAuthError``);
+* the ``agent_url`` is checked again before each request
+  (``hosts.agent.networks.url_problem``: http(s), no user/query/fragment, a base path
+  only, its host — a DNS name resolved now — inside ``HADASH_AGENT_NETWORKS``, never
+  link-local): a URL that fails is ``Unreachable`` and nothing is sent;
+* paths are the server's own (``/vms/{quoted name}/start``…), appended to that base;
+* ``check-on-host`` passes the target's ``address`` only when it passes the same
+  check (else an empty address), and ``migrate`` only a ``target_url`` that does.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from urllib.parse import quote
 
 import httpx
 
+from hosts.agent.networks import address_problem, url_problem
 from hosts.transport import AgentError, Unreachable
 
 if TYPE_CHECKING:
@@ -119,11 +133,18 @@ class HttpAgentClient:
         read_timeout: float | None = None,
     ) -> httpx.Response:
         """One request to the host's agent; transport failures become Unreachable."""
-        base = (host.agent_url or "").strip().rstrip("/")
+        base = (host.agent_url or "").strip()
         if not base:
             raise Unreachable(f"host {host.name} has no agent_url")
-        url = base + path
-        headers = {"Authorization": f"Bearer {host.agent_token()}"}
+        problem = url_problem(base)
+        if problem:
+            log.warning("agent %s: not calling its agent_url %r: %s", host.name, base, problem)
+            raise Unreachable(f"host {host.name}: agent_url refused: {problem}")
+        if not host.server_token:
+            raise AgentAuthError(
+                f"host {host.name} has no server token (its agent has not connected)")
+        url = base.rstrip("/") + path
+        headers = {"Authorization": f"Bearer {host.server_token}"}
         timeout = self._timeout(read_timeout if read_timeout is not None else self.read_timeout)
         log.debug("agent %s: %s %s %s", host.name, method, url, body)
         try:
@@ -231,6 +252,10 @@ class HttpAgentClient:
     def migrate_vm(self, host: Host, vm_name: str, target: Host) -> str:
         if not target.agent_url:
             raise AgentError(f"migrate {vm_name}: target {target.name} has no agent_url")
+        problem = url_problem(target.agent_url)
+        if problem:
+            raise AgentError(
+                f"migrate {vm_name}: target {target.name}'s agent_url refused: {problem}")
         response = self._send(
             host,
             "POST",
@@ -249,11 +274,17 @@ class HttpAgentClient:
         return landed
 
     def check_on_host(self, neighbour: Host, target: Host) -> bool | None:
+        address = target.private_ip_address or ""
+        problem = address_problem(address)
+        if problem:
+            log.warning("check-on-host %s: not passing its address %r: %s",
+                        target.name, address, problem)
+            address = ""
         response = self._send(
             neighbour,
             "POST",
             "/check-on-host",
-            {"name": target.name, "address": target.private_ip_address},
+            {"name": target.name, "address": address},
             read_timeout=self.neighbour_timeout,
         )
         data = self._answer(neighbour, response, f"check-on-host {target.name}")

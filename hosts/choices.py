@@ -77,6 +77,9 @@ class HostEvent(models.TextChoices):
     FENCED = "HostFenced"
     FENCE_FAILED = "FenceFailed"
     RESOURCE_STATE = "ResourceStateChanged"
+    # R29: an operator allowed one join-key connect to take the host; one did.
+    REENROL_ALLOWED = "ReEnrolAllowed"
+    REENROLLED = "ReEnrolled"
 
 
 class Verdict(models.TextChoices):

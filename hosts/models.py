@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
+import secrets
 import uuid as uuid_lib
 
-from django.conf import settings
 from django.db import models, transaction
 from django.db.models import Q
 
-from hadash.choices import Subject
+from hadash.choices import Severity, Subject
 from hadash.events import record_event
+from hadash.names import NAME_RULE, validate_name
 
 from .choices import (
     SWEPT_STATUSES,
@@ -21,9 +23,14 @@ from .choices import (
     ResourceState,
 )
 
+# R30: random credentials of 32 bytes; R29: how long an operator's re-enrolment lasts.
+TOKEN_BYTES = 32
+REENROL_WINDOW = dt.timedelta(hours=1)
+
 
 class Host(models.Model):
-    name = models.CharField(max_length=255, unique=True)
+    name = models.CharField(max_length=255, unique=True, validators=[validate_name],
+                            help_text=NAME_RULE)
     uuid = models.UUIDField(default=uuid_lib.uuid4, unique=True, editable=False)
     type = models.CharField(max_length=32, choices=HostType.choices, default=HostType.ROUTING)
     hypervisor_type = models.CharField(max_length=32, default="KVM")
@@ -42,11 +49,17 @@ class Host(models.Model):
     )
     private_ip_address = models.CharField(max_length=255, blank=True, default="")
     agent_url = models.CharField(max_length=1024, blank=True, default="")
-    # Per-host agent token (PROTOCOL.md): only a hash is stored. The raw token is an
-    # HMAC of SECRET_KEY over (uuid, token_generation), so the server can present it
-    # on server→agent calls without ever storing it.
-    token_hash = models.CharField(max_length=64, blank=True, default="", db_index=True)
-    token_generation = models.PositiveIntegerField(default=0)
+    # Credentials (PROTOCOL.md v1.1, SPEC R29/R30). The agent's token is random and
+    # shown once, in the `connect` answer; only its SHA-256 is stored. `server_token` is
+    # the server's own credential on server→agent calls: random, stored as it is
+    # (the server must present it), never shown to operators (API, admin, dashboard,
+    # events).
+    token_hash = models.CharField(max_length=64, blank=True, default="", db_index=True,
+                                  editable=False)
+    server_token = models.CharField(max_length=128, blank=True, default="", editable=False)
+    # R29: until when one join-key connect may take this row (an operator re-enrolled it).
+    reenrol_until = models.DateTimeField("re-enrolment allowed until", null=True, blank=True,
+                                         editable=False)
     # Out-of-band management (Redfish), set by an operator, never by the agent.
     oobm_enabled = models.BooleanField("OOB management enabled", default=False)
     oobm_address = models.CharField(
@@ -85,20 +98,62 @@ class Host(models.Model):
     def has_tag(self, tag: str) -> bool:
         return tag in self.tag_list
 
-    # --- agent token ----------------------------------------------------------
-    def agent_token(self) -> str:
-        """The raw per-host token for the current generation (never stored)."""
-        msg = f"{self.uuid}:{self.token_generation}".encode()
-        return hmac.new(settings.SECRET_KEY.encode(), msg, hashlib.sha256).hexdigest()
+    # --- credentials (R30) -------------------------------------------------------
+    @staticmethod
+    def new_secret() -> str:
+        """A fresh random credential: 32 bytes (256 bits) from the OS, URL-safe text."""
+        return secrets.token_urlsafe(TOKEN_BYTES)
 
     @staticmethod
     def hash_token(token: str) -> str:
+        # A plain SHA-256 is enough for a 256-bit random token (nothing to guess), and
+        # it keeps the per-ping lookup one indexed equality.
         return hashlib.sha256(token.encode()).hexdigest()
 
     def token_matches(self, token: str) -> bool:
         return bool(self.token_hash) and hmac.compare_digest(
             self.token_hash, self.hash_token(token)
         )
+
+    def issue_credentials(self) -> tuple[str, str]:
+        """New random agent token and server token on this instance (not saved):
+        returns (token, server_token); only the token's hash is kept."""
+        token = self.new_secret()
+        self.token_hash = self.hash_token(token)
+        self.server_token = self.new_secret()
+        return token, self.server_token
+
+    def reenrol_open(self, now) -> bool:
+        return self.reenrol_until is not None and now < self.reenrol_until
+
+    def allow_reenrol(self, *, now, by: str = "") -> dt.datetime:
+        """R29: an operator re-enrols the host: for REENROL_WINDOW, one `connect` with
+        the join key may take this row (new token and server token). The agent's
+        current token keeps working until then. Recorded as `ReEnrolAllowed` in the
+        same transaction. Returns the end of the window."""
+        until = now + REENROL_WINDOW
+        who = f" by {by}" if by else ""
+        with transaction.atomic():
+            Host.objects.filter(pk=self.pk).update(
+                reenrol_until=until, update_count=models.F("update_count") + 1
+            )
+            self.reenrol_until = until
+            record_event(
+                Subject.HOST,
+                self,
+                event=HostEvent.REENROL_ALLOWED,
+                field="reenrol_until",
+                new=until.isoformat(timespec="seconds"),
+                reason=by,
+                severity=Severity.WARNING,
+                message=(
+                    f"Host {self.name}: re-enrolment allowed{who} — one agent connect "
+                    f"with the join key may take this host until "
+                    f"{until.isoformat(timespec='seconds')}"
+                ),
+                now=now,
+            )
+        return until
 
     # --- transitions ----------------------------------------------------------
     def transition(

@@ -17,6 +17,7 @@ before it waits in the batcher.
 from __future__ import annotations
 
 import json
+import logging
 
 from channels.consumer import get_handler_name
 from channels.db import aclose_old_connections, database_sync_to_async
@@ -28,8 +29,10 @@ from .auth import bearer, host_for_token
 from .ingest import TokenRevoked
 from .validation import ProtocolError
 
-# Close code when the host's token stops being valid mid-connection (the agent
-# reconnected and got a new token): 4000 + the HTTP status, as is customary.
+log = logging.getLogger("hadash.agent")
+
+# Close code when the host's token stops being valid mid-connection (an operator
+# re-enrolled the host and a join-key connect took it): 4000 + the HTTP status, as is customary.
 CLOSE_UNAUTHORIZED = 4401
 
 # A channel layer alias that is never configured: channels.layers.get_channel_layer
@@ -82,11 +85,19 @@ class AgentPingConsumer(AsyncWebsocketConsumer):
             return
         try:
             # Batched with the other sockets' pings (hosts.agent.ingest); the token is
-            # re-checked there, since a reconnect rotates it.
+            # re-checked there, since a re-enrolment replaces it.
             interval = await ingest.batcher().submit(self.token, vms, arrival)
         except TokenRevoked:
             await self._send({"type": "error", "error": "invalid host token; reconnect"})
             await self.close(code=CLOSE_UNAUTHORIZED)
+            return
+        except Exception as exc:
+            # This ping could not be stored (the batch logged why). The socket stays
+            # up: the agent's next ping is tried afresh, and nobody else is affected.
+            log.warning("ping from %s not applied: %r", self.host_name, exc)
+            await self._send({"type": "error",
+                              "error": "the server could not apply this ping (nothing "
+                                       "was changed); it will take the next one"})
             return
         await self._send({"type": "pong", "ping_interval": interval})
 

@@ -29,6 +29,7 @@ than the database work at 1,000 pings/s (docs/benchmarks.md, P1); other database
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import itertools
 import logging
@@ -97,7 +98,41 @@ def apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) -> 
     defaults to ``now``, itself defaulting to the current time); returns per ping the
     ping interval, an exception, or a TokenRevoked instance. ``arrays``: use the
     PostgreSQL array statements (default: on PostgreSQL); False takes the ORM path
-    there too, so tests can compare both."""
+    there too, so tests can compare both.
+
+    R31: one report that cannot be stored never costs the others theirs. When the
+    batch's shared statements fail (they read and write every report's rows at once),
+    nothing of the batch was written; each report is then applied on its own, and
+    only the one(s) that fail again get their error (logged)."""
+    try:
+        with _savepoint():
+            return _apply_batch(items, now=now, arrays=arrays)
+    except Exception as exc:
+        if len(items) == 1:
+            raise
+        log.warning("ping batch of %d failed (%r); applying its reports one by one",
+                    len(items), exc)
+        if connection.needs_rollback or not connection.is_usable():
+            raise  # the connection itself is gone: every report would fail alike
+    results: list[object] = []
+    for item in items:
+        try:
+            with _savepoint():
+                results.extend(_apply_batch([item], now=now, arrays=arrays))
+        except Exception as exc:  # noqa: BLE001 - reported to this ping's sender
+            log.warning("a ping report could not be stored and was dropped: %r", exc)
+            results.append(exc)
+    return results
+
+
+def _savepoint():
+    """Inside someone else's transaction (tests), a failed statement would poison it
+    (PostgreSQL): give each attempt a savepoint there. In autocommit — the batcher's
+    worker thread — a failed statement harms nothing and costs no extra round trip."""
+    return transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+
+
+def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) -> list[object]:
     now = now or timezone.now()
     items = [(it[0], it[1], it[2] if len(it) > 2 and it[2] is not None else now)
              for it in items]

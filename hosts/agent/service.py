@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
+from hadash.choices import Severity, Subject
 from hadash.clock import not_before
+from hadash.events import record_event
 from hosts.choices import RECOVERABLE_STATUSES, HostEvent, HostStatus
 
 
@@ -27,42 +29,146 @@ class ConnectData:
     vms: list[tuple[str, str]] = field(default_factory=list)  # (vm name, PowerOn/PowerOff)
 
 
+@dataclass
+class Connected:
+    """A connect's answer: the host row and the credentials the agent keeps."""
+
+    host: object  # hosts.models.Host
+    token: str
+    server_token: str
+
+
+class ConnectRefused(Exception):
+    """A connect the protocol refuses; ``status`` is the HTTP status (409: the join
+    key named an enrolled host; 401: the token no longer belongs to the host)."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def already_enrolled(name: str) -> str:
+    return (f"host {name} is already enrolled; it reconnects with its own token, "
+            "or an operator re-enrols it")
+
+
+def enrol(data: ConnectData, *, now) -> Connected:
+    """R29: a connect with the join key. A name not yet enrolled is created with new
+    random credentials. An enrolled name is refused (ConnectRefused, 409) and nothing
+    is written — unless an operator re-enrolled it less than REENROL_WINDOW ago: then
+    this one connect takes the row (new token and server token; the window is used up;
+    type and cluster stay the operator's)."""
+    from hosts.models import Host
+
+    with transaction.atomic():
+        host = Host.objects.select_for_update().filter(name=data.name).first()
+        if host is None:
+            host = Host(name=data.name, status=HostStatus.CREATING, type=data.type,
+                        cluster=data.cluster)
+            token, server_token = host.issue_credentials()
+            try:
+                with transaction.atomic():  # a savepoint: a concurrent enrolment wins
+                    _apply(host, data)
+                    host.save(force_insert=True)
+            except IntegrityError:
+                raise ConnectRefused(already_enrolled(data.name)) from None
+            _bring_up(host, data, now=now, how="enrolled with the join key")
+            return Connected(host, token, server_token)
+        if not host.reenrol_open(now):
+            raise ConnectRefused(already_enrolled(data.name))
+        token, server_token = Host.new_secret(), Host.new_secret()
+        # A conditional UPDATE: of two join-key connects racing for one window (SQLite
+        # has no row locks), exactly one takes it.
+        taken = Host.objects.filter(pk=host.pk, reenrol_until__gt=now).update(
+            reenrol_until=None, token_hash=Host.hash_token(token), server_token=server_token,
+        )
+        if not taken:
+            raise ConnectRefused(already_enrolled(data.name))
+        host.refresh_from_db()
+        record_event(
+            Subject.HOST, host, event=HostEvent.REENROLLED, reason="join key",
+            severity=Severity.WARNING,
+            message=(f"Host {host.name}: re-enrolled — an agent connected with the join key "
+                     "in the window an operator opened; it got new credentials and the "
+                     "previous agent token no longer works"),
+            now=now,
+        )
+        _apply(host, data)
+        host.save()
+        _bring_up(host, data, now=now, how="re-enrolled")
+        return Connected(host, token, server_token)
+
+
+def reconnect(host, token: str, data: ConnectData, *, now) -> Connected:
+    """R6/R29: a known host connects again with its own token. Its row is reused and
+    its token is not rotated (the agent presented it; a lost answer never locks it
+    out): the answer echoes it with the stored server token. Type and cluster stay
+    as enrolled (an operator's to change). ConnectRefused(401) if the token stopped
+    belonging to the host meanwhile (a re-enrolment took it)."""
+    from hosts.models import Host
+
+    with transaction.atomic():
+        row = Host.objects.select_for_update().filter(pk=host.pk).first()
+        if row is None or row.name != data.name or not row.token_matches(token):
+            raise ConnectRefused("invalid host token", status=401)
+        if not row.server_token:  # enrolled before v1.1 and its migration
+            row.server_token = Host.new_secret()
+        _apply(row, data)
+        row.save()
+        _bring_up(row, data, now=now, how="agent connected")
+        return Connected(row, token, row.server_token)
+
+
 def connect(data: ConnectData, *, now) -> tuple:
-    """R1/R6: create or reuse the host row by name, issue a fresh token, bring the
-    host Connecting → Up, and take its power report. Returns (host, raw token)."""
+    """The in-process connect of trusted callers (the scenario runner, tests), which
+    have no credentials to present: enrols a new name, reconnects a known one (as
+    `reconnect` does: same token, type and cluster kept). Returns (host, token) — the
+    token only when one was issued (a new host), else None."""
+    from hosts.models import Host
+
+    with transaction.atomic():
+        host = Host.objects.select_for_update().filter(name=data.name).first()
+        if host is None:
+            c = enrol(data, now=now)
+            return c.host, c.token
+        if not host.server_token:
+            host.server_token = Host.new_secret()
+        _apply(host, data)
+        host.save()
+        _bring_up(host, data, now=now, how="agent connected")
+    return host, None
+
+
+def _apply(host, data: ConnectData) -> None:
+    """What a connect may change on the row (type and cluster only on creation)."""
+    host.hypervisor_type = data.hypervisor
+    host.cpus = data.cpus
+    host.memory_mb = data.memory_mb
+    host.private_ip_address = data.address
+    host.agent_url = data.agent_url
+
+
+def _bring_up(host, data: ConnectData, *, now, how: str) -> None:
+    """R1/R6: the host goes Connecting → Up with its events, and its power report is
+    taken. Runs inside the connect's transaction, on a saved row."""
     from hadash import config
     from hosts.models import Host
     from vms.powersync import process_report
 
     cfg = config.snapshot()
-    with transaction.atomic():
-        host, created = Host.objects.select_for_update().get_or_create(
-            name=data.name, defaults={"status": HostStatus.CREATING}
-        )
-        host.type = data.type
-        host.hypervisor_type = data.hypervisor
-        host.cluster = data.cluster
-        host.cpus = data.cpus
-        host.memory_mb = data.memory_mb
-        host.private_ip_address = data.address
-        host.agent_url = data.agent_url
-        host.token_generation += 1
-        token = host.agent_token()
-        host.token_hash = Host.hash_token(token)
-        host.last_ping = now
-        host.next_investigation = None
-        host.save()
-        if host.status != HostStatus.CONNECTING:
-            host.transition(
-                HostStatus.CONNECTING, now=now, event=HostEvent.AGENT_CONNECTED,
-                message=f"Host {host.name}: agent connected ({host.status} → Connecting)",
-            )
+    Host.objects.filter(pk=host.pk).update(last_ping=now, next_investigation=None)
+    host.last_ping, host.next_investigation = now, None
+    if host.status != HostStatus.CONNECTING:
         host.transition(
-            HostStatus.UP, now=now, event=HostEvent.READY,
-            message=f"Host {host.name} is Up",
+            HostStatus.CONNECTING, now=now, event=HostEvent.AGENT_CONNECTED,
+            message=f"Host {host.name}: {how} ({host.status} → Connecting)",
         )
-        process_report(host, data.vms, now=now, cfg=cfg)
-    return host, token
+    host.transition(
+        HostStatus.UP, now=now, event=HostEvent.READY,
+        message=f"Host {host.name} is Up",
+    )
+    process_report(host, data.vms, now=now, cfg=cfg)
 
 
 def ping(host, vms: list[tuple[str, str]], *, now) -> None:

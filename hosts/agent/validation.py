@@ -4,6 +4,13 @@ Pure functions: each takes decoded JSON (or raw bytes) and returns clean values 
 ``hosts.agent.service``, or raises :class:`ProtocolError` with a message an agent's
 author can act on. Nothing here touches the database, so a rejected request changes
 nothing. The HTTP views and the websocket consumer share these.
+
+Every string an agent sends is checked before it can reach the database or a log:
+no control characters and no lone surrogates (``"\\ud800"`` is valid JSON but not
+text any database can store); host and VM names follow ``hadash.names`` (R31, issue
+8); ``agent_url`` and ``address`` must be somewhere the server may call
+(``hosts.agent.networks``: ``HADASH_AGENT_NETWORKS``, never link-local; a DNS name is
+resolved here, the one piece of I/O).
 """
 
 from __future__ import annotations
@@ -11,11 +18,12 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
+from hadash.names import NAME_RULE, name_problem
 from hosts.choices import HostType
 from vms.choices import REPORTABLE_POWER_STATES
 
+from . import networks
 from .service import ConnectData
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 4 MiB: a 10,000-VM report fits with room to spare
@@ -118,6 +126,7 @@ def _json_type(value: Any) -> str:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _check_printable(field: str, value: str) -> None:
@@ -125,6 +134,28 @@ def _check_printable(field: str, value: str) -> None:
     # characters: refuse them here rather than fail in the database.
     if _CONTROL.search(value):
         raise ProtocolError(f"{field} must not contain control characters: {_show(value)}")
+    # JSON may carry a lone surrogate ("\ud800"), which is not Unicode text: no
+    # database can store it, and it must never get as far as trying.
+    if _SURROGATE.search(value):
+        raise ProtocolError(
+            f"{field} is not valid Unicode text: it contains a lone surrogate "
+            f"(\\u{ord(_SURROGATE.search(value).group()):04x}); send UTF-8 text"
+        )
+
+
+def _name(field: str, value: Any) -> str:
+    """A host or VM name (hadash.names: the safe character set)."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{field} must be a string, not {_json_type(value)}")
+    if not value.strip():
+        raise ProtocolError(f"{field} must not be empty")
+    _check_printable(field, value)
+    problem = name_problem(value)
+    if problem:
+        if "too long" in problem:
+            raise ProtocolError(f"{field} {problem}")
+        raise ProtocolError(f"{field} {_show(value)} is not a valid name: {NAME_RULE}")
+    return value
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -160,22 +191,21 @@ def _integer(obj: dict[str, Any], field: str, *, maximum: int) -> int:
 
 
 def _url(obj: dict[str, Any], field: str) -> str:
-    value = _string(obj, field, max_length=1024, non_empty=True)
-    problem = None
-    try:
-        parts = urlsplit(value)
-        _ = parts.port  # raises ValueError on a bad port
-    except ValueError:
-        problem = "is not a valid URL"
-    else:
-        if parts.scheme not in ("http", "https"):
-            problem = "must be an http:// or https:// URL"
-        elif not parts.hostname:
-            problem = "must name a host"
-        elif any(c.isspace() for c in value):
-            problem = "must not contain whitespace"
+    """R31: an agent_url the server may call (hosts.agent.networks.url_problem)."""
+    value = _string(obj, field, max_length=networks.MAX_URL_LENGTH, non_empty=True)
+    problem = networks.url_problem(value)
     if problem:
         raise ProtocolError(f"{field} {problem}: {_show(value)}")
+    return value
+
+
+def _address(obj: dict[str, Any], field: str) -> str:
+    """R31: the address neighbours are asked to probe (check-on-host): an IP address
+    or DNS name inside HADASH_AGENT_NETWORKS, or empty."""
+    value = _string(obj, field, max_length=255)
+    problem = networks.address_problem(value)
+    if problem:
+        raise ProtocolError(f"{field} not allowed: {problem}")
     return value
 
 
@@ -205,17 +235,7 @@ def parse_vms(value: Any, *, field: str = "vms") -> list[tuple[str, str]]:
         missing = [f for f in ("name", "power_state") if f not in entry]
         if missing:
             raise ProtocolError(f"{where} is missing {' and '.join(missing)}")
-        name = entry["name"]
-        if not isinstance(name, str):
-            raise ProtocolError(f"{where}.name must be a string, not {_json_type(name)}")
-        if not name.strip():
-            raise ProtocolError(f"{where}.name must not be empty")
-        _check_printable(f"{where}.name", name)
-        if len(name) > MAX_NAME_LENGTH:
-            raise ProtocolError(
-                f"{where}.name is too long: {len(name)} characters, "
-                f"at most {MAX_NAME_LENGTH} allowed"
-            )
+        name = _name(f"{where}.name", entry["name"])
         state = entry["power_state"]
         if not isinstance(state, str) or state not in POWER_STATES:
             shown = _show(state)
@@ -250,7 +270,7 @@ CONNECT_FIELDS = (
 def parse_connect(obj: dict[str, Any]) -> ConnectData:
     """``POST /connect``. Extra fields are allowed (extensions) and ignored."""
     _require(obj, CONNECT_FIELDS)
-    name = _string(obj, "name", max_length=MAX_NAME_LENGTH, non_empty=True)
+    name = _name("name", obj["name"])
     host_type = obj["type"]
     if not isinstance(host_type, str):
         raise ProtocolError(f"type must be a string, not {_json_type(host_type)}")
@@ -262,7 +282,7 @@ def parse_connect(obj: dict[str, Any]) -> ConnectData:
     cluster = _string(obj, "cluster", max_length=255)
     cpus = _integer(obj, "cpus", maximum=MAX_POSITIVE_INT)
     memory_mb = _integer(obj, "memory_mb", maximum=MAX_POSITIVE_BIGINT)
-    address = _string(obj, "address", max_length=255)
+    address = _address(obj, "address")
     agent_url = _url(obj, "agent_url")
     vms = parse_vms(obj["vms"]) if "vms" in obj else []
     return ConnectData(
@@ -291,7 +311,7 @@ def parse_disconnect(obj: dict[str, Any]) -> str:
         return ""
     if not isinstance(reason, str):
         raise ProtocolError(f"reason must be a string, not {_json_type(reason)}")
-    return _CONTROL.sub(" ", reason)[:MAX_REASON_LENGTH]
+    return _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", reason))[:MAX_REASON_LENGTH]
 
 
 def parse_ws_message(text: str | bytes) -> list[tuple[str, str]]:

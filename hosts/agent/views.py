@@ -3,11 +3,17 @@
 Plain Django views, kept lean because every host pings every ``ping.interval``: one
 indexed token lookup, validation, then the service call. Every request is
 authenticated before its body is read and validated in full before the service is
-called, so a rejected request (4xx) changes nothing.
+called, so a rejected request (4xx) changes nothing. (Under ASGI, Django reads a body
+before any view runs: ``hosts.agent.asgi.AgentGate`` refuses bad credentials and
+oversized bodies before that, and hands the host it found on to these views.)
+
+Credentials (PROTOCOL.md v1.1, SPEC R29/R30): the join key enrols new host names only;
+a known host reconnects with its own token, which is echoed back, never rotated.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import wraps
 
@@ -21,6 +27,12 @@ from hosts.models import Host
 from . import service, validation
 from .auth import bearer, host_for_token, is_join_key
 from .validation import ProtocolError
+
+log = logging.getLogger("hadash.agent")
+
+# Where AgentGate leaves what it found (ASGI scope keys).
+SCOPE_HOST = "hadash.agent.host"
+SCOPE_JOIN = "hadash.agent.join"
 
 
 def error(message: str, status: int, **headers: str) -> JsonResponse:
@@ -48,6 +60,15 @@ def agent_endpoint(view: Callable) -> Callable:
             if exc.status == 401:
                 return unauthorized(exc.message)
             return error(exc.message, exc.status)
+        except service.ConnectRefused as exc:
+            if exc.status == 401:
+                return unauthorized(exc.message)
+            return error(exc.message, exc.status)
+        except Exception:
+            # Never an HTML page for an agent: a failure of ours is still JSON.
+            log.exception("agent request %s failed", request.path)
+            return error("the server could not process this request (nothing was "
+                         "changed); try again", 500)
 
     return wrapper
 
@@ -71,11 +92,20 @@ def ping_interval() -> int:
     return config.get("ping.interval")
 
 
+def _gate_host(request: HttpRequest, token: str) -> Host | None:
+    """The host AgentGate already found for this very token, if it ran."""
+    scope = getattr(request, "scope", None) or {}
+    host = scope.get(SCOPE_HOST)
+    if host is not None and host.token_matches(token):
+        return host
+    return None
+
+
 def authenticated_host(request: HttpRequest) -> Host:
     token = bearer(request.headers)
     if token is None:
         raise ProtocolError("missing credentials: send Authorization: Bearer <host token>", 401)
-    host = host_for_token(token)
+    host = _gate_host(request, token) or host_for_token(token)
     if host is None:
         raise ProtocolError("invalid host token", 401)
     return host
@@ -83,21 +113,34 @@ def authenticated_host(request: HttpRequest) -> Host:
 
 @agent_endpoint
 def connect(request: HttpRequest) -> JsonResponse:
-    """R1/R6: register or reconnect a host, answer with a fresh token."""
+    """R1/R6/R29: enrol a new host with the join key, or reconnect a known one with
+    its own token. Answers with the token the agent keeps and the server_token the
+    server presents on its calls to the agent."""
     token = bearer(request.headers)
     if token is None:
-        return unauthorized("missing credentials: send Authorization: Bearer <join key>")
+        return unauthorized(
+            "missing credentials: send Authorization: Bearer <join key> to enrol, or "
+            "Bearer <host token> to reconnect")
     known: Host | None = None
-    if not is_join_key(token):
-        # A reconnect may present the host's current token instead of the join key.
-        known = host_for_token(token)
+    join = is_join_key(token)
+    if not join:
+        known = _gate_host(request, token) or host_for_token(token)
         if known is None:
             return unauthorized("invalid join key or host token")
     data = validation.parse_connect(read_json(request))
-    if known is not None and known.name != data.name:
-        return unauthorized(f"this token does not belong to host {data.name!r}")
-    host, host_token = service.connect(data, now=timezone.now())
-    return JsonResponse({"host_id": host.pk, "token": host_token, "ping_interval": ping_interval()})
+    now = timezone.now()
+    if known is not None:
+        if known.name != data.name:
+            return unauthorized(f"this token does not belong to host {data.name!r}")
+        result = service.reconnect(known, token, data, now=now)
+    else:
+        result = service.enrol(data, now=now)
+    return JsonResponse({
+        "host_id": result.host.pk,
+        "token": result.token,
+        "server_token": result.server_token,
+        "ping_interval": ping_interval(),
+    })
 
 
 @agent_endpoint

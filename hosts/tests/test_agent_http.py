@@ -35,13 +35,13 @@ def stack():
 
 
 def make_host(name: str = "kvm-01", address: str = "10.0.0.11") -> Host:
-    """An unsaved host: ``agent_token()`` needs only its uuid and generation."""
-    return Host(name=name, private_ip_address=address)
+    """An unsaved host with its server token (what ``connect`` issued; R30)."""
+    return Host(name=name, private_ip_address=address, server_token=Host.new_secret())
 
 
 def serve(stack: contextlib.ExitStack, host: Host, token: str | None = None) -> FakeAgent:
     """Start an agent for ``host`` (accepting ``token``, default the host's own)."""
-    fake = stack.enter_context(agent(host.name, token or host.agent_token()))
+    fake = stack.enter_context(agent(host.name, token or host.server_token))
     host.agent_url = fake.url + "/"  # a trailing slash must not matter
     return fake
 
@@ -60,7 +60,7 @@ def test_check_health_ok_sends_token_and_empty_body(client, stack):
     assert client.check_health(host) is True
     seen = fake.seen[-1]
     assert (seen.method, seen.path, seen.body) == ("POST", "/check-health", {})
-    assert seen.authorization == f"Bearer {host.agent_token()}"
+    assert seen.authorization == f"Bearer {host.server_token}"  # R30: the server's own
 
 
 def test_check_health_false_when_agent_down_and_true_when_back(client, stack):
@@ -285,10 +285,10 @@ def test_wrong_token_is_agent_auth_error_a_kind_of_unreachable(client, stack):
     assert set(fake.vms) == {"i-2-10-VM"}  # nothing written
 
 
-def test_rotated_token_generation_is_refused(client, stack):
+def test_replaced_server_token_is_refused(client, stack):
     host = make_host()
     serve(stack, host)
-    host.token_generation += 1  # the server rotated the token; the agent did not
+    host.server_token = Host.new_secret()  # re-enrolled elsewhere; this agent kept the old
     assert client.check_health(host) is False
 
 
@@ -296,8 +296,10 @@ def test_rotated_token_generation_is_refused(client, stack):
 
 @pytest.mark.django_db
 def test_saved_hosts_and_concurrent_calls(client, stack):
-    Host.objects.create(name="kvm-01", private_ip_address="10.0.0.11")
-    Host.objects.create(name="kvm-02", private_ip_address="10.0.0.12")
+    Host.objects.create(name="kvm-01", private_ip_address="10.0.0.11",
+                        server_token=Host.new_secret())
+    Host.objects.create(name="kvm-02", private_ip_address="10.0.0.12",
+                        server_token=Host.new_secret())
     h1, h2 = Host.objects.get(name="kvm-01"), Host.objects.get(name="kvm-02")
     a1, a2 = serve(stack, h1), serve(stack, h2)
     Host.objects.filter(pk=h1.pk).update(agent_url=h1.agent_url)

@@ -64,7 +64,7 @@ def db_state() -> dict:
 def host():
     """An Up host with a VM Running on it, created directly (not through connect) so
     the rejection tests do not depend on the service. ``host.token`` is its token."""
-    h = Host.objects.create(
+    h = Host(
         name="kvm-01",
         status=HostStatus.UP,
         cluster="c1",
@@ -73,10 +73,9 @@ def host():
         private_ip_address="10.0.0.11",
         agent_url="http://10.0.0.11:8250",
         last_ping=EARLIER,
-        token_generation=1,
     )
-    h.token_hash = Host.hash_token(h.agent_token())
-    h.save(update_fields=["token_hash"])
+    token, _ = h.issue_credentials()
+    h.save()
     VMInstance.objects.create(
         name="i-2-10-VM",
         state=VmState.RUNNING,
@@ -86,7 +85,7 @@ def host():
         power_state_update_time=EARLIER,
         ha_enabled=True,
     )
-    h.token = h.agent_token()
+    h.token = token
     return h
 
 
@@ -95,45 +94,53 @@ def host():
 
 @pytest.mark.django_db
 def test_connect_with_join_key_creates_host_up_with_token(client, agent_key):
-    """R1: an agent connects with the join key; the host is created Up and gets a token."""
+    """R1/R29/R30: an agent enrols with the join key; the host is created Up and gets a
+    random token (only its hash is stored) and a server_token."""
     resp = post(client, CONNECT, connect_body(), agent_key)
     assert resp.status_code == 200, resp.content
     body = resp.json()
-    assert set(body) == {"host_id", "token", "ping_interval"}
+    assert set(body) == {"host_id", "token", "server_token", "ping_interval"}
     assert body["ping_interval"] == 10
     host = Host.objects.get(pk=body["host_id"])
     assert host.name == "kvm-01"
     assert host.status == HostStatus.UP
     assert host.cluster == "c1" and host.cpus == 32 and host.memory_mb == 131072
     assert host.agent_url == "http://10.0.0.11:8250"
-    assert isinstance(body["token"], str) and body["token"]
+    assert isinstance(body["token"], str) and len(body["token"]) >= 43  # ≥ 32 bytes
     assert host.token_matches(body["token"])
     assert host.token_hash != body["token"]  # only the hash is stored
+    assert body["token"] not in str(list(Host.objects.values()))
     assert host_for_token(body["token"]) == host
+    assert body["server_token"] == host.server_token != body["token"]
 
 
 @pytest.mark.django_db
-def test_reconnect_with_join_key_reuses_row(client, agent_key):
-    """R6: a reconnect of a known host name reuses its row; the new token works."""
+def test_join_key_naming_an_enrolled_host_is_409(client, agent_key):
+    """R29: the join key enrols new names only; naming an enrolled host is 409, and the
+    host keeps its row and token (the first agent still pings)."""
     first = post(client, CONNECT, connect_body(), agent_key).json()
-    second_resp = post(client, CONNECT, connect_body(cpus=48), agent_key)
-    assert second_resp.status_code == 200
-    second = second_resp.json()
-    assert second["host_id"] == first["host_id"]
-    assert Host.objects.filter(name="kvm-01").count() == 1
-    assert post(client, PING, {"vms": []}, second["token"]).status_code == 200
-    if second["token"] != first["token"]:
-        # A fresh token replaces the old one.
-        assert post(client, PING, {"vms": []}, first["token"]).status_code == 401
+    before = db_state()
+    resp = post(client, CONNECT, connect_body(cpus=48), agent_key)
+    assert resp.status_code == 409
+    assert resp.json() == {"error": "host kvm-01 is already enrolled; it reconnects with its "
+                                    "own token, or an operator re-enrols it"}
+    assert db_state() == before
+    assert post(client, PING, {"vms": []}, first["token"]).status_code == 200
 
 
 @pytest.mark.django_db
 def test_reconnect_with_host_token(client, agent_key):
-    """R6: a known host may reconnect with its own current token instead of the join key."""
+    """R6: a known host reconnects with its own token: same row, same token echoed
+    back (not rotated), same server_token."""
     first = post(client, CONNECT, connect_body(), agent_key).json()
-    resp = post(client, CONNECT, connect_body(), first["token"])
+    resp = post(client, CONNECT, connect_body(cpus=48), first["token"])
     assert resp.status_code == 200, resp.content
-    assert resp.json()["host_id"] == first["host_id"]
+    second = resp.json()
+    assert second["host_id"] == first["host_id"]
+    assert second["token"] == first["token"]
+    assert second["server_token"] == first["server_token"]
+    assert Host.objects.get(name="kvm-01").cpus == 48
+    assert post(client, PING, {"vms": []}, first["token"]).status_code == 200
 
 
 @pytest.mark.django_db

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def host():
     """An Up host with a Running VM; ``host.token`` is its agent token."""
-    h = Host.objects.create(
+    h = Host(
         name="kvm-01",
         status=HostStatus.UP,
         cluster="c1",
@@ -38,10 +38,9 @@ def host():
         private_ip_address="10.0.0.11",
         agent_url="http://10.0.0.11:8250",
         last_ping=EARLIER,
-        token_generation=1,
     )
-    h.token_hash = Host.hash_token(h.agent_token())
-    h.save(update_fields=["token_hash"])
+    token, _ = h.issue_credentials()
+    h.save()
     VMInstance.objects.create(
         name="i-2-10-VM",
         state=VmState.RUNNING,
@@ -51,7 +50,7 @@ def host():
         power_state_update_time=EARLIER,
         ha_enabled=True,
     )
-    h.token = h.agent_token()
+    h.token = token
     return h
 
 
@@ -204,8 +203,9 @@ def test_closing_is_not_a_disconnect(host):
 
 
 def test_rotated_token_closes_socket(host, client, agent_key):
-    """R6: a reconnect issues a fresh token; a socket opened with the old one gets an
-    error and is closed on its next ping, changing nothing."""
+    """R29: a re-enrolment (an operator allowed it, a join-key connect took it) issues
+    a fresh token; a socket opened with the old one gets an error and is closed on its
+    next ping, changing nothing."""
 
     async def run():
         comm = communicator(host.token)
@@ -215,6 +215,9 @@ def test_rotated_token_closes_socket(host, client, agent_key):
 
         @database_sync_to_async
         def reconnect():
+            from django.utils import timezone
+
+            host.allow_reenrol(now=timezone.now(), by="test")
             body = {
                 "name": host.name,
                 "type": "Routing",

@@ -26,17 +26,17 @@ def fleet_world(n_hosts=20, vms_per_host=10):
 
 
 def tokens():
-    # The scenario world connected the hosts; issue fresh tokens as a reconnect would.
+    # The scenario world connected the hosts in process; give each the token an
+    # agent would hold.
     out = {}
     for h in Host.objects.all():
-        h.token_generation += 1
-        tok = h.agent_token()
-        h.token_hash = Host.hash_token(tok)
-        h.save(update_fields=["token_generation", "token_hash"])
+        tok, _ = h.issue_credentials()
+        h.save(update_fields=["token_hash", "server_token"])
         out[h.name] = tok
     return out
 
 
+@pytest.mark.django_db(transaction=True)  # autocommit, as in the batcher's thread
 def test_steady_batch_is_a_few_statements_and_refreshes_every_host():
     w = fleet_world()
     toks = tokens()
