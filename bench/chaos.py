@@ -1,0 +1,1135 @@
+"""``python manage.py chaos``: the whole system under random faults, checked against
+SPEC §6 while it runs (issue 8, part 10; docs/reliability.md).
+
+What runs — real processes on PostgreSQL, with Redis as the channel layer, started
+through :class:`bench.system.System` on a fresh database:
+
+* two daphne web processes behind :class:`Front`, a small TCP load balancer (as haproxy
+  would be): the simulator's agents, the operator API and the dashboard client connect
+  through it, and a connection lives and dies with the web process it landed on;
+* two django-q clusters (``qcluster``) running the engine loops;
+* the fleet simulator (default 30 hosts, 300 VMs, half of them HA);
+* :class:`LiveClient`, a logged-in dashboard following ``/ws/events`` the way
+  ``dashboard/static/dashboard/live.js`` does (watermark, reconnect with back-off,
+  resume with ``?after=``).
+
+What happens — a seeded plan (:func:`make_plan`, the seed is printed) of machine faults
+through the simulator's control API (host power off/on, agent stop/start, network
+off/on, BMC failures, start failures, VM crash and vanish; every host fault healed
+again after a while), kill -9 of a web process and of an engine process group (the
+one holding the sweeper lease, or either), each restarted a few seconds later, and
+with ``--long`` PostgreSQL restarts. Then a settle phase: every fault healed, every
+process up, until the fleet is quiet.
+
+What is checked (:class:`Watch` samples throughout; the rest is read at the end):
+
+* double runs — a VM powered on on two powered hosts at once: sampled from the
+  simulator's truth (``GET /control/hosts``) every half second, plus every
+  "double run!" the simulator logs when a start completes on a second host (exact),
+  plus *overlapping starts* — a start under way on one host while the VM runs or
+  starts on another (the moment two workers, or a worker and a live copy, collide);
+* HA items processed twice — each item's step events must form one chain (each
+  event's ``old`` is the previous event's ``new``, nothing after a final step, the
+  last event's ``new`` is the item's step): a second worker acting on a stale copy
+  breaks it — and HA items lost: after the settle, every HA VM must run exactly once
+  (Running in the database, powered on on exactly that host); one that does not is
+  *lost* (no unfinished item and the last one is not Error), *stuck* (an unfinished
+  item) or *gave up* (its item ended in Error, R12.5);
+* events missed by the dashboard — every event id in the table after the start must
+  have reached the live client; its delivery latency (received − the event's
+  ``time``) is reported, not judged (the event's time is the engine's clock when the
+  step began, not the commit);
+* sweeper gaps — the longest interval between two renewals of the sweeper lease
+  (``GET /api/v1/engine``: a renewal is ``expires − SWEEPER_TTL``; the sweeper renews
+  before every sweep), and how long any HA item stayed taken by one worker.
+
+Any violation makes the command exit non-zero; the figures are printed either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from hadash.supervisor import Child, live_members, wait_for_port
+
+from .common import (
+    BenchError,
+    fmt,
+    interruptible,
+    machine_info,
+    percentile,
+    say,
+    table,
+    throwaway_database,
+)
+from .system import System, parse_time
+
+# The engine's timings, shortened as in the end-to-end tests (tests/conftest.py).
+CONFIG = {"ping.interval": "2", "ping.timeout": "2",
+          "investigate.retry.interval": "5", "restart.retry.interval": "5"}
+FINAL_STEPS = ("Done", "Cancelled", "Error")
+DOUBLE_RUN_LINE = re.compile(r"(\S+): VM (\S+) started here while it runs on (.+?) \(double run")
+PG_RESTART = ["pg_ctlcluster", "--skip-systemctl-redirect", "{version}", "main", "restart"]
+
+
+# --- the load balancer in front of the web processes -------------------------------------
+
+class Front:
+    """A TCP load balancer for the web processes, as haproxy or nginx would be in
+    production: each new connection goes to the next web process that accepts it
+    (round robin, skipping one that refuses), and lives and dies with it."""
+
+    def __init__(self, ports: list[int]):
+        from hadash.supervisor import free_port
+
+        self.backends = list(ports)
+        self.port = free_port()
+        self.connections = 0
+        self.refused = 0
+        self._next = 0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
+                                       name="chaos-front")
+        self.thread.start()
+        if not ready.wait(10):
+            raise BenchError("the load balancer did not start")
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._server = self.loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        upstream = None
+        try:
+            for _ in range(len(self.backends)):
+                port = self.backends[self._next % len(self.backends)]
+                self._next += 1
+                try:
+                    upstream = await asyncio.wait_for(
+                        asyncio.open_connection("127.0.0.1", port), 3)
+                    break
+                except (OSError, TimeoutError):
+                    self.refused += 1
+            if upstream is None:
+                return
+            self.connections += 1
+            up_reader, up_writer = upstream
+            self._writers.add(up_writer)
+            pipes = [asyncio.ensure_future(_pipe(reader, up_writer)),
+                     asyncio.ensure_future(_pipe(up_reader, writer))]
+            try:
+                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for p in pipes:
+                    p.cancel()
+                up_writer.close()
+                self._writers.discard(up_writer)
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            if self._server is not None:
+                self._server.close()
+            for w in list(self._writers):
+                w.close()  # the pipes see the end and their connections finish
+            await asyncio.sleep(0.2)
+
+        if self.loop.is_running():
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+# --- the live dashboard ---------------------------------------------------------------------
+
+def login(base_url: str, username: str, password: str) -> str:
+    """Log in through the dashboard's login form; the session cookie's value."""
+    with httpx.Client(base_url=base_url, timeout=30, trust_env=False) as http:
+        page = http.get("/login/")
+        m = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+        if page.status_code != 200 or m is None:
+            raise BenchError(f"GET /login/: HTTP {page.status_code}, no CSRF token")
+        r = http.post("/login/", data={"username": username, "password": password,
+                                       "csrfmiddlewaretoken": m.group(1)},
+                      headers={"Referer": f"{base_url}/login/"})
+        session = http.cookies.get("sessionid")
+        if r.status_code not in (200, 302) or not session:
+            raise BenchError(f"logging in as {username} failed: HTTP {r.status_code}")
+        return session
+
+
+class LiveClient:
+    """A dashboard page's live feed (dashboard/static/dashboard/live.js): one websocket
+    to ``/ws/events?after=<watermark>``; keeps the highest watermark the server sent
+    and every event id it received (with the time it arrived); on a drop reconnects
+    with exponential back-off (0.5 s doubling to 15 s, ±20 % jitter, reset once a
+    message arrives) and resumes from its watermark."""
+
+    def __init__(self, base_url: str, session: str, after: int):
+        self.base_url = base_url
+        self.url = base_url.replace("http://", "ws://", 1) + "/ws/events"
+        self.session = session
+        self.watermark = after
+        self.received: dict[int, float] = {}  # event id → POSIX time it arrived
+        self.times: dict[int, str] = {}  # event id → its `time`
+        self.duplicates = 0
+        self.connects = 0
+        self.drops = 0
+        self.reloads: list[tuple[int, int]] = []
+        self.errors: Counter = Counter()
+        self.state = "connecting"
+        self._jitter = random.Random()
+        self._task: asyncio.Task | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="chaos-live")
+
+    def start(self) -> LiveClient:
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self._task = self.loop.create_task(self._follow())
+        with contextlib.suppress(asyncio.CancelledError):
+            self.loop.run_until_complete(self._task)
+
+    async def _follow(self) -> None:
+        import aiohttp
+
+        backoff = 0.5
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                live = False
+                try:
+                    ws = await asyncio.wait_for(http.ws_connect(
+                        f"{self.url}?after={self.watermark}", origin=self.base_url,
+                        headers={"Cookie": f"sessionid={self.session}"}), 15)
+                    async with ws:
+                        async for msg in ws:
+                            if msg.type != aiohttp.WSMsgType.TEXT:
+                                continue
+                            if not live:
+                                live, backoff = True, 0.5
+                                self.connects += 1
+                                self.state = "live"
+                            self._message(json.loads(msg.data), time.time())
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                    self.errors[type(exc).__name__] += 1
+                if live:
+                    self.drops += 1
+                self.state = "reconnecting"
+                wait = min(15.0, backoff) * (0.8 + self._jitter.random() * 0.4)
+                backoff = min(15.0, backoff * 2)
+                await asyncio.sleep(wait)
+
+    def _message(self, msg: dict, now: float) -> None:
+        mark = msg.get("watermark")
+        if msg.get("type") == "reload":
+            # Too much missed to replay: the page would render the present afresh.
+            self.reloads.append((self.watermark, int(mark or 0)))
+        elif msg.get("type") == "events":
+            for ev in msg.get("events") or []:
+                if ev["id"] in self.received:
+                    self.duplicates += 1
+                    continue
+                self.received[ev["id"]] = now
+                self.times[ev["id"]] = ev.get("time") or ""
+        if isinstance(mark, int) and mark > self.watermark:
+            self.watermark = mark
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self.loop.call_soon_threadsafe(self._task.cancel)
+        self.thread.join(10)
+
+
+# --- logs of the processes ------------------------------------------------------------------
+
+class LogTap(list):
+    """Stands in for a supervised child's ``log`` list (the supervisor appends every
+    line of its output): counts lines and tracebacks per process name, hands every
+    line to ``on_line`` and, with a ``log_dir``, appends it to ``<name>.log`` there."""
+
+    def __init__(self, name: str, lines: list[str], counts: dict[str, Counter], on_line=None,
+                 log_dir: Path | None = None):
+        super().__init__(lines)
+        self.name, self.counts, self.on_line = name, counts, on_line
+        self.sink = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.sink = open(log_dir / f"{name}.log", "a", buffering=1)  # noqa: SIM115
+            self.sink.write(f"---- {time.strftime('%H:%M:%S')} {name} started\n")
+        for line in lines:
+            self._see(line)
+
+    def append(self, line: str) -> None:
+        super().append(line)
+        self._see(line)
+
+    def _see(self, line: str) -> None:
+        c = self.counts.setdefault(self.name, Counter())
+        c["lines"] += 1
+        if line.startswith("Traceback (most recent call last)"):
+            c["tracebacks"] += 1
+        if " ERROR " in line or " CRITICAL " in line:
+            c["errors"] += 1
+        if self.on_line is not None:
+            self.on_line(line)
+        if self.sink is not None:
+            self.sink.write(line + "\n")
+
+
+def tap(child: Child, counts: dict[str, Counter], on_line=None,
+        log_dir: Path | None = None) -> None:
+    if not isinstance(child.log, LogTap):
+        child.log = LogTap(child.name, list(child.log), counts, on_line, log_dir)
+
+
+# --- watching the system ----------------------------------------------------------------------
+
+class Watch:
+    """Samples the simulator's truth (double runs, overlapping starts) every
+    ``truth_every`` s and the engine (sweeper lease renewals, HA items held) every
+    ``engine_every`` s, each in its own thread with its own HTTP clients."""
+
+    def __init__(self, system: System, truth_every: float = 0.5, engine_every: float = 1.0):
+        from hadash.ha.runtime import SWEEPER_TTL
+
+        self.ttl = SWEEPER_TTL.total_seconds()
+        self.control = httpx.Client(base_url=system.control.base_url,
+                                    headers=system.control.headers, timeout=5,
+                                    trust_env=False)
+        self.api = httpx.Client(base_url=system.api.base_url, headers=system.api.headers,
+                                timeout=5, trust_env=False)
+        self.truth_every, self.engine_every = truth_every, engine_every
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        # (vm, hosts) → {"first", "last", "samples"}
+        self.double: dict[tuple[str, tuple[str, ...]], dict] = {}
+        self.overlap: dict[tuple[str, tuple[str, ...]], dict] = {}
+        self.logged_double: list[dict] = []
+        self.truth = {"samples": 0, "errors": 0, "blind_max": 0.0}
+        self.engine = {"samples": 0, "errors": 0, "blind_max": 0.0}
+        self.renewals: list[tuple[float, str]] = []  # (renewed at, holder)
+        self.holds: dict[tuple[int, str], dict] = {}  # (item id, taken) → …
+        self.open_items = 0
+        self.faulty_hosts = 0
+        self.threads = [threading.Thread(target=self._loop, args=(self._truth, truth_every,
+                                                                  self.truth), daemon=True,
+                                         name="chaos-truth"),
+                        threading.Thread(target=self._loop, args=(self._engine, engine_every,
+                                                                  self.engine), daemon=True,
+                                         name="chaos-engine")]
+
+    def start(self) -> Watch:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(10)
+        self.control.close()
+        self.api.close()
+
+    def _loop(self, sample, every: float, stats: dict) -> None:
+        last_ok = time.monotonic()
+        while not self.stopping.is_set():
+            t = time.monotonic()
+            try:
+                sample()
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                with self.lock:
+                    stats["errors"] += 1
+            else:
+                with self.lock:
+                    stats["samples"] += 1
+                    stats["blind_max"] = max(stats["blind_max"], t - last_ok)
+                last_ok = t
+            self.stopping.wait(max(0.0, every - (time.monotonic() - t)))
+
+    def simulator_line(self, line: str) -> None:
+        if m := DOUBLE_RUN_LINE.search(line):
+            with self.lock:
+                self.logged_double.append({"vm": m.group(2), "started_on": m.group(1),
+                                           "runs_on": m.group(3), "at": time.time()})
+
+    # the simulator's truth
+    def _truth(self) -> None:
+        r = self.control.get("/hosts")
+        r.raise_for_status()
+        hosts = r.json()
+        now = time.time()
+        on: dict[str, list[str]] = {}
+        starting: dict[str, list[str]] = {}
+        faulty = 0
+        for h in hosts:
+            faulty += not (h["powered"] and h["agent"] and h["network"])
+            if not h["powered"]:
+                continue
+            for v in h.get("vms", []):
+                if v["power_state"] == "PowerOn":
+                    on.setdefault(v["name"], []).append(h["name"])
+            for name in h.get("starting", []):
+                starting.setdefault(name, []).append(h["name"])
+        with self.lock:
+            self.faulty_hosts = faulty
+            for vm, where in on.items():
+                if len(where) > 1:
+                    self._note(self.double, vm, where, now)
+            for vm, where in starting.items():
+                elsewhere = set(where) | set(on.get(vm, []))
+                if len(elsewhere) > 1:
+                    self._note(self.overlap, vm, sorted(elsewhere), now)
+
+    @staticmethod
+    def _note(book: dict, vm: str, where: list[str], now: float) -> None:
+        key = (vm, tuple(sorted(where)))
+        seen = book.setdefault(key, {"vm": vm, "hosts": list(key[1]), "first": now,
+                                     "last": now, "samples": 0})
+        seen["last"] = now
+        seen["samples"] += 1
+
+    # the engine: sweeper lease and HA items held
+    def _engine(self) -> None:
+        r = self.api.get("/engine")
+        r.raise_for_status()
+        sweeper = r.json()["sweeper"]
+        w = self.api.get("/ha-work", params={"finished": "false", "limit": 10000})
+        w.raise_for_status()
+        now = time.time()
+        with self.lock:
+            if sweeper.get("expires"):
+                renewed = parse_time(sweeper["expires"]) - self.ttl
+                if not self.renewals or renewed > self.renewals[-1][0] + 1e-3:
+                    self.renewals.append((renewed, sweeper.get("holder") or ""))
+            items = w.json()
+            self.open_items = len(items)
+            for item in items:
+                if not item.get("taken"):
+                    continue
+                key = (item["id"], item["taken"])
+                hold = self.holds.setdefault(key, {
+                    "item": item["id"], "vm": item["vm"], "by": item["taken_by"],
+                    "taken": parse_time(item["taken"]), "last": now})
+                hold["last"] = now
+
+    # figures
+    def sweeper_gaps(self, t0: float) -> list[dict]:
+        """Intervals between consecutive lease renewals after ``t0``, longest first."""
+        with self.lock:
+            renewals = [r for r in self.renewals if r[0] >= t0 - self.ttl]
+        gaps = [{"seconds": round(b[0] - a[0], 2), "from": a[1], "to": b[1],
+                 "after_s": round(a[0] - t0, 1)}
+                for a, b in zip(renewals, renewals[1:], strict=False)]
+        return sorted(gaps, key=lambda g: -g["seconds"])
+
+    def longest_hold(self) -> dict | None:
+        with self.lock:
+            holds = [dict(h, seconds=round(h["last"] - h["taken"], 1))
+                     for h in self.holds.values()]
+        return max(holds, key=lambda h: h["seconds"], default=None)
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    at: float  # seconds after the chaos began
+    kind: str  # fault | kill | pg-restart
+    what: str  # the fault (scenario vocabulary), or the process: web1, engine:sweeper …
+    after: float = 0.0  # kill: restart the process this many seconds later
+
+    def __str__(self) -> str:
+        if self.kind == "kill":
+            return f"kill -9 {self.what} (restart after {self.after:.0f} s)"
+        if self.kind == "pg-restart":
+            return "restart PostgreSQL"
+        return self.what
+
+
+# weights of the machine faults; host faults are healed again after `hold` seconds
+MACHINE_FAULTS = {
+    "power off": (22, "power on", (10, 40)),
+    "agent stop": (14, "agent start", (5, 30)),
+    "network off": (14, "network on", (5, 30)),
+    "bmc fail": (10, "ok", (10, 60)),
+    "start-fail 1": (10, "start-fail 0", (10, 30)),
+    "vm crash": (18, "", (0, 0)),
+    "vm vanish": (12, "", (0, 0)),
+}
+
+
+def make_plan(seed: int, *, duration: float, hosts: list[str], vms: list[str],
+              fault_every: float, kill_every: float, pg_restarts: int,
+              webs: list[str], engines: list[str], clusters: int = 1) -> list[Step]:
+    """The whole run's faults, from ``seed`` alone: machine faults about every
+    ``fault_every`` s (exponential gaps); at once at most a fifth of the hosts (at
+    least 2) and a third of a cluster's (at least 1) down, cut off or without agent,
+    so the mass-failure brake (R14: more than half of a cluster) is not what the run
+    measures; a web and an engine kill about every ``kill_every`` s each; and
+    ``pg_restarts`` PostgreSQL restarts spread over the run. ``hosts`` in the
+    simulator's order: it deals them round-robin to ``clusters`` clusters."""
+    rng = random.Random(seed)
+    steps: list[Step] = []
+    max_faulty = max(2, len(hosts) // 5) if len(hosts) >= 6 else 1
+    cluster_of = {h: i % clusters for i, h in enumerate(hosts)}
+    per_cluster = max(1, len(hosts) // clusters // 3)
+    busy: dict[str, float] = {}  # host → when its host fault heals
+    bmc_busy: dict[str, float] = {}
+    fail_busy: dict[str, float] = {}
+    names = list(MACHINE_FAULTS)
+    weights = [MACHINE_FAULTS[n][0] for n in names]
+    t = rng.uniform(1.0, fault_every)
+    while t < duration:
+        kind = rng.choices(names, weights)[0]
+        heal, hold = MACHINE_FAULTS[kind][1], MACHINE_FAULTS[kind][2]
+        until = t + rng.uniform(*hold)
+        if kind.startswith("vm "):
+            steps.append(Step(round(t, 2), "fault", f"vm {rng.choice(vms)} {kind[3:]}"))
+        else:
+            book = {"bmc fail": bmc_busy, "start-fail 1": fail_busy}.get(kind, busy)
+            down = [h for h in hosts if busy.get(h, -1.0) > t]
+            free = [h for h in hosts if book.get(h, -1.0) <= t and (book is not busy or sum(
+                1 for d in down if cluster_of[d] == cluster_of[h]) < per_cluster)]
+            if free and (book is not busy or len(down) < max_faulty):
+                host = rng.choice(free)
+                book[host] = until
+                prefix, what = ("bmc", "fail") if kind == "bmc fail" else ("host", kind)
+                steps.append(Step(round(t, 2), "fault", f"{prefix} {host} {what}"))
+                if until < duration:
+                    steps.append(Step(round(until, 2), "fault", f"{prefix} {host} {heal}"))
+                else:
+                    book[host] = float("inf")  # healed in the settle phase
+        t += rng.expovariate(1.0 / fault_every)
+    if kill_every > 0:
+        for first, targets, restart in ((0.4, webs, (1, 5)), (0.8, engines, (2, 8))):
+            t = kill_every * rng.uniform(first - 0.1, first + 0.1)
+            while t < duration - 3:
+                if targets is engines and rng.random() < 0.6:
+                    what = "engine:sweeper"  # whichever engine holds the sweeper lease
+                else:
+                    what = rng.choice(targets)
+                steps.append(Step(round(t, 2), "kill", what, round(rng.uniform(*restart), 1)))
+                t += kill_every * rng.uniform(0.8, 1.2)
+    for k in range(pg_restarts):
+        at = duration * (k + 1) / (pg_restarts + 1) + rng.uniform(-10, 10)
+        steps.append(Step(round(min(max(at, 5.0), duration - 5), 2), "pg-restart", "postgresql"))
+    return sorted(steps, key=lambda s: s.at)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def run(o: dict[str, Any]) -> dict[str, Any]:
+    _check_redis(o["redis"])
+    if o["long"] and not os.path.isdir("/etc/postgresql"):
+        raise BenchError("--long restarts PostgreSQL with pg_ctlcluster: /etc/postgresql "
+                         "is missing (PostgreSQL must run on this machine)")
+    with interruptible(), throwaway_database({**o, "allow_sqlite": False}) as (db, tmp):
+        return Chaos(o, db, tmp).run()
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise BenchError(f"Redis at {url} does not answer ({exc}); the chaos run uses it "
+                         "as the channel layer (--redis)") from None
+
+
+class Chaos:
+    def __init__(self, o: dict[str, Any], db, tmp: Path):
+        self.o = o
+        self.db = db
+        self.tmp = tmp
+        self.seed = o["seed"] if o["seed"] is not None else secrets.randbelow(10 ** 6)
+        env = {"REDIS_URL": o["redis"], "SECRET_KEY": secrets.token_urlsafe(50),
+               "HADASH_AGENT_KEY": secrets.token_urlsafe(32)}
+        self.system = System(db, tmp, verbose=o["verbose"], config=CONFIG, env=env)
+        self.front: Front | None = None
+        self.live: LiveClient | None = None
+        self.watch: Watch | None = None
+        self.logs: dict[str, Counter] = {}
+        self.log_dir = Path(o["log_dir"]) if o.get("log_dir") else None
+        self.killed: set[int] = set()  # pids we killed (their exit is expected)
+        self.kills: list[dict] = []
+        self.pg_restarts: list[dict] = []
+        self.unexpected: list[dict] = []
+        self.faults: list[dict] = []
+        self.fault_errors: list[str] = []
+        self.restarts: list[tuple[float, Child, dict]] = []  # (due, child, kill record)
+        self.t0 = 0.0  # monotonic start of the chaos
+        self.t0_wall = 0.0
+
+    # set-up
+    def _front(self, ports: list[int]) -> int:
+        self.front = Front(ports)
+        return self.front.port
+
+    def run(self) -> dict[str, Any]:
+        system = self.system
+        say(f"chaos seed {self.seed} (python manage.py chaos --seed {self.seed} … repeats "
+            "the plan)")
+        info = machine_info(self.db)
+        with system:
+            try:
+                return self._run(info)
+            finally:
+                for stop in (self.live and self.live.stop, self.watch and self.watch.stop,
+                             self.front and self.front.close):
+                    if stop:
+                        with contextlib.suppress(Exception):
+                            stop()
+
+    def _run(self, info: dict) -> dict[str, Any]:
+        o, system = self.o, self.system
+        system.start(hosts=o["hosts"], vms=o["vms"], ha_ratio=0.5, clusters=o["clusters"],
+                     start_delay=o["start_delay"], web_processes=2, engine_processes=2,
+                     front=self._front)
+        self.watch = Watch(system)
+        for child in system.sup.children:
+            tap(child, self.logs, self.watch.simulator_line if child.name == "fleet" else None,
+                self.log_dir)
+        ready = system.wait_ready(timeout=300 + o["vms"] * 0.5)
+        say(f"fleet ready in {ready:.0f} s: {o['hosts']} hosts Up, {o['vms']} VMs Running")
+        base = f"http://127.0.0.1:{system.web_port}"
+        password = secrets.token_urlsafe(16)
+        from .common import manage
+
+        manage(system.env, "shell", "-c",
+               "from django.contrib.auth import get_user_model as g; "
+               f"g().objects.create_user('chaos-watch', password='{password}')")
+        start_id = system.last_event_id()
+        self.live = LiveClient(base, login(base, "chaos-watch", password), start_id).start()
+        self.watch.start()
+        hosts = sorted(h["name"] for h in system.get("/hosts", limit=10000))
+        vms = sorted(v["name"] for v in system.get("/vms", limit=10000))
+        engines = [c.name for c in system.sup.children if c.name.startswith("engine")]
+        webs = [c.name for c in system.sup.children if c.name.startswith("web")]
+        pg = max(1, round(o["duration"] / 200)) if o["long"] else 0
+        plan = make_plan(self.seed, duration=o["duration"], hosts=hosts, vms=vms,
+                         fault_every=o["fault_every"], kill_every=o["kill_every"],
+                         pg_restarts=pg, webs=webs, engines=engines,
+                         clusters=o["clusters"])
+        say(f"plan: {sum(s.kind == 'fault' for s in plan)} machine faults and heals, "
+            f"{sum(s.kind == 'kill' for s in plan)} kills, {pg} PostgreSQL restart(s) over "
+            f"{o['duration']:.0f} s")
+        time.sleep(2)  # the live client connects
+        self.t0, self.t0_wall = time.monotonic(), time.time()
+        self._play(plan)
+        say("chaos over: healing every fault, restarting what is down, settling …")
+        settle = self._settle()
+        events = self._catch_up(start_id)
+        return self._figures(info, plan, events, settle)
+
+    def _child(self, name: str) -> Child:
+        for c in self.system.sup.children:
+            if c.name == name:
+                return c
+        raise BenchError(f"no process {name!r}")
+
+    # the plan
+    def _play(self, plan: list[Step]) -> None:
+        shown = 0.0
+        for step in [*plan, Step(self.o["duration"], "end", "")]:
+            while (now := time.monotonic() - self.t0) < step.at:
+                self._housekeeping()
+                if now - shown >= self.o["progress_every"]:
+                    shown = now
+                    say(self._progress(now))
+                time.sleep(min(0.2, max(0.0, step.at - now)))
+            if step.kind == "fault":
+                self._fault(step.what)
+            elif step.kind == "kill":
+                self._kill(step)
+            elif step.kind == "pg-restart":
+                self._pg_restart()
+
+    def _since(self) -> float:
+        return round(time.monotonic() - self.t0, 1)
+
+    def _fault(self, do: str) -> None:
+        try:
+            self.system.fault(do)
+            self.faults.append({"at": self._since(), "do": do})
+        except (BenchError, httpx.HTTPError) as exc:
+            self.fault_errors.append(f"{do}: {exc}")
+
+    def _kill(self, step: Step) -> None:
+        name = step.what
+        role = ""
+        if name == "engine:sweeper":
+            child, role = self._sweeper_child(), "sweeper"
+        else:
+            child = self._child(name)
+        if child is None or child.proc.poll() is not None:
+            return
+        pids = live_members(child.proc.pid)
+        self.killed.update(pids)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(10)
+        record = {"at": self._since(), "process": child.name, "role": role,
+                  "pids": len(pids), "restart_after": step.after}
+        self.kills.append(record)
+        self.restarts.append((time.monotonic() + step.after, child, record))
+        say(f"  t={record['at']:.0f}s kill -9 {child.name}"
+            f"{' (the sweeper)' if role else ''}: {len(pids)} process(es)")
+
+    def _sweeper_child(self) -> Child | None:
+        """The engine process group holding the sweeper lease (else either engine)."""
+        engines = [c for c in self.system.sup.children
+                   if c.name.startswith("engine") and c.proc.poll() is None]
+        try:
+            holder = self.system.get("/engine")["sweeper"]["holder"]
+            pid = int(holder.split(":")[1])
+        except (BenchError, httpx.HTTPError, IndexError, ValueError):
+            pid = None
+        for c in engines:
+            if pid is not None and pid in live_members(c.proc.pid):
+                return c
+        return engines[0] if engines else None
+
+    def _pg_restart(self) -> None:
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        argv = [a.format(version=version) for a in PG_RESTART]
+        t = time.monotonic()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=180)
+        took = round(time.monotonic() - t, 1)
+        self.pg_restarts.append({"at": self._since(), "seconds": took,
+                                 "ok": proc.returncode == 0,
+                                 "output": (proc.stdout + proc.stderr).strip()[-300:]})
+        say(f"  t={self._since():.0f}s PostgreSQL restarted in {took} s"
+            f"{'' if proc.returncode == 0 else ' — FAILED: ' + proc.stderr.strip()[-200:]}")
+
+    def _housekeeping(self, *, all_restarts: bool = False) -> None:
+        """Restart killed processes when due; note (and restart) any process that
+        exited without being killed — the simulator is the truth: losing it ends
+        the run."""
+        now = time.monotonic()
+        for entry in list(self.restarts):
+            due, child, record = entry
+            if all_restarts or now >= due:
+                self.restarts.remove(entry)
+                new = self.system.respawn(child)
+                tap(new, self.logs, log_dir=self.log_dir)
+                record["restarted_at"] = self._since()
+        for c in list(self.system.sup.children):
+            if c.proc.poll() is None or c.proc.pid in self.killed:
+                continue
+            if any(child is c for _, child, _ in self.restarts):
+                continue
+            if c.name == "fleet":
+                raise BenchError(f"the simulator exited ({c.proc.returncode}):\n"
+                                 + "\n".join(list(c.log)[-30:]))
+            self.unexpected.append({"at": self._since(), "process": c.name,
+                                    "code": c.proc.returncode,
+                                    "last_lines": list(c.log)[-15:]})
+            say(f"  t={self._since():.0f}s {c.name} exited by itself "
+                f"({c.proc.returncode}); restarting it")
+            tap(self.system.respawn(c), self.logs, log_dir=self.log_dir)
+
+    def _progress(self, now: float) -> str:
+        w, live = self.watch, self.live
+        gaps = w.sweeper_gaps(self.t0_wall)
+        with w.lock:
+            double = len(w.double) + len(w.logged_double)
+            overlap, faulty, items = len(w.overlap), w.faulty_hosts, w.open_items
+        return (f"t={now:.0f}s faults {len(self.faults)} ({faulty} hosts faulty), kills "
+                f"{len(self.kills)}, PG restarts {len(self.pg_restarts)}; open HA items "
+                f"{items}; double runs {double}, overlapping starts {overlap}; dashboard "
+                f"{len(live.received)} events ({live.state}, {live.drops} drops); longest "
+                f"sweeper gap {gaps[0]['seconds'] if gaps else 0:.1f} s")
+
+    # settling
+    def _heal_all(self) -> None:
+        for h in self.system.control.get("/hosts", params={"vms": "false"}).json():
+            name = h["name"]
+            for ok, fix in ((h["powered"], f"host {name} power on"),
+                            (h["agent"], f"host {name} agent start"),
+                            (h["network"], f"host {name} network on"),
+                            (h["bmc"], f"bmc {name} ok"),
+                            (not h["start_fail"], f"host {name} start-fail 0")):
+                if not ok:
+                    self._fault(fix)
+
+    def _settle(self) -> dict:
+        """Heal everything, then wait until the fleet is quiet: every host Up, no
+        unfinished HA item, and every VM where the database says — the same for
+        ``settle_stable`` s in a row (or ``--settle`` s have passed)."""
+        t = time.monotonic()
+        self._heal_all()
+        self._housekeeping(all_restarts=True)
+        for port in self.system.web_ports:
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                wait_for_port(port, timeout=60)
+        deadline = t + self.o["settle"]
+        quiet_since = None
+        last: dict = {}
+        shown = time.monotonic()
+        while time.monotonic() < deadline:
+            self._housekeeping()
+            try:
+                last = self._final_state()
+            except (BenchError, httpx.HTTPError) as exc:
+                last = {"error": str(exc)}
+            quiet = not last.get("error") and not last["hosts_not_up"] \
+                and not last["open_items"] and not last["mismatch"]
+            if quiet:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= self.o["settle_stable"]:
+                    break
+            else:
+                quiet_since = None
+            if time.monotonic() - shown >= 15:
+                shown = time.monotonic()
+                say(f"  settling ({time.monotonic() - t:.0f} s): {self._settle_line(last)}")
+            time.sleep(2)
+        took = round(time.monotonic() - t, 1)
+        settled = quiet_since is not None
+        say(f"settle {'done' if settled else 'TIMED OUT'} after {took} s: "
+            f"{self._settle_line(last)}")
+        return {"seconds": took, "settled": settled, "state": last}
+
+    @staticmethod
+    def _settle_line(s: dict) -> str:
+        if s.get("error"):
+            return f"API error {s['error'][:200]}"
+        if not s:
+            return "no answer yet"
+        return (f"{len(s['hosts_not_up'])} hosts not Up, {len(s['open_items'])} open HA "
+                f"items, {len(s['mismatch'])} VMs not where the database says "
+                f"({len(s['ha_not_running'])} HA VMs not running once)")
+
+    def _final_state(self) -> dict:
+        """The database (operator API) against the machines (simulator)."""
+        system = self.system
+        hosts = system.get("/hosts", limit=10000)
+        vms = system.get("/vms", limit=10000)
+        items = system.get("/ha-work", finished="false", limit=10000)
+        truth = system.control.get("/hosts").json()
+        on: dict[str, list[str]] = {}
+        for h in truth:
+            if h["powered"]:
+                for v in h.get("vms", []):
+                    if v["power_state"] == "PowerOn":
+                        on.setdefault(v["name"], []).append(h["name"])
+        mismatch, ha_not_running = [], []
+        for vm in vms:
+            where = sorted(on.get(vm["name"], []))
+            running = vm["state"] == "Running"
+            ok = where == [vm["host"]] if running else not where
+            if not ok:
+                mismatch.append({"vm": vm["name"], "state": vm["state"], "host": vm["host"],
+                                 "powered_on_at": where})
+            if vm["ha_enabled"] and not (running and where == [vm["host"]]):
+                ha_not_running.append({"vm": vm["name"], "state": vm["state"],
+                                       "host": vm["host"], "powered_on_at": where})
+        return {"hosts_not_up": [h["name"] for h in hosts if h["status"] != "Up"],
+                "open_items": [{"id": i["id"], "vm": i["vm"], "step": i["step"],
+                                "taken_by": i["taken_by"]} for i in items],
+                "mismatch": mismatch, "ha_not_running": ha_not_running,
+                "ha_vms": sum(1 for v in vms if v["ha_enabled"])}
+
+    def _catch_up(self, start_id: int) -> list[dict]:
+        """Every event committed since the chaos began (the event table, through the
+        operator API); the live client gets up to 15 s to receive the last of them
+        (later events are not compared)."""
+        events = self.system.events(start_id)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(e["id"] not in self.live.received
+                                                  for e in events[-200:]):
+            time.sleep(0.5)
+        return events
+
+    # the figures
+    def _figures(self, info: dict, plan: list[Step], events: list[dict], settle: dict) -> dict:
+        o, system, w, live = self.o, self.system, self.watch, self.live
+        w.stop()
+        live.stop()
+        work = system.get("/ha-work", limit=10000)
+        violations: list[str] = []
+
+        # double runs
+        with w.lock:
+            sampled = sorted(w.double.values(), key=lambda d: d["first"])
+            overlapping = sorted(w.overlap.values(), key=lambda d: d["first"])
+            logged = list(w.logged_double)
+        for d in (*sampled, *overlapping):
+            d["first_s"] = round(d.pop("first") - self.t0_wall, 1)
+            d["seen_s"] = round(d.pop("last") - self.t0_wall - d["first_s"], 1)
+        for d in logged:
+            d["at_s"] = round(d.pop("at") - self.t0_wall, 1)
+        vms_twice = sorted({d["vm"] for d in sampled} | {d["vm"] for d in logged})
+        if vms_twice:
+            violations.append(f"{len(vms_twice)} VM(s) powered on on two hosts at once: "
+                              + ", ".join(vms_twice[:10]))
+        if overlapping:
+            violations.append(f"{len(overlapping)} start(s) while the VM ran or started on "
+                              "another host: " + ", ".join(
+                                  f"{d['vm']} on {'+'.join(d['hosts'])}"
+                                  for d in overlapping[:10]))
+
+        # HA items: event chains (processed twice), and every HA VM running once
+        chains = work_chains(events, work)
+        if chains["broken"]:
+            violations.append(f"{len(chains['broken'])} HA item(s) whose step events do "
+                              "not form one chain (two workers on one item): " + "; ".join(
+                                  b["why"] for b in chains["broken"][:5]))
+        final = settle["state"] if not settle["state"].get("error") else {}
+        lost, stuck, gave_up = classify(final.get("ha_not_running", []), work)
+        if lost:
+            violations.append(f"{len(lost)} HA VM(s) lost (not running, and no HA item "
+                              "will start them): " + ", ".join(v["vm"] for v in lost[:10]))
+        if stuck:
+            violations.append(f"{len(stuck)} HA VM(s) not running with an unfinished item "
+                              "after the settle: " + ", ".join(v["vm"] for v in stuck[:10]))
+        if gave_up:
+            violations.append(f"{len(gave_up)} HA VM(s) given up (item in Error, R12.5): "
+                              + ", ".join(v["vm"] for v in gave_up[:10]))
+        if not settle["settled"]:
+            violations.append("the fleet did not settle: "
+                              + self._settle_line(settle["state"]))
+
+        # the dashboard
+        db_ids = [e["id"] for e in events]
+        missed = [i for i in db_ids if i not in live.received]
+        if missed:
+            violations.append(f"{len(missed)} event(s) never reached the live dashboard "
+                              f"(ids {', '.join(map(str, missed[:10]))}"
+                              f"{' …' if len(missed) > 10 else ''})")
+        by_id = {e["id"]: e for e in events}
+        latency = sorted((live.received[i] - parse_time(by_id[i]["time"]), i)
+                         for i in db_ids if i in live.received)
+        lat = [x for x, _ in latency]
+
+        # the sweeper
+        gaps = w.sweeper_gaps(self.t0_wall)
+        longest = gaps[0] if gaps else None
+        if longest and longest["seconds"] > o["max_sweep_gap"]:
+            violations.append(f"the sweeper stopped for {longest['seconds']} s "
+                              f"(over --max-sweep-gap {o['max_sweep_gap']:.0f} s)")
+        takeovers = [e for e in events if e["event"] == "SweeperTakeover"]
+
+        result = {
+            "command": o["command"], "seed": self.seed, "machine": info,
+            "fleet": {"hosts": o["hosts"], "vms": o["vms"], "ha_vms": final.get("ha_vms"),
+                      "clusters": o["clusters"], "start_delay": o["start_delay"]},
+            "processes": {"web": 2, "engine": 2, "channel_layer": "redis"},
+            "config": CONFIG, "duration": o["duration"], "long": o["long"],
+            "plan": [asdict(s) for s in plan],
+            "faults": {"applied": len(self.faults),
+                       "by_kind": dict(Counter(_fault_kind(f["do"]) for f in self.faults)),
+                       "refused": self.fault_errors},
+            "kills": self.kills, "pg_restarts": self.pg_restarts,
+            "unexpected_exits": self.unexpected,
+            "double_runs": {"vms": vms_twice, "sampled": sampled, "simulator_log": logged,
+                            "overlapping_starts": overlapping,
+                            "truth_samples": w.truth["samples"],
+                            "truth_blind_max_s": round(w.truth["blind_max"], 1)},
+            "ha": {"items": chains["items"], "events": chains["events"],
+                   "chains_broken": chains["broken"], "lost": lost, "stuck": stuck,
+                   "gave_up": gave_up, "ha_vms_not_running": len(lost) + len(stuck)
+                   + len(gave_up), "longest_hold": w.longest_hold()},
+            "dashboard": {"events": len(db_ids), "received": len(live.received),
+                          "missed": missed, "duplicates": live.duplicates,
+                          "connects": live.connects, "drops": live.drops,
+                          "reloads": live.reloads, "errors": dict(live.errors),
+                          "latency_s": {"p50": _r(percentile(lat, 50)),
+                                        "p99": _r(percentile(lat, 99)),
+                                        "max": _r(lat[-1] if lat else None),
+                                        "over_1s": sum(1 for x in lat if x > 1.0)},
+                          "slowest": [{"id": i, "event": by_id[i]["event"],
+                                       "subject": by_id[i]["subject_name"],
+                                       "seconds": round(x, 2)}
+                                      for x, i in reversed(latency[-5:])]},
+            "sweeper": {"longest_gap": longest, "gaps_over_5s": [g for g in gaps
+                                                                 if g["seconds"] > 5],
+                        "renewals": len(w.renewals), "takeovers": len(takeovers),
+                        "takeover_messages": [e["message"] for e in takeovers],
+                        "engine_samples": w.engine["samples"],
+                        "engine_blind_max_s": round(w.engine["blind_max"], 1)},
+            "settle": {k: v for k, v in settle.items() if k != "state"}
+            | {"final": {k: v for k, v in final.items() if k != "ha_vms"}},
+            "logs": {name: dict(c) for name, c in sorted(self.logs.items())},
+            "front": {"connections": self.front.connections, "refused": self.front.refused},
+            "violations": violations,
+        }
+        return result
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def _fault_kind(do: str) -> str:
+    words = do.split()
+    return f"{words[0]} {' '.join(words[2:])}" if len(words) > 2 else do
+
+
+def work_chains(events: list[dict], work: list[dict]) -> dict:
+    """Every HA item's step events (WorkScheduled, WorkStep, WorkRetry) in id order
+    must form one chain that ends at the item's step: each event starts where the
+    previous one ended, and nothing follows a final step. A second worker acting on
+    its stale copy of an item breaks the chain."""
+    steps: dict[int, list[dict]] = {}
+    for e in events:
+        if e["subject"] == "work" and e["field"] == "step" and e["subject_id"]:
+            steps.setdefault(e["subject_id"], []).append(e)
+    items = {w["id"]: w for w in work}
+    broken = []
+    for item_id, chain in steps.items():
+        why = ""
+        if chain[0]["event"] == "WorkScheduled" and chain[0]["old"]:
+            why = f"scheduled from {chain[0]['old']!r}"
+        for a, b in zip(chain, chain[1:], strict=False):
+            if a["new"] in FINAL_STEPS:
+                why = why or f"event #{b['id']} {b['event']} after final step {a['new']}"
+            elif b["old"] != a["new"]:
+                why = why or (f"event #{b['id']} {b['event']} from {b['old']}, but #{a['id']} "
+                              f"left it {a['new']}")
+            if b["event"] == "WorkScheduled":
+                why = why or f"scheduled twice (#{a['id']}, #{b['id']})"
+        item = items.get(item_id)
+        if item is not None and chain[-1]["new"] != item["step"]:
+            why = why or (f"item is {item['step']} but its last event #{chain[-1]['id']} "
+                          f"says {chain[-1]['new']}")
+        if why:
+            broken.append({"item": item_id, "vm": chain[0]["subject_name"],
+                           "why": f"#{item_id} ({chain[0]['subject_name']}): {why}"})
+    return {"items": len(steps), "events": sum(len(c) for c in steps.values()),
+            "broken": broken}
+
+
+def classify(not_running: list[dict], work: list[dict]) -> tuple[list, list, list]:
+    """HA VMs not running once after the settle: (lost, stuck, gave up)."""
+    latest: dict[str, dict] = {}
+    unfinished: dict[str, dict] = {}
+    for w in sorted(work, key=lambda w: w["id"]):
+        if w["type"] != "HA":
+            continue
+        latest[w["vm"]] = w
+        if w["step"] not in FINAL_STEPS:
+            unfinished[w["vm"]] = w
+    lost, stuck, gave_up = [], [], []
+    for vm in not_running:
+        item = unfinished.get(vm["vm"]) or latest.get(vm["vm"])
+        row = dict(vm, item=None if item is None else {
+            k: item[k] for k in ("id", "step", "reason", "tried", "taken_by", "last_error")})
+        if vm["vm"] in unfinished:
+            stuck.append(row)
+        elif item is not None and item["step"] == "Error":
+            gave_up.append(row)
+        else:
+            lost.append(row)
+    return lost, stuck, gave_up
+
+
+# --- the report -----------------------------------------------------------------------------
+
+def report(r: dict[str, Any]) -> str:
+    d, ha, live, sw = r["double_runs"], r["ha"], r["dashboard"], r["sweeper"]
+    lat = live["latency_s"]
+    longest = sw["longest_gap"] or {}
+    hold = ha["longest_hold"] or {}
+    kills = Counter(f"{k['process'].rstrip('0123456789')}"
+                    f"{' (sweeper)' if k['role'] else ''}" for k in r["kills"])
+    rows = [
+        ["VMs powered on on two hosts at once", len(d["vms"]),
+         f"{d['truth_samples']} samples of the simulator, longest blind "
+         f"{d['truth_blind_max_s']} s; {len(d['simulator_log'])} logged by the simulator"],
+        ["starts while the VM ran/started elsewhere", len(d["overlapping_starts"]), ""],
+        ["HA items processed twice (broken chains)", len(ha["chains_broken"]),
+         f"{ha['items']} items, {ha['events']} step events"],
+        ["HA VMs lost / stuck / given up", f"{len(ha['lost'])} / {len(ha['stuck'])} / "
+         f"{len(ha['gave_up'])}", f"of {r['fleet']['ha_vms']} HA VMs, after the settle"],
+        ["events missed by the live dashboard", len(live["missed"]),
+         f"{live['received']} of {live['events']} received; {live['drops']} drops, "
+         f"{live['connects']} connects, {len(live['reloads'])} reloads"],
+        ["event delivery p50 / p99 / max (s)", f"{fmt(lat['p50'], 3)} / {fmt(lat['p99'], 3)}"
+         f" / {fmt(lat['max'], 2)}", f"{lat['over_1s']} events over 1 s (event time → "
+         "received)"],
+        ["longest sweeper gap (s)", fmt(longest.get("seconds"), 1),
+         f"{sw['takeovers']} takeovers; {len(sw['gaps_over_5s'])} gaps over 5 s"],
+        ["longest HA item hold (s)", fmt(hold.get("seconds"), 1),
+         f"{hold.get('vm', '')} #{hold.get('item', '')} by {hold.get('by', '')}"
+         if hold else ""],
+        ["settle", f"{r['settle']['seconds']} s", "settled" if r["settle"]["settled"]
+         else "TIMED OUT"],
+    ]
+    lines = [
+        f"seed {r['seed']}; {r['fleet']['hosts']} hosts, {r['fleet']['vms']} VMs "
+        f"({r['fleet']['ha_vms']} HA), 2 web + 2 engine processes, Redis channel layer; "
+        f"{r['duration']:.0f} s of chaos",
+        f"faults applied: {r['faults']['applied']} ("
+        + ", ".join(f"{v} {k}" for k, v in sorted(r["faults"]["by_kind"].items())) + ")",
+        "kills: " + (", ".join(f"{v} {k}" for k, v in sorted(kills.items())) or "none")
+        + f"; PostgreSQL restarts: {len(r['pg_restarts'])}"
+        + (f" ({', '.join(str(p['seconds']) + ' s' for p in r['pg_restarts'])})"
+           if r["pg_restarts"] else "")
+        + f"; processes that exited by themselves: {len(r['unexpected_exits'])}",
+        "tracebacks in the logs: " + ", ".join(
+            f"{name} {c.get('tracebacks', 0)}" for name, c in r["logs"].items()),
+        "",
+        table(["check", "result", "detail"], rows),
+        "",
+    ]
+    if longest:
+        lines.append(f"longest sweeper gap: {longest['seconds']} s at t={longest['after_s']} s "
+                     f"({longest['from'] or '-'} → {longest['to'] or '-'})")
+    for m in sw["takeover_messages"][:10]:
+        lines.append(f"  SweeperTakeover: {m}")
+    for s in live["slowest"][:3]:
+        lines.append(f"slow event #{s['id']} {s['event']} {s['subject']}: {s['seconds']} s")
+    lines.append("")
+    if r["violations"]:
+        lines.append(f"INVARIANTS VIOLATED ({len(r['violations'])}):")
+        lines += [f"  - {v}" for v in r["violations"]]
+    else:
+        lines.append("SPEC §6 held: no VM ran twice, no HA item was lost or processed twice, "
+                     "the dashboard missed no event, every HA VM runs exactly once.")
+    return "\n".join(lines)
+
+
+def as_json(r: dict[str, Any]) -> str:
+    return json.dumps(r, indent=2, default=str)
+
+
+__all__ = ["Front", "LiveClient", "Watch", "make_plan", "report", "run", "work_chains"]
