@@ -334,16 +334,16 @@ class Agent:
         self.creds = creds
         self.connected = True
         await self.link.drop_ws()  # the socket carried the old token
-        self._set_interval(answer.get("ping_interval"))
+        self._set_interval(answer.get("ping_interval"), quiet=True)
         verb = "enrolled with the join key" if how == "join key" else "connected"
         log.info("%s as host %s (id %s): %d domain(s), %d definition(s) sent; reporting "
                  "every %g s", verb, self.cfg.name, host_id, domains, definitions,
                  self.interval)
 
-    def _set_interval(self, value) -> None:
+    def _set_interval(self, value, quiet: bool = False) -> None:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             value = float(min(max(value, 1), 600))
-            if value != self.interval:
+            if value != self.interval and not quiet:
                 log.info("reporting every %g s (server's ping.interval)", value)
             self.interval = value
 
