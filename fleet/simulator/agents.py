@@ -1,8 +1,10 @@
 """Each simulated host's agent: connect, then ping on a fixed schedule (PROTOCOL.md).
 
 One asyncio task per host runs while the server could reach the host (powered on, agent
-running, network on; :meth:`Simulator.sync_agent` starts and cancels it). It connects
-with the join key when the agent (re)started, then pings with a full power report every
+running, network on; :meth:`Simulator.sync_agent` starts and cancels it). When the
+agent (re)started it connects — with its own token if it has one (stored on disk,
+``state.CredentialStore``, so a restarted simulator keeps its hosts), else with the join
+key to enrol (PROTOCOL.md v1.1, R29) — then pings with a full power report every
 ``ping_interval`` seconds — over one websocket per host (``/api/agent/v1/ws``, the
 default) or by ``POST /ping`` (``--transport http``) — and follows the interval the
 server answers with.
@@ -14,8 +16,11 @@ never made up in a burst. With the websocket transport a second small task per h
 reads the pongs, so a slow answer never holds back the next ping.
 
 If the server is down the agent retries with a jittered exponential back-off (1 s …
-30 s); if it refuses the host token (the host connected again elsewhere, or the
-server's database was reset) the agent connects again with the join key.
+30 s). If it refuses the host token (401: an operator re-enrolled the host, or the
+server's database was reset) the agent says so and tries the join key, which works
+only for a name the server does not know or one an operator re-enrolled; anything
+else (409) is logged as needing an operator, and retried with back-off. The agent never
+takes another identity than the one a 200 gave it.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ class TokenRefused(Exception):
 
 class ServerRefused(Exception):
     """The server answered, but not with what the protocol promises."""
+
+
+class NeedsOperator(ServerRefused):
+    """The server will not take this agent until an operator acts (re-enrol, join
+    key): logged as a warning."""
 
 
 class Grid:
@@ -117,25 +127,38 @@ async def run_agent(sim: Simulator, h: Host) -> None:
             if h.linked:
                 h.linked = False
                 log.info("%s: the server refused its token; connecting again", h.name)
+            # The next connect presents the token once more: a 401 there is what
+            # sends the agent to the join key.
             if connected_at is None or loop.time() - connected_at > 5:
                 backoff = BACKOFF_MIN
                 continue  # connect again at once
             problem = "the server refused a token it had just issued"
+            if problem != trouble:
+                log.info("%s: %s; retrying with back-off", h.name, problem)
+        except NeedsOperator as exc:
+            problem = str(exc)
+            h.linked = False
+            if problem != trouble:
+                log.warning("%s: %s; retrying with back-off", h.name, problem)
         except (TimeoutError, aiohttp.ClientError, OSError, ServerRefused) as exc:
             problem = str(exc) or type(exc).__name__
-        if h.linked:
-            h.linked = False
-            log.info("%s disconnected (%s); retrying", h.name, problem)
-            backoff = BACKOFF_MIN
-        elif problem != trouble:
-            log.info("%s cannot reach the server (%s); retrying with back-off", h.name, problem)
+            if h.linked:
+                h.linked = False
+                log.info("%s disconnected (%s); retrying", h.name, problem)
+                backoff = BACKOFF_MIN
+            elif problem != trouble:
+                log.info("%s cannot reach the server (%s); retrying with back-off",
+                         h.name, problem)
         trouble = problem
         await asyncio.sleep(backoff * sim.jitter(0.5, 1.0))
         backoff = min(backoff * 2, BACKOFF_MAX)
 
 
 async def connect(sim: Simulator, h: Host) -> None:
-    """``POST /api/agent/v1/connect`` with the join key; stores the new token."""
+    """``POST /api/agent/v1/connect``: with the host's own token when it has one (a
+    reconnect: the same token comes back), else — or when the server refuses that token
+    with 401 — with the join key (an enrolment; 409 when the name is enrolled and no
+    operator re-enrolled it). Stores what a 200 gives."""
     body = {
         "name": h.name,
         "type": h.type,
@@ -147,26 +170,56 @@ async def connect(sim: Simulator, h: Host) -> None:
         "agent_url": sim.agent_url(h.name),
         "vms": h.power_report(),
     }
-    headers = {"Authorization": f"Bearer {sim.opts.agent_key}"}
     assert sim.session is not None and sim.connect_slots is not None
+    how = "connected"
     async with sim.connect_slots:
-        async with sim.session.post(
-            f"{sim.server_url}/api/agent/v1/connect", json=body, headers=headers,
-            timeout=CONNECT_TIMEOUT,
-        ) as response:
-            data = await _json(response)
-            if response.status == 401:
-                raise ServerRefused(f"connect refused: {_error_text(data, 401)} "
+        if h.token:
+            status, data = await _post_connect(sim, body, h.token)
+            if status == 401 and not h.token_refused:
+                log.warning("%s: the server refused its stored token (401: %s); trying "
+                            "the join key, which only an unknown or re-enrolled host "
+                            "may use", h.name, _error_text(data, 401))
+            h.token_refused = status == 401
+        if not h.token or h.token_refused:
+            status, data = await _post_connect(sim, body, sim.opts.agent_key)
+            how = "re-enrolled" if h.token else "enrolled"
+            if status == 409:
+                raise NeedsOperator(
+                    f"connect refused: {_error_text(data, 409)} — "
+                    + ("its stored token was refused too: " if h.token else "")
+                    + "an operator must re-enrol it (admin, API or dashboard)")
+            if status == 401:
+                raise NeedsOperator(f"enrolment refused: {_error_text(data, 401)} "
                                     "(check --agent-key / HADASH_AGENT_KEY)")
-            if response.status != 200 or not isinstance(data, dict) or not data.get("token"):
-                raise ServerRefused(f"connect failed: {_error_text(data, response.status)}")
-    h.token = str(data["token"])
-    h.host_id = data.get("host_id")
+    if status != 200 or not isinstance(data, dict) or not data.get("token"):
+        raise ServerRefused(f"connect failed: {_error_text(data, status)}")
+    token, server_token = str(data["token"]), data.get("server_token")
+    server_token = str(server_token) if server_token else token  # a v1 server: the token
+    host_id = data.get("host_id")
+    changed = (token, server_token, host_id) != (h.token, h.server_token, h.host_id)
+    h.token, h.server_token, h.host_id = token, server_token, host_id
+    h.token_refused = False
+    if changed:
+        try:
+            sim.credentials.save(h)
+        except OSError as exc:
+            log.error("%s: cannot store its credentials in %s (%s): a restarted simulator "
+                      "will need an operator to re-enrol it", h.name, sim.credentials.path,
+                      exc)
     h.ping_interval = _interval(data, h.ping_interval)
     h.must_connect = False
     h.linked = True
     h.last_ack = asyncio.get_running_loop().time()
-    log.info("%s connected (host id %s, ping every %g s)", h.name, h.host_id, h.ping_interval)
+    log.info("%s %s (host id %s, ping every %g s)", h.name, how, h.host_id, h.ping_interval)
+
+
+async def _post_connect(sim: Simulator, body: dict, credential: str) -> tuple[int, object]:
+    assert sim.session is not None
+    async with sim.session.post(
+        f"{sim.server_url}/api/agent/v1/connect", json=body,
+        headers={"Authorization": f"Bearer {credential}"}, timeout=CONNECT_TIMEOUT,
+    ) as response:
+        return response.status, await _json(response)
 
 
 def _first_slot(sim: Simulator, h: Host) -> Grid:

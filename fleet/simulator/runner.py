@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from . import agents, api, server
-from .state import Fleet, Host, demo_fleet
+from .state import CredentialStore, Fleet, Host, demo_fleet
 
 log = logging.getLogger("fleet.simulator")
 
@@ -63,6 +63,24 @@ class Options:
     goodbye: bool = False  # send `disconnect` for every connected host on shutdown
     agents: bool = True  # run the agent loops (tests of the endpoints turn this off)
     seed: int | None = None
+    # Where the hosts' agent credentials are kept across restarts (state.CredentialStore):
+    # None → $HADASH_SIM_STATE_FILE, else <settings.VAR_DIR>/simulator/agents.jsonl;
+    # "" → in memory only.
+    state_file: str | None = None
+
+
+def default_state_file() -> str:
+    """``$HADASH_SIM_STATE_FILE``, else ``<VAR_DIR>/simulator/agents.jsonl`` (hadash's
+    settings), else "" (no Django settings: in memory only)."""
+    env = os.environ.get("HADASH_SIM_STATE_FILE")
+    if env is not None:
+        return env
+    try:
+        from django.conf import settings
+
+        return str(settings.VAR_DIR / "simulator" / "agents.jsonl")
+    except Exception:  # noqa: BLE001 - settings not configured: nothing to derive from
+        return ""
 
 
 class Stats:
@@ -130,6 +148,8 @@ class Simulator:
         for _, do in opts.faults:
             self.fleet.check(do)  # an unknown host or VM fails now, not later
         self.server_url = opts.server.rstrip("/")
+        state_file = default_state_file() if opts.state_file is None else opts.state_file
+        self.credentials = CredentialStore(state_file or None, self.server_url)
         self.stats = Stats()
         self.base_url = ""
         self.port = 0
@@ -186,6 +206,10 @@ class Simulator:
             self.base_url, self.control_url, self.server_url, self.opts.transport,
             self.opts.start_delay,
         )
+        if self.opts.agents and self.credentials.path is not None:
+            restored = self.credentials.restore(self.fleet)
+            log.info("agent credentials in %s: %d host(s) reconnect with their stored token",
+                     self.credentials.path, restored)
         self.spawn(self._sampler())
         if self.opts.status_interval > 0:
             self.spawn(self._status_lines())

@@ -5,10 +5,10 @@ One aiohttp application on one port:
 * ``/agents/{host}/…`` — PROTOCOL.md's server→agent endpoints (``check-health``,
   ``vms/{name}``, ``vms/{name}/start|stop|migrate``, ``check-on-host``), so a host's
   ``agent_url`` is ``http://HOST:PORT/agents/{host}``. The server's bearer token must
-  be the one the host got from ``connect`` (401 otherwise). A host the server could not
-  reach (powered off, agent stopped, network off) — or that does not exist — answers
-  nothing: the connection is closed without a response, so the server's client sees a
-  connection error (``Unreachable``).
+  be the ``server_token`` the host got from ``connect`` (401 otherwise). A host the
+  server could not reach (powered off, agent stopped, network off) — or that does not
+  exist — answers nothing: the connection is closed without a response, so the
+  server's client sees a connection error (``Unreachable``).
 * ``/bmc/{host}/redfish/v1/…`` — a Redfish BMC per host (``oobm_address``
   ``http://HOST:PORT/bmc/{host}``, system id = host name, basic auth): the system's
   ``PowerState`` and ``Actions/ComputerSystem.Reset``. It answers while the BMC is ok,
@@ -103,14 +103,16 @@ def agent_endpoint(fn: AgentHandler) -> Callable[[web.Request], Awaitable[web.St
             return drop(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
+        # PROTOCOL.md v1.1: the server presents the server_token it gave in `connect`
+        # (never the agent's own token).
         if (
             scheme.lower() != "bearer"
             or not token
-            or h.token is None
-            or not hmac.compare_digest(token.encode(), h.token.encode())
+            or not h.server_token
+            or not hmac.compare_digest(token.encode(), h.server_token.encode())
         ):
-            why = ("the agent has not connected yet" if h.token is None
-                   else "wrong or missing host token")
+            why = ("the agent has not connected yet" if not h.server_token
+                   else "wrong or missing server token")
             return error(why, 401, **{"WWW-Authenticate": 'Bearer realm="hadash-agent"'})
         return await fn(sim, h, request)
 

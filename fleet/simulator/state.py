@@ -5,8 +5,9 @@ Built on :mod:`fleet.sim` (the scenario runner's in-process fleet): the same
 start-fail count, the VMs its hypervisor knows) and the same fault semantics
 (``power off`` kills the VMs, ``power on`` boots with none, ``vm crash`` leaves a
 PowerOff entry, ``vm vanish`` forgets the VM). What the simulator process adds per host
-is small: the token the agent got from ``connect``, whether it must connect again, its
-ping bookkeeping and its agent task.
+is small: the credentials the agent got from ``connect`` (kept on disk like a real
+agent's: :class:`CredentialStore`), whether it must connect again, its ping bookkeeping
+and its agent task.
 
 Faults are parsed with the scenario runner's own patterns (``fleet.scenario``), so the
 vocabulary is exactly ``../shared/scenarios/README.md``'s. Operator actions of that
@@ -16,14 +17,22 @@ refused here with a pointer to the operator API.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fleet.scenario import BMC_EVENT, HOST_EVENT, VM_EVENT
 from fleet.sim import SimFleet, SimHost
 
-__all__ = ["Fault", "FaultError", "Fleet", "Host", "VmSpec", "demo_fleet", "parse_fault"]
+__all__ = ["CredentialStore", "Fault", "FaultError", "Fleet", "Host", "VmSpec", "demo_fleet",
+           "parse_fault"]
+
+log = logging.getLogger("fleet.simulator")
 
 # Operator actions in the scenario vocabulary: not something a machine does.
 OPERATOR_ACTIONS = ("disable", "enable", "maintenance", "cancel-maintenance")
@@ -38,7 +47,9 @@ class Host(SimHost):
     """One simulated machine: hypervisor, agent and BMC."""
 
     address: str = ""
-    token: str | None = None  # the agent's token from `connect` (server→agent calls too)
+    token: str | None = None  # the agent's token from `connect` (its pings, reconnects)
+    server_token: str | None = None  # what the server presents on its calls to the agent
+    token_refused: bool = False  # the server answered the stored token with 401
     must_connect: bool = True  # the agent (re)started: connect before pinging
     host_id: int | None = None  # the server's id for it, from `connect`
     ping_interval: float = 10.0
@@ -49,6 +60,83 @@ class Host(SimHost):
 
     def power_report(self) -> list[dict[str, str]]:
         return [{"name": n, "power_state": s} for n, s in self.vms.items()]
+
+
+class CredentialStore:
+    """Each host's credentials on disk, as a real agent keeps them (PROTOCOL.md v1.1):
+    the token from its enrolment and the server_token the server presents, per server
+    URL, so a restarted simulator reconnects its hosts with their own tokens instead of
+    enrolling them again (which the server refuses: 409, R29).
+
+    One file of JSON lines, ``{"server", "host", "token", "server_token", "host_id"}``,
+    appended to on every enrolment (cheap, and a torn last line after a crash is just
+    skipped) and compacted when loaded; readable by its owner only. ``path`` None keeps
+    credentials in memory only."""
+
+    def __init__(self, path: str | os.PathLike | None, server: str):
+        self.path = Path(path) if path else None
+        self.server = server.rstrip("/")
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """This server's stored credentials by host name (and the file compacted)."""
+        if self.path is None or not self.path.exists():
+            return {}
+        latest: dict[tuple[str, str], dict[str, Any]] = {}
+        with self.path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    key = (str(entry["server"]), str(entry["host"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line
+                if entry.get("token"):
+                    latest[key] = entry
+                else:
+                    latest.pop(key, None)
+        self._write(list(latest.values()))
+        return {host: e for (server, host), e in latest.items() if server == self.server}
+
+    def save(self, h: Host) -> None:
+        """Append the host's current credentials (raises OSError)."""
+        if self.path is None:
+            return
+        entry = {"server": self.server, "host": h.name, "token": h.token,
+                 "server_token": h.server_token, "host_id": h.host_id}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        assert self.path is not None
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(e) + "\n" for e in entries)
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+    def restore(self, fleet: Fleet) -> int:
+        """Give the fleet's hosts their stored credentials; returns how many."""
+        try:
+            stored = self.load()
+        except OSError as exc:
+            log.error("cannot read stored agent credentials from %s: %s", self.path, exc)
+            return 0
+        n = 0
+        for name, e in stored.items():
+            h = fleet.hosts.get(name)
+            if h is None:
+                continue
+            h.token = str(e["token"])
+            h.server_token = str(e["server_token"]) if e.get("server_token") else None
+            h.host_id = e.get("host_id") if isinstance(e.get("host_id"), int) else None
+            n += 1
+        return n
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,15 @@ from vms.models import VMInstance
 
 ROOT = Path(__file__).resolve().parents[2]
 START_DELAY = 0.3
+CONTROL_TOKEN = "control-token-of-test-simulator"
+CTL = {"Authorization": f"Bearer {CONTROL_TOKEN}"}  # the control API's token
+
+
+@pytest.fixture(autouse=True)
+def _control_token(monkeypatch):
+    """Every simulator here (threads, the simulate command, subprocesses) takes this
+    control-API token."""
+    monkeypatch.setenv("HADASH_FLEET_TOKEN", CONTROL_TOKEN)
 
 
 def free_port() -> int:
@@ -75,20 +84,20 @@ def sim():
 
 
 def host_for(st: SimulatorThread, name: str, *, token: bool = True, **fields) -> Host:
-    """An unsaved Host row pointing at the simulated host; the simulated agent accepts
-    its token (as if the server had issued it on connect)."""
+    """An unsaved Host row pointing at the simulated host, with a server token; the
+    simulated agent accepts it (as if it had got it from connect: PROTOCOL.md v1.1)."""
     h = Host(
-        name=name, agent_url=st.sim.agent_url(name), token_generation=1,
+        name=name, agent_url=st.sim.agent_url(name), server_token=Host.new_secret(),
         oobm_enabled=True, oobm_address=st.sim.bmc_url(name), oobm_system_id=name,
         oobm_username="admin", oobm_password="hadash-sim", **fields,
     )
     if token:
-        st.call(setattr, st.sim.fleet.hosts[name], "token", h.agent_token())
+        st.call(setattr, st.sim.fleet.hosts[name], "server_token", h.server_token)
     return h
 
 
 def fault(st: SimulatorThread, do: str) -> httpx.Response:
-    return httpx.post(f"{st.url}/control/faults", json={"do": do}, timeout=5)
+    return httpx.post(f"{st.url}/control/faults", json={"do": do}, headers=CTL, timeout=5)
 
 
 def vms_of(st: SimulatorThread, name: str) -> dict[str, str]:
@@ -156,6 +165,7 @@ def test_grid_keeps_its_rhythm_and_skips_missed_slots():
 
 
 def test_agent_health_get_vm_and_tokens(sim, agents):
+    """R30: the simulated agents check the server_token the server presents."""
     h1 = host_for(sim, "kvm-001")
     assert agents.check_health(h1) is True
     assert agents.get_vm(h1, "vm-0001") == "PowerOn"
@@ -165,6 +175,12 @@ def test_agent_health_get_vm_and_tokens(sim, agents):
     assert agents.check_health(stranger) is False
     with pytest.raises(AgentAuthError):
         agents.get_vm(stranger, "vm-0002")
+    # The agent's own token is not the server's credential.
+    host_for(sim, "kvm-002")
+    sim.call(setattr, sim.sim.fleet.hosts["kvm-002"], "token", "agent-own-token")
+    r = httpx.post(f"{sim.url}/agents/kvm-002/check-health", json={},
+                   headers={"Authorization": "Bearer agent-own-token"}, timeout=5)
+    assert r.status_code == 401 and "server token" in r.json()["error"]
     # An agent that has not connected yet accepts no token at all.
     assert agents.check_health(host_for(sim, "kvm-003", token=False)) is False
 
@@ -185,13 +201,13 @@ def test_start_takes_the_configured_time_and_shows_as_starting(sim, agents):
 
     t0 = time.monotonic()
     threading.Thread(target=start, daemon=True).start()
-    view = wait_for(lambda: (r := httpx.get(f"{sim.url}/control/hosts/kvm-001").json())
+    view = wait_for(lambda: (r := httpx.get(f"{sim.url}/control/hosts/kvm-001", headers=CTL).json())
                     and "web-1" in r["starting"] and r, what="web-1 starting")
     assert "web-1" not in {v["name"] for v in view["vms"]}
     assert done.wait(5) and not errors
     assert time.monotonic() - t0 >= 1.0
     assert agents.get_vm(h1, "web-1") == "PowerOn"
-    assert httpx.get(f"{sim.url}/control/hosts/kvm-001").json()["starting"] == []
+    assert httpx.get(f"{sim.url}/control/hosts/kvm-001", headers=CTL).json()["starting"] == []
 
 
 def test_start_fail_n(sim, agents):
@@ -280,7 +296,8 @@ def test_start_on_a_host_that_dies_meanwhile_gets_no_answer(sim, agents):
 
     t = threading.Thread(target=start, daemon=True)
     t.start()
-    wait_for(lambda: "late" in httpx.get(f"{sim.url}/control/hosts/kvm-001").json()["starting"])
+    wait_for(lambda: "late" in httpx.get(f"{sim.url}/control/hosts/kvm-001",
+                                         headers=CTL).json()["starting"])
     t0 = time.monotonic()
     fault(sim, "host kvm-001 power off")
     t.join(5)
@@ -290,7 +307,8 @@ def test_start_on_a_host_that_dies_meanwhile_gets_no_answer(sim, agents):
 
 
 def test_unknown_host_answers_nothing(sim, agents):
-    ghost = Host(name="kvm-404", agent_url=f"{sim.url}/agents/kvm-404", token_generation=1)
+    ghost = Host(name="kvm-404", agent_url=f"{sim.url}/agents/kvm-404",
+                 server_token=Host.new_secret())
     assert agents.check_health(ghost) is False
     with pytest.raises(Unreachable):
         agents.get_vm(ghost, "vm-0001")
@@ -305,7 +323,7 @@ def test_redfish_power_state_and_reset(sim, bmc, agents):
     # Fencing: ForceOff, confirmed Off; the machine's VMs die with it.
     assert bmc.power_off(h1) is True
     assert bmc.power_state(h1) == "Off"
-    view = httpx.get(f"{sim.url}/control/hosts/kvm-001").json()
+    view = httpx.get(f"{sim.url}/control/hosts/kvm-001", headers=CTL).json()
     assert view["powered"] is False and view["vms"] == []
     assert agents.check_health(h1) is False
     assert bmc.power_off(h1) is True  # already off
@@ -344,18 +362,18 @@ def test_redfish_bmc_fail_and_credentials(sim, bmc):
 
 
 def test_control_hosts_and_health(sim):
-    hosts = httpx.get(f"{sim.url}/control/hosts").json()
+    hosts = httpx.get(f"{sim.url}/control/hosts", headers=CTL).json()
     assert [h["name"] for h in hosts] == ["kvm-001", "kvm-002", "kvm-003"]
     h1 = hosts[0]
     assert {k: h1[k] for k in ("powered", "agent", "network", "bmc", "start_fail")} == {
         "powered": True, "agent": True, "network": True, "bmc": True, "start_fail": 0}
     assert h1["vms"] == [{"name": "vm-0001", "power_state": "PowerOn"},
                          {"name": "vm-0004", "power_state": "PowerOn"}]
-    health = httpx.get(f"{sim.url}/control/health").json()
+    health = httpx.get(f"{sim.url}/control/health", headers=CTL).json()
     assert health["ok"] is True
     assert health["hosts"] == 3 and health["vms_running"] == 6
     assert health["double_runs"] == {}
-    assert httpx.get(f"{sim.url}/control/hosts/nope").status_code == 404
+    assert httpx.get(f"{sim.url}/control/hosts/nope", headers=CTL).status_code == 404
 
 
 def test_control_fault_vocabulary(sim):
@@ -384,7 +402,7 @@ def test_control_fault_vocabulary(sim):
     on = apply("host kvm-003 power on")["hosts"][0]
     assert on["powered"] is True and on["vms"] == []
     assert apply("host kvm-003 power on")["hosts"][0]["powered"] is True  # no-op
-    assert httpx.get(f"{sim.url}/control/health").json()["faults"] == 12
+    assert httpx.get(f"{sim.url}/control/health", headers=CTL).json()["faults"] == 12
 
 
 @pytest.mark.parametrize("body, message", [
@@ -398,14 +416,15 @@ def test_control_fault_vocabulary(sim):
     ({}, "missing"),
 ])
 def test_control_fault_errors(sim, body, message):
-    r = httpx.post(f"{sim.url}/control/faults", json=body, timeout=5)
+    r = httpx.post(f"{sim.url}/control/faults", json=body, headers=CTL, timeout=5)
     assert r.status_code == 400
     assert message in r.json()["error"]
-    assert httpx.get(f"{sim.url}/control/health").json()["faults"] == 0
+    assert httpx.get(f"{sim.url}/control/health", headers=CTL).json()["faults"] == 0
 
 
 def test_control_fault_bad_json(sim):
-    r = httpx.post(f"{sim.url}/control/faults", content=b"{not json", timeout=5)
+    r = httpx.post(f"{sim.url}/control/faults", content=b"{not json",
+                   headers={**CTL, "Content-Type": "application/json"}, timeout=5)
     assert r.status_code == 400 and "error" in r.json()
 
 
@@ -435,7 +454,8 @@ def test_scheduled_fault_applies(sim):
     opts = Options(listen_port=0, agents=False, hosts=2, vms=2, status_interval=0,
                    faults=[(0.2, "host kvm-002 power off")])
     with SimulatorThread(opts) as st:
-        wait_for(lambda: not httpx.get(f"{st.url}/control/hosts/kvm-002").json()["powered"],
+        wait_for(lambda: not httpx.get(f"{st.url}/control/hosts/kvm-002",
+                                       headers=CTL).json()["powered"],
                  timeout=5, what="the scheduled fault")
 
 
@@ -443,14 +463,19 @@ def test_scheduled_fault_applies(sim):
 
 
 class FakeHadash:
-    """Just enough of the agent side of hadash: connect, ws pings, HTTP pings."""
+    """Just enough of the agent side of hadash (PROTOCOL.md v1.1): connect — the join
+    key enrols new names only (409 for an enrolled one unless re-enrolled), a host's
+    token reconnects it and is echoed back —, ws pings, HTTP pings."""
 
     JOIN_KEY = "test-join-key"
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
         self.tokens: dict[str, str] = {}  # host → current token
-        self.connects: list[tuple[str, list]] = []
+        self.server_tokens: dict[str, str] = {}  # host → the server's token for it
+        self.reenrol: set[str] = set()  # hosts an operator re-enrolled
+        self.connects: list[tuple[str, list, str]] = []  # (host, vms, "join"/"token")
+        self.refused: list[tuple[str, int]] = []  # connects refused: (host, status)
         self.pings: list[tuple[str, float, list]] = []  # (host, time, vms)
         self.sockets: dict[str, web.WebSocketResponse] = {}
         self.loop = asyncio.new_event_loop()
@@ -462,14 +487,33 @@ class FakeHadash:
         return next((h for h, t in self.tokens.items() if t == token), None)
 
     async def connect(self, request):
-        if request.headers.get("Authorization") != f"Bearer {self.JOIN_KEY}":
-            return web.json_response({"error": "invalid join key"}, status=401)
         body = await request.json()
         name = body["name"]
-        self.tokens[name] = f"token-{name}-{len(self.connects)}"
-        self.connects.append((name, body["vms"]))
+        if request.headers.get("Authorization") == f"Bearer {self.JOIN_KEY}":
+            if name in self.tokens and name not in self.reenrol:
+                self.refused.append((name, 409))
+                return web.json_response(
+                    {"error": f"host {name} is already enrolled; it reconnects with its "
+                              "own token, or an operator re-enrols it"}, status=409)
+            self.reenrol.discard(name)
+            n = len(self.connects)
+            self.tokens[name], self.server_tokens[name] = f"token-{name}-{n}", f"srv-{name}-{n}"
+            how = "join"
+        elif self.host_for_token(request) == name:
+            how = "token"
+        else:
+            self.refused.append((name, 401))
+            return web.json_response({"error": "invalid join key or host token"}, status=401)
+        self.connects.append((name, body["vms"], how))
         return web.json_response({"host_id": len(self.connects), "token": self.tokens[name],
+                                  "server_token": self.server_tokens[name],
                                   "ping_interval": self.interval})
+
+    def joins(self, name: str) -> int:
+        return sum(1 for n, _, how in self.connects if n == name and how == "join")
+
+    def reconnects(self, name: str) -> int:
+        return sum(1 for n, _, how in self.connects if n == name and how == "token")
 
     async def ping(self, request):
         name = self.host_for_token(request)
@@ -492,14 +536,21 @@ class FakeHadash:
             await ws.send_str(json.dumps({"type": "pong", "ping_interval": self.interval}))
         return ws
 
-    async def _revoke(self, name: str) -> None:
-        self.tokens[name] = "revoked"
+    async def _revoke(self, name: str, forget: bool) -> None:
+        if forget:
+            del self.tokens[name]  # as if the server's database had been reset
+        else:
+            self.tokens[name] = "revoked"
         ws = self.sockets.get(name)
         if ws is not None:
             await ws.close(code=4401)
 
-    def revoke(self, name: str) -> None:
-        asyncio.run_coroutine_threadsafe(self._revoke(name), self.loop).result(5)
+    def revoke(self, name: str, *, forget: bool = False) -> None:
+        """The host's token stops working (``forget``: the server forgets the host)."""
+        asyncio.run_coroutine_threadsafe(self._revoke(name, forget), self.loop).result(5)
+
+    def allow_reenrol(self, name: str) -> None:
+        self.loop.call_soon_threadsafe(self.reenrol.add, name)
 
     async def _start(self):
         app = web.Application()
@@ -531,16 +582,19 @@ class FakeHadash:
 
 
 @pytest.mark.parametrize("transport", ["ws", "http"])
-def test_agents_connect_and_ping_on_a_grid(transport):
+def test_agents_connect_and_ping_on_a_grid(transport, tmp_path):
     with FakeHadash(interval=0.2) as server:
         opts = Options(server=server.url, listen_port=0, hosts=3, vms=6, transport=transport,
-                       agent_key=FakeHadash.JOIN_KEY, status_interval=0, seed=2)
+                       agent_key=FakeHadash.JOIN_KEY, status_interval=0, seed=2,
+                       state_file=str(tmp_path / "agents.jsonl"))
         with SimulatorThread(opts) as st:
             wait_for(lambda: all(len(server.pings_of(h)) >= 6 for h in st.sim.fleet.hosts),
                      what="pings from every host")
-            assert sorted(name for name, _ in server.connects) == ["kvm-001", "kvm-002",
-                                                                   "kvm-003"]
-            assert dict(server.connects)["kvm-001"] == [
+            # Each host enrolled once, with the join key (PROTOCOL.md v1.1).
+            assert sorted(name for name, _, _ in server.connects) == ["kvm-001", "kvm-002",
+                                                                      "kvm-003"]
+            assert {how for _, _, how in server.connects} == {"join"}
+            assert {n: vms for n, vms, _ in server.connects}["kvm-001"] == [
                 {"name": "vm-0001", "power_state": "PowerOn"},
                 {"name": "vm-0004", "power_state": "PowerOn"}]
             times = [t for _, t, _ in server.pings_of("kvm-001")]
@@ -550,7 +604,7 @@ def test_agents_connect_and_ping_on_a_grid(transport):
             drift = (times[-1] - times[0]) - 0.2 * (len(times) - 1)
             assert abs(drift) < 0.1, drift
             # The control API's view.
-            health = httpx.get(f"{st.url}/control/health").json()
+            health = httpx.get(f"{st.url}/control/health", headers=CTL).json()
             assert health["hosts_connected"] == 3 and health["pings"] >= 18
             assert health["ping_late_ms"]["p99"] < 100
 
@@ -562,10 +616,21 @@ def test_agents_connect_and_ping_on_a_grid(transport):
                                  for p in server.pings_of("kvm-001", now)),
                      what="the crash in a report")
 
-            # The server stops accepting the token: the agent connects again.
+            # R29: the server stops accepting kvm-002's token. The agent tries its token
+            # (401), then the join key, which may not take an enrolled host (409): it
+            # waits for an operator and takes nothing over meanwhile.
             server.revoke("kvm-002")
-            wait_for(lambda: [n for n, _ in server.connects].count("kvm-002") == 2,
-                     what="a new connect after the token was refused")
+            wait_for(lambda: ("kvm-002", 409) in server.refused,
+                     what="the join key refused for an enrolled host")
+            assert ("kvm-002", 401) in server.refused  # its token was tried first
+            time.sleep(0.5)
+            assert server.joins("kvm-002") == 1
+            view = httpx.get(f"{st.url}/control/hosts/kvm-002", headers=CTL).json()
+            assert view["connected"] is False
+            # An operator re-enrols it: the next join-key connect takes it.
+            server.allow_reenrol("kvm-002")
+            wait_for(lambda: server.joins("kvm-002") == 2, timeout=15,
+                     what="a join-key connect after the re-enrolment")
             now = time.monotonic()
             wait_for(lambda: server.pings_of("kvm-002", now), what="pings with the new token")
 
@@ -575,18 +640,67 @@ def test_agents_connect_and_ping_on_a_grid(transport):
             now = time.monotonic()
             time.sleep(0.5)
             assert server.pings_of("kvm-003", now) == []
-            assert httpx.get(f"{st.url}/control/hosts/kvm-003").json()["connected"] is False
+            assert httpx.get(f"{st.url}/control/hosts/kvm-003",
+                             headers=CTL).json()["connected"] is False
             fault(st, "host kvm-003 network on")
             now = time.monotonic()
             wait_for(lambda: server.pings_of("kvm-003", now), what="pings after network on")
-            assert [n for n, _ in server.connects].count("kvm-003") == 1
+            assert [n for n, _, _ in server.connects].count("kvm-003") == 1
 
-            # Power off: no pings; power on: the agent connects again, with no VMs.
+            # Power off: no pings; power on: the agent connects again — with its own
+            # token (R29: a reconnect, not a new enrolment) — with no VMs.
             fault(st, "host kvm-003 power off")
             fault(st, "host kvm-003 power on")
-            wait_for(lambda: [n for n, _ in server.connects].count("kvm-003") == 2,
+            wait_for(lambda: [n for n, _, _ in server.connects].count("kvm-003") == 2,
                      what="a connect after power on")
-            assert server.connects[-1] == ("kvm-003", [])
+            assert server.connects[-1] == ("kvm-003", [], "token")
+            assert server.joins("kvm-003") == 1
+
+
+def test_simulator_keeps_its_credentials_across_a_restart(tmp_path):
+    """R29/R30: like a real agent, the simulator keeps each host's token and
+    server_token on disk (owner-only); restarted, its hosts reconnect with their own
+    tokens (no join key) and its agents accept the server's stored server_token. A
+    host whose stored token the server no longer knows enrols again only because the
+    join key gets a 200 for it."""
+    state = tmp_path / "state" / "agents.jsonl"
+    with FakeHadash(interval=0.2) as server:
+        opts = Options(server=server.url, listen_port=0, hosts=2, vms=2,
+                       agent_key=FakeHadash.JOIN_KEY, status_interval=0, seed=3,
+                       state_file=str(state))
+        with SimulatorThread(opts) as st:
+            wait_for(lambda: all(server.pings_of(h) for h in ("kvm-001", "kvm-002")),
+                     what="both hosts pinging")
+        assert [server.joins(h) for h in ("kvm-001", "kvm-002")] == [1, 1]
+        assert state.stat().st_mode & 0o777 == 0o600
+        stored = [json.loads(line) for line in state.read_text().splitlines()]
+        assert {(e["host"], e["token"], e["server_token"]) for e in stored} == {
+            (h, server.tokens[h], server.server_tokens[h]) for h in ("kvm-001", "kvm-002")}
+
+        with SimulatorThread(opts) as st:
+            wait_for(lambda: all(server.reconnects(h) == 1 for h in ("kvm-001", "kvm-002")),
+                     what="reconnects with the stored tokens")
+            assert [server.joins(h) for h in ("kvm-001", "kvm-002")] == [1, 1]
+            assert not server.refused
+            # The server's calls carry the server_token it issued before the restart.
+            h1 = Host(name="kvm-001", agent_url=st.sim.agent_url("kvm-001"),
+                      server_token=server.server_tokens["kvm-001"])
+            with HttpAgentClient(read_timeout=3) as agents:
+                assert agents.check_health(h1) is True
+                h1.server_token = "srv-guess"
+                assert agents.check_health(h1) is False
+
+            # The server forgets kvm-002 (its database was reset): the stored token is
+            # refused, the join key enrols the unknown name afresh (200), and the new
+            # credentials replace the old on disk.
+            server.revoke("kvm-002", forget=True)
+            wait_for(lambda: server.joins("kvm-002") == 2, what="a new enrolment")
+            assert ("kvm-002", 401) in server.refused
+            new_token = server.tokens["kvm-002"]
+
+        with SimulatorThread(opts) as st:
+            wait_for(lambda: server.reconnects("kvm-002") == 2, what="reconnect, new token")
+            assert server.tokens["kvm-002"] == new_token and server.joins("kvm-002") == 2
 
 
 def test_agents_back_off_while_the_server_is_down():
@@ -595,7 +709,7 @@ def test_agents_back_off_while_the_server_is_down():
                    status_interval=0)
     with SimulatorThread(opts) as st:
         time.sleep(0.5)
-        health = httpx.get(f"{st.url}/control/health").json()
+        health = httpx.get(f"{st.url}/control/health", headers=CTL).json()
         assert health["hosts_connected"] == 0 and health["pings"] == 0
         # Still serving its agents and BMCs (a fault works, too).
         assert fault(st, "host kvm-001 power off").status_code == 200
@@ -659,6 +773,7 @@ def test_simulator_against_a_real_server(tmp_path):
     _, api_token = ApiToken.issue(user)
     config.set_value("ping.interval", "1", by="test")
     env = {**os.environ, "DATABASE_URL": database_url(connection.settings_dict),
+           "HADASH_SIM_STATE_FILE": str(tmp_path / "agents.jsonl"),
            "PYTHONUNBUFFERED": "1"}
     server_port, sim_port = free_port(), free_port()
     bin_dir = Path(sys.executable).parent
@@ -709,17 +824,24 @@ def test_simulator_against_a_real_server(tmp_path):
         assert all(dt.datetime.now(dt.UTC) - h.last_ping < dt.timedelta(seconds=5)
                    for h in Host.objects.all())
 
-        # The server's own clients reach the agent (with the token the server issued on
-        # connect) and the BMC (with the settings the simulator registered).
+        # The server's own clients reach the agent (with the server_token the server
+        # issued on connect) and the BMC (with the settings the simulator registered).
         h1.refresh_from_db()
         with HttpAgentClient() as agents, RedfishClient() as bmc:
             assert agents.check_health(h1) is True
             assert agents.get_vm(h1, "vm-0001") == "PowerOn"
             assert bmc.power_state(h1) == "On"
+        # R30: the simulator kept each host's credentials like a real agent; the server
+        # holds only the token's hash.
+        stored = {e["host"]: e for e in map(json.loads,
+                                            (tmp_path / "agents.jsonl").read_text().splitlines())}
+        assert set(stored) == {"kvm-001", "kvm-002", "kvm-003"}
+        assert h1.token_matches(stored["kvm-001"]["token"])
+        assert stored["kvm-001"]["server_token"] == h1.server_token
 
         # A fault through the control API reaches the database through the pings.
         r = httpx.post(f"http://127.0.0.1:{sim_port}/control/faults",
-                       json={"do": "vm vm-0001 crash"}, timeout=5)
+                       json={"do": "vm vm-0001 crash"}, headers=CTL, timeout=5)
         assert r.status_code == 200
         wait_for(lambda: VMInstance.objects.get(name="vm-0001").power_state
                  == PowerState.POWER_OFF, timeout=10, interval=0.2,
