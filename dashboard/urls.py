@@ -10,6 +10,7 @@ urlpatterns = [
     path("alerts/<int:pk>/ack", views.acknowledge, name="ack"),
     path("alerts/ack-all", views.acknowledge_all, name="ack-all"),
     path("hosts/<str:name>", views.host, name="host"),
+    path("hosts/<str:name>/reenrol", views.host_reenrol, name="host-reenrol"),  # R29
     path("hosts/<str:name>/<str:action>", views.host_action, name="host-action"),
     path("vms/<str:name>", views.vm, name="vm"),
     path("vms/<str:name>/<str:action>", views.vm_action, name="vm-action"),

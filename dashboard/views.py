@@ -176,6 +176,7 @@ def host(request, name: str):
         "behind": age is not None and age > threshold
         and h.status in (HostStatus.UP, HostStatus.CONNECTING),
         "host_actions": host_actions(h),
+        "reenrol_open": h.reenrol_open(now),  # R29
     }
     return page(request, "dashboard/host.html", "host", ctx)
 
@@ -218,6 +219,23 @@ def host_action(request, name: str, action: str):
         h.refresh_from_db()
         messages.success(request, f"Host {h.name}: {action} done — resource state "
                                   f"{h.resource_state}.")
+    return redirect("dash:host", name=name)
+
+
+@require_POST
+@admin_required
+def host_reenrol(request, name: str):
+    """R29: an admin re-enrols a host — one agent connect with the join key may take it
+    within the hour. The form asks for an explicit confirmation."""
+    h = get_object_or_404(Host, name=name)
+    if request.POST.get("confirm") != "yes":
+        messages.error(request, f"Host {h.name}: re-enrolment not confirmed; nothing changed.")
+        return redirect("dash:host", name=name)
+    until = h.allow_reenrol(now=timezone.now(), by=request.user.get_username())
+    messages.warning(
+        request,
+        f"Host {h.name}: re-enrolment allowed until {until:%Y-%m-%d %H:%M:%S %Z} — the next "
+        "agent connect with the join key under this name takes the host.")
     return redirect("dash:host", name=name)
 
 
