@@ -72,7 +72,7 @@ class Agent:
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._unreachable_since: float | None = None
         self._libvirt_down = False
-        self.http_port: int | None = None
+        self._connecting = False
 
     # --- helpers ---------------------------------------------------------------------
     async def call(self, fn, *args, **kwargs):
@@ -129,9 +129,17 @@ class Agent:
         )
         if self.cfg.test_hooks:
             log.warning("test hooks are enabled (POST /test/…): never do this in production")
+        main = asyncio.create_task(self._loop())
+        stop = asyncio.create_task(self.stopping.wait())
         try:
-            await self._loop()
+            await asyncio.wait([main, stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if self._connecting and not main.done():
+                # Let a connect finish: its answer carries credentials to save.
+                await asyncio.wait([main], timeout=20)
+            for task in (main, stop):
+                task.cancel()
+            await asyncio.gather(main, stop, return_exceptions=True)
             if self.cfg.goodbye_on_stop and self.connected and self.creds.token:
                 try:
                     await asyncio.wait_for(
@@ -162,7 +170,11 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 if self.need_connect:
-                    await self._connect()
+                    self._connecting = True
+                    try:
+                        await self._connect()
+                    finally:
+                        self._connecting = False
                     self.need_connect = False
                 else:
                     await self._report()
@@ -194,6 +206,11 @@ class Agent:
                 continue
             except ReportRejected as exc:
                 log.error("server refused our report: %s", exc)
+            except Exception as exc:  # a bug or something unforeseen: log it, go on
+                delay = backoff.next()
+                log.exception("unexpected error (%r): retrying in %.1f s", exc, delay)
+                await self.pause(delay)
+                continue
             self.wake.clear()
             await self.pause(self.interval, wake_on_event=True)
             if self.wake.is_set():

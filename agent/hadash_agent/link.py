@@ -63,6 +63,8 @@ class ServerLink:
         self.server_url = server_url
         self.session: aiohttp.ClientSession | None = None
         self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self._inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
         self.ws_retry_at = 0.0
         self.transport = "none"
 
@@ -81,6 +83,9 @@ class ServerLink:
 
     async def drop_ws(self) -> None:
         ws, self.ws = self.ws, None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
         if ws is not None and not ws.closed:
             try:
                 await asyncio.wait_for(ws.close(), 2)
@@ -123,7 +128,7 @@ class ServerLink:
     async def _open_ws(self, token: str) -> None:
         assert self.session is not None
         try:
-            self.ws = await asyncio.wait_for(self.session.ws_connect(
+            ws = await asyncio.wait_for(self.session.ws_connect(
                 ws_url(self.server_url), headers={"Authorization": f"Bearer {token}"},
                 autoping=True, max_msg_size=1024 * 1024,
             ), REQUEST_TIMEOUT)
@@ -134,19 +139,41 @@ class ServerLink:
             self.ws_retry_at = time.monotonic() + WS_RETRY
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.debug("websocket not available: %s", describe(exc))
+        else:
+            self.ws, self._inbox = ws, asyncio.Queue()
+            self._reader = asyncio.create_task(self._read(ws, self._inbox))
+
+    @staticmethod
+    async def _read(ws: aiohttp.ClientWebSocketResponse, inbox: asyncio.Queue) -> None:
+        """Read the socket all the time, not only while waiting for a pong, so the
+        server's keep-alive pings are answered between reports (daphne closes a socket
+        that does not answer them) and a closed socket is noticed at once. Text
+        messages go to ``inbox``; None there means the socket is closed."""
+        try:
+            async for message in ws:  # answers pings itself (autoping)
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    inbox.put_nowait(message.data)
+                elif message.type == aiohttp.WSMsgType.ERROR:
+                    break
+        except (aiohttp.ClientError, OSError, RuntimeError):
+            pass
+        finally:
+            inbox.put_nowait(None)
 
     async def _ws_ping(self, vms: list[dict]) -> float | None:
         """The interval from the pong, or None: the socket failed or the server said
         ``error`` (then the same report goes over HTTP, whose status says why)."""
-        ws = self.ws
+        ws, inbox = self.ws, self._inbox
         assert ws is not None
         try:
+            if ws.closed or self._reader is None or self._reader.done():
+                raise ConnectionResetError("closed")
             await ws.send_str(json.dumps({"type": "ping", "vms": vms}))
             while True:
-                message = await ws.receive(timeout=REQUEST_TIMEOUT)
-                if message.type != aiohttp.WSMsgType.TEXT:
-                    break
-                data = json.loads(message.data)
+                text = await asyncio.wait_for(inbox.get(), REQUEST_TIMEOUT)
+                if text is None:
+                    raise ConnectionResetError(f"closed by the server, code {ws.close_code}")
+                data = json.loads(text)
                 if isinstance(data, dict) and data.get("type") == "pong":
                     interval = data.get("ping_interval")
                     return interval if isinstance(interval, (int, float)) else 0.0
@@ -156,10 +183,6 @@ class ServerLink:
                 # anything else (an extension message): keep waiting for the pong
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RuntimeError) as exc:
             log.info("websocket lost (%s); reporting over HTTP", describe(exc))
-        else:
-            if message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
-                                aiohttp.WSMsgType.CLOSING):
-                log.info("websocket closed by the server (code %s)", ws.close_code)
         await self.drop_ws()
         return None
 

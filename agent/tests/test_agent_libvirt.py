@@ -226,3 +226,18 @@ def test_config_from_file_and_environment(tmp_path):
         load(None, env={"HADASH_AGENT_CONFIG": str(tmp_path / "empty.toml"),
                         "HADASH_AGENT_SERVER_URL": "http://s",
                         "HADASH_AGENT_AGENT_URL": "http://u:p@10.0.0.1:8250"})
+
+
+def test_backoff_doubles_with_jitter_up_to_the_cap():
+    """Never a tight retry loop, never a fixed rhythm shared by a whole fleet."""
+    from hadash_agent.agent import Backoff
+
+    b = Backoff(cap=30)
+    delays = [b.next() for _ in range(10)]
+    for i, d in enumerate(delays):
+        full = min(30, 2 ** i)
+        assert full / 2 <= d <= full
+    assert max(delays) <= 30 and delays[-1] >= 15
+    b.reset()
+    assert b.next() <= 1
+    assert len({round(Backoff(cap=30).next(), 6) for _ in range(20)}) > 1  # jittered
