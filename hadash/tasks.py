@@ -1,4 +1,8 @@
-"""django-q2 task entry points (see hadash.ha.runtime for the design)."""
+"""django-q2 task entry points (see hadash.ha.runtime for the design).
+
+The engine loops are not tasks: each qcluster process runs its own
+(hadash.ha.runtime.host_resident_loop). The only task is the twice-a-minute check.
+"""
 
 from __future__ import annotations
 
@@ -9,38 +13,27 @@ from django.utils import timezone
 log = logging.getLogger("hadash.tasks")
 
 # Two one-minute schedules half a minute apart: django-q's scheduler wakes every 30 s
-# in every cluster, so the loops are topped up about every 30 s — a dead cluster's
-# sweeper is replaced well within a minute even when no standby loop survived it.
+# in every cluster, so a stalled sweeper is reported within about half a minute.
 ENSURE_SCHEDULES = ("hadash: keep the engine loops running (:00)",
                     "hadash: keep the engine loops running (:30)")
-ENGINE_LOOP = "hadash.tasks.engine_loop"
 
 
 def engine_loop() -> str:
-    """One engine loop; before it ends it enqueues its successor."""
-    from hadash.ha.runtime import EngineLoop
-
-    return EngineLoop(successor=spawn_loop).run()
-
-
-def spawn_loop(n: int = 1) -> None:
-    from django_q.tasks import async_task
-
-    for _ in range(n):
-        async_task(ENGINE_LOOP, q_options={"task_name": "hadash engine loop"})
+    """Engine loops used to be queued tasks; one still queued from before an upgrade
+    ends at once (every engine process runs its own loop now)."""
+    return "not needed: every engine process runs its own engine loop"
 
 
 def ensure_engine() -> str:
-    """Every minute: alert on a stalled sweeper, top the loops up to the target."""
-    from hadash.ha.runtime import TARGET_LOOPS, check_stall, reap_lost_loops, status
+    """Twice a minute: alert on a stalled sweeper; reap loops that stopped
+    heartbeating and release their HA work (the sweeper does that too)."""
+    from hadash.ha.runtime import check_stall, reap_lost_loops, status
 
     stalled = check_stall()
-    reap_lost_loops()
+    reaped = reap_lost_loops()
     st = status()
-    missing = max(0, TARGET_LOOPS - st["alive_loops"])
-    if missing:
-        spawn_loop(missing)
-    return f"alive {st['alive_loops']}, spawned {missing}, stalled {stalled}"
+    return f"alive {st['alive_loops']} of {st['target_loops']}, reaped {len(reaped)}, " \
+           f"stalled {stalled}"
 
 
 def register_schedules() -> None:

@@ -146,11 +146,23 @@ def check_host(engine, host: Host, *, now, cfg) -> bool:
         # ping arrived meanwhile". When a ping did arrive (the episode is over) or
         # the investigation failed, the claim must not stay behind: it would hide
         # the host from the sweep for INVESTIGATION_LEASE should it fall behind again.
-        leftover = Host.objects.filter(pk=host.pk,
-                                       next_investigation=now + INVESTIGATION_LEASE)
         if done:
-            leftover = leftover.exclude(last_ping=seen_ping)
-        leftover.update(next_investigation=None)
+            drop_claim(host, now, unless_last_ping=seen_ping)
+        else:
+            drop_claim(host, now)
+
+
+_ANY = object()
+
+
+def drop_claim(host: Host, now, *, unless_last_ping=_ANY) -> None:
+    """Drop what is left of check_host's claim on the host (taken at ``now``), so the
+    next sweep looks at it again; kept when the host's last ping is still
+    ``unless_last_ping`` (then the investigation's outcome set it)."""
+    leftover = Host.objects.filter(pk=host.pk, next_investigation=now + INVESTIGATION_LEASE)
+    if unless_last_ping is not _ANY:
+        leftover = leftover.exclude(last_ping=unless_last_ping)
+    leftover.update(next_investigation=None)
 
 
 def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool) -> bool:

@@ -1,37 +1,48 @@
-"""The engine as it runs in production: leased loops inside the django-q cluster.
+"""The engine as it runs in production: one resident engine loop in every engine
+process (`manage.py qcluster`).
 
 django-q2's scheduler wakes only every 30 s and schedules at one-minute granularity,
-while detection needs a sweep at least every second (R2). So the cluster runs
-*engine loops*: long-lived django-q tasks (shorter than the task timeout, which is
-shorter than the broker's retry) that each
+while detection needs a sweep at least every second (R2). So every qcluster runs an
+*engine loop* of its own: a thread started in one of the cluster's worker processes
+as django-q spawns it (its `post_spawn` signal; `host_resident_loop`), for the life
+of that process — not a queued task, which any cluster could take (two loops queued
+together used to land in one cluster, leaving no standby when it died). Each loop
 
-- keep a heartbeat row (`op_engine_process`) fresh, so the fleet of loops is visible;
-- run a pool of HA worker threads sized to `ha.workers` (re-read every second, so an
+- keeps a heartbeat row (`op_engine_process`), so the fleet of loops is visible;
+- runs a pool of HA worker threads sized to `ha.workers` (re-read every second, so an
   admin edit changes concurrency within seconds; the installation-wide cap is the
   claim lock in hadash.ha.work, so several loops never exceed it together);
-- compete for the `sweeper` lease: exactly one loop holds it and runs the monitor
+- competes for the `sweeper` lease: exactly one loop holds it and runs the monitor
   sweep every second (investigations go to a small thread pool so one slow host
   never delays the others) and, between sweeps, wakes at the moment the next host
-  falls behind on ping, so detection does not wait for the next tick; the others
-  stand by and take over within the lease's
-  TTL when the holder stops renewing it (a dead or wedged process loses it);
-- before their lifetime ends, enqueue a successor and hand the lease over.
+  falls behind on ping, so detection does not wait for the next tick; the loops of
+  the other engine processes stand by and take over within the lease's TTL when
+  the holder stops renewing it (a dead or wedged process loses it);
+- lives through database outages: a broken connection costs one warning line per
+  process and a reconnect (hadash.ha.outage), and an HA item whose step failed on it
+  is released at once (hadash.ha.work.release_after_db_error).
 
-A scheduled task (`hadash.tasks.ensure_engine`, every minute) tops the loops up to
-`HADASH_ENGINE_LOOPS` and raises an alert when the sweeper lease has lapsed. Nothing
+The sweeper also reaps loops that stopped heartbeating (EngineLoopLost) and releases
+the HA items they held. A scheduled task (`hadash.tasks.ensure_engine`, twice a
+minute) does the same and raises an alert when the sweeper lease has lapsed. Nothing
 depends on a clean shutdown of qcluster: leases expire, heartbeats go stale.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import logging
+import math
 import os
+import signal
 import socket
+import tempfile
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
@@ -42,17 +53,20 @@ from hadash.choices import Severity, Subject
 from hadash.events import record_event
 from hadash.models import EngineProcess, Lease
 
+from . import outage
+
 log = logging.getLogger("hadash.runtime")
 
 SWEEPER = "sweeper"
 SWEEPER_TTL = dt.timedelta(seconds=10)
 HEARTBEAT_TTL = dt.timedelta(seconds=15)
-LOOP_LIFETIME = float(os.environ.get("HADASH_LOOP_LIFETIME", 240))  # < Q_CLUSTER timeout
 SWEEP_EVERY = 1.0
 # Between sweeps the sweeper wakes when the next host falls behind, this much after.
 DETECT_SLACK = 0.01
 INVESTIGATORS = 16
-TARGET_LOOPS = int(os.environ.get("HADASH_ENGINE_LOOPS", 2))
+# How many engine processes (qclusters, one loop each) the installation runs: shown as
+# "alive of wanted" in the status (API, dashboard, `manage.py engine status`).
+TARGET_LOOPS = int(os.environ.get("HADASH_ENGINE_LOOPS", 1))
 
 
 def new_id() -> str:
@@ -122,12 +136,18 @@ class WorkerPool:
             self.wake.notify_all()
 
     def _run(self, i: int, stop: threading.Event) -> None:
-        from hadash.ha.work import worker_step
+        from hadash.ha.work import release_held_by, worker_step
 
         engine = self.engine_factory(f"{self.loop_id}/w{i}")
+        unsure = False  # a claim may have committed while our connection broke
         try:
             while not stop.is_set():
                 try:
+                    if unsure:
+                        release_held_by(engine.worker_id, now=engine.now(),
+                                        message="database connection lost while claiming; "
+                                                "tried again at once")
+                        unsure = False
                     with self._lock:
                         self.busy += 1
                     try:
@@ -135,6 +155,10 @@ class WorkerPool:
                     finally:
                         with self._lock:
                             self.busy -= 1
+                    outage.ok()
+                except outage.DB_ERRORS as exc:
+                    outage.failed(f"HA worker {i}", exc)
+                    did, unsure = False, True
                 except Exception:
                     log.exception("HA worker %s failed a step", i)
                     did = False
@@ -157,47 +181,47 @@ class WorkerPool:
 # --- the loop -------------------------------------------------------------------------------
 
 class EngineLoop:
-    def __init__(self, engine_factory=None, lifetime: float = LOOP_LIFETIME,
-                 target: int = TARGET_LOOPS, successor=None):
+    def __init__(self, engine_factory=None, lifetime: float = math.inf,
+                 stopping: threading.Event | None = None, keep_running=None):
         from hadash.ha.engine import Engine
 
         self.id = new_id()
         self.engine_factory = engine_factory or (lambda wid: Engine.production(worker_id=wid))
         self.engine = self.engine_factory(f"{self.id}/sweeper")
         self.lifetime = lifetime
-        self.target = target
-        self.successor = successor
+        # Checked every second besides `stopping`: False ends the loop (a worker
+        # process whose cluster died under it stops its loop).
+        self.keep_running = keep_running or (lambda: True)
         self.pool = WorkerPool(self.engine_factory, self.id)
         self.investigations = ThreadPoolExecutor(INVESTIGATORS, thread_name_prefix="investigate")
         self.in_progress: set[int] = set()
         self.in_progress_lock = threading.Lock()
         self.is_sweeper = False
-        self.stopping = threading.Event()
+        self.registered = False
+        self.stopping = stopping or threading.Event()
 
     def stop(self) -> None:
-        """Ask the loop to end (it hands over as at the end of its lifetime)."""
+        """Ask the loop to end (it hands the sweeper lease over)."""
         self.stopping.set()
 
     # heartbeat
-    def register(self) -> bool:
-        """Register; False when enough loops already run (then this one leaves)."""
+    def register(self) -> None:
         now = timezone.now()
-        EngineProcess.objects.create(
-            id=self.id, host=socket.gethostname(), pid=os.getpid(), started=now, heartbeat=now
+        EngineProcess.objects.update_or_create(
+            id=self.id, defaults=dict(host=socket.gethostname(), pid=os.getpid(), started=now,
+                                      heartbeat=now, leaving=False),
         )
-        live = EngineProcess.objects.filter(
-            heartbeat__gte=now - HEARTBEAT_TTL, leaving=False
-        ).order_by("started", "id").values_list("id", flat=True)
-        if self.id not in list(live)[: self.target]:
-            EngineProcess.objects.filter(id=self.id).delete()
-            return False
-        return True
+        self.registered = True
 
     def heartbeat(self, workers: int) -> None:
-        EngineProcess.objects.filter(id=self.id).update(
+        if not EngineProcess.objects.filter(id=self.id).update(
             heartbeat=timezone.now(), sweeper=self.is_sweeper, workers=workers,
             busy=self.pool.busy,
-        )
+        ):
+            # Reaped as lost while it could not heartbeat (a stopped process, a long
+            # database outage): its items were released; it is alive, so it is back.
+            log.warning("engine loop %s had been reaped as lost; registering again", self.id)
+            self.register()
 
     # sweeping
     def sweep(self, cfg):
@@ -210,6 +234,8 @@ class EngineLoop:
         brake.update_all(now=now, cfg=cfg)
         maintenance.complete_ready_hosts(now=now)
         cleanup.cleanup_step(self.engine, cfg=cfg)
+        if reap_lost_loops():
+            self.pool.notify()  # their HA items are free now
         return self._next_due(cfg)
 
     def detect(self, cfg):
@@ -236,16 +262,37 @@ class EngineLoop:
     def _investigate(self, host, cfg) -> None:
         from hosts.liveness import check_host
 
+        now = self.engine.now()
         try:
-            if check_host(self.engine, host, now=self.engine.now(), cfg=cfg):
+            if check_host(self.engine, host, now=now, cfg=cfg):
                 # It acted — if the host went Down, its HA work is waiting now.
                 self.pool.notify()
+        except outage.DB_ERRORS as exc:
+            outage.failed(f"investigating {host.name}", exc)
+            self._drop_claim(host, now)
         except Exception:
             log.exception("investigating %s failed", host.name)
         finally:
             with self.in_progress_lock:
                 self.in_progress.discard(host.pk)
             connection.close()
+
+    def _drop_claim(self, host, now, patience: float = 10.0) -> None:
+        """After a broken connection: give the host back to the next sweep, not when
+        its investigation claim lapses a minute later (a few tries, then that)."""
+        from hosts.liveness import drop_claim
+
+        deadline, wait = time.monotonic() + patience, 0.2
+        while not self.stopping.is_set():
+            try:
+                drop_claim(host, now)
+                return
+            except outage.DB_ERRORS as exc:
+                outage.failed(f"investigating {host.name}", exc)
+                if time.monotonic() + wait > deadline:
+                    return
+                self.stopping.wait(wait)
+                wait *= 2
 
     def wait_detecting(self, due, until: float, cfg) -> None:
         """Wait until the monotonic time `until`; while sweeping, wake whenever the
@@ -258,6 +305,9 @@ class EngineLoop:
                 return
             try:
                 due = self.detect(cfg)
+            except outage.DB_ERRORS as exc:
+                outage.failed(f"engine loop {self.id}", exc)
+                break
             except Exception:
                 log.exception("engine loop %s detection pass failed", self.id)
                 close_old_connections()
@@ -265,33 +315,33 @@ class EngineLoop:
         self.stopping.wait(max(0.0, until - time.monotonic()))
 
     def take_sweeper(self) -> None:
-        held, previous = acquire(SWEEPER, self.id, SWEEPER_TTL)
-        if held and not self.is_sweeper:
-            log.info("engine loop %s is the sweeper", self.id)
+        with transaction.atomic():  # a takeover is committed with its alert
+            held, previous = acquire(SWEEPER, self.id, SWEEPER_TTL)
             if previous:
                 holder, expires = previous
                 silent = (timezone.now() - expires + SWEEPER_TTL).total_seconds() \
                     if expires else 0
-                with transaction.atomic():
-                    record_event(
-                        Subject.ENGINE, None, name=SWEEPER, event="SweeperTakeover",
-                        alert=True, severity=Severity.WARNING, old=holder[:255],
-                        new=self.id,
-                        message=f"Sweeper {holder} stopped renewing its lease "
-                                f"({silent:.0f} s without a sweep); {self.id} took over",
-                    )
+                record_event(
+                    Subject.ENGINE, None, name=SWEEPER, event="SweeperTakeover",
+                    alert=True, severity=Severity.WARNING, old=holder[:255], new=self.id,
+                    message=f"Sweeper {holder} stopped renewing its lease "
+                            f"({silent:.0f} s without a sweep); {self.id} took over",
+                )
+        if held and not self.is_sweeper:
+            log.info("engine loop %s is the sweeper", self.id)
         self.is_sweeper = held
 
     def run(self) -> str:
-        if not self.register():
-            log.info("engine loop %s not needed (%s loops run)", self.id, self.target)
-            return "not needed"
+        """Run until stopped (or `lifetime` seconds); then hand over."""
         deadline = time.monotonic() + self.lifetime
         try:
-            while time.monotonic() < deadline and not self.stopping.is_set():
+            while (time.monotonic() < deadline and not self.stopping.is_set()
+                   and self.keep_running()):
                 started = time.monotonic()
                 cfg, due = None, None
                 try:
+                    if not self.registered:
+                        self.register()
                     cfg = config.snapshot()
                     workers = cfg["ha.workers"]
                     self.pool.resize(workers)
@@ -300,29 +350,127 @@ class EngineLoop:
                         due = self.sweep(cfg)
                     self.pool.notify()
                     self.heartbeat(workers)
+                    outage.ok()
+                except outage.DB_ERRORS as exc:
+                    outage.failed(f"engine loop {self.id}", exc)
                 except Exception:
                     log.exception("engine loop %s step failed", self.id)
                     close_old_connections()
                 self.wait_detecting(due, started + SWEEP_EVERY, cfg)
-            return "lifetime over"
+            return "stopped" if self.stopping.is_set() else "lifetime over"
         finally:
             self.leave()
 
     def leave(self) -> None:
-        """Hand over: mark leaving, start a successor, release the sweeper lease."""
+        """Hand over: release the sweeper lease, stop the workers, deregister."""
         try:
             EngineProcess.objects.filter(id=self.id).update(leaving=True)
-            if self.successor:
-                self.successor()
             release(SWEEPER, self.id)
+        except outage.DB_ERRORS as exc:
+            outage.failed(f"engine loop {self.id} handing over", exc)
         except Exception:
             log.exception("engine loop %s could not hand over", self.id)
+        self.is_sweeper = False
         self.pool.stop()
         self.investigations.shutdown(wait=False, cancel_futures=True)
         try:
             EngineProcess.objects.filter(id=self.id).delete()
+        except outage.DB_ERRORS as exc:
+            outage.failed(f"engine loop {self.id} leaving", exc)
         finally:
             connection.close()
+
+
+# --- one resident loop per engine process ------------------------------------------------
+
+_resident: dict = {}
+
+
+def host_resident_loop() -> bool:
+    """django-q's `post_spawn` (hadash.models connects it), in each worker process of
+    a qcluster as the cluster spawns or reincarnates it: the first one to take the
+    cluster's lock file runs the cluster's engine loop, in a thread, for as long as
+    the process lives. Returns whether this process hosts it."""
+    if _resident:
+        return True
+    lock = _cluster_lock(os.getppid())
+    if lock is None:
+        return False  # another worker process of this cluster hosts it
+    fd, path = lock
+    stop = threading.Event()
+    parent = os.getppid()
+    thread = threading.Thread(
+        target=run_resident, args=(stop, lambda: os.getppid() == parent),
+        name="engine-loop", daemon=True,
+    )
+    _resident.update(fd=fd, path=path, stop=stop, thread=thread)
+    thread.start()
+    # A worker that ends on its own (django-q recycles workers; qcluster's stop) or is
+    # told to (SIGTERM: a supervisor stopping the engine process's group) hands the
+    # sweeper lease over instead of letting it lapse.
+    from multiprocessing.util import Finalize
+
+    Finalize(None, stop_resident, exitpriority=100)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _hand_over_and_die)
+    return True
+
+
+def _hand_over_and_die(signum, frame) -> None:
+    stop_resident(timeout=3.0)
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _cluster_lock(parent: int):
+    """An exclusive lock on a file named after the cluster's sentinel process (its
+    pid and start time): held for the life of the worker process, dropped by the
+    kernel when it dies however it dies. (fd, path), or None when taken."""
+    try:
+        stat = Path(f"/proc/{parent}/stat").read_text()
+        started = stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = "0"
+    path = Path(tempfile.gettempdir()) / f"hadash-engine-{os.getuid()}-{parent}-{started}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd, path
+
+
+def run_resident(stop: threading.Event, keep_running) -> None:
+    """The engine loop of this process, restarted should it ever fail as a whole."""
+    wait = 1.0
+    while not stop.is_set() and keep_running():
+        loop = EngineLoop(stopping=stop, keep_running=keep_running)
+        log.info("engine loop %s started in pid %s", loop.id, os.getpid())
+        try:
+            loop.run()
+            wait = 1.0
+        except Exception:
+            log.exception("engine loop %s failed; starting another", loop.id)
+        stop.wait(wait)
+        wait = min(wait * 2, 30.0)
+    if not stop.is_set():
+        log.warning("engine loop of pid %s stopped: its django-q cluster is gone",
+                    os.getpid())
+
+
+def stop_resident(timeout: float = 8.0) -> None:
+    """End this process's engine loop, handing the sweeper lease over."""
+    if not _resident:
+        return
+    _resident["stop"].set()
+    _resident["thread"].join(timeout)
+    try:
+        _resident["path"].unlink(missing_ok=True)
+        os.close(_resident["fd"])
+    except OSError:
+        pass
+    _resident.clear()
 
 
 # --- health ------------------------------------------------------------------------------------
@@ -364,7 +512,8 @@ def check_stall(now=None) -> bool:
         record_event(
             Subject.ENGINE, None, name=SWEEPER, event="EngineStalled", alert=True,
             message="No engine loop holds the sweeper lease: hosts are not being watched. "
-                    f"{st['alive_loops']} live loop(s); check the django-q cluster(s).",
+                    f"{st['alive_loops']} live loop(s); check the engine processes "
+                    "(manage.py qcluster).",
             now=now,
         )
     return True
@@ -372,23 +521,26 @@ def check_stall(now=None) -> bool:
 
 def reap_lost_loops(now=None) -> list[str]:
     """Loops whose heartbeat stopped (a killed or wedged process): one alert each,
-    naming the HA items they still hold (retaken when their 5-minute lease lapses,
-    R11), then their rows go. Returns the loops reaped."""
+    naming the HA items they still held, which are released with it — retaken by
+    another worker at once, not when their 5-minute lease lapses (R11). Their rows go.
+    Returns the loops reaped."""
     from hadash.choices import FINAL_STEPS
+    from hadash.ha.work import release_claim
     from hadash.models import HaWork
 
     now = now or timezone.now()
     lost = list(EngineProcess.objects.filter(heartbeat__lt=now - 2 * HEARTBEAT_TTL))
+    reaped = []
     for p in lost:
-        held = list(HaWork.objects.exclude(step__in=FINAL_STEPS)
-                    .filter(taken_by__startswith=f"{p.id}/")
-                    .values_list("instance__name", flat=True))
         with transaction.atomic():
             if not EngineProcess.objects.filter(id=p.id, heartbeat=p.heartbeat).delete()[0]:
-                continue  # it came back meanwhile
+                continue  # it came back meanwhile, or another reaper was first
+            held = list(HaWork.objects.exclude(step__in=FINAL_STEPS)
+                        .filter(taken_by__startswith=f"{p.id}/")
+                        .values_list("pk", "taken_by", "taken", "instance__name"))
             silent = int((now - p.heartbeat).total_seconds())
-            what = (f"; HA work of {', '.join(held)} is retaken when its lease lapses"
-                    if held else "")
+            what = (f"; HA work of {', '.join(h[3] for h in held)} released to other "
+                    "workers" if held else "")
             record_event(
                 Subject.ENGINE, None, name=p.id, event="EngineLoopLost", alert=True,
                 severity=Severity.WARNING, old="alive", new="lost", now=now,
@@ -396,4 +548,8 @@ def reap_lost_loops(now=None) -> list[str]:
                         f"heartbeating {silent} s ago{'' if p.leaving else ' without handing over'}"
                         f"{what}",
             )
-    return [p.id for p in lost]
+            for pk, taken_by, taken, _name in held:
+                release_claim((pk, taken_by, taken), now=now, after=0,
+                              message=f"its engine loop {p.id} was lost; released")
+        reaped.append(p.id)
+    return reaped

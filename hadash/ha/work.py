@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 from django.db import IntegrityError, transaction
 from django.db.models import Q
@@ -23,6 +24,8 @@ from hadash.models import HaWork, Lease
 from hosts.choices import HostStatus
 from vms.choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES, PowerState, VmState
 from vms.models import VMInstance
+
+from . import outage
 
 log = logging.getLogger("hadash.work")
 
@@ -266,18 +269,80 @@ def worker_step(engine, cfg=None) -> bool:
 def process(engine, item: HaWork, cfg) -> None:
     from . import handlers
 
-    now = engine.now()
+    # Our claim as taken: a failed transaction may leave the item's attributes
+    # changed in memory (rolled back in the database), so releases go by this.
+    claim = (item.pk, item.taken_by, item.taken)
     try:
         handlers.HANDLERS[item.type](engine, item, cfg)
     except LostItem:
         log.warning("work #%s was retaken by another worker; dropping our result", item.pk)
+    except outage.DB_ERRORS as exc:
+        release_after_db_error(engine, claim, exc)
     except Exception as exc:  # one bad item never stops the workers
         log.exception("work #%s failed", item.pk)
         try:
-            retry(item, now=now, after=cfg["investigate.retry.interval"],
-                  message=f"internal error: {type(exc).__name__}: {exc}")
+            release_claim(claim, now=engine.now(), after=cfg["investigate.retry.interval"],
+                          message=f"internal error: {type(exc).__name__}: {exc}")
+        except outage.DB_ERRORS as exc:
+            release_after_db_error(engine, claim, exc)
         except Exception:
             log.exception("could not release work #%s", item.pk)
+
+
+def release_claim(claim, *, now, after: float, message: str) -> bool:
+    """Give a claimed item back to be tried again ``after`` seconds from now, from
+    its state in the database (what the failed step committed, nothing more).
+    False when it is no longer ours (finished, or retaken after our lease)."""
+    pk, taken_by, taken = claim
+    with transaction.atomic():
+        item = (HaWork.objects.select_related("instance", "host")
+                .filter(pk=pk, taken_by=taken_by, taken=taken).first())
+        if item is None:
+            return False
+        retry(item, now=now, after=after, message=message)
+    return True
+
+
+# How long a worker keeps trying to give back an item after a database error
+# (doubling waits up to RELEASE_WAIT_MAX): well within its lease, so the item is
+# retaken within seconds of the database answering again, not when WORK_LEASE lapses.
+RELEASE_PATIENCE = 120.0
+RELEASE_WAIT_MAX = 5.0
+
+
+def release_after_db_error(engine, claim, exc) -> bool:
+    """R11 after a broken connection (issue 8 part 7): reconnect and release the
+    item to be tried again at once. Whatever its step committed stands; the retry
+    resumes from there (a resumed start first asks whether the VM already runs)."""
+    outage.failed(f"HA work #{claim[0]}", exc)
+    message = f"database connection lost ({outage.brief(exc)}); tried again at once"
+    deadline = time.monotonic() + RELEASE_PATIENCE
+    wait = 0.1
+    while True:
+        try:
+            released = release_claim(claim, now=engine.now(), after=0, message=message)
+        except outage.DB_ERRORS as again:
+            outage.failed(f"releasing HA work #{claim[0]}", again)
+            if time.monotonic() + wait > deadline:
+                log.warning("work #%s stays taken until its lease lapses: the database did "
+                            "not answer for %.0f s", claim[0], RELEASE_PATIENCE)
+                return False
+            time.sleep(wait)
+            wait = min(wait * 2, RELEASE_WAIT_MAX)
+            continue
+        outage.ok()
+        log.info("work #%s %s after a database error", claim[0],
+                 "released" if released else "was no longer ours")
+        return released
+
+
+def release_held_by(worker_id: str, *, now, message: str) -> int:
+    """Release every unfinished item taken by ``worker_id``: for a worker that holds
+    none (it processes one item at a time) but whose claim may have committed while
+    its connection broke. Returns how many were released."""
+    held = list(HaWork.objects.unfinished().filter(taken_by=worker_id)
+                .values_list("pk", "taken_by", "taken"))
+    return sum(release_claim(c, now=now, after=0, message=message) for c in held)
 
 
 def backoff_seconds(cfg, tried: int) -> float:

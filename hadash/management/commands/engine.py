@@ -1,12 +1,13 @@
 """python manage.py engine status|start|run
 
 status  what the engine loops and the sweeper lease look like now
-start   register the schedule and enqueue engine loops for the django-q cluster now
-        (instead of waiting up to a minute for the scheduler)
+start   register the engine's django-q schedule (`migrate` does it too); the engine
+        loops themselves start with each engine process (`manage.py qcluster`)
 run     run one engine loop in the foreground (no django-q; for debugging)
 """
 
 import json
+import math
 
 from django.core.management.base import BaseCommand
 
@@ -22,7 +23,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, **opts):
         from hadash.ha import runtime
-        from hadash.tasks import register_schedules, spawn_loop
+        from hadash.tasks import register_schedules
 
         if action == "status":
             st = runtime.status()
@@ -44,14 +45,13 @@ class Command(BaseCommand):
         elif action == "start":
             register_schedules()
             st = runtime.status()
-            missing = max(1, runtime.TARGET_LOOPS - st["alive_loops"])
-            spawn_loop(missing)
-            self.stdout.write(f"hadash: enqueued {missing} engine loop(s) for the django-q "
-                              "cluster (python manage.py qcluster runs them)")
+            self.stdout.write(f"hadash: engine schedule registered; {st['alive_loops']} "
+                              "engine loop(s) alive — each engine process "
+                              "(python manage.py qcluster) runs one")
         else:
-            lifetime = opts["lifetime"] or 10 ** 9
+            lifetime = opts["lifetime"] or math.inf
             self.stdout.write("running an engine loop in the foreground (Ctrl-C stops)")
-            loop = runtime.EngineLoop(lifetime=lifetime, target=10 ** 6)
+            loop = runtime.EngineLoop(lifetime=lifetime)
             try:
                 loop.run()
             except KeyboardInterrupt:
