@@ -1,9 +1,10 @@
 """Agent authentication (PROTOCOL.md, Authentication).
 
-An agent presents ``Authorization: Bearer <join key>`` on ``connect`` and
-``Authorization: Bearer <host token>`` on everything after. The server stores only a
-hash of each host's token (``Host.token_hash``, indexed), so a token is looked up by
-its hash. Shared by the HTTP views and the websocket consumer.
+An agent presents ``Authorization: Bearer <join key>`` on its first ``connect`` (the
+enrolment of a new name: SPEC R29) and ``Authorization: Bearer <host token>`` on
+everything after, reconnects included. Host tokens are random (R30); the server stores
+only their SHA-256 (``Host.token_hash``, indexed), so a token is looked up by its hash.
+Shared by the HTTP views, ``hosts.agent.asgi.AgentGate`` and the websocket consumer.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 :class:`FakeAgent` runs a ``ThreadingHTTPServer`` on 127.0.0.1 (a free port) in a
 background thread, keeps its VMs in a dict, checks ``Authorization: Bearer <token>``
-and speaks HTTP/1.1 with keep-alive, like a real agent would. Knobs:
+— ``token`` is the ``server_token`` the server got in ``connect`` (PROTOCOL.md v1.1, R30);
+anything else is 401 — and speaks HTTP/1.1 with keep-alive, like a real agent would.
+Knobs:
 
 * ``fail_starts(n, status=409, message=…)`` — the next ``n`` starts are refused;
 * ``delay = seconds`` — every answer waits that long first (beyond a client timeout);
