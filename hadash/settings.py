@@ -191,6 +191,9 @@ TEMPLATES = [
 
 WSGI_APPLICATION = None
 ASGI_APPLICATION = "hadash.asgi.application"
+# Seconds a client has to send a whole HTTP request (line, headers and body) to daphne
+# before it gets 408 and is disconnected (hadash/asgi.py; issue 8: a slow body).
+HADASH_REQUEST_TIMEOUT = env_int("HADASH_REQUEST_TIMEOUT", 30, minimum=1)
 
 SQLITE_DEFAULT = f"sqlite:///{VAR_DIR / 'hadash.sqlite3'}"
 DATABASES = {
@@ -323,6 +326,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Hosts, VMs, HA work, events, configuration and operator actions.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Several serializers have a "type" with different choices: name the hosts' one, so
+    # the schema (and `check --deploy`) has no naming-collision warning.
+    "ENUM_NAME_OVERRIDES": {"HostTypeEnum": "hosts.choices.HostType"},
 }
 
 # django-q2: the ORM broker needs no extra server; the cluster runs the engine loops
