@@ -139,7 +139,8 @@ def acknowledge_all(request):
 
 HOST_HISTORY_EVENTS = ("HostDown", "PingTimeout", "AgentDisconnected", "AgentConnected",
                        "Ready", "Ping", "ShutdownRequested", "WaitedTooLong", "HostFenced",
-                       "FenceFailed", "HaScheduled", "ResourceStateChanged")
+                       "FenceFailed", "HaScheduled", "ResourceStateChanged",
+                       "ReEnrolAllowed", "ReEnrolled")  # R29
 
 
 @login_required

@@ -17,6 +17,10 @@ from hadash.ha import actions
 
 from .models import Host
 
+# R29: what an operator — and only an operator — changes about an enrolled host (a
+# connect keeps them as enrolled).
+OPERATOR_FIELDS = ("type", "cluster")
+
 
 class HostForm(forms.ModelForm):
     oobm_password = forms.CharField(
@@ -31,7 +35,23 @@ class HostForm(forms.ModelForm):
 
     class Meta:
         model = Host
-        fields = list(HOST_SETTINGS)
+        fields = [*HOST_SETTINGS, *OPERATOR_FIELDS]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in OPERATOR_FIELDS:
+            if name in self.fields:
+                # Left out of a post: kept as it is.
+                self.fields[name].required = False
+
+    def clean_type(self) -> str:
+        return self.cleaned_data.get("type") or self.instance.type
+
+    def clean_cluster(self) -> str:
+        value = (self.cleaned_data.get("cluster") or "").strip() or self.instance.cluster
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise forms.ValidationError("A cluster name has no control characters.")
+        return value
 
     def clean_tags(self) -> str:
         try:
@@ -62,7 +82,7 @@ class HostAdmin(admin.ModelAdmin):
     list_filter = ("status", "resource_state", "cluster", "type")
     search_fields = ("name", "private_ip_address")
     show_full_result_count = False
-    readonly_fields = ("name", "uuid", "type", "hypervisor_type", "cluster", "status",
+    readonly_fields = ("name", "uuid", "hypervisor_type", "status",
                        "resource_state", "last_ping", "cpus", "memory_mb",
                        "private_ip_address", "agent_url", "next_investigation",
                        "reenrol_until", "update_count", "created")
@@ -90,7 +110,8 @@ class HostAdmin(admin.ModelAdmin):
         current = Host.objects.get(pk=obj.pk)
         apply_settings(
             current,
-            {f: form.cleaned_data[f] for f in HOST_SETTINGS if f in form.cleaned_data},
+            {f: form.cleaned_data[f] for f in (*HOST_SETTINGS, *OPERATOR_FIELDS)
+             if f in form.cleaned_data},
             by=request.user.get_username(),
             now=timezone.now(),
         )

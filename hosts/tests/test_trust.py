@@ -318,6 +318,25 @@ def test_r29_reenrol_from_django_admin(client, agent_key, admin_client):
 
 
 @pytest.mark.django_db
+def test_r29_type_and_cluster_are_changed_by_an_operator(client, agent_key, admin_client):
+    """R29: an operator changes an enrolled host's type and cluster (Django admin, with
+    a SettingsChanged event); the agent's next reconnect keeps them."""
+    creds = enrol(client, agent_key, type="TrafficMonitor", cluster="c1")
+    host = Host.objects.get(pk=creds["host_id"])
+    r = admin_client.post(f"/admin/hosts/host/{host.pk}/change/",
+                          {"type": "Routing", "cluster": "c2", "tags": ""})
+    assert r.status_code == 302, r.content.decode()[:2000]
+    host.refresh_from_db()
+    assert (host.type, host.cluster) == ("Routing", "c2")
+    ev = Event.objects.get(event="SettingsChanged", host=host)
+    assert "TrafficMonitor" in ev.message and "c2" in ev.message
+    assert post(client, CONNECT, body(type="TrafficMonitor", cluster="c1"),
+                creds["token"]).status_code == 200
+    host.refresh_from_db()
+    assert (host.type, host.cluster) == ("Routing", "c2")
+
+
+@pytest.mark.django_db
 def test_r29_reenrol_from_the_dashboard_needs_an_admin_and_a_confirmation(client, agent_key):
     """R29: the host page's Re-enrol button (admins) needs its confirmation box ticked;
     operators (read-only) get 403 and do not see it."""
