@@ -104,6 +104,7 @@ class Front:
         self.refused = 0
         self._next = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self.routes: dict[int, int] = {}  # client's port → web port, of open connections
         self._server: asyncio.base_events.Server | None = None
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
@@ -136,6 +137,8 @@ class Front:
             if upstream is None:
                 return
             self.connections += 1
+            client_port = writer.get_extra_info("peername")[1]
+            self.routes[client_port] = port
             up_reader, up_writer = upstream
             self._writers.add(up_writer)
             pipes = [asyncio.ensure_future(_pipe(reader, up_writer)),
@@ -147,6 +150,7 @@ class Front:
                     p.cancel()
                 up_writer.close()
                 self._writers.discard(up_writer)
+                self.routes.pop(client_port, None)
         finally:
             writer.close()
             self._writers.discard(writer)
@@ -210,6 +214,7 @@ class LiveClient:
         self.reloads: list[tuple[int, int]] = []
         self.errors: Counter = Counter()
         self.state = "connecting"
+        self.local_port = 0  # of the open socket: which web process serves it (Front.routes)
         self._jitter = random.Random()
         self._task: asyncio.Task | None = None
         self.loop = asyncio.new_event_loop()
@@ -238,6 +243,8 @@ class LiveClient:
                         f"{self.url}?after={self.watermark}", origin=self.base_url,
                         headers={"Cookie": f"sessionid={self.session}"}), 15)
                     async with ws:
+                        sockname = ws.get_extra_info("sockname")
+                        self.local_port = sockname[1] if sockname else 0
                         async for msg in ws:
                             if msg.type != aiohttp.WSMsgType.TEXT:
                                 continue
@@ -542,6 +549,8 @@ def make_plan(seed: int, *, duration: float, hosts: list[str], vms: list[str],
             while t < duration - 3:
                 if targets is engines and rng.random() < 0.6:
                     what = "engine:sweeper"  # whichever engine holds the sweeper lease
+                elif targets is webs and rng.random() < 0.5:
+                    what = "web:dashboard"  # the one serving the live dashboard's socket
                 else:
                     what = rng.choice(targets)
                 steps.append(Step(round(t, 2), "kill", what, round(rng.uniform(*restart), 1)))
@@ -696,6 +705,8 @@ class Chaos:
         role = ""
         if name == "engine:sweeper":
             child, role = self._sweeper_child(), "sweeper"
+        elif name == "web:dashboard":
+            child, role = self._dashboard_web(), "dashboard"
         else:
             child = self._child(name)
         if child is None or child.proc.poll() is not None:
@@ -711,7 +722,17 @@ class Chaos:
         self.kills.append(record)
         self.restarts.append((time.monotonic() + step.after, child, record))
         say(f"  t={record['at']:.0f}s kill -9 {child.name}"
-            f"{' (the sweeper)' if role else ''}: {len(pids)} process(es)")
+            f"{f' (the {role})' if role else ''}: {len(pids)} process(es)")
+
+    def _dashboard_web(self) -> Child | None:
+        """The web process serving the live dashboard's socket (else either web)."""
+        webs = [c for c in self.system.sup.children
+                if c.name.startswith("web") and c.proc.poll() is None]
+        port = self.front.routes.get(self.live.local_port)
+        for c in webs:
+            if port is not None and str(port) in c.argv:
+                return c
+        return webs[0] if webs else None
 
     def _sweeper_child(self) -> Child | None:
         """The engine process group holding the sweeper lease (else either engine)."""
@@ -862,7 +883,10 @@ class Chaos:
             if vm["ha_enabled"] and not (running and where == [vm["host"]]):
                 ha_not_running.append({"vm": vm["name"], "state": vm["state"],
                                        "host": vm["host"], "powered_on_at": where})
-        return {"hosts_not_up": [h["name"] for h in hosts if h["status"] != "Up"],
+        linked = {h["name"]: h["connected"] for h in truth}
+        return {"hosts_not_up": [{"host": h["name"], "status": h["status"],
+                                  "agent_connected": linked.get(h["name"])}
+                                 for h in hosts if h["status"] != "Up"],
                 "open_items": [{"id": i["id"], "vm": i["vm"], "step": i["step"],
                                 "taken_by": i["taken_by"]} for i in items],
                 "mismatch": mismatch, "ha_not_running": ha_not_running,
@@ -947,6 +971,7 @@ class Chaos:
             violations.append(f"the sweeper stopped for {longest['seconds']} s "
                               f"(over --max-sweep-gap {o['max_sweep_gap']:.0f} s)")
         takeovers = [e for e in events if e["event"] == "SweeperTakeover"]
+        kinds = Counter(e["event"] for e in events)
 
         result = {
             "command": o["command"], "seed": self.seed, "machine": info,
@@ -958,6 +983,7 @@ class Chaos:
             "faults": {"applied": len(self.faults),
                        "by_kind": dict(Counter(_fault_kind(f["do"]) for f in self.faults)),
                        "refused": self.fault_errors},
+            "events_by_kind": dict(kinds.most_common()),
             "kills": self.kills, "pg_restarts": self.pg_restarts,
             "unexpected_exits": self.unexpected,
             "double_runs": {"vms": vms_twice, "sampled": sampled, "simulator_log": logged,
@@ -1070,7 +1096,7 @@ def report(r: dict[str, Any]) -> str:
     longest = sw["longest_gap"] or {}
     hold = ha["longest_hold"] or {}
     kills = Counter(f"{k['process'].rstrip('0123456789')}"
-                    f"{' (sweeper)' if k['role'] else ''}" for k in r["kills"])
+                    f"{' (' + k['role'] + ')' if k['role'] else ''}" for k in r["kills"])
     rows = [
         ["VMs powered on on two hosts at once", len(d["vms"]),
          f"{d['truth_samples']} samples of the simulator, longest blind "
@@ -1105,6 +1131,9 @@ def report(r: dict[str, Any]) -> str:
         + (f" ({', '.join(str(p['seconds']) + ' s' for p in r['pg_restarts'])})"
            if r["pg_restarts"] else "")
         + f"; processes that exited by themselves: {len(r['unexpected_exits'])}",
+        "hadash did: " + ", ".join(f"{r['events_by_kind'].get(k, 0)} {k}" for k in (
+            "PingTimeout", "HostDown", "HostFenced", "FenceFailed", "WorkScheduled",
+            "HaStarted", "HaStartFailed", "SweeperTakeover")),
         "tracebacks in the logs: " + ", ".join(
             f"{name} {c.get('tracebacks', 0)}" for name, c in r["logs"].items()),
         "",
