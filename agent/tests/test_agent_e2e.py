@@ -233,3 +233,29 @@ def test_keeps_working_through_a_server_restart(hadash, real_agent):
                timeout=5)
     assert not any("Traceback" in line for line in agent.log)
 
+
+
+def test_operator_reenrolment_lets_a_reinstalled_host_take_its_row(hadash, real_agent):
+    """R29: a reinstalled host (state lost) is refused (409) until an operator
+    re-enrols it; then its next retry with the join key takes the row with new
+    credentials, and the old token is refused (401), logged as what to do."""
+    old = real_agent("kvm-e4", [Dom("web-e4")])
+    old.start()
+    old.wait_log("enrolled with the join key as host kvm-e4", timeout=30)
+    old_token = old.credentials()["token"]
+    assert old.stop() == 0
+
+    new = real_agent("kvm-e4", [Dom("web-e4")])  # same name, empty state directory
+    new.start()
+    mark = len(new.log)
+    new.wait_log("enrolment of kvm-e4 refused: ask an operator to re-enrol this host",
+                 timeout=30)
+    r = hadash.api.post("/hosts/kvm-e4/reenrol")
+    assert r.status_code == 200, r.text
+    new.wait_log("enrolled with the join key as host kvm-e4", after=mark, timeout=15)
+    assert new.credentials()["token"] != old_token
+    assert [h["name"] for h in hadash.api.get("/hosts").json()].count("kvm-e4") == 1
+
+    again = real_agent("kvm-e4", [Dom("web-e4")], join_key=False, state_dir=old.state_dir)
+    again.start()
+    again.wait_log("token refused: ask an operator to re-enrol this host", timeout=30)
