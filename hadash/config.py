@@ -13,6 +13,33 @@ class ConfigError(ValueError):
     """A value that a key does not accept; the message says why."""
 
 
+# The `configuration.value` column (hadash.models.Configuration) holds this many
+# characters; a longer value is refused, never cut or left to the database to refuse.
+MAX_VALUE_LENGTH = 4096
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as text at all, or None: PostgreSQL refuses NUL
+    characters and no database can store a lone UTF-16 surrogate (issue 8). The
+    message never repeats the offending character itself."""
+    for i, ch in enumerate(text):
+        if ch == "\x00":
+            return f"contains a NUL character (at position {i}), which cannot be stored"
+        if "\ud800" <= ch <= "\udfff":
+            return (f"contains a lone surrogate U+{ord(ch):04X} (at position {i}), which is "
+                    "not a character and cannot be stored")
+    return None
+
+
+def _cut(text: str, limit: int = 60) -> str:
+    """``text`` for an error message, cut when it is long."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _shown(text: str) -> str:
+    return repr(_cut(text))
+
+
 @dataclass(frozen=True)
 class Key:
     name: str
@@ -27,7 +54,18 @@ class Key:
     def parse(self, raw: Any) -> Any:
         """Turn a raw value (text from admin/API, or a YAML scalar) into the typed
         value, or raise ConfigError with a message an operator can act on."""
-        text = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
+        try:
+            text = raw if isinstance(raw, str) else ("" if raw is None else str(raw))
+        except ValueError:  # an int too long to print (over 4,300 digits)
+            raise ConfigError(f"{self.name}: the value is too long") from None
+        if len(text) > MAX_VALUE_LENGTH:
+            raise ConfigError(
+                f"{self.name}: the value is too long ({len(text)} characters, at most "
+                f"{MAX_VALUE_LENGTH})"
+            )
+        problem = text_problem(text)
+        if problem:
+            raise ConfigError(f"{self.name}: the value {problem}")
         text = text.strip()
         if isinstance(raw, bool):
             text = "true" if raw else "false"
@@ -35,12 +73,14 @@ class Key:
             try:
                 value = int(text)
             except ValueError:
-                raise ConfigError(f"{self.name} must be a whole number, not {text!r}") from None
+                raise ConfigError(
+                    f"{self.name} must be a whole number, not {_shown(text)}"
+                ) from None
         elif self.type == "float":
             try:
                 value = float(text)
             except ValueError:
-                raise ConfigError(f"{self.name} must be a number, not {text!r}") from None
+                raise ConfigError(f"{self.name} must be a number, not {_shown(text)}") from None
             if value != value or value in (float("inf"), float("-inf")):
                 raise ConfigError(f"{self.name} must be a finite number")
         elif self.type == "bool":
@@ -50,15 +90,19 @@ class Key:
             elif low in ("false", "0", "no", "off"):
                 value = False
             else:
-                raise ConfigError(f"{self.name} must be true or false, not {text!r}")
+                raise ConfigError(f"{self.name} must be true or false, not {_shown(text)}")
         elif self.type == "list":
             value = [part.strip() for part in text.split(",") if part.strip()]
         else:
             value = text
         if self.min is not None and value < self.min:
-            raise ConfigError(f"{self.name} must be at least {_fmt(self.min)}, not {text}")
+            raise ConfigError(
+                f"{self.name} must be at least {_fmt(self.min)}, not {_cut(text)}"
+            )
         if self.max is not None and value > self.max:
-            raise ConfigError(f"{self.name} must be at most {_fmt(self.max)}, not {text}")
+            raise ConfigError(
+                f"{self.name} must be at most {_fmt(self.max)}, not {_cut(text)}"
+            )
         if self.check:
             self.check(value)
         return value
@@ -67,12 +111,19 @@ class Key:
         """The canonical text stored for a valid value."""
         value = self.parse(raw)
         if self.type == "bool":
-            return "true" if value else "false"
-        if self.type == "list":
-            return ",".join(value)
-        if self.type == "float":
-            return repr(float(value)) if value != int(value) else f"{int(value)}"
-        return str(value)
+            text = "true" if value else "false"
+        elif self.type == "list":
+            text = ",".join(value)
+        elif self.type == "float":
+            text = repr(float(value)) if value != int(value) else f"{int(value)}"
+        else:
+            text = str(value)
+        if len(text) > MAX_VALUE_LENGTH:
+            raise ConfigError(
+                f"{self.name}: the value is too long ({len(text)} characters, at most "
+                f"{MAX_VALUE_LENGTH})"
+            )
+        return text
 
 
 def _fmt(n: float) -> str:
@@ -95,9 +146,24 @@ def _check_investigators(value: list[str]) -> None:
         raise ConfigError("ha.investigators.order names an investigator twice")
 
 
+def tag_problem(tag: str) -> str | None:
+    """Why ``tag`` is not a host tag (hosts store their tags comma-separated, and a
+    tag is shown in pages and logs), or None."""
+    if "," in tag:
+        return "a host tag cannot contain a comma"
+    problem = text_problem(tag)
+    if problem:
+        return problem
+    for ch in tag:
+        if ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            return f"a host tag cannot contain control characters (U+{ord(ch):04X})"
+    return None
+
+
 def _check_tag(value: str) -> None:
-    if "," in value:
-        raise ConfigError("ha.tag is a single host tag and cannot contain a comma")
+    problem = tag_problem(value)
+    if problem:
+        raise ConfigError(f"ha.tag is a single host tag: {problem}")
 
 
 DAY = 86400

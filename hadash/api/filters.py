@@ -13,6 +13,10 @@ DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
 EVENTS_DEFAULT_LIMIT = 500
 EVENTS_MAX_LIMIT = 5000
+# Row ids and SQL OFFSETs are 64-bit: offset + limit must stay below 2^63 (issue 8: an
+# offset of 2^63 was a 500). No table comes near this many rows.
+MAX_OFFSET = 2**53 - 1
+MAX_ID = 2**63 - 1
 
 
 class ListParams(serializers.Serializer):
@@ -21,7 +25,8 @@ class ListParams(serializers.Serializer):
         help_text=f"At most this many rows (default {DEFAULT_LIMIT}, max {MAX_LIMIT}).",
     )
     offset = serializers.IntegerField(
-        min_value=0, default=0, help_text="Skip this many rows (for paging)."
+        min_value=0, max_value=MAX_OFFSET, default=0,
+        help_text=f"Skip this many rows (for paging; at most {MAX_OFFSET}).",
     )
 
 
@@ -63,7 +68,8 @@ class HaWorkParams(ListParams):
 
 class EventParams(serializers.Serializer):
     after = serializers.IntegerField(
-        min_value=0, default=0, help_text="Only events with an id greater than this."
+        min_value=0, max_value=MAX_ID, default=0,
+        help_text="Only events with an id greater than this.",
     )
     limit = serializers.IntegerField(
         min_value=1, max_value=EVENTS_MAX_LIMIT, default=EVENTS_DEFAULT_LIMIT,

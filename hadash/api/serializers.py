@@ -12,8 +12,10 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from hadash.choices import Subject
+from hadash.config import tag_problem
 from hadash.events import record_event
 from hadash.models import Event, HaWork
+from hadash.names import validate_name
 from hosts.models import Host
 from vms.choices import ACTIVE_STATES, Priority, VmType
 from vms.models import VMInstance
@@ -62,6 +64,11 @@ class TagsField(serializers.Field):
                 tags.extend(t.strip() for t in item.split(",") if t.strip())
             elif item.strip():
                 tags.append(item.strip())
+        for number, tag in enumerate(tags, 1):
+            problem = tag_problem(tag)
+            if problem:
+                # The message names the tag by position: it may not be printable.
+                raise serializers.ValidationError(f"tag {number}: {problem}", code="invalid")
         joined = ",".join(dict.fromkeys(tags))
         if len(joined) > 1024:
             self.fail("too_long")
@@ -135,6 +142,11 @@ class HostSerializer(serializers.ModelSerializer):
         return bool(obj.oobm_password)
 
 
+def _field_name(name: str) -> str:
+    """An unknown field name from a request body, safe to repeat in a message."""
+    return name if name.isidentifier() and len(name) <= 64 else repr(name[:64])
+
+
 HOST_SETTINGS = ("tags", "oobm_enabled", "oobm_address", "oobm_system_id", "oobm_username",
                  "oobm_password")
 
@@ -160,7 +172,7 @@ class HostSettingsSerializer(serializers.Serializer):
         unknown = sorted(set(self.initial_data) - set(self.fields))
         if unknown:
             raise serializers.ValidationError(
-                f"cannot set {', '.join(unknown)}; settable host fields: "
+                f"cannot set {', '.join(map(_field_name, unknown))}; settable host fields: "
                 f"{', '.join(HOST_SETTINGS)}"
             )
         host: Host | None = self.instance
@@ -176,9 +188,9 @@ class HostSettingsSerializer(serializers.Serializer):
 
 
 class VMSerializer(serializers.ModelSerializer):
-    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    last_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    power_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    last_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    power_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
 
     class Meta:
         model = VMInstance
@@ -191,17 +203,42 @@ class VMSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+# A pattern, not an enum, in the schema: an enum here would be a second component for
+# the choices of VMSerializer.type (drf-spectacular's naming collision).
+@extend_schema_field({
+    "type": "string",
+    "pattern": "^(" + "|".join(VmType.values) + ")$",
+    "default": VmType.USER,
+    "description": "One of " + ", ".join(VmType.values) + " (default User).",
+})
+class VmTypeField(serializers.CharField):
+    pass
+
+
+# Limits of a VM's size: the vm_instance columns hold cpus up to 2^31 - 1; memory_mb
+# stays far below the column's 2^63 - 1 so that a host's total (the sum over its VMs)
+# can never overflow (4 EiB per VM, a million such VMs on one host).
+MAX_VM_CPUS = 2_147_483_647
+MAX_VM_MEMORY_MB = 2**42
+
+
 class VMCreateSerializer(serializers.Serializer):
     """Registers a VM that runs on ``host`` (state Running, power PowerOn)."""
 
-    name = serializers.CharField(max_length=255)
-    host = serializers.CharField(max_length=255, help_text="Name of the host the VM runs on.")
-    cpus = serializers.IntegerField(min_value=1)
-    memory_mb = serializers.IntegerField(min_value=1)
+    name = serializers.CharField(
+        max_length=255, validators=[validate_name],
+        help_text="The VM's name: 1 to 255 characters, ASCII letters, digits, '.', '_' and "
+        "'-', starting with a letter or digit (hadash.names).",
+    )
+    host = serializers.CharField(
+        max_length=255, validators=[validate_name],
+        help_text="Name of the host the VM runs on.",
+    )
+    cpus = serializers.IntegerField(min_value=1, max_value=MAX_VM_CPUS)
+    memory_mb = serializers.IntegerField(min_value=1, max_value=MAX_VM_MEMORY_MB)
     ha_enabled = serializers.BooleanField(default=False)
     priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.MEDIUM)
-    # A plain string in the schema (one enum component per name: see VMSerializer.type).
-    type = serializers.CharField(
+    type = VmTypeField(
         default=VmType.USER,
         help_text="One of " + ", ".join(VmType.values) + " (default User).",
     )
@@ -227,8 +264,8 @@ class VMSettingsSerializer(serializers.Serializer):
         unknown = sorted(set(self.initial_data) - set(self.fields))
         if unknown:
             raise serializers.ValidationError(
-                f"cannot set {', '.join(unknown)}; settable VM fields: {', '.join(VM_SETTINGS)} "
-                "(state changes go through the start/stop actions)"
+                f"cannot set {', '.join(map(_field_name, unknown))}; settable VM fields: "
+                f"{', '.join(VM_SETTINGS)} (state changes go through the start/stop actions)"
             )
         return attrs
 
@@ -238,8 +275,8 @@ class VMSettingsSerializer(serializers.Serializer):
 
 class HaWorkSerializer(serializers.ModelSerializer):
     vm = serializers.CharField(source="instance.name", read_only=True)
-    host = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    target_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     state = serializers.CharField(read_only=True, help_text="The VM's state when scheduled.")
 
     class Meta:

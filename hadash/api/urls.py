@@ -1,6 +1,6 @@
 """Operator REST API, mounted at /api/v1/ (PROTOCOL.md, Operator API)."""
 
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularJSONAPIView
 from rest_framework.permissions import AllowAny
 
@@ -21,6 +21,7 @@ api_patterns = [
         views.HostCancelMaintenanceView.as_view(),
         name="host-cancel-maintenance",
     ),
+    path("hosts/<str:name>/reenrol", views.HostReenrolView.as_view(), name="host-reenrol"),
     path("vms", views.VMListView.as_view(), name="vm-list"),
     path("vms/<str:name>", views.VMDetailView.as_view(), name="vm-detail"),
     path("vms/<str:name>/stop", views.VMStopView.as_view(), name="vm-stop"),
@@ -39,16 +40,22 @@ api_patterns = [
     path("engine", views.EngineStatusView.as_view(), name="engine-status"),
 ]
 
+# The document covers the operator API only (the agent protocol is PROTOCOL.md).
+schema_patterns = [path("api/v1/", include(api_patterns))]
+
 urlpatterns = [
+    path("", views.api_index, name="api-index"),
     *api_patterns,
-    # The document covers the operator API only (the agent protocol is PROTOCOL.md).
     path(
         "openapi.json",
         SpectacularJSONAPIView.as_view(
             authentication_classes=[],
             permission_classes=[AllowAny],
-            patterns=[path("api/v1/", include(api_patterns))],
+            patterns=schema_patterns,
         ),
         name="openapi",
     ),
+    path("docs", views.api_docs, name="api-docs"),
+    # Last: any other path under /api/v1/ is a JSON 404, never the site's HTML page.
+    re_path(r"^(?P<rest>.*)$", views.api_not_found, name="api-not-found"),
 ]

@@ -9,30 +9,37 @@ change with its event; a refused action is 409 (400 when registering a VM).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from django.db.models import BigIntegerField, Count, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
 from rest_framework.generics import GenericAPIView
+from rest_framework.metadata import BaseMetadata
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.parsers import JSONParser
 from rest_framework.permissions import SAFE_METHODS, BasePermission
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from hadash import config
-from hadash.choices import FINAL_STEPS
+from hadash.choices import FINAL_STEPS, WorkType
 from hadash.ha import actions
 from hadash.models import Configuration, Event, HaWork
+from hadash.names import NAME_PATTERN, NAME_RULE
 from hadash.permissions import is_admin
 from hosts.models import Host
 from vms.choices import ACTIVE_STATES
 from vms.models import VMInstance
 
-from . import filters
+from . import filters, guard
 from . import schema as _schema  # noqa: F401  (registers the BearerAuth scheme)
 from .serializers import (
     HOST_SETTINGS,
@@ -69,6 +76,19 @@ def _flatten(detail, prefix: str = "") -> list[str]:
     return [f"{prefix}: {detail}" if prefix else str(detail)]
 
 
+def printable(data):
+    """``data`` with every lone surrogate written out as ``\\udXXX``: error messages
+    may quote what a client sent (DRF's "is not a valid choice"), and a lone surrogate
+    cannot be encoded as UTF-8, which made the answer itself a 500 (issue 8)."""
+    if isinstance(data, str):
+        return data.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(data, dict):
+        return {printable(k): printable(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [printable(v) for v in data]
+    return data
+
+
 def api_exception_handler(exc, context):
     """DRF's handler, reshaped to `{"error": "..."}`; unexpected errors are a JSON 500."""
     response = drf_exception_handler(exc, context)
@@ -84,6 +104,7 @@ def api_exception_handler(exc, context):
         response.data = {"error": str(detail["detail"])}
     else:
         response.data = {"error": "; ".join(_flatten(detail))}
+    response.data = printable(response.data)
     return response
 
 
@@ -108,11 +129,61 @@ class StaffWrites(BasePermission):
         return request.method in SAFE_METHODS or is_admin(user)
 
 
+class EarlyRefusal(exceptions.APIException):
+    """A request refused by its headers before its body is read (hadash.api.guard)."""
+
+    def __init__(self, status_code: int, message: str):
+        self.status_code = status_code
+        super().__init__(message)
+
+
+def refuse_by_headers(request) -> None:
+    """Issue 8: refuse a body by its declared length before reading it
+    (hadash.api.guard: 400, 411, 413). Credentials are DRF's to check next, and
+    they too are checked before the body is read (401/403)."""
+    refusal = guard.length_refusal(guard.meta_headers(request.META))
+    if refusal is not None:
+        raise EarlyRefusal(*refusal)
+
+
+class ApiMetadata(BaseMetadata):
+    """OPTIONS: the allowed methods and where the full description is. (DRF's default
+    describes the body by fetching the object, which a config key is not: a 500.)"""
+
+    def determine_metadata(self, request, view) -> dict:
+        return {
+            "name": view.get_view_name(),
+            "description": view.get_view_description(),
+            "methods": [m for m in view.allowed_methods if m != "HEAD"],
+            "openapi": request.build_absolute_uri("/api/v1/openapi.json"),
+        }
+
+
+class JSONAnswers(DefaultContentNegotiation):
+    """The answer is JSON whatever the Accept header asks for (not a 406)."""
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
+
+
 class ApiView(GenericAPIView):
     permission_classes = [StaffWrites]
+    # JSON in, JSON out: errors are `{"error": ...}` whatever the client accepts.
+    renderer_classes = [JSONRenderer]
+    parser_classes = [JSONParser]
+    content_negotiation_class = JSONAnswers
+    metadata_class = ApiMetadata
 
     def get_exception_handler(self):
         return api_exception_handler
+
+    def initial(self, request, *args, **kwargs):
+        # Before authentication and before the body is read: refused by its headers
+        # (hadash.api.guard); then DRF authenticates and checks permissions (401/403),
+        # which read no body either — a view reads `request.data` only once the
+        # caller is known to be allowed.
+        refuse_by_headers(request)
+        super().initial(request, *args, **kwargs)
 
     def params(self, serializer_class) -> dict:
         ser = serializer_class(data=self.request.query_params.dict())
@@ -124,6 +195,8 @@ class ApiView(GenericAPIView):
 
 
 def _get(queryset, message: str, **lookup):
+    if any(isinstance(v, str) and config.text_problem(v) for v in lookup.values()):
+        raise exceptions.NotFound(message)  # nothing stored can have that name
     obj = queryset.filter(**lookup).first()
     if obj is None:
         raise exceptions.NotFound(message)
@@ -138,6 +211,21 @@ E409 = OpenApiResponse(
     ErrorSerializer, description="The action is refused in the object's current state."
 )
 READ_ERRORS = {401: E401, 404: E404}
+
+# Path parameters. Names follow hadash.names (one rule for agents and operators); a
+# name outside it is simply not found.
+HOST_NAME = OpenApiParameter(
+    "name", str, OpenApiParameter.PATH, pattern=rf"^{NAME_PATTERN}$",
+    description=f"The host's name ({NAME_RULE}).",
+)
+VM_NAME = OpenApiParameter(
+    "name", str, OpenApiParameter.PATH, pattern=rf"^{NAME_PATTERN}$",
+    description=f"The VM's name ({NAME_RULE}).",
+)
+CONFIG_KEY = OpenApiParameter(
+    "key", str, OpenApiParameter.PATH, enum=sorted(config.KEYS),
+    description="A configuration key (SPEC §2).",
+)
 WRITE_ERRORS = {400: E400, 401: E401, 403: E403, 404: E404}
 
 
@@ -179,7 +267,8 @@ class HostListView(ApiView):
 class HostDetailView(ApiView):
     serializer_class = HostSerializer
 
-    @extend_schema(summary="Show a host", responses={200: HostSerializer, **READ_ERRORS})
+    @extend_schema(summary="Show a host", parameters=[HOST_NAME],
+                   responses={200: HostSerializer, **READ_ERRORS})
     def get(self, request, name: str):
         return Response(HostSerializer(_host(name)).data)
 
@@ -188,6 +277,7 @@ class HostDetailView(ApiView):
         description="Tags and out-of-band management (Redfish BMC) settings; "
         f"settable: {', '.join(HOST_SETTINGS)}. The BMC password is write-only. "
         "Writes a `SettingsChanged` event.",
+        parameters=[HOST_NAME],
         request=HostSettingsSerializer,
         responses={200: HostSerializer, **WRITE_ERRORS},
     )
@@ -214,7 +304,8 @@ class HostActionView(ApiView):
             return actions.cancel_maintenance(host, now=now, by=by)
         raise AssertionError(self.host_action)
 
-    @extend_schema(request=None, responses={200: HostSerializer, 409: E409, **WRITE_ERRORS})
+    @extend_schema(parameters=[HOST_NAME], request=None,
+                   responses={200: HostSerializer, 409: E409, **WRITE_ERRORS})
     def post(self, request, name: str):
         host = _host(name)
         try:
@@ -247,6 +338,32 @@ class HostCancelMaintenanceView(HostActionView):
     """Cancel maintenance: the host goes back to Enabled."""
 
     host_action = "cancel-maintenance"
+
+
+# --- host re-enrolment (SPEC R29; added by the agent-protocol work, hosts/) ----------
+
+
+class HostReenrolSerializer(HostSerializer):
+    class Meta(HostSerializer.Meta):
+        fields = [*HostSerializer.Meta.fields, "reenrol_until"]
+        read_only_fields = fields
+
+
+class HostReenrolView(ApiView):
+    """Re-enrol the host (SPEC R29): for one hour, one agent `connect` with the join
+    key may take this host — new agent token and server token; its current token works
+    until then. For a machine that was reinstalled or lost its token. Admins only;
+    writes a `ReEnrolAllowed` event."""
+
+    serializer_class = HostReenrolSerializer
+
+    @extend_schema(summary="Re-enrol a host (one join-key connect within an hour)",
+                   parameters=[HOST_NAME], request=None,
+                   responses={200: HostReenrolSerializer, **WRITE_ERRORS})
+    def post(self, request, name: str):
+        host = _host(name)
+        host.allow_reenrol(now=timezone.now(), by=self.by())
+        return Response(HostReenrolSerializer(_host(name)).data)
 
 
 # --- VMs ----------------------------------------------------------------------
@@ -311,7 +428,8 @@ class VMListView(ApiView):
 class VMDetailView(ApiView):
     serializer_class = VMSerializer
 
-    @extend_schema(summary="Show a VM", responses={200: VMSerializer, **READ_ERRORS})
+    @extend_schema(summary="Show a VM", parameters=[VM_NAME],
+                   responses={200: VMSerializer, **READ_ERRORS})
     def get(self, request, name: str):
         return Response(VMSerializer(_vm(name)).data)
 
@@ -319,6 +437,7 @@ class VMDetailView(ApiView):
         summary="Change a VM's operator-set fields",
         description=f"Settable: {', '.join(VM_SETTINGS)}. Writes a `SettingsChanged` event; "
         "state changes go through the start and stop actions.",
+        parameters=[VM_NAME],
         request=VMSettingsSerializer,
         responses={200: VMSerializer, **WRITE_ERRORS},
     )
@@ -335,10 +454,13 @@ class VMStopView(ApiView):
 
     @extend_schema(
         summary="Stop a VM",
-        description="Queues a Stop work item (reason Operator); the VM stops when an HA "
-        "worker runs it. Answers 202 with the work item.",
+        description="Operator intent wins (R15a): the VM's unfinished HA item is cancelled, "
+        "then a Stop work item (reason Operator) is queued and the VM stops when an HA "
+        "worker runs it — answered 202 with the work item. A VM that is already Stopped "
+        "needs no stop: answered 200 with the VM (nothing else changes).",
+        parameters=[VM_NAME],
         request=None,
-        responses={202: HaWorkSerializer, 409: E409, **WRITE_ERRORS},
+        responses={202: HaWorkSerializer, 200: VMSerializer, 409: E409, **WRITE_ERRORS},
     )
     def post(self, request, name: str):
         vm = _vm(name)
@@ -346,6 +468,8 @@ class VMStopView(ApiView):
             work = actions.stop_vm(vm, now=timezone.now(), by=self.by())
         except actions.ActionError as exc:
             return error(str(exc), status.HTTP_409_CONFLICT)
+        if work is None or work.type != WorkType.STOP:
+            return Response(VMSerializer(_vm(vm.name)).data)
         work = HaWork.objects.select_related("instance", "host", "target_host").get(pk=work.pk)
         return Response(HaWorkSerializer(work).data, status=status.HTTP_202_ACCEPTED)
 
@@ -356,6 +480,7 @@ class VMStartView(ApiView):
     @extend_schema(
         summary="Start a VM",
         description="Places and starts a stopped VM now (synchronously); answers with the VM.",
+        parameters=[VM_NAME],
         request=None,
         responses={200: VMSerializer, 409: E409, **WRITE_ERRORS},
     )
@@ -503,7 +628,7 @@ class ConfigDetailView(ApiView):
 
     @extend_schema(
         summary="Show a configuration key",
-        parameters=[OpenApiParameter("key", str, OpenApiParameter.PATH)],
+        parameters=[CONFIG_KEY],
         responses={200: ConfigSerializer, **READ_ERRORS},
     )
     def get(self, request, key: str):
@@ -515,7 +640,7 @@ class ConfigDetailView(ApiView):
         description='Body `{"value": "8"}`. The value is validated (type and range); a bad '
         "value is a 400 with the reason and changes nothing. A change writes a "
         "`ConfigChanged` event and takes effect at once.",
-        parameters=[OpenApiParameter("key", str, OpenApiParameter.PATH)],
+        parameters=[CONFIG_KEY],
         request=ConfigUpdateSerializer,
         responses={200: ConfigSerializer, **WRITE_ERRORS},
     )
@@ -549,3 +674,102 @@ class EngineStatusView(ApiView):
         from hosts.agent import ingest
 
         return Response({**runtime.status(), "ingestion": ingest.snapshot()})
+
+
+# --- index, documentation, unknown paths --------------------------------------
+# Plain Django views (outside the OpenAPI document): they read no body and show
+# nothing that /api/v1/openapi.json does not already publish.
+
+RESOURCES = {
+    "hosts": ("host-list", "Hosts: list, show, change settings; enable, disable, "
+              "maintenance, cancel-maintenance."),
+    "vms": ("vm-list", "VMs: list, register, show, change settings; start, stop."),
+    "ha-work": ("ha-work-list", "HA work items (op_ha_work), newest first."),
+    "events": ("event-list", "Events and alerts, oldest first; acknowledge alerts."),
+    "config": ("config-list", "Configuration keys (SPEC §2): list, show, set."),
+    "engine": ("engine-status", "Engine status: sweeper, engine loops, ping ingestion."),
+}
+
+
+@csrf_exempt
+def api_index(request):
+    """`GET /api/v1/`: what is here and where it is described."""
+    from django.http import JsonResponse
+    from django.urls import reverse
+
+    def url(name: str) -> str:
+        return request.build_absolute_uri(reverse(name))
+
+    return JsonResponse({
+        "name": "hadash operator API",
+        "version": "v1",
+        "authentication": "Authorization: Bearer <api token> (made with "
+                          "`python manage.py apitoken USERNAME`), or a logged-in session",
+        "resources": {
+            name: {"url": url(view), "description": text}
+            for name, (view, text) in RESOURCES.items()
+        },
+        "openapi": url("openapi"),
+        "docs": url("api-docs"),
+    })
+
+
+@functools.cache
+def _openapi_document() -> dict:
+    import json
+
+    from drf_spectacular.generators import SchemaGenerator
+
+    from .urls import schema_patterns
+
+    doc = SchemaGenerator(patterns=schema_patterns).get_schema(request=None, public=True)
+    return json.loads(json.dumps(doc, default=str))
+
+
+@csrf_exempt
+def api_docs(request):
+    """`GET /api/v1/docs`: the OpenAPI document as one plain HTML page (no scripts, no
+    third-party assets): every operation with its parameters and answers."""
+    from django.http import HttpResponse
+    from django.utils.html import format_html, format_html_join
+
+    doc = _openapi_document()
+    rows = []
+    for path, item in doc.get("paths", {}).items():
+        for method, op in item.items():
+            params = format_html_join(
+                ", ", "<code>{}</code> ({})",
+                ((p["name"], p.get("in", "")) for p in op.get("parameters", [])),
+            )
+            answers = ", ".join(sorted(op.get("responses", {})))
+            rows.append(format_html(
+                "<tr><td><code>{} {}</code></td><td>{}<br><small>{}</small></td>"
+                "<td>{}</td><td>{}</td></tr>",
+                method.upper(), path, op.get("summary", ""), op.get("description", ""),
+                params, answers,
+            ))
+    page = format_html(
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+        "<title>{title}</title></head><body><h1>{title} {version}</h1><p>{desc}</p>"
+        "<p>Authentication: <code>Authorization: Bearer &lt;api token&gt;</code>. "
+        "Errors are <code>{{\"error\": \"…\"}}</code>. Machine-readable: "
+        "<a href='{openapi}'>openapi.json</a>.</p>"
+        "<table border='1' cellpadding='4'><tr><th>call</th><th>what</th>"
+        "<th>parameters</th><th>answers</th></tr>{rows}</table></body></html>",
+        title=doc["info"]["title"], version=doc["info"]["version"],
+        desc=doc["info"].get("description", ""), openapi="openapi.json",
+        rows=format_html_join("", "{}", ((r,) for r in rows)),
+    )
+    return HttpResponse(page)
+
+
+@csrf_exempt
+def api_not_found(request, rest: str = ""):
+    """Any other path under /api/v1/: a JSON 404, whatever the method (no body read)."""
+    from django.http import JsonResponse
+
+    message = f"no such API path: {request.path}"
+    if request.path.endswith("/") and request.path != "/api/v1/":
+        message += f" (API paths have no trailing slash: try {request.path.rstrip('/')})"
+    return JsonResponse({"error": f"{message}; the index of the API is /api/v1/"},
+                        status=404)

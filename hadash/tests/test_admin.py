@@ -220,3 +220,30 @@ def test_vm_change_form_sets_ha_only(admin_client_):
     vm.refresh_from_db()
     assert (vm.ha_enabled, vm.priority, vm.state) == (True, "high", VmState.RUNNING)
     assert Event.objects.filter(event="SettingsChanged", subject="vm").exists()
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [("ha.tag", "a\x00b", "Null characters are not allowed"),
+     ("ha.tag", "t" * 4097, "at most 4096 characters"),
+     ("ha.investigators.order", "Neighbour" + "," * 4100, "at most 4096 characters"),
+     ("ha.tag", "a\x07b", "control characters")],
+)
+def test_config_change_form_refuses_unstorable_value(admin_client_, key, value, message):
+    """Issue 8: a value the column cannot hold (NUL, over 4096 characters) is refused in
+    admin with the reason, like in the API; nothing changes."""
+    before = Configuration.objects.get(name=key).value
+    r = admin_client_.post(change_url("hadash_configuration", key), {"value": value})
+    assert r.status_code == 200
+    assert message in r.content.decode()
+    assert Configuration.objects.get(name=key).value == before
+    assert not Event.objects.exists()
+
+
+@pytest.mark.parametrize("model", ["hadash_configuration", "hadash_event", "hadash_hawork",
+                                   "hadash_apitoken"])
+def test_admin_search_with_nul_is_not_a_500(admin_client_, model):
+    """Issue 8: a search for text no row can hold (NUL) finds nothing, not a 500."""
+    world()
+    r = admin_client_.get(reverse(f"admin:{model}_changelist"), {"q": "a\x00b"})
+    assert r.status_code == 200

@@ -47,12 +47,14 @@ def token_client(user) -> APIClient:
 
 @pytest.fixture
 def staff():
-    return get_user_model().objects.create_user("ops", password="x", is_staff=True)
+    # No password: hashing one takes seconds here, and these users log in by API token
+    # or force_login.
+    return get_user_model().objects.create_user("ops", is_staff=True)
 
 
 @pytest.fixture
 def reader():
-    return get_user_model().objects.create_user("viewer", password="x")
+    return get_user_model().objects.create_user("viewer")
 
 
 @pytest.fixture
@@ -333,11 +335,30 @@ def test_stop_vm_queues_stop_work(api):
     assert state() == before
 
 
-def test_stop_stopped_vm_is_409(api):
+def test_stop_stopped_vm_succeeds_and_changes_nothing(api):
+    """R15a: stopping a VM that is already Stopped (nothing pending) succeeds and
+    changes nothing: 200 with the VM, no work item, no event."""
     make_vm("v1", None, state=VmState.STOPPED, power_state=PowerState.POWER_OFF)
+    before = state()
     r = api.post(f"{API}/vms/v1/stop")
-    assert r.status_code == 409
-    assert "Stopped" in r.json()["error"]
+    assert r.status_code == 200, r.content
+    assert (r.json()["name"], r.json()["state"]) == ("v1", "Stopped")
+    assert state() == before
+
+
+def test_stop_stopped_vm_cancels_its_ha_item(api):
+    """R15a: an operator stop cancels the VM's unfinished HA item even when the VM is
+    already Stopped (then there is nothing to stop: 200 with the VM)."""
+    host = make_host()
+    vm = make_vm("v1", None, state=VmState.STOPPED, power_state=PowerState.POWER_OFF,
+                 last_host=host)
+    item = make_work(vm, step=Step.SCHEDULED)
+    r = api.post(f"{API}/vms/v1/stop")
+    assert r.status_code == 200, r.content
+    assert r.json()["state"] == "Stopped"
+    item.refresh_from_db()
+    assert item.step == Step.CANCELLED
+    assert not HaWork.objects.filter(instance=vm, type=WorkType.STOP).exists()
 
 
 class FakeAgents:
@@ -646,7 +667,7 @@ def test_member_of_admins_group_may_act_without_staff():
     member of "operators" only reads."""
     from django.contrib.auth.models import Group
 
-    user = get_user_model().objects.create_user("grp-admin", password="x" * 12)
+    user = get_user_model().objects.create_user("grp-admin")
     user.groups.add(Group.objects.get_or_create(name="admins")[0])
     client = APIClient()
     client.force_authenticate(user)
@@ -654,8 +675,311 @@ def test_member_of_admins_group_may_act_without_staff():
     r = client.put(f"{API}/config/ha.workers", {"value": "7"}, format="json")
     assert r.status_code == 200, r.content
     assert config.get("ha.workers") == 7
-    reader = get_user_model().objects.create_user("grp-op", password="x" * 12)
+    reader = get_user_model().objects.create_user("grp-op")
     reader.groups.add(Group.objects.get_or_create(name="operators")[0])
     client.force_authenticate(reader)
     assert client.put(f"{API}/config/ha.workers", {"value": "3"},
                       format="json").status_code == 403
+
+
+# --- hostile input (issue 8 part 4): a clear JSON 4xx, never a 500 -------------
+
+
+def raw(client: APIClient, method: str, path: str, body: str, **extra):
+    """Send ``body`` as JSON text exactly as given (``\\ud800`` escapes stay escapes
+    on the wire, as a hostile client would send them)."""
+    return getattr(client, method)(API + path, body, content_type="application/json",
+                                   **extra)
+
+
+@pytest.mark.parametrize("offset", ["9223372036854775808", "9223372036854775807",
+                                    str(10**30), "-1", "abc", "1e3", ""])
+@pytest.mark.parametrize("path", ["/vms", "/hosts", "/ha-work"])
+def test_list_offset_out_of_range_is_400(api, path, offset):
+    """Issue 8: an offset of 2^63 was a 500 (bigint out of range); now a 400 that names
+    the limit, for every list."""
+    make_host()
+    r = api.get(f"{API}{path}?offset={offset}")
+    assert r.status_code == 400, r.content
+    assert r.json()["error"].startswith("offset:")
+    if offset.isdigit():
+        assert "9007199254740991" in r.json()["error"]
+
+
+def test_list_offset_at_its_limit_is_an_empty_page(api):
+    make_host()
+    r = api.get(f"{API}/hosts?offset=9007199254740991&limit=10000")
+    assert r.status_code == 200 and r.json() == []
+
+
+def test_events_after_beyond_the_id_range_is_400(api):
+    assert api.get(f"{API}/events?after=9223372036854775807").json() == []
+    r = api.get(f"{API}/events?after=9223372036854775808")
+    assert r.status_code == 400 and "after" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "field,value,limit",
+    [("cpus", 2**31, "2147483647"), ("cpus", 2**63, "2147483647"),
+     ("memory_mb", 2**63, "4398046511104"), ("memory_mb", 2**42 + 1, "4398046511104")],
+)
+def test_register_vm_too_big_is_400_with_the_limit(api, field, value, limit):
+    """Issue 8: cpus ≥ 2^31 or a huge memory_mb was a 500 (integer out of range)."""
+    make_host()
+    before = state()
+    body = {"name": "big", "host": "kvm-01", "cpus": 2, "memory_mb": 1024, field: value}
+    r = api.post(f"{API}/vms", body, format="json")
+    assert r.status_code == 400, r.content
+    assert field in r.json()["error"] and limit in r.json()["error"]
+    assert state() == before
+
+
+def test_register_vm_at_the_limits(api):
+    make_host()
+    r = api.post(f"{API}/vms", {"name": "big", "host": "kvm-01", "cpus": 2**31 - 1,
+                                "memory_mb": 2**42}, format="json")
+    assert r.status_code == 201, r.content
+    assert api.get(f"{API}/hosts/kvm-01").json()["allocated_memory_mb"] == 2**42
+
+
+@pytest.mark.parametrize("name", ["a/b", "a b", ".hidden", "-x", "x" * 256, "naïve", "a%2Fb",
+                                  "a\nb"])
+def test_register_vm_with_an_unsafe_name_is_400_saying_the_rule(api, name):
+    """Issue 8 / hadash.names: a VM named `a/b` could never be reached in the API or the
+    dashboard; a name outside the safe set is refused with the rule."""
+    make_host()
+    before = state()
+    r = api.post(f"{API}/vms", {"name": name, "host": "kvm-01", "cpus": 1, "memory_mb": 512},
+                 format="json")
+    assert r.status_code == 400, r.content
+    assert r.json()["error"].startswith("name:")
+    assert "ASCII letters, digits" in r.json()["error"] or "255" in r.json()["error"]
+    assert state() == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"name": "x\\u0000", "host": "kvm-01", "cpus": 1, "memory_mb": 1}',
+     '{"name": "x\\ud800", "host": "kvm-01", "cpus": 1, "memory_mb": 1}',
+     '{"name": "x", "host": "kvm-01\\u0000", "cpus": 1, "memory_mb": 1}',
+     '{"name": "x", "host": "kvm-01", "cpus": 1, "memory_mb": 1, "priority": "\\ud800"}',
+     '{"name": "x", "host": "kvm-01", "cpus": 1, "memory_mb": 1, "type": "\\udfff"}'],
+)
+def test_register_vm_nul_or_surrogate_is_400(api, body):
+    """Issue 8: a NUL or a lone surrogate anywhere is a 400 JSON error (the error may
+    quote the value: it is written out, never sent raw)."""
+    make_host()
+    before = state()
+    r = raw(api, "post", "/vms", body)
+    assert r.status_code == 400, r.content
+    assert set(r.json()) <= {"error", "details"}
+    r.content.decode("utf-8")  # the answer itself is valid UTF-8
+    assert state() == before
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [('{"tags": ["ssd\\u0000"]}', "NUL"),
+     ('{"tags": "ssd,gp\\ud800u"}', "surrogate"),
+     ('{"tags": ["a\\u0007b"]}', "control"),
+     ('{"oobm_username": "root\\u0000"}', "oobm_username"),
+     ('{"oobm_system_id": "\\udc00"}', "oobm_system_id"),
+     ('{"\\ud800": 1}', "cannot set"),
+     ('{"oobm_enabled": "\\ud800"}', "oobm_enabled")],
+)
+def test_patch_host_nul_or_surrogate_is_400_and_changes_nothing(api, body, needle):
+    """Issue 8: NUL or surrogates in tags (and other host settings) were a 500."""
+    make_host(tags="old")
+    before = state()
+    r = raw(api, "patch", "/hosts/kvm-01", body)
+    assert r.status_code == 400, r.content
+    assert needle in r.json()["error"]
+    assert state() == before
+
+
+def test_patch_vm_surrogate_is_400(api):
+    make_vm("v1", make_host())
+    before = state()
+    r = raw(api, "patch", "/vms/v1", '{"priority": "hi\\ud800gh"}')
+    assert r.status_code == 400 and "priority" in r.json()["error"]
+    assert "\\ud800" in r.json()["error"]  # quoted, written out
+    assert state() == before
+
+
+@pytest.mark.parametrize("path", ["/vms/a%00b", "/hosts/a%00b", "/vms/a%00b/stop",
+                                  "/hosts/a%00b/enable"])
+def test_nul_in_a_path_name_is_404(api, path):
+    """A name that cannot be stored names nothing: 404 (it was a 500 on PostgreSQL)."""
+    make_host()
+    before = state()
+    r = api.get(API + path) if path.count("/") == 2 else api.post(API + path)
+    assert r.status_code == 404, r.content
+    assert "error" in r.json()
+    assert state() == before
+
+
+@pytest.mark.parametrize("path", ["/config/ha.workers", "/config", "/vms", "/vms/v1",
+                                  "/hosts/kvm-01/disable", "/events"])
+def test_options_answers_json(api, path):
+    """Issue 8: OPTIONS on a config key was a 500; OPTIONS says which methods a path
+    takes and where the description is."""
+    make_vm("v1", make_host())
+    r = api.options(API + path)
+    assert r.status_code == 200, r.content
+    data = r.json()
+    assert "OPTIONS" in data["methods"]
+    assert data["openapi"].endswith("/api/v1/openapi.json")
+    assert api.options(f"{API}/config/ha.workers").json()["methods"] == ["GET", "PUT",
+                                                                          "OPTIONS"]
+    assert APIClient().options(API + path).status_code == 401
+
+
+def test_answers_are_json_whatever_the_client_accepts(api):
+    """Every answer, errors included, is JSON — also for a browser's Accept header."""
+    make_host()
+    for path, code in (("/hosts/kvm-01", 200), ("/hosts/nope", 404), ("/vms?limit=0", 400)):
+        r = api.get(API + path, HTTP_ACCEPT="text/html")
+        assert r.status_code == code
+        assert r["Content-Type"].startswith("application/json")
+        r.json()
+    r = api.get(f"{API}/hosts", HTTP_ACCEPT="FALSE")
+    assert r.status_code == 200 and r["Content-Type"].startswith("application/json")
+
+
+def test_form_bodies_are_415_json(api):
+    make_host()
+    r = api.patch(f"{API}/hosts/kvm-01", "tags=ssd",
+                  content_type="application/x-www-form-urlencoded")
+    assert r.status_code == 415 and "error" in r.json()
+
+
+# --- index, docs, unknown paths (issue 8 part 4) ------------------------------
+
+
+@pytest.mark.parametrize("method", ["get", "post", "put", "delete", "patch"])
+@pytest.mark.parametrize("path", ["/nope", "/vms/a/b", "/hosts/kvm-01/reboot", "/vms/",
+                                  "/ha-work/abc", "/v2/hosts"])
+def test_unknown_api_path_is_json_404(method, path):
+    """Issue 8: an unknown /api/v1/ path answers JSON, not the site's HTML 404 — with
+    or without credentials, whatever the method."""
+    r = getattr(APIClient(), method)(API + path)
+    assert r.status_code == 404
+    assert r["Content-Type"] == "application/json"
+    assert r.json()["error"].startswith(f"no such API path: {API}{path}")
+    assert set(r.json()) == {"error"}
+
+
+def test_trailing_slash_404_says_what_to_try():
+    r = APIClient().get(f"{API}/vms/")
+    assert f"try {API}/vms" in r.json()["error"]
+
+
+def test_index_lists_the_resources():
+    """Issue 8: GET /api/v1/ answers an index: the resources, their URLs, the OpenAPI
+    document and the docs."""
+    r = APIClient().get(f"{API}/")
+    assert r.status_code == 200
+    data = r.json()
+    assert set(data["resources"]) >= {"hosts", "vms", "ha-work", "events", "config",
+                                      "engine"}
+    assert data["resources"]["vms"]["url"] == "http://testserver/api/v1/vms"
+    assert data["openapi"] == "http://testserver/api/v1/openapi.json"
+    assert data["docs"] == "http://testserver/api/v1/docs"
+    assert "Bearer" in data["authentication"]
+    # /api/v1 (no slash) finds the index too
+    r = APIClient().get(API, follow=True)
+    assert r.status_code == 200 and "resources" in r.json()
+
+
+def test_docs_page_lists_every_operation():
+    r = APIClient().get(f"{API}/docs")
+    assert r.status_code == 200 and r["Content-Type"].startswith("text/html")
+    page = r.content.decode()
+    doc = json.loads(APIClient().get(f"{API}/openapi.json").content)
+    for path, item in doc["paths"].items():
+        for method in item:
+            assert f"{method.upper()} {path}" in page
+    assert "<script" not in page
+
+
+# --- bodies refused by their headers, before they are read (issue 8 part 4) ----
+
+
+class UnreadableBody:
+    """A request body that fails the test if anyone reads it."""
+
+    def read(self, *args):
+        raise AssertionError("the request body was read")
+
+    readline = read
+
+
+def send_unread(client: APIClient, method: str, path: str, length: str, **extra):
+    return client.generic(method.upper(), API + path, CONTENT_TYPE="application/json",
+                          CONTENT_LENGTH=length, **{"wsgi.input": UnreadableBody()}, **extra)
+
+
+@pytest.mark.parametrize("method,path", [("post", "/vms"), ("put", "/config/ha.workers"),
+                                         ("patch", "/hosts/kvm-01"),
+                                         ("post", "/hosts/kvm-01/disable")])
+def test_unauthenticated_body_is_401_unread(method, path):
+    """Issue 8: a body without credentials is refused (401) without reading it."""
+    make_host()
+    before = state()
+    r = send_unread(APIClient(), method, path, "100")
+    assert r.status_code == 401
+    assert "credentials" in r.json()["error"]
+    assert r["WWW-Authenticate"] == "Bearer"
+    assert state() == before
+
+
+@pytest.mark.parametrize("client_fixture", ["api", None])
+def test_oversized_body_is_413_unread(request, client_fixture):
+    """Issue 8: a Content-Length above the limit is a 413 before reading, for anyone."""
+    make_host()
+    client = request.getfixturevalue(client_fixture) if client_fixture else APIClient()
+    r = send_unread(client, "patch", "/hosts/kvm-01", str(10**12))
+    assert r.status_code == 413
+    assert "65536" in r.json()["error"]
+
+
+def test_wrong_token_with_body_is_401_unread(staff):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Bearer wrong")
+    r = send_unread(client, "put", "/config/ha.workers", "20")
+    assert r.status_code == 401
+
+
+def test_read_only_token_with_body_is_403_unread(ro_api):
+    make_host()
+    r = send_unread(ro_api, "patch", "/hosts/kvm-01", "20")
+    assert r.status_code == 403
+
+
+def test_bad_content_length_is_400(api):
+    r = send_unread(api, "put", "/config/ha.workers", "12abc")
+    assert r.status_code == 400 and "Content-Length" in r.json()["error"]
+
+
+def test_body_at_the_limit_is_read(api):
+    make_host()
+    body = json.dumps({"tags": ["ssd"], "oobm_username": "r" * 200}).ljust(65536)
+    r = api.patch(f"{API}/hosts/kvm-01", body, content_type="application/json")
+    assert r.status_code == 200, r.content
+
+
+def test_early_refusal_rules():
+    """hadash.api.guard, the header-only rules the HTTP server can apply too."""
+    from hadash.api.guard import early_refusal
+
+    auth = [("Authorization", "Bearer x")]
+    assert early_refusal("/api/v1/vms", [("Content-Length", "10")])[0] == 401
+    assert early_refusal("/api/v1/vms", [("Content-Length", "10"), *auth]) is None
+    assert early_refusal("/api/v1/vms", [("content-length", "10"),
+                                         ("Cookie", "a=1; sessionid=abc")]) is None
+    assert early_refusal("/api/v1/vms", [("Content-Length", "0")]) is None
+    assert early_refusal("/api/v1/vms", []) is None
+    assert early_refusal("/api/v1/vms", [("Content-Length", "65537"), *auth])[0] == 413
+    assert early_refusal("/api/v1/vms", [("Content-Length", "-1"), *auth])[0] == 400
+    assert early_refusal("/api/v1/vms", [("Transfer-Encoding", "chunked"), *auth])[0] == 411
+    assert early_refusal("/admin/login/", [("Content-Length", "10")]) is None

@@ -19,7 +19,7 @@ API = "/api/v1"
 
 @pytest.fixture
 def api() -> APIClient:
-    user = get_user_model().objects.create_user("ops", password="x", is_staff=True)
+    user = get_user_model().objects.create_user("ops", is_staff=True)
     _, key = ApiToken.issue(user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
@@ -136,7 +136,7 @@ def test_put_same_value_writes_no_event(api):
 
 def test_read_only_user_cannot_set(api):
     """SPEC §2 keys are edited by operators (staff); a reader gets 403."""
-    user = get_user_model().objects.create_user("viewer", password="x")
+    user = get_user_model().objects.create_user("viewer")
     _, key = ApiToken.issue(user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
@@ -144,3 +144,59 @@ def test_read_only_user_cannot_set(api):
     assert r.status_code == 403
     assert config.get("ha.workers") == 5
     assert client.get(f"{API}/config/ha.workers").status_code == 200
+
+
+# --- hostile values (issue 8 part 4) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key,body,reason",
+    [("ha.tag", '{"value": "ha\\u0000"}', "NUL"),
+     ("ha.tag", '{"value": "ha\\ud800"}', "surrogate U+D800"),
+     ("ha.investigators.order", '{"value": "CheckOnAgent\\udfff"}', "surrogate"),
+     ("ping.interval", '{"value": "1\\u00000"}', "NUL"),
+     ("ha.tag", '{"value": "' + "t" * 4097 + '"}', "at most 4096"),
+     ("ha.investigators.order", '{"value": "' + "Neighbour," * 500 + '"}', "at most 4096"),
+     ("ha.workers", '{"value": "' + "9" * 5000 + '"}', "at most 4096"),
+     ("ha.workers", '{"value": ' + "9" * 4000 + '}', "at most 1000"),
+     ("ha.workers", '{"value": ' + "9" * 5000 + '}', "JSON"),
+     ("ping.timeout", '{"value": 1e999}', "finite"),
+     ("ha.tag", '{"value": "a\\u0007b"}', "control"),
+     ("ha.tag", '{"\\ud800": "x"}', "value")],
+)
+def test_put_unstorable_value_is_400_and_changes_nothing(api, key, body, reason):
+    """Issue 8: NUL, lone surrogates and values over the column size were a 500; now a
+    400 with the reason, nothing stored, no event."""
+    before = list(Configuration.objects.values())
+    r = api.put(f"{API}/config/{key}", body, content_type="application/json")
+    assert r.status_code == 400, r.content
+    assert reason in r.json()["error"]
+    assert len(r.content) < 2000  # the reason, not the value, is what comes back
+    assert list(Configuration.objects.values()) == before
+    assert not Event.objects.exists()
+
+
+def test_put_value_of_the_column_size_is_stored(api):
+    tag = "t" * 4096
+    r = put(api, "ha.tag", tag)
+    assert r.status_code == 200, r.content
+    assert config.get("ha.tag") == tag
+    ev = Event.objects.get(event="ConfigChanged")
+    assert len(ev.new) <= 255  # the event keeps a cut copy
+
+
+def test_options_on_a_key(api):
+    """Issue 8: OPTIONS on a config key was a 500."""
+    r = api.options(f"{API}/config/ha.workers")
+    assert r.status_code == 200
+    assert r.json()["methods"] == ["GET", "PUT", "OPTIONS"]
+
+
+@pytest.mark.parametrize("raw,reason", [("a\x00b", "NUL"), ("\ud800", "surrogate"),
+                                        ("x" * 4097, "at most 4096")])
+def test_set_value_refuses_unstorable_text(raw, reason):
+    """hadash.config is the one place values are checked (API, admin, scenarios)."""
+    with pytest.raises(config.ConfigError, match=reason):
+        config.set_value("ha.tag", raw)
+    assert config.get("ha.tag") == ""
+    assert not Event.objects.exists()
