@@ -278,9 +278,22 @@ def vm(request, name: str):
         "items": items,
         "open_item": any(i["step"] not in FINAL_STEPS for i in items),
         "can_start": v.state == "Stopped",
-        "can_stop": v.state not in ("Stopped", "Destroyed", "Expunging"),
+        # R15a: a stop also cancels an unfinished HA restart of a Stopped VM.
+        "can_stop": v.state not in ("Stopped", "Destroyed", "Expunging")
+        or (v.state == "Stopped" and any(
+            i["type"] == WorkType.HA and i["step"] not in FINAL_STEPS for i in items)),
     }
     return page(request, "dashboard/vm.html", "vm", ctx)
+
+
+def stop_outcome(v, item) -> str:
+    """What an operator stop did (R15a), in words: queued a stop, cancelled an HA restart,
+    or nothing at all for a VM that is already Stopped."""
+    if item is None:
+        return f"VM {v.name} is already Stopped; nothing to do."
+    if item.type == WorkType.HA:
+        return f"VM {v.name}: HA restart cancelled (HA work #{item.pk}); the VM stays Stopped."
+    return f"VM {v.name}: stop queued (HA work #{item.pk})."
 
 
 @require_POST
@@ -291,7 +304,7 @@ def vm_action(request, name: str, action: str):
     try:
         if action == "stop":
             item = actions.stop_vm(v, now=timezone.now(), by=by)
-            messages.success(request, f"VM {v.name}: stop queued (HA work #{item.pk}).")
+            messages.success(request, stop_outcome(v, item))
         elif action == "start":
             v = actions.start_vm(v, engine=production_engine(), by=by)
             messages.success(request, f"VM {v.name} started on {v.host.name}.")

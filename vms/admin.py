@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from django.utils import timezone
 
 from hadash.api.serializers import VM_SETTINGS, apply_settings
+from hadash.choices import WorkType
 from hadash.ha import actions
 
 from .models import VMInstance
@@ -44,12 +45,23 @@ class VMInstanceAdmin(admin.ModelAdmin):
 
     @admin.action(permissions=["change"], description="Stop selected VMs (queue Stop work)")
     def stop_vms(self, request, queryset):
-        done, now, by = 0, timezone.now(), request.user.get_username()
+        queued, cancelled, unchanged = 0, 0, 0
+        now, by = timezone.now(), request.user.get_username()
         for vm in queryset:
             try:
-                actions.stop_vm(vm, now=now, by=by)
-                done += 1
+                item = actions.stop_vm(vm, now=now, by=by)
             except actions.ActionError as exc:
                 self.message_user(request, f"{vm.name}: {exc}", messages.ERROR)
-        if done:
-            self.message_user(request, f"Queued a stop for {done} VM(s).", messages.SUCCESS)
+                continue
+            # R15a: a Stopped VM's stop cancels its HA restart, or changes nothing.
+            if item is None:
+                unchanged += 1
+            elif item.type == WorkType.HA:
+                cancelled += 1
+            else:
+                queued += 1
+        for n, what in ((queued, "Queued a stop for {} VM(s)."),
+                        (cancelled, "Cancelled the HA restart of {} Stopped VM(s)."),
+                        (unchanged, "{} VM(s) already Stopped: nothing to do.")):
+            if n:
+                self.message_user(request, what.format(n), messages.SUCCESS)

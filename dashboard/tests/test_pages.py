@@ -607,3 +607,13 @@ def test_pages_carry_what_the_live_client_needs(op, incident_world):
     with transaction.atomic():
         record_event(Subject.HOST, h1, event="Test", message="hello operators")
     assert "hello operators" in html(op.get("/hosts/h1"))
+
+
+def test_stop_of_a_stopped_vm_says_nothing_to_do(adm, incident_world):
+    """R15a: stopping a VM that is already Stopped (vm2: not HA, its host died) succeeds
+    and changes nothing — the dashboard says so instead of failing."""
+    before = Event.objects.count()
+    page = html(adm.post("/vms/vm2/stop", follow=True))
+    assert "already Stopped; nothing to do" in page
+    assert Event.objects.count() == before
+    assert VMInstance.objects.get(name="vm2").state == VmState.STOPPED
