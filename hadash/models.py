@@ -3,12 +3,13 @@ operator API tokens."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import secrets
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 
 from . import config
@@ -98,6 +99,103 @@ class HaWorkQuerySet(models.QuerySet):
         return self.exclude(step__in=FINAL_STEPS)
 
 
+def ha_rank(vm) -> int:
+    """R11 order: system VMs first, then high, medium, low priority."""
+    from vms.choices import PRIORITY_RANK, SYSTEM_VM_TYPES
+
+    if vm.type in SYSTEM_VM_TYPES:
+        return 0
+    return 1 + PRIORITY_RANK.get(vm.priority, 1)
+
+
+class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
+    """Scheduling HA work (R10): inserting items, each with its event. These are
+    model-level operations so that the domain (hosts/, vms/: a host found Down, a power
+    report) schedules work without the engine (hadash.ha), which claims and
+    processes it."""
+
+    def schedule(self, vm, *, type: str, reason: str, step: str, now, host=None,
+                 tried: int = 0, message: str = ""):
+        """Insert one item with its event; None when the VM already has an unfinished
+        item of that type (the database constraint decides, R10)."""
+        from .events import record_event
+
+        if self.unfinished().filter(instance=vm, type=type).exists():
+            return None
+        try:
+            with transaction.atomic():
+                item = self.create(
+                    instance=vm, vm_type=vm.type, type=type, reason=reason, step=step,
+                    host=host if host is not None else vm.host, state=vm.state,
+                    update_count=vm.update_count, time_to_try=now, tried=tried,
+                    rank=ha_rank(vm), created=now, updated=now,
+                )
+                record_event(
+                    Subject.WORK, item, name=vm.name, event="WorkScheduled", field="step",
+                    old="", new=step, reason=reason, now=now, related_vm=vm,
+                    related_host=item.host,
+                    message=message or f"{type} work #{item.pk} scheduled for VM {vm.name} "
+                                       f"({reason})",
+                )
+                return item
+        except IntegrityError:
+            return None  # another process scheduled it first
+
+    def schedule_restart(self, vm, *, investigate: bool, reason: str, now, cfg=None):
+        """R10: one HA item for the VM (at most one unfinished, by the database).
+        Within time.between.failures a new item inherits the previous item's tries."""
+        cfg = cfg or config.snapshot()
+        window = now - dt.timedelta(seconds=cfg["time.between.failures"])
+        previous = (
+            self.filter(instance=vm, type=WorkType.HA, created__gte=window)
+            .order_by("-id").values_list("tried", flat=True).first()
+        )
+        return self.schedule(
+            vm, type=WorkType.HA, reason=reason, now=now, tried=previous or 0,
+            step=Step.INVESTIGATING if investigate else Step.SCHEDULED,
+        )
+
+    def schedule_restart_for_vms_on_host(self, host, *, now, cfg=None) -> list:
+        """R10/R5: every VM on the host, system VMs first then by priority; one alert
+        naming the HA VMs. Runs inside the transaction that marks the host Down."""
+        from vms.choices import ACTIVE_STATES
+        from vms.models import VMInstance
+        from vms.powersync import ha_wanted
+
+        from .events import record_event
+
+        cfg = cfg or config.snapshot()
+        vms = sorted(
+            VMInstance.objects.select_related("host").filter(host=host,
+                                                             state__in=ACTIVE_STATES),
+            key=lambda v: (ha_rank(v), v.name),
+        )
+        items = [
+            item for vm in vms
+            if (item := self.schedule_restart(vm, investigate=True, reason=Reason.HOST_DOWN,
+                                              now=now, cfg=cfg))
+        ]
+        ha_names = [vm.name for vm in vms if ha_wanted(vm, cfg)]
+        if vms:
+            names = ", ".join(ha_names) if ha_names else "none"
+            record_event(
+                Subject.HOST, host, event="HaScheduled", reason=Reason.HOST_DOWN, alert=True,
+                now=now,
+                message=f"Host {host.name} is down: {len(vms)} VM(s) scheduled; HA VMs to "
+                        f"restart: {names}",
+            )
+        return items
+
+    def schedule_force_stop(self, vm, host, *, now):
+        """R6: a second copy of a VM reported by ``host`` while it lives elsewhere."""
+        return self.schedule(
+            vm, type=WorkType.FORCE_STOP, reason=Reason.HOST_DEGRADED, step=Step.SCHEDULED,
+            now=now, host=host,
+            message=f"VM {vm.name} reported running on {host.name} while it lives on "
+                    f"{vm.host}: stopping the second copy",
+        )
+
+
 class HaWork(models.Model):
     """CloudStack's `op_ha_work`: both the history of HA actions and the work queue."""
 
@@ -129,7 +227,7 @@ class HaWork(models.Model):
     created = models.DateTimeField()
     updated = models.DateTimeField()
 
-    objects = HaWorkQuerySet.as_manager()
+    objects = HaWorkManager()
 
     class Meta:
         db_table = "op_ha_work"

@@ -17,6 +17,7 @@ from django.db.models import F, Min, Q
 from hadash import config
 from hadash.choices import Severity, Subject
 from hadash.events import record_event
+from hadash.models import HaWork
 
 from .choices import (
     NO_INVESTIGATION_HOST_TYPES,
@@ -84,8 +85,6 @@ def next_falls_behind(now, cfg) -> dt.datetime | None:
 
 def monitor_step(engine, cfg=None) -> bool:
     """One sweep. Returns True when it acted on at least one host."""
-    from hadash.ha import brake, maintenance
-
     now = engine.now()
     cfg = cfg or config.snapshot()
     acted = False
@@ -94,8 +93,7 @@ def monitor_step(engine, cfg=None) -> bool:
             acted |= check_host(engine, host, now=now, cfg=cfg)
         except Exception:  # one bad host never stops the sweep
             log.exception("investigating host %s failed", host.name)
-    brake.update_all(now=now, cfg=cfg)
-    maintenance.complete_ready_hosts(now=now)
+    engine.cluster_checks(now=now, cfg=cfg)  # brakes (R14), maintenance (R15)
     return acted
 
 
@@ -249,8 +247,6 @@ def _guarded_transition(host: Host, to: str, *, seen_ping=None, **kwargs) -> boo
 def host_down(host: Host, *, now, cfg, by: str, seen_ping=None) -> bool:
     """R5 Down branch: alert, event HostDown, status Down, and every VM on the host
     scheduled for HA (R10) — all in one transaction."""
-    from hadash.ha import work
-
     with transaction.atomic():
         if seen_ping is not None and not Host.objects.select_for_update().filter(
             pk=host.pk, last_ping=seen_ping
@@ -264,5 +260,5 @@ def host_down(host: Host, *, now, cfg, by: str, seen_ping=None) -> bool:
             message=f"Host {host.name} is Down ({by or 'investigation'})",
         ):
             return False
-        work.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg)
+        HaWork.objects.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg)
     return True

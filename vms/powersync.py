@@ -14,6 +14,7 @@ from django.db import models
 
 from hadash.choices import FINAL_STEPS, Reason, WorkType
 from hadash.clock import not_before
+from hadash.models import HaWork
 
 from .choices import POWERED_OFF_STATES, REPORTED_STATES, PowerState, VmState
 from .models import VMInstance
@@ -27,8 +28,6 @@ def ha_wanted(vm: VMInstance, cfg) -> bool:
 
 
 def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg) -> None:
-    from hadash.ha import work
-
     reported = dict(report)
     missing_after = dt.timedelta(seconds=2 * cfg["ping.interval"])
     vms = list(
@@ -38,7 +37,7 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
     )
     confirmed: list[int] = []  # reported again, unchanged: refreshed in one UPDATE
     busy = set(
-        work.HaWork.objects.filter(instance__in=vms)
+        HaWork.objects.filter(instance__in=vms)
         .exclude(step__in=FINAL_STEPS)
         .values_list("instance_id", flat=True)
     )
@@ -60,7 +59,7 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
             if ps == PowerState.POWER_ON and vm.state in (
                 VmState.RUNNING, VmState.STARTING, VmState.STOPPING
             ):
-                work.schedule_force_stop(vm, host, now=now)
+                HaWork.objects.schedule_force_stop(vm, host, now=now)
             continue
         elif vm.power_state == ps and vm.power_host_id == host.pk:
             confirmed.append(vm.pk)
@@ -103,8 +102,6 @@ def _set_power(vm: VMInstance, host, ps: str, now) -> None:
 
 def apply_power_rules(vm: VMInstance, *, now, cfg) -> None:
     """R9, for a VM with no unfinished work item."""
-    from hadash.ha import work
-
     ps = vm.power_state
     if ps in POWERED_OFF_STATES:
         if vm.state == VmState.RUNNING:
@@ -112,7 +109,8 @@ def apply_power_rules(vm: VMInstance, *, now, cfg) -> None:
                 reason = (
                     Reason.VM_POWER_OFF if ps == PowerState.POWER_OFF else Reason.VM_REPORT_MISSING
                 )
-                work.schedule_restart(vm, investigate=True, reason=reason, now=now, cfg=cfg)
+                HaWork.objects.schedule_restart(vm, investigate=True, reason=reason, now=now,
+                                                cfg=cfg)
             else:
                 mark_stopped(vm, now=now, why=f"out-of-band stop ({ps})")
         elif vm.state in (VmState.STARTING, VmState.STOPPING, VmState.MIGRATING):

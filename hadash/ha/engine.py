@@ -1,4 +1,5 @@
-"""The engine context: a clock and the two ways of talking to hosts.
+"""The engine context: a clock, the two ways of talking to hosts, and the sweep's
+checks beyond single hosts.
 
 Every sweep and worker step takes an Engine, so the same code runs in production
 (system clock, HTTP agents, Redfish BMCs) and in tests and scenarios (virtual clock,
@@ -39,6 +40,16 @@ class Engine:
             oob=RedfishClient(),
             worker_id=worker_id or default_worker_id(),
         )
+
+    def cluster_checks(self, *, now, cfg) -> None:
+        """What every monitor sweep does besides investigating hosts: engage or release
+        mass-failure brakes (R14), finish maintenance of emptied hosts (R15). The sweep
+        (hosts.liveness.monitor_step, the engine loop's) calls back here, so the domain
+        code that sweeps hosts never imports the engine."""
+        from hadash.ha import brake, maintenance
+
+        brake.update_all(now=now, cfg=cfg)
+        maintenance.complete_ready_hosts(now=now)
 
     def with_worker(self, worker_id: str) -> Engine:
         return Engine(agents=self.agents, oob=self.oob, clock=self.clock, worker_id=worker_id)

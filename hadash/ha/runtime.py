@@ -227,12 +227,11 @@ class EngineLoop:
     def sweep(self, cfg):
         """The full sweep (R2–R5, the brake, maintenance, cleanup). Returns when the
         next host falls behind on ping (or None)."""
-        from hadash.ha import brake, cleanup, maintenance
+        from hadash.ha import cleanup
 
         now = self.engine.now()
         self._submit_investigations(now, cfg, newly_behind=False)
-        brake.update_all(now=now, cfg=cfg)
-        maintenance.complete_ready_hosts(now=now)
+        self.engine.cluster_checks(now=now, cfg=cfg)
         cleanup.cleanup_step(self.engine, cfg=cfg)
         if reap_lost_loops():
             self.pool.notify()  # their HA items are free now

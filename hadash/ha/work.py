@@ -14,15 +14,15 @@ import datetime as dt
 import logging
 import time
 
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import Q
 
 from hadash import config
 from hadash.choices import FINAL_STEPS, Reason, Step, Subject, WorkType
 from hadash.events import record_event
-from hadash.models import HaWork, Lease
+from hadash.models import HaWork, Lease, ha_rank
 from hosts.choices import HostStatus
-from vms.choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES, PowerState, VmState
+from vms.choices import PowerState, VmState
 from vms.models import VMInstance
 
 from . import outage
@@ -37,103 +37,26 @@ CLAIM_LOCK = "ha.claim"
 __all__ = ["HaWork", "schedule_restart", "schedule_restart_for_vms_on_host", "worker_step"]
 
 
-def rank_of(vm: VMInstance) -> int:
-    """R11 order: system VMs first, then high, medium, low priority."""
-    if vm.type in SYSTEM_VM_TYPES:
-        return 0
-    return 1 + PRIORITY_RANK.get(vm.priority, 1)
-
-
 # --- scheduling ----------------------------------------------------------------------
+# Inserting items is a model-level operation (hadash.models.HaWorkManager), so the
+# domain (hosts/, vms/) schedules work without importing the engine; the engine's
+# callers keep these names.
 
-def _create(vm: VMInstance, *, type: str, reason: str, step: str, now, host=None,
-            tried: int = 0, message: str = "") -> HaWork | None:
-    """Insert one item with its event; None when the VM already has an unfinished
-    item of that type (the database constraint decides, R10)."""
-    if HaWork.objects.unfinished().filter(instance=vm, type=type).exists():
-        return None
-    try:
-        with transaction.atomic():
-            item = HaWork.objects.create(
-                instance=vm, vm_type=vm.type, type=type, reason=reason, step=step,
-                host=host if host is not None else vm.host, state=vm.state,
-                update_count=vm.update_count, time_to_try=now, tried=tried, rank=rank_of(vm),
-                created=now, updated=now,
-            )
-            record_event(
-                Subject.WORK, item, name=vm.name, event="WorkScheduled", field="step",
-                old="", new=step, reason=reason, now=now, related_vm=vm,
-                related_host=item.host,
-                message=message or f"{type} work #{item.pk} scheduled for VM {vm.name} "
-                                   f"({reason})",
-            )
-            return item
-    except IntegrityError:
-        return None  # another process scheduled it first
-
-
-def schedule_restart(vm: VMInstance, *, investigate: bool, reason: str, now,
-                     cfg=None) -> HaWork | None:
-    """R10: one HA item for the VM (at most one unfinished, by the database).
-    Within time.between.failures a new item inherits the previous item's tries."""
-    cfg = cfg or config.snapshot()
-    window = now - dt.timedelta(seconds=cfg["time.between.failures"])
-    previous = (
-        HaWork.objects.filter(instance=vm, type=WorkType.HA, created__gte=window)
-        .order_by("-id").values_list("tried", flat=True).first()
-    )
-    return _create(
-        vm, type=WorkType.HA, reason=reason, now=now, tried=previous or 0,
-        step=Step.INVESTIGATING if investigate else Step.SCHEDULED,
-    )
-
-
-def schedule_restart_for_vms_on_host(host, *, now, cfg=None) -> list[HaWork]:
-    """R10/R5: every VM on the host, system VMs first then by priority; one alert
-    naming the HA VMs. Runs inside the transaction that marks the host Down."""
-    from vms.powersync import ha_wanted
-
-    cfg = cfg or config.snapshot()
-    vms = sorted(
-        VMInstance.objects.select_related("host").filter(host=host, state__in=ACTIVE_STATES),
-        key=lambda v: (rank_of(v), v.name),
-    )
-    items = [
-        item for vm in vms
-        if (item := schedule_restart(vm, investigate=True, reason=Reason.HOST_DOWN, now=now,
-                                     cfg=cfg))
-    ]
-    ha_names = [vm.name for vm in vms if ha_wanted(vm, cfg)]
-    if vms:
-        names = ", ".join(ha_names) if ha_names else "none"
-        record_event(
-            Subject.HOST, host, event="HaScheduled", reason=Reason.HOST_DOWN, alert=True,
-            now=now,
-            message=f"Host {host.name} is down: {len(vms)} VM(s) scheduled; HA VMs to "
-                    f"restart: {names}",
-        )
-    return items
-
-
-def schedule_force_stop(vm: VMInstance, host, *, now) -> HaWork | None:
-    """R6: a second copy of a VM reported by ``host`` while it lives elsewhere."""
-    return _create(
-        vm, type=WorkType.FORCE_STOP, reason=Reason.HOST_DEGRADED, step=Step.SCHEDULED,
-        now=now, host=host,
-        message=f"VM {vm.name} reported running on {host.name} while it lives on "
-                f"{vm.host}: stopping the second copy",
-    )
+rank_of = ha_rank
+schedule_restart = HaWork.objects.schedule_restart
+schedule_restart_for_vms_on_host = HaWork.objects.schedule_restart_for_vms_on_host
+schedule_force_stop = HaWork.objects.schedule_force_stop
 
 
 def schedule_stop(vm: VMInstance, *, now, by: str = "") -> HaWork | None:
-    return _create(
+    return HaWork.objects.schedule(
         vm, type=WorkType.STOP, reason=Reason.OPERATOR, step=Step.SCHEDULED, now=now,
         message=f"Stop of VM {vm.name} requested{' by ' + by if by else ''}",
     )
 
 
 def schedule_migration(vm: VMInstance, *, now) -> HaWork | None:
-    return _create(
+    return HaWork.objects.schedule(
         vm, type=WorkType.MIGRATION, reason=Reason.HOST_MAINTENANCE, step=Step.SCHEDULED,
         now=now,
     )
