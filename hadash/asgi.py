@@ -1,4 +1,5 @@
-"""ASGI entry point: HTTP through Django, websockets through Channels.
+"""ASGI entry point: HTTP through Django (agent requests through
+``hosts.agent.asgi.AgentGate`` first), websockets through Channels.
 
 It also gives daphne a deadline for receiving a request (issue 8, part 4: a slow body
 times out). daphne (Twisted) reads a request's headers and its whole body before it
@@ -25,6 +26,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from hadash.routing import websocket_urlpatterns  # noqa: E402
+from hosts.agent.asgi import AgentGate  # noqa: E402
 
 
 def install_request_deadline(seconds: float) -> None:
@@ -77,7 +79,9 @@ install_request_deadline(settings.HADASH_REQUEST_TIMEOUT)
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # Agent requests with bad credentials or an oversized body are refused from
+        # their headers, before the body is read (issue 8, part 4).
+        "http": AgentGate(django_asgi_app),
         "websocket": URLRouter(websocket_urlpatterns),
     }
 )
