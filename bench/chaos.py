@@ -16,10 +16,12 @@ through :class:`bench.system.System` on a fresh database:
 What happens — a seeded plan (:func:`make_plan`, the seed is printed) of machine faults
 through the simulator's control API (host power off/on, agent stop/start, network
 off/on, BMC failures, start failures, VM crash and vanish; every host fault healed
-again after a while), kill -9 of a web process and of an engine process group (the
-one holding the sweeper lease, or either), each restarted a few seconds later, and
-with ``--long`` PostgreSQL restarts. Then a settle phase: every fault healed, every
-process up, until the fleet is quiet.
+again after a while), kill -9 of a web process (the one serving the dashboard's
+socket, or either) and of an engine process group (the one holding the sweeper lease,
+or either), each restarted a few seconds later, every connection to the run's database
+cut now and then (``pg_terminate_backend``: what a PostgreSQL restart does to its
+clients, without touching the server), and with ``--long`` PostgreSQL restarts. Then a
+settle phase: every fault healed, every process up, until the fleet is quiet.
 
 What is checked (:class:`Watch` samples throughout; the rest is read at the end):
 
@@ -329,10 +331,13 @@ def tap(child: Child, counts: dict[str, Counter], on_line=None,
 
 class Watch:
     """Samples the simulator's truth (double runs, overlapping starts) every
-    ``truth_every`` s and the engine (sweeper lease renewals, HA items held) every
-    ``engine_every`` s, each in its own thread with its own HTTP clients."""
+    ``truth_every`` s, the engine (sweeper lease renewals, HA items held) every
+    ``engine_every`` s, and the event table every ``table_every`` s (when each event
+    became visible, i.e. committed: the start of its delivery to the dashboard) —
+    each in its own thread with its own connections."""
 
-    def __init__(self, system: System, truth_every: float = 0.5, engine_every: float = 1.0):
+    def __init__(self, system: System, truth_every: float = 0.5, engine_every: float = 1.0,
+                 table_every: float = 0.1):
         from hadash.ha.runtime import SWEEPER_TTL
 
         self.ttl = SWEEPER_TTL.total_seconds()
@@ -354,7 +359,14 @@ class Watch:
         self.holds: dict[tuple[int, str], dict] = {}  # (item id, taken) → …
         self.open_items = 0
         self.faulty_hosts = 0
-        self.threads = [threading.Thread(target=self._loop, args=(self._truth, truth_every,
+        self.db_url = system.db.url
+        self.visible: dict[int, float] = {}  # event id → POSIX time first seen committed
+        self.table = {"samples": 0, "errors": 0, "blind_max": 0.0}
+        self._conn = None
+        self.threads = [threading.Thread(target=self._loop, args=(self._table, table_every,
+                                                                  self.table), daemon=True,
+                                         name="chaos-events"),
+                        threading.Thread(target=self._loop, args=(self._truth, truth_every,
                                                                   self.truth), daemon=True,
                                          name="chaos-truth"),
                         threading.Thread(target=self._loop, args=(self._engine, engine_every,
@@ -370,6 +382,9 @@ class Watch:
         self.stopping.set()
         for t in self.threads:
             t.join(10)
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
         self.control.close()
         self.api.close()
 
@@ -431,6 +446,28 @@ class Watch:
         seen["last"] = now
         seen["samples"] += 1
 
+    # the event table: when each event became visible (committed)
+    def _table(self) -> None:
+        import psycopg
+
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(self.db_url, autocommit=True, connect_timeout=3)
+            # Ids are handed out before commit: a lower id may commit after a higher
+            # one, so look back a little behind the highest id seen.
+            floor = max(self.visible, default=0) - 300
+            rows = self._conn.execute("SELECT id FROM event WHERE id > %s", (floor,)).fetchall()
+        except psycopg.Error as exc:
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+            self._conn = None
+            raise ValueError(str(exc)) from None
+        now = time.time()
+        with self.lock:
+            for (i,) in rows:
+                self.visible.setdefault(i, now)
+
     # the engine: sweeper lease and HA items held
     def _engine(self) -> None:
         r = self.api.get("/engine")
@@ -477,7 +514,7 @@ class Watch:
 @dataclass
 class Step:
     at: float  # seconds after the chaos began
-    kind: str  # fault | kill | pg-restart
+    kind: str  # fault | kill | db-cut | pg-restart
     what: str  # the fault (scenario vocabulary), or the process: web1, engine:sweeper …
     after: float = 0.0  # kill: restart the process this many seconds later
 
@@ -486,6 +523,8 @@ class Step:
             return f"kill -9 {self.what} (restart after {self.after:.0f} s)"
         if self.kind == "pg-restart":
             return "restart PostgreSQL"
+        if self.kind == "db-cut":
+            return "cut every connection to the database"
         return self.what
 
 
@@ -503,12 +542,14 @@ MACHINE_FAULTS = {
 
 def make_plan(seed: int, *, duration: float, hosts: list[str], vms: list[str],
               fault_every: float, kill_every: float, pg_restarts: int,
-              webs: list[str], engines: list[str], clusters: int = 1) -> list[Step]:
+              webs: list[str], engines: list[str], clusters: int = 1,
+              db_cut_every: float = 0.0) -> list[Step]:
     """The whole run's faults, from ``seed`` alone: machine faults about every
     ``fault_every`` s (exponential gaps); at once at most a fifth of the hosts (at
     least 2) and a third of a cluster's (at least 1) down, cut off or without agent,
     so the mass-failure brake (R14: more than half of a cluster) is not what the run
-    measures; a web and an engine kill about every ``kill_every`` s each; and
+    measures; a web and an engine kill about every ``kill_every`` s each; every
+    connection to the database cut about every ``db_cut_every`` s; and
     ``pg_restarts`` PostgreSQL restarts spread over the run. ``hosts`` in the
     simulator's order: it deals them round-robin to ``clusters`` clusters."""
     rng = random.Random(seed)
@@ -555,6 +596,11 @@ def make_plan(seed: int, *, duration: float, hosts: list[str], vms: list[str],
                     what = rng.choice(targets)
                 steps.append(Step(round(t, 2), "kill", what, round(rng.uniform(*restart), 1)))
                 t += kill_every * rng.uniform(0.8, 1.2)
+    if db_cut_every > 0:
+        t = db_cut_every * rng.uniform(0.4, 0.7)
+        while t < duration - 3:
+            steps.append(Step(round(t, 2), "db-cut", "database"))
+            t += db_cut_every * rng.uniform(0.8, 1.2)
     for k in range(pg_restarts):
         at = duration * (k + 1) / (pg_restarts + 1) + rng.uniform(-10, 10)
         steps.append(Step(round(min(max(at, 5.0), duration - 5), 2), "pg-restart", "postgresql"))
@@ -599,6 +645,7 @@ class Chaos:
         self.killed: set[int] = set()  # pids we killed (their exit is expected)
         self.kills: list[dict] = []
         self.pg_restarts: list[dict] = []
+        self.db_cuts: list[dict] = []
         self.unexpected: list[dict] = []
         self.faults: list[dict] = []
         self.fault_errors: list[str] = []
@@ -655,9 +702,11 @@ class Chaos:
         plan = make_plan(self.seed, duration=o["duration"], hosts=hosts, vms=vms,
                          fault_every=o["fault_every"], kill_every=o["kill_every"],
                          pg_restarts=pg, webs=webs, engines=engines,
-                         clusters=o["clusters"])
+                         clusters=o["clusters"], db_cut_every=o["db_cut_every"])
         say(f"plan: {sum(s.kind == 'fault' for s in plan)} machine faults and heals, "
-            f"{sum(s.kind == 'kill' for s in plan)} kills, {pg} PostgreSQL restart(s) over "
+            f"{sum(s.kind == 'kill' for s in plan)} kills, "
+            f"{sum(s.kind == 'db-cut' for s in plan)} database cuts, {pg} PostgreSQL "
+            "restart(s) over "
             f"{o['duration']:.0f} s")
         time.sleep(2)  # the live client connects
         self.t0, self.t0_wall = time.monotonic(), time.time()
@@ -687,6 +736,8 @@ class Chaos:
                 self._fault(step.what)
             elif step.kind == "kill":
                 self._kill(step)
+            elif step.kind == "db-cut":
+                self._db_cut()
             elif step.kind == "pg-restart":
                 self._pg_restart()
 
@@ -748,6 +799,24 @@ class Chaos:
                 return c
         return engines[0] if engines else None
 
+    def _db_cut(self) -> None:
+        """Every connection to the run's database terminated at once (what a
+        PostgreSQL restart does to its clients, AdminShutdown, without touching the
+        server's other databases)."""
+        import psycopg
+
+        try:
+            with psycopg.connect(**self.db.conninfo(), autocommit=True) as conn:
+                n = conn.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()", (self.db.name,)
+                ).fetchone()[0]
+        except psycopg.Error as exc:
+            self.db_cuts.append({"at": self._since(), "error": str(exc)[:200]})
+            return
+        self.db_cuts.append({"at": self._since(), "connections": n})
+        say(f"  t={self._since():.0f}s cut {n} database connection(s)")
+
     def _pg_restart(self) -> None:
         version = sorted(os.listdir("/etc/postgresql"))[-1]
         argv = [a.format(version=version) for a in PG_RESTART]
@@ -794,7 +863,8 @@ class Chaos:
             double = len(w.double) + len(w.logged_double)
             overlap, faulty, items = len(w.overlap), w.faulty_hosts, w.open_items
         return (f"t={now:.0f}s faults {len(self.faults)} ({faulty} hosts faulty), kills "
-                f"{len(self.kills)}, PG restarts {len(self.pg_restarts)}; open HA items "
+                f"{len(self.kills)}, database cuts {len(self.db_cuts)}, PG restarts "
+                f"{len(self.pg_restarts)}; open HA items "
                 f"{items}; double runs {double}, overlapping starts {overlap}; dashboard "
                 f"{len(live.received)} events ({live.state}, {live.drops} drops); longest "
                 f"sweeper gap {gaps[0]['seconds'] if gaps else 0:.1f} s")
@@ -960,9 +1030,17 @@ class Chaos:
                               f"(ids {', '.join(map(str, missed[:10]))}"
                               f"{' …' if len(missed) > 10 else ''})")
         by_id = {e["id"]: e for e in events}
-        latency = sorted((live.received[i] - parse_time(by_id[i]["time"]), i)
-                         for i in db_ids if i in live.received)
+        # Delivery: from the moment the event was seen committed in the table (polled
+        # every 0.1 s) to its arrival at the dashboard; and, as a second view, from
+        # the event's own time (the engine's clock when the step began, often before
+        # the commit: an investigation or an agent call lies in between).
+        with w.lock:
+            visible = dict(w.visible)
+        latency = sorted((max(0.0, live.received[i] - visible[i]), i)
+                         for i in db_ids if i in live.received and i in visible)
         lat = [x for x, _ in latency]
+        stamped = sorted(live.received[i] - parse_time(by_id[i]["time"])
+                         for i in db_ids if i in live.received)
 
         # the sweeper
         gaps = w.sweeper_gaps(self.t0_wall)
@@ -984,7 +1062,7 @@ class Chaos:
                        "by_kind": dict(Counter(_fault_kind(f["do"]) for f in self.faults)),
                        "refused": self.fault_errors},
             "events_by_kind": dict(kinds.most_common()),
-            "kills": self.kills, "pg_restarts": self.pg_restarts,
+            "kills": self.kills, "db_cuts": self.db_cuts, "pg_restarts": self.pg_restarts,
             "unexpected_exits": self.unexpected,
             "double_runs": {"vms": vms_twice, "sampled": sampled, "simulator_log": logged,
                             "overlapping_starts": overlapping,
@@ -1001,7 +1079,14 @@ class Chaos:
                           "latency_s": {"p50": _r(percentile(lat, 50)),
                                         "p99": _r(percentile(lat, 99)),
                                         "max": _r(lat[-1] if lat else None),
-                                        "over_1s": sum(1 for x in lat if x > 1.0)},
+                                        "over_1s": sum(1 for x in lat if x > 1.0),
+                                        "measured": len(lat),
+                                        "table_polls": w.table["samples"],
+                                        "table_blind_max_s": round(w.table["blind_max"], 1)},
+                          "since_event_time_s": {
+                              "p50": _r(percentile(stamped, 50)),
+                              "p99": _r(percentile(stamped, 99)),
+                              "max": _r(stamped[-1] if stamped else None)},
                           "slowest": [{"id": i, "event": by_id[i]["event"],
                                        "subject": by_id[i]["subject_name"],
                                        "seconds": round(x, 2)}
@@ -1092,7 +1177,7 @@ def classify(not_running: list[dict], work: list[dict]) -> tuple[list, list, lis
 
 def report(r: dict[str, Any]) -> str:
     d, ha, live, sw = r["double_runs"], r["ha"], r["dashboard"], r["sweeper"]
-    lat = live["latency_s"]
+    lat, stamp = live["latency_s"], live["since_event_time_s"]
     longest = sw["longest_gap"] or {}
     hold = ha["longest_hold"] or {}
     kills = Counter(f"{k['process'].rstrip('0123456789')}"
@@ -1110,8 +1195,11 @@ def report(r: dict[str, Any]) -> str:
          f"{live['received']} of {live['events']} received; {live['drops']} drops, "
          f"{live['connects']} connects, {len(live['reloads'])} reloads"],
         ["event delivery p50 / p99 / max (s)", f"{fmt(lat['p50'], 3)} / {fmt(lat['p99'], 3)}"
-         f" / {fmt(lat['max'], 2)}", f"{lat['over_1s']} events over 1 s (event time → "
-         "received)"],
+         f" / {fmt(lat['max'], 2)}", f"committed → received; {lat['over_1s']} of "
+         f"{lat['measured']} over 1 s"],
+        ["  the same from the event's time", f"{fmt(stamp['p50'], 3)} / "
+         f"{fmt(stamp['p99'], 3)} / {fmt(stamp['max'], 2)}",
+         "the engine stamps a step when it begins"],
         ["longest sweeper gap (s)", fmt(longest.get("seconds"), 1),
          f"{sw['takeovers']} takeovers; {len(sw['gaps_over_5s'])} gaps over 5 s"],
         ["longest HA item hold (s)", fmt(hold.get("seconds"), 1),
@@ -1127,6 +1215,7 @@ def report(r: dict[str, Any]) -> str:
         f"faults applied: {r['faults']['applied']} ("
         + ", ".join(f"{v} {k}" for k, v in sorted(r["faults"]["by_kind"].items())) + ")",
         "kills: " + (", ".join(f"{v} {k}" for k, v in sorted(kills.items())) or "none")
+        + f"; database cuts: {len(r['db_cuts'])}"
         + f"; PostgreSQL restarts: {len(r['pg_restarts'])}"
         + (f" ({', '.join(str(p['seconds']) + ' s' for p in r['pg_restarts'])})"
            if r["pg_restarts"] else "")

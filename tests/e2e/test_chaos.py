@@ -3,8 +3,9 @@
 ``test_short_chaos_run_keeps_spec_6`` runs ``manage.py chaos`` short and bounded: the
 whole system as real processes (2 daphne behind a load balancer, 2 qclusters, the
 fleet simulator, a live dashboard client) on PostgreSQL with Redis as the channel
-layer, 75 s of machine faults plus kill -9 of web and engine processes — no
-PostgreSQL restarts here, they would hit everyone sharing the server. It asserts
+layer, 75 s of machine faults plus kill -9 of web and engine processes and cuts of
+every connection to its database — no PostgreSQL restarts here, they would hit everyone
+sharing the server. It asserts
 what SPEC §6 promises: no VM ran twice, no HA item was lost or processed twice, the
 dashboard missed no event, and after the settle every HA VM runs exactly once.
 
@@ -75,6 +76,7 @@ def test_short_chaos_run_keeps_spec_6(tmp_path):
     env.pop("CI", None)
     argv = [sys.executable, str(ROOT / "manage.py"), "chaos", "--hosts", "8", "--vms", "40",
             "--clusters", "1", "--duration", "75", "--fault-every", "4", "--kill-every", "30",
+            "--db-cut-every", "30",
             "--seed", str(SEED), "--database", server, "--redis", redis, "--json",
             "--log-dir", str(logs)]
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -90,6 +92,8 @@ def test_short_chaos_run_keeps_spec_6(tmp_path):
     killed = {k["process"].rstrip("0123456789") for k in r["kills"]}
     assert killed == {"web", "engine"}, r["kills"]
     assert all("restarted_at" in k for k in r["kills"]), r["kills"]
+    assert r["db_cuts"] and all(c.get("connections", 0) > 0 for c in r["db_cuts"]), \
+        r["db_cuts"]
     assert r["double_runs"]["truth_samples"] >= 60
     assert r["sweeper"]["renewals"] >= 30
     assert r["dashboard"]["received"] >= 50 and r["dashboard"]["drops"] >= 1, r["dashboard"]
@@ -156,11 +160,12 @@ def test_the_plan_comes_from_the_seed_and_heals_what_it_breaks():
     def plan(seed):
         return make_plan(seed, duration=300, hosts=hosts, vms=vms, fault_every=3,
                          kill_every=40, pg_restarts=1, webs=["web1", "web2"],
-                         engines=["engine1", "engine2"], clusters=2)
+                         engines=["engine1", "engine2"], clusters=2, db_cut_every=60)
 
     assert plan(5) == plan(5) and plan(5) != plan(6)
     steps = plan(5)
     assert sum(s.kind == "pg-restart" for s in steps) == 1
+    assert 3 <= sum(s.kind == "db-cut" for s in steps) <= 6
     assert {s.what.rstrip("12") for s in steps if s.kind == "kill"} >= {"web", "engine"}
     # At most 6 hosts (a fifth) and 5 of a 15-host cluster down, cut off or without
     # agent at any time; every such fault is followed by its heal on the same host.

@@ -4,7 +4,8 @@ Real processes on a fresh PostgreSQL database with Redis as the channel layer: t
 daphne web processes behind a small load balancer, two django-q clusters running the
 engine, the fleet simulator and a live dashboard client. For ``--duration`` seconds a
 seeded plan injects machine faults through the simulator, kill -9 of a web process and
-of an engine process group (each restarted), and with ``--long`` PostgreSQL restarts
+of an engine process group (each restarted), cuts of every connection to the run's
+database (``pg_terminate_backend``), and with ``--long`` PostgreSQL restarts
 (``pg_ctlcluster … restart``: it restarts the machine's shared server — never in the
 test suite). Then every fault is healed and the fleet settles.
 
@@ -46,6 +47,10 @@ class Command(BaseCommand):
         parser.add_argument("--kill-every", type=float, default=60.0,
                             help="about every this many seconds kill -9 a web process, and "
                             "as often an engine process group (60; 0: no kills)")
+        parser.add_argument("--db-cut-every", type=float, default=90.0,
+                            help="about every this many seconds terminate every connection "
+                            "to the run's database, as a PostgreSQL restart would, without "
+                            "touching the server (90; 0: never)")
         parser.add_argument("--start-delay", type=float, default=0.5,
                             help="seconds a simulated VM start takes (0.5)")
         parser.add_argument("--settle", type=float, default=420.0,
@@ -79,9 +84,10 @@ class Command(BaseCommand):
         if o["hosts"] < 4 or o["vms"] < 2 or o["clusters"] < 1 or o["clusters"] > o["hosts"]:
             raise CommandError("need --hosts ≥ 4, --vms ≥ 2 and 1 ≤ --clusters ≤ --hosts",
                                returncode=2)
-        if o["duration"] <= 0 or o["fault_every"] <= 0 or o["kill_every"] < 0:
+        if o["duration"] <= 0 or o["fault_every"] <= 0 or o["kill_every"] < 0 \
+                or o["db_cut_every"] < 0:
             raise CommandError("--duration and --fault-every must be positive, "
-                               "--kill-every ≥ 0", returncode=2)
+                               "--kill-every and --db-cut-every ≥ 0", returncode=2)
         try:
             result = chaos.run(o)
         except BenchError as exc:
