@@ -346,9 +346,17 @@ def _host_engine_loop(sender, proc_name=None, **kwargs):
 
 
 def _connect_engine_loop() -> None:
+    import logging
+
     from django_q.signals import post_spawn
 
+    from hadash.ha.outage import OneLine
+
     post_spawn.connect(_host_engine_loop, dispatch_uid="hadash.engine_loop")
+    # A database outage: one line per error from django-q too, not a traceback.
+    django_q_log = logging.getLogger("django-q")
+    if not any(isinstance(f, OneLine) for f in django_q_log.filters):
+        django_q_log.addFilter(OneLine())
 
 
 _connect_engine_loop()

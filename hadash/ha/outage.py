@@ -79,3 +79,17 @@ def reconnect() -> None:
 
 def under_way() -> bool:
     return _since is not None
+
+
+class OneLine(logging.Filter):
+    """For django-q's logger in the engine processes: a database error it logs with a
+    traceback (its pusher polls the queue table every 0.2 s, its scheduler every 30 s)
+    becomes one line naming the error, as hadash's own threads report it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, DB_ERRORS):
+            record.msg = f"{record.getMessage()}: {brief(exc)}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True

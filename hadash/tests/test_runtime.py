@@ -395,3 +395,27 @@ def test_engine_loop_lives_through_every_connection_being_cut(caplog, monkeypatc
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith("database unavailable"), warnings
     assert not [r for r in caplog.records if r.levelno >= 40]
+
+
+def test_django_q_reports_a_database_error_in_one_line():
+    """Issue 8 part 7: during an outage django-q's pusher logs a failed poll every
+    10 s; in hadash's processes that is one line naming the error, not a traceback."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    log = logging.getLogger("django-q")
+    log.addHandler(handler)
+    try:
+        try:
+            raise OperationalError("terminating connection due to administrator command\n"
+                                   "server closed the connection unexpectedly")
+        except OperationalError:
+            log.exception("Failed to pull task from broker")
+    finally:
+        log.removeHandler(handler)
+    [record] = records
+    assert record.exc_info is None
+    assert record.getMessage() == ("Failed to pull task from broker: OperationalError: "
+                                   "terminating connection due to administrator command")
