@@ -26,7 +26,7 @@ from channels.db import database_sync_to_async
 
 from .auth import bearer, host_for_token, is_join_key
 from .validation import MAX_BODY_BYTES
-from .views import SCOPE_HOST, SCOPE_JOIN
+from .views import SCOPE_HOST
 
 PREFIX = "/api/agent/v1/"
 CONNECT = PREFIX + "connect"
@@ -80,17 +80,14 @@ class AgentGate:
                 send, 401, "missing credentials: send Authorization: Bearer <host token> "
                 "(or, to enrol on connect, Bearer <join key>)",
                 WWW_Authenticate='Bearer realm="hadash-agent"')
-        scope = dict(scope)
-        if scope["path"] == CONNECT and is_join_key(token):
-            scope[SCOPE_JOIN] = True
-        else:
+        if not (scope["path"] == CONNECT and is_join_key(token)):
             host = await database_sync_to_async(_lookup)(token)
             if host is None:
                 what = "invalid join key or host token" if scope["path"] == CONNECT \
                     else "invalid host token"
                 return await _answer(send, 401, what,
                                      WWW_Authenticate='Bearer realm="hadash-agent"')
-            scope[SCOPE_HOST] = host
+            scope = {**scope, SCOPE_HOST: host}
         return await self.app(scope, _limited(receive), send)
 
 

@@ -30,9 +30,8 @@ from .validation import ProtocolError
 
 log = logging.getLogger("hadash.agent")
 
-# Where AgentGate leaves what it found (ASGI scope keys).
+# Where AgentGate leaves the host it found for the request's token (ASGI scope key).
 SCOPE_HOST = "hadash.agent.host"
-SCOPE_JOIN = "hadash.agent.join"
 
 
 def error(message: str, status: int, **headers: str) -> JsonResponse:
