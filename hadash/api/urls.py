@@ -1,7 +1,6 @@
 """Operator REST API, mounted at /api/v1/ (PROTOCOL.md, Operator API)."""
 
 from django.urls import include, path, re_path
-from drf_spectacular.views import SpectacularJSONAPIView
 from rest_framework.permissions import AllowAny
 
 from . import views
@@ -48,7 +47,7 @@ urlpatterns = [
     *api_patterns,
     path(
         "openapi.json",
-        SpectacularJSONAPIView.as_view(
+        views.OpenApiDocumentView.as_view(
             authentication_classes=[],
             permission_classes=[AllowAny],
             patterns=schema_patterns,

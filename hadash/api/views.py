@@ -18,6 +18,7 @@ from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.views import SpectacularJSONAPIView
 from rest_framework import exceptions, status
 from rest_framework.generics import GenericAPIView
 from rest_framework.metadata import BaseMetadata
@@ -677,6 +678,18 @@ class EngineStatusView(ApiView):
 
 
 # --- index, documentation, unknown paths --------------------------------------
+
+
+class OpenApiDocumentView(SpectacularJSONAPIView):
+    """`/api/v1/openapi.json`: answered whatever the Accept header says, and errors
+    (a POST: 405) in the API's `{"error": ...}` shape."""
+
+    content_negotiation_class = JSONAnswers
+
+    def get_exception_handler(self):
+        return api_exception_handler
+
+
 # Plain Django views (outside the OpenAPI document): they read no body and show
 # nothing that /api/v1/openapi.json does not already publish.
 

@@ -623,6 +623,14 @@ def test_openapi_document():
     assert not any(p.startswith("/api/agent") for p in paths)
 
 
+def test_openapi_document_whatever_the_client_accepts():
+    """The document is served to any Accept header; a POST is a JSON 405."""
+    r = APIClient().get(f"{API}/openapi.json", HTTP_ACCEPT="text/html")
+    assert r.status_code == 200 and json.loads(r.content)["openapi"].startswith("3.")
+    r = APIClient().post(f"{API}/openapi.json")
+    assert r.status_code == 405 and "POST" in r.json()["error"]
+
+
 def test_openapi_schema_has_no_warnings(tmp_path):
     """The document generates without drf-spectacular warnings and validates."""
     call_command("spectacular", "--urlconf", "hadash.api.urls", "--fail-on-warn",
