@@ -1,7 +1,7 @@
 """django-q2 task entry points (see hadash.ha.runtime for the design).
 
 The engine loops are not tasks: each qcluster process runs its own
-(hadash.ha.runtime.host_resident_loop). The only task is the twice-a-minute check.
+(hadash.ha.runtime.host_resident_loop). The only task is the stall check, twice a minute.
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ def engine_loop() -> str:
 
 
 def ensure_engine() -> str:
-    """Twice a minute: alert on a stalled sweeper; reap loops that stopped
-    heartbeating and release their HA work (the sweeper does that too)."""
-    from hadash.ha.runtime import check_stall, reap_lost_loops, status
+    """Twice a minute: alert on a stalled sweeper (loops that stopped heartbeating are
+    reaped by the sweeper)."""
+    from hadash.ha.runtime import check_stall, status
 
     stalled = check_stall()
-    reaped = reap_lost_loops()
     st = status()
-    return f"alive {st['alive_loops']} of {st['target_loops']}, reaped {len(reaped)}, " \
-           f"stalled {stalled}"
+    return f"alive {st['alive_loops']} of {st['target_loops']}, stalled {stalled}"
 
 
 def register_schedules() -> None:

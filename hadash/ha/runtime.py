@@ -24,7 +24,7 @@ together used to land in one cluster, leaving no standby when it died). Each loo
 
 The sweeper also reaps loops that stopped heartbeating (EngineLoopLost) and releases
 the HA items they held. A scheduled task (`hadash.tasks.ensure_engine`, twice a
-minute) does the same and raises an alert when the sweeper lease has lapsed. Nothing
+minute) raises an alert when the sweeper lease has lapsed. Nothing
 depends on a clean shutdown of qcluster: leases expire, heartbeats go stale.
 """
 
@@ -60,6 +60,8 @@ log = logging.getLogger("hadash.runtime")
 SWEEPER = "sweeper"
 SWEEPER_TTL = dt.timedelta(seconds=10)
 HEARTBEAT_TTL = dt.timedelta(seconds=15)
+# A loop silent this long is lost (EngineLoopLost; its HA items are released).
+LOST_AFTER = 2 * HEARTBEAT_TTL
 SWEEP_EVERY = 1.0
 # Between sweeps the sweeper wakes when the next host falls behind, this much after.
 DETECT_SLACK = 0.01
@@ -199,6 +201,10 @@ class EngineLoop:
         self.is_sweeper = False
         self.registered = False
         self.stopping = stopping or threading.Event()
+        # When this loop last could not reach the database (or started): it reaps
+        # other loops only once it has been in touch for longer than they may be
+        # silent — after an outage every loop's heartbeat is stale, not lost.
+        self.out_of_touch = time.monotonic()
 
     def stop(self) -> None:
         """Ask the loop to end (it hands the sweeper lease over)."""
@@ -233,7 +239,8 @@ class EngineLoop:
         self._submit_investigations(now, cfg, newly_behind=False)
         self.engine.cluster_checks(now=now, cfg=cfg)
         cleanup.cleanup_step(self.engine, cfg=cfg)
-        if reap_lost_loops():
+        in_touch = time.monotonic() - self.out_of_touch
+        if in_touch > LOST_AFTER.total_seconds() and reap_lost_loops():
             self.pool.notify()  # their HA items are free now
         return self._next_due(cfg)
 
@@ -352,6 +359,7 @@ class EngineLoop:
                     outage.ok()
                 except outage.DB_ERRORS as exc:
                     outage.failed(f"engine loop {self.id}", exc)
+                    self.out_of_touch = time.monotonic()
                 except Exception:
                     log.exception("engine loop %s step failed", self.id)
                     close_old_connections()
@@ -522,13 +530,14 @@ def reap_lost_loops(now=None) -> list[str]:
     """Loops whose heartbeat stopped (a killed or wedged process): one alert each,
     naming the HA items they still held, which are released with it — retaken by
     another worker at once, not when their 5-minute lease lapses (R11). Their rows go.
-    Returns the loops reaped."""
+    Returns the loops reaped. The sweeper calls it, once it has itself been in touch
+    with the database for LOST_AFTER."""
     from hadash.choices import FINAL_STEPS
     from hadash.ha.work import release_claim
     from hadash.models import HaWork
 
     now = now or timezone.now()
-    lost = list(EngineProcess.objects.filter(heartbeat__lt=now - 2 * HEARTBEAT_TTL))
+    lost = list(EngineProcess.objects.filter(heartbeat__lt=now - LOST_AFTER))
     reaped = []
     for p in lost:
         with transaction.atomic():
