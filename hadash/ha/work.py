@@ -20,7 +20,7 @@ from django.db.models import Q
 from hadash import config
 from hadash.choices import FINAL_STEPS, Reason, Step, Subject, WorkType
 from hadash.events import record_event
-from hadash.models import HaWork, Lease, ha_rank
+from hadash.models import HaWork, Lease
 from hosts.choices import HostStatus
 from vms.choices import PowerState, VmState
 from vms.models import VMInstance
@@ -42,7 +42,6 @@ __all__ = ["HaWork", "schedule_restart", "schedule_restart_for_vms_on_host", "wo
 # domain (hosts/, vms/) schedules work without importing the engine; the engine's
 # callers keep these names.
 
-rank_of = ha_rank
 schedule_restart = HaWork.objects.schedule_restart
 schedule_restart_for_vms_on_host = HaWork.objects.schedule_restart_for_vms_on_host
 schedule_force_stop = HaWork.objects.schedule_force_stop
