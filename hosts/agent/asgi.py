@@ -15,7 +15,12 @@ A request that passes goes on to Django with the host found put in the scope
 (``hosts.agent.views.SCOPE_HOST``), so the view does not look the token up again.
 Everything else (other paths, websockets, lifespan) passes through untouched.
 
-Wire it in ``hadash/asgi.py``: ``"http": AgentGate(django_asgi_app)``.
+daphne itself receives a whole request before it calls the application. The rules that
+need no database — the length, a missing or non-Bearer ``Authorization``, the join key
+anywhere but ``connect`` — are :func:`early_refusal`, a pure function of the path and
+headers that an HTTP server can apply as soon as the headers have arrived (and that
+AgentGate applies first); whether a token belongs to a host needs the database, so
+AgentGate checks that next.
 """
 
 from __future__ import annotations
@@ -32,13 +37,6 @@ PREFIX = "/api/agent/v1/"
 CONNECT = PREFIX + "connect"
 
 
-def _header(scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers") or []:
-        if bytes(key).lower() == name:
-            return bytes(value)
-    return None
-
-
 async def _answer(send, status: int, message: str, **headers: str) -> None:
     body = json.dumps({"error": message}).encode()
     raw = [(b"content-type", b"application/json"),
@@ -50,6 +48,37 @@ async def _answer(send, status: int, message: str, **headers: str) -> None:
 
 def _lookup(token: str):
     return host_for_token(token)
+
+
+UNAUTHORIZED = {"WWW_Authenticate": 'Bearer realm="hadash-agent"'}
+
+
+def early_refusal(path: str, headers, *, method: str = "POST") -> tuple[int, str] | None:
+    """``(status, message)`` when an agent request must be refused from its request
+    line and headers alone (no database, no body), else None. ``headers``: (name,
+    value) pairs, str or bytes, names in any case. Only ``POST /api/agent/v1/…``."""
+    if method != "POST" or not path.startswith(PREFIX):
+        return None
+    pairs = [(_text(k).lower(), _text(v)) for k, v in headers]
+    values = dict(pairs)
+    raw_length = values.get("content-length")
+    if raw_length is not None and raw_length.strip():
+        if not raw_length.strip().isdigit():
+            return 400, f"Content-Length must be a number of bytes, not {raw_length[:40]!r}"
+        if int(raw_length) > MAX_BODY_BYTES:
+            return 413, (f"report too large: {int(raw_length)} bytes, the limit is "
+                         f"{MAX_BODY_BYTES} bytes (4 MiB)")
+    token = bearer(values)  # a mapping with lower-case names
+    if token is None:
+        return 401, ("missing credentials: send Authorization: Bearer <host token> (or, to "
+                     "enrol on connect, Bearer <join key>)")
+    if path != CONNECT and is_join_key(token):
+        return 401, "the join key only enrols (connect): send Authorization: Bearer <host token>"
+    return None
+
+
+def _text(value) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
 
 
 class AgentGate:
@@ -64,29 +93,18 @@ class AgentGate:
             or scope.get("method") != "POST"
         ):
             return await self.app(scope, receive, send)
-        length = _header(scope, b"content-length")
-        if length is not None:
-            try:
-                size = int(length)
-            except ValueError:
-                return await _answer(send, 400, "Content-Length is not a number")
-            if size > MAX_BODY_BYTES:
-                return await _answer(
-                    send, 413, f"report too large: {size} bytes, the limit is "
-                    f"{MAX_BODY_BYTES} bytes (4 MiB)")
+        refusal = early_refusal(scope["path"], scope.get("headers") or [])
+        if refusal is not None:
+            status, message = refusal
+            return await _answer(send, status, message,
+                                 **(UNAUTHORIZED if status == 401 else {}))
         token = bearer(scope.get("headers") or [])
-        if token is None:
-            return await _answer(
-                send, 401, "missing credentials: send Authorization: Bearer <host token> "
-                "(or, to enrol on connect, Bearer <join key>)",
-                WWW_Authenticate='Bearer realm="hadash-agent"')
         if not (scope["path"] == CONNECT and is_join_key(token)):
             host = await database_sync_to_async(_lookup)(token)
             if host is None:
                 what = "invalid join key or host token" if scope["path"] == CONNECT \
                     else "invalid host token"
-                return await _answer(send, 401, what,
-                                     WWW_Authenticate='Bearer realm="hadash-agent"')
+                return await _answer(send, 401, what, **UNAUTHORIZED)
             scope = {**scope, SCOPE_HOST: host}
         return await self.app(scope, _limited(receive), send)
 

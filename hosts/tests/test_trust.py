@@ -715,6 +715,26 @@ def test_r31_ws_message_over_the_limit_gets_an_error(client, agent_key):
 # --- refused before the body is read (AgentGate) ------------------------------------
 
 
+def test_r31_early_refusal_rules_need_only_the_headers(agent_key):
+    """Issue 8 item 4: what an HTTP server can refuse as soon as an agent request's
+    headers are in — no database, no body: the length, no Bearer credentials, the join
+    key anywhere but connect. Anything else is left to AgentGate and the view."""
+    from hosts.agent.asgi import early_refusal
+
+    bearer = [("Authorization", "Bearer some-token")]
+    assert early_refusal(PING, [("Content-Length", "5242880"), *bearer])[0] == 413
+    assert early_refusal(PING, [("Content-Length", "12x"), *bearer])[0] == 400
+    assert early_refusal(PING, [("Content-Length", "10")])[0] == 401
+    assert early_refusal(PING, [(b"authorization", b"Basic eDp5")])[0] == 401
+    join = [("authorization", f"Bearer {agent_key}")]
+    assert early_refusal(PING, join)[0] == 401
+    assert early_refusal(DISCONNECT, join)[0] == 401
+    assert early_refusal(CONNECT, join) is None
+    assert early_refusal(PING, [("Content-Length", "4194304"), *bearer]) is None
+    assert early_refusal("/api/v1/vms", []) is None  # not an agent path
+    assert early_refusal(PING, [], method="GET") is None  # the view answers 405
+
+
 def _gate_call(path: str, headers: list[tuple[bytes, bytes]], body: bytes = b""):
     """Run one HTTP request through AgentGate(Django); returns (status, json, how many
     times the body was asked for)."""
