@@ -35,6 +35,14 @@ def install_request_deadline(seconds: float) -> None:
     from daphne import http_protocol
     from twisted.web import http
 
+    generic = getattr(http, "_GenericHTTPChannelProtocol", None)
+    if generic is None:  # a Twisted without it: keep daphne's own (test_security.py fails)
+        import logging
+
+        logging.getLogger("hadash").warning(
+            "this Twisted has no _GenericHTTPChannelProtocol: no request deadline")
+        return
+
     class DeadlineHTTPChannel(http.HTTPChannel):
         request_deadline = seconds
         _deadline = None  # the pending IDelayedCall, while a request is being received
@@ -70,7 +78,7 @@ def install_request_deadline(seconds: float) -> None:
             self.loseConnection()
 
     def protocol(factory):
-        return http._GenericHTTPChannelProtocol(DeadlineHTTPChannel())
+        return generic(DeadlineHTTPChannel())
 
     http_protocol.HTTPFactory.protocol = protocol
 
