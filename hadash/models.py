@@ -333,30 +333,3 @@ class ApiToken(models.Model):
         key = "hd_" + secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, key_hash=cls.hash(key), prefix=key[:8])
         return token, key
-
-
-def _host_engine_loop(sender, proc_name=None, **kwargs):
-    """Every engine process (`manage.py qcluster`) runs one engine loop of its own,
-    started in one of its worker processes as django-q spawns it (hadash.ha.runtime).
-    Connected here because this module is imported wherever Django is set up, so
-    every process qcluster forks has the receiver."""
-    from hadash.ha.runtime import host_resident_loop
-
-    host_resident_loop()
-
-
-def _connect_engine_loop() -> None:
-    import logging
-
-    from django_q.signals import post_spawn
-
-    from hadash.ha.outage import OneLine
-
-    post_spawn.connect(_host_engine_loop, dispatch_uid="hadash.engine_loop")
-    # A database outage: one line per error from django-q too, not a traceback.
-    django_q_log = logging.getLogger("django-q")
-    if not any(isinstance(f, OneLine) for f in django_q_log.filters):
-        django_q_log.addFilter(OneLine())
-
-
-_connect_engine_loop()

@@ -313,7 +313,10 @@ def test_r15_failed_migration_leaves_error_in_maintenance():
     w.apply("host h1 maintenance")
     w.advance_to(1)
     assert Host.objects.get(name="h1").resource_state == "ErrorInMaintenance"
-    assert items("a", WorkType.MIGRATION)[-1].step == Step.ERROR
+    # R15 (clarified): the Migration work keeps retrying every migrate.retry.interval.
+    item = items("a", WorkType.MIGRATION)[-1]
+    assert item.step == Step.SCHEDULED and item.tried == 1
+    assert item.time_to_try > w.clock.now()
     assert vm("a").state == "Running" and vm("a").host.name == "h1"
     assert Event.objects.filter(event="ResourceStateChanged", alert=True,
                                 new="ErrorInMaintenance").exists()
