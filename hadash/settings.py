@@ -331,9 +331,10 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {"HostTypeEnum": "hosts.choices.HostType"},
 }
 
-# django-q2: the ORM broker needs no extra server; the cluster runs the engine loops
-# (hadash.ha.runtime). A loop lives HADASH_LOOP_LIFETIME (240 s) < timeout < retry,
-# so django-q never kills or re-delivers a healthy loop.
+# django-q2: the ORM broker needs no extra server. Each cluster (`manage.py qcluster`)
+# hosts one engine loop of its own in a worker thread started on post_spawn
+# (hadash.ha.runtime, hadash.apps) — not a queued task, so no other cluster can take it;
+# the queue carries only the short scheduled tasks (ensure_engine, cleanup).
 Q_CLUSTER = {
     "name": "hadash",
     "orm": "default",

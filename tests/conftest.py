@@ -141,7 +141,7 @@ def start_system(database: str, var_dir: Path, *, hosts: int = 4, vms: int = 8,
     # Secrets (R30): SECRET_KEY and HADASH_AGENT_KEY are this test session's own
     # (conftest.py); the simulator's control token is this system's own.
     env = {**os.environ, "DATABASE_URL": database, "HADASH_VAR_DIR": str(var_dir),
-           "HADASH_ENGINE_LOOPS": "2", "HADASH_LOG": "INFO",
+           "HADASH_ENGINE_LOOPS": "1", "HADASH_LOG": "INFO",
            "HADASH_FLEET_TOKEN": secrets.token_urlsafe(32)}
     assert env.get("SECRET_KEY") and env.get("HADASH_AGENT_KEY"), "conftest.py sets them"
     env.pop("CI", None)
