@@ -47,7 +47,7 @@ from hosts.models import Host
 from vms.choices import PowerState, VmState
 from vms.models import VMInstance
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
 
 # Examples per operation and token (23 operations × 2 tokens × EXAMPLES calls). For a
 # longer hunt: HADASH_FUZZ_EXAMPLES=500 pytest hadash/tests/test_api_fuzz.py
