@@ -1,11 +1,13 @@
 """Refusing an operator API request by its headers, before its body is read (issue 8,
 part 4: unauthenticated bodies are refused by their Content-Length).
 
-``early_refusal`` looks only at the method, the path and the headers — no database, no
-body — so it can run wherever the headers are known first: in the API views before
-DRF parses anything (hadash.api.views.ApiView.initial), and in the HTTP server once a
-request's headers have arrived (daphne hands Django a request only after reading its
-whole body, so that is the place that saves reading it).
+``early_refusal`` looks only at the path and the headers — no database, no body — so
+it can run wherever the headers are known first: in front of Django's ASGI handler
+(hadash.api.asgi.ApiGate, which then also checks the credentials), in the API views
+before DRF parses anything (hadash.api.views.ApiView.initial: the length rules), and in
+the HTTP server once a request's headers have arrived (daphne hands the application a
+request only after reading its whole body, so that is the place that saves receiving
+it at all).
 
 The rules, for paths under ``/api/v1/``:
 
@@ -48,7 +50,7 @@ def early_refusal(
     refusal = length_refusal(headers)
     if refusal is not None:
         return refusal
-    if _has_body(headers):
+    if has_body(headers):
         cookies = _header(headers, "cookie") or ""
         has_session = any(
             part.strip().startswith(f"{session_cookie}=") for part in cookies.split(";")
@@ -59,7 +61,7 @@ def early_refusal(
     return None
 
 
-def _has_body(headers: list[tuple[str, str]]) -> bool:
+def has_body(headers: list[tuple[str, str]]) -> bool:
     length = (_header(headers, "content-length") or "").strip()
     chunked = "chunked" in (_header(headers, "transfer-encoding") or "").lower()
     return chunked or (length.isdigit() and int(length) > 0)

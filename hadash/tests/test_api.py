@@ -1002,3 +1002,84 @@ def test_a_value_the_database_refuses_is_a_400_not_a_500():
 
     r = api_exception_handler(DataError("integer out of range"), {})
     assert r.status_code == 400 and "cannot be stored" in r.data["error"]
+
+
+def _through_gate(method: str, path: str, headers: list[tuple[bytes, bytes]],
+                  body: bytes = b"", length: int | None = None):
+    """One HTTP request through ApiGate(Django's ASGI handler); returns (status, json,
+    how many times the body was asked for)."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync
+    from django.core.asgi import get_asgi_application
+
+    from hadash.api.asgi import ApiGate
+
+    app = ApiGate(get_asgi_application())
+    reads, sent = [], []
+
+    async def receive():
+        reads.append(1)
+        if len(reads) > 1:  # after the body a client only disconnects: not in this test
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    size = len(body) if length is None else length
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "server": ("testserver", 80),
+             "client": ("127.0.0.1", 50000),
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                         (b"content-length", str(size).encode()), *headers]}
+    async_to_sync(app)(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(data), len(reads)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_asgi_gate_refuses_bodies_before_reading_them():
+    """Issue 8: under ASGI (where Django reads the whole body before any view) a body
+    without valid credentials is 401 and one over the limit is 413, and the body is
+    never asked for; valid credentials go through."""
+    from django.test import Client
+
+    staff = get_user_model().objects.create_user("ops", is_staff=True)
+    inactive = get_user_model().objects.create_user("gone", is_staff=True, is_active=False)
+    _, key = ApiToken.issue(staff)
+    _, old_key = ApiToken.issue(inactive)
+    browser = Client()
+    browser.force_login(staff)
+    session = browser.cookies["sessionid"].value
+    make_host()
+    body = json.dumps({"value": "7"}).encode()
+    put = "/api/v1/config/ha.workers"
+    for headers, needle in [
+        ([], "authentication required"),
+        ([(b"authorization", b"Bearer wrong")], "Invalid"),
+        ([(b"authorization", f"Bearer {old_key}".encode())], "Invalid"),
+        ([(b"authorization", b"Basic eDp5")], "Bearer"),
+        ([(b"cookie", b"sessionid=forged")], "session"),
+    ]:
+        status, data, reads = _through_gate("PUT", put, headers, body)
+        assert (status, reads) == (401, 0), (headers, data)
+        assert needle in data["error"]
+    bearer = [(b"authorization", f"Bearer {key}".encode())]
+    status, data, reads = _through_gate("PUT", put, bearer, length=10**9)
+    assert (status, reads) == (413, 0) and "65536" in data["error"]
+    assert config.get("ha.workers") == 5
+    # Good credentials pass; the body is read and the change made.
+    status, data, reads = _through_gate("PUT", put, bearer, body)
+    assert status == 200 and reads >= 1, data
+    assert config.get("ha.workers") == 7
+    status, data, _ = _through_gate("PUT", put, [(b"cookie", f"sessionid={session}".encode())],
+                                    json.dumps({"value": "6"}).encode())
+    assert status == 403 and "CSRF" in data["error"]  # a browser session needs its token
+    # Requests without a body and other paths pass through untouched.
+    status, data, _ = _through_gate("GET", "/api/v1/hosts", bearer)
+    assert status == 200 and data[0]["name"] == "kvm-01"
+    status, data, _ = _through_gate("GET", "/api/v1/hosts", [])
+    assert status == 401
