@@ -84,8 +84,13 @@ def test_short_chaos_run_keeps_spec_6(tmp_path):
     where = f"\n{proc.stderr[-4000:]}\n{tails(logs) if logs.exists() else ''}"
     assert proc.returncode in (0, 1), f"the chaos run did not complete:{where}"
     r = json.loads(proc.stdout)
-    print(f"chaos seed {r['seed']}: sweeper gap {r['sweeper']['longest_gap']}, dashboard "
-          f"latency {r['dashboard']['latency_s']}, settle {r['settle']['seconds']} s")
+    print(f"chaos seed {r['seed']}: {r['faults']['applied']} faults, "
+          f"{[k['process'] + ':' + k['role'] for k in r['kills']]} killed, "
+          f"{len(r['db_cuts'])} database cuts; what hadash did {r['events_by_kind']}; "
+          f"sweeper gap {r['sweeper']['longest_gap']}; dashboard {r['dashboard']['received']}"
+          f" events, {r['dashboard']['drops']} drops, latency {r['dashboard']['latency_s']}; "
+          f"settle {r['settle']['seconds']} s; tracebacks "
+          f"{ {n: c.get('tracebacks', 0) for n, c in r['logs'].items()} }")
 
     # The run did what it says (else the checks below would pass on nothing).
     assert r["faults"]["applied"] >= 8 and not r["faults"]["refused"], r["faults"]
