@@ -37,9 +37,8 @@ def seed_ping(hosts: int, vms_per_host: int) -> list[dict]:
         h = Host(name=f"bench-{i + 1:0{width}d}", uuid=uuid.uuid4(), cluster=f"c{i % 10 + 1}",
                  status=HostStatus.UP, last_ping=now, cpus=64, memory_mb=262144,
                  private_ip_address=f"10.1.{i // 250}.{i % 250 + 1}",
-                 agent_url="http://127.0.0.1:9/agent", token_generation=1)
-        token = h.agent_token()
-        h.token_hash = Host.hash_token(token)
+                 agent_url="http://127.0.0.1:9/agent")
+        token, _ = h.issue_credentials()
         rows.append(h)
         tokens.append(token)
     with transaction.atomic():

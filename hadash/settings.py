@@ -11,6 +11,8 @@ Environment (README.md, "Configuration", has the full table):
     HADASH_AGENT_KEY  the join key agents present on connect (a secret)
     SECRET_KEY        Django's secret key (sessions, CSRF, signing)
     HADASH_FLEET_TOKEN  the simulated fleet's control-API token (optional)
+    HADASH_AGENT_NETWORKS  CIDRs the server may call agents on (R31; default:
+                      loopback and the private ranges)
     DEBUG             1/true/yes to enable debug (and allow the development secrets)
     ALLOWED_HOSTS     comma-separated
     HADASH_HTTPS      1: served over HTTPS only (redirect, secure cookies, HSTS)
@@ -106,6 +108,25 @@ def _secret(name: str, required: bool = True) -> str:
 SECRET_KEY = _secret("SECRET_KEY")
 # The join key agents present on `connect` (PROTOCOL.md, Authentication).
 HADASH_AGENT_KEY = _secret("HADASH_AGENT_KEY")
+# R31: the networks the server may call agents on (agent_url, check-on-host address).
+# Comma- or space-separated CIDRs; unset: loopback and the private ranges
+# (hosts.agent.networks.DEFAULT_AGENT_NETWORKS). Link-local is refused whatever this says.
+HADASH_AGENT_NETWORKS = None
+if os.environ.get("HADASH_AGENT_NETWORKS", "").strip():
+    import ipaddress as _ipaddress
+    import re as _re
+
+    HADASH_AGENT_NETWORKS = [
+        v for v in _re.split(r"[\s,]+", os.environ["HADASH_AGENT_NETWORKS"]) if v]
+    for _net in HADASH_AGENT_NETWORKS:
+        try:
+            _ipaddress.ip_network(_net, strict=False)
+        except ValueError as _exc:
+            from django.core.exceptions import ImproperlyConfigured
+
+            raise ImproperlyConfigured(
+                f"HADASH_AGENT_NETWORKS: {_net!r} is not a network in CIDR notation "
+                f"(e.g. 10.0.0.0/8): {_exc}") from None
 # The simulated fleet's control-API token (docs/simulator.md): the dashboard's
 # Simulator page sends it; `manage.py simulate` takes it by default. Optional.
 HADASH_FLEET_TOKEN = _secret("HADASH_FLEET_TOKEN", required=False)
