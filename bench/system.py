@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from hadash.supervisor import Child, Supervisor, free_port, wait_for_port
+from hadash.supervisor import Child, Supervisor, daphne_argv, free_port, wait_for_port
 
 from .common import BenchDatabase, BenchError, bench_env, manage, say, wait_until
 
@@ -69,9 +69,8 @@ class System:
         # HADASH_BENCH_WEB_POOL=N: the web process with HADASH_DB_POOL=N (docs/deploy.md)
         pool = os.environ.get("HADASH_BENCH_WEB_POOL")
         for i, port in enumerate(self.web_ports):
-            web = self.sup.python(f"web{i + 1}" if web_processes > 1 else "web", "-m",
-                                  "daphne", "-b", "127.0.0.1", "-p", str(port),
-                                  "hadash.asgi:application",
+            web = self.sup.python(f"web{i + 1}" if web_processes > 1 else "web",
+                                  *daphne_argv(port),
                                   env={"HADASH_DB_POOL": pool} if pool else None)
             wait_for_port(port, proc=web.proc, timeout=60)
         if front is not None:

@@ -22,6 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 COLOURS = ["36", "33", "35", "32", "34", "31"]
 
 
+# daphne refuses websocket messages over 1 MiB by closing the socket (1009) before the
+# application sees them; the agent protocol allows 4 MiB reports and answers a larger
+# one with an error message (issue 8 part 4), so daphne's own cap sits above that.
+WEBSOCKET_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def daphne_argv(port: int, host: str = "127.0.0.1") -> list[str]:
+    """``python`` arguments that serve hadash with daphne on host:port."""
+    return ["-m", "daphne", "-b", host, "-p", str(port),
+            "--websocket-max-message-size", str(WEBSOCKET_MAX_MESSAGE_BYTES),
+            "--websocket-max-frame-size", str(WEBSOCKET_MAX_MESSAGE_BYTES),
+            "hadash.asgi:application"]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))

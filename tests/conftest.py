@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hadash.supervisor import ROOT, Supervisor, free_port, wait_for_port
+from hadash.supervisor import ROOT, Supervisor, daphne_argv, free_port, wait_for_port
 
 # The engine's timings, shortened so that detection and recovery take seconds.
 FAST_CONFIG = {"ping.interval": "2", "ping.timeout": "2",
@@ -158,8 +158,7 @@ def start_system(database: str, var_dir: Path, *, hosts: int = 4, vms: int = 8,
         if setup is not None:
             setup(system)
         # As `manage.py demo` does: the dashboard's Simulator page talks to the fleet.
-        web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(web_port),
-                         "hadash.asgi:application", env={"HADASH_FLEET_URL": fleet_url})
+        web = sup.python("web", *daphne_argv(web_port), env={"HADASH_FLEET_URL": fleet_url})
         wait_for_port(web_port, proc=web.proc, timeout=60)
         for key, value in FAST_CONFIG.items():
             assert api.put(f"/config/{key}", json={"value": value}).status_code == 200

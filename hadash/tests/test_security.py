@@ -26,11 +26,12 @@ from urllib.parse import quote
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, transaction
 from django.test import AsyncClient, Client
 
-from hadash.supervisor import ROOT, free_port, wait_for_port
+from hadash.supervisor import ROOT, daphne_argv, free_port, wait_for_port
 
 LOCKED = "Too many failed logins"
 WRONG = "did not match"
@@ -201,8 +202,7 @@ def daphne(tmp_path, transactional_db):
     env = {**os.environ, "DATABASE_URL": database_url(), "HADASH_VAR_DIR": str(tmp_path),
            "HADASH_REQUEST_TIMEOUT": str(DEADLINE)}
     log = (tmp_path / "daphne.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p",
-                             str(port), "hadash.asgi:application"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, *daphne_argv(port)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_port(port, proc=proc, timeout=60)
@@ -234,7 +234,10 @@ def answer(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(lines[0].split()[1]), {k.lower(): v for k, v in headers.items()}, body
 
 
+# With credentials (not valid ones): without any, the request is refused from its
+# headers at once (test_unauthenticated_bodies_are_refused_before_they_are_read).
 POST_HEAD = (b"POST /api/v1/hosts HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+             b"Authorization: Bearer not-a-token\r\n"
              b"Content-Type: application/json\r\nContent-Length: 40\r\n\r\n")
 
 
@@ -338,3 +341,61 @@ def test_a_websocket_outlives_the_request_deadline(daphne):
                     return
             raise AssertionError("the event did not arrive")
     async_to_sync(run)()
+
+
+@pytest.mark.parametrize("head, status", [
+    # Agent protocol: no credentials; a Content-Length over the 4 MiB limit.
+    (b"POST /api/agent/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n", 401),
+    (b"POST /api/agent/v1/ping HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer x\r\n"
+     b"Content-Type: application/json\r\nContent-Length: 99999999\r\n\r\n", 413),
+    # Operator API: no credentials; a body over its limit.
+    (b"PUT /api/v1/config/ha.workers HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n", 401),
+    (b"POST /api/v1/vms HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer x\r\n"
+     b"Content-Type: application/json\r\nContent-Length: 99999999\r\n\r\n", 413),
+])
+def test_unauthenticated_bodies_are_refused_before_they_are_read(daphne, head, status):
+    """Issue 8 part 4: refused by their headers at once — the client has sent no body
+    byte, and gets its JSON answer well before the request deadline."""
+    with socket.create_connection(("127.0.0.1", daphne)) as s:
+        s.sendall(head)  # and not one byte of the body
+        t0 = time.monotonic()
+        raw = read_all(s)
+        waited = time.monotonic() - t0
+    got, headers, body = answer(raw)
+    assert got == status, raw
+    assert headers["content-type"] == "application/json" and json.loads(body)["error"]
+    assert waited < DEADLINE - 0.5, "answered by the deadline, not from the headers"
+
+
+def test_an_over_size_websocket_report_gets_an_error_message_not_a_closed_socket(daphne):
+    """Issue 8 part 4 through a real daphne: a websocket message over the protocol's
+    4 MiB limit is answered with an error message (daphne's own 1 MiB cap would close
+    the socket first), and the socket goes on serving pings."""
+    import aiohttp
+    import httpx
+
+    base = f"http://127.0.0.1:{daphne}"
+    body = {"name": "kvm-big", "type": "Routing", "hypervisor": "KVM", "cluster": "c1",
+            "cpus": 8, "memory_mb": 16384, "address": "127.0.0.1",
+            "agent_url": "http://127.0.0.1:9/agent", "vms": []}
+    resp = httpx.post(f"{base}/api/agent/v1/connect", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {settings.HADASH_AGENT_KEY}"})
+    assert resp.status_code == 200, resp.text
+    token = resp.json()["token"]
+
+    async def run():
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+            f"ws://127.0.0.1:{daphne}/api/agent/v1/ws",
+            headers={"Authorization": f"Bearer {token}"}, max_msg_size=0,
+        ) as ws:
+            await ws.send_str(json.dumps({"type": "ping", "vms": [], "pad": "x" * (5 << 20)}))
+            first = json.loads((await ws.receive(timeout=30)).data)
+            await ws.send_str(json.dumps({"type": "ping", "vms": []}))
+            second = json.loads((await ws.receive(timeout=30)).data)
+            return first, second
+
+    first, second = asyncio.run(run())
+    assert first["type"] == "error" and "too large" in first["error"], first
+    assert second["type"] == "pong"

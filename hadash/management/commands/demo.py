@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from hadash.supervisor import Supervisor, port_is_free, wait_for_port
+from hadash.supervisor import Supervisor, daphne_argv, port_is_free, wait_for_port
 
 
 class Command(BaseCommand):
@@ -72,8 +72,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, on_signal)
         try:
             # The dashboard's simulator panel talks to the fleet's control API.
-            web = sup.python("web", "-m", "daphne", "-b", "127.0.0.1", "-p", str(o["port"]),
-                             "hadash.asgi:application",
+            web = sup.python("web", *daphne_argv(o["port"]),
                              env={} if o["no_fleet"] else fleet_env)
             wait_for_port(o["port"], proc=web.proc, timeout=60)
             call_command("engine", "start")
