@@ -25,9 +25,11 @@ from hadash import config, live
 from hadash.choices import FINAL_STEPS, Step, Subject, WorkType
 from hadash.ha import actions
 from hadash.models import Configuration, Event, HaWork
+from hadash.names import name_problem
 from hosts.choices import HostStatus
 from hosts.models import Host
-from vms.choices import ACTIVE_STATES
+from vms import discovery
+from vms.choices import ACTIVE_STATES, Priority
 from vms.models import VMInstance
 
 from . import charts, fleetproxy, incidents, summary
@@ -85,7 +87,8 @@ def overview(request):
     alerts = events_values(Event.objects.filter(alert=True, acknowledged_at__isnull=True),
                            summary.OPEN_ALERTS_SHOWN)
     ctx = summary.overview()
-    ctx.update(feed=feed, alerts=alerts)
+    ctx.update(feed=feed, alerts=alerts,
+               unmanaged_count=discovery.listed(now=timezone.now()).count())  # issue 9
     return page(request, "dashboard/overview.html", "overview", ctx,
                 top_id=feed[0]["id"] if feed else 0)
 
@@ -178,6 +181,7 @@ def host(request, name: str):
         and h.status in (HostStatus.UP, HostStatus.CONNECTING),
         "host_actions": host_actions(h),
         "reenrol_open": h.reenrol_open(now),  # R29
+        "unmanaged": list(discovery.listed(now=now).filter(host=h)[:200]),  # issue 9
     }
     return page(request, "dashboard/host.html", "host", ctx)
 
@@ -446,6 +450,77 @@ def config_page(request):
     })
 
 
+# --- unmanaged VMs (issue 9 part 2) ---------------------------------------------
+
+UNMANAGED_SHOWN = 2000
+
+
+@login_required
+def unmanaged_page(request):
+    """VMs hosts report that hadash does not manage; admins adopt them (checkboxes,
+    HA on/off, priority, an explicit confirmation). Nothing is adopted automatically."""
+    rows = list(discovery.listed(now=timezone.now())[:UNMANAGED_SHOWN + 1])
+    return page(request, "dashboard/unmanaged.html", "unmanaged", {
+        "rows": rows[:UNMANAGED_SHOWN], "more": len(rows) > UNMANAGED_SHOWN,
+        "priorities": Priority.values, "expire_minutes": int(discovery.EXPIRE.seconds // 60),
+    })
+
+
+def _positive(value: str, field: str) -> int | None:
+    value = (value or "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1 or int(value) > 2**31 - 1:
+        raise ValueError(f"{field} must be a whole number of at least 1")
+    return int(value)
+
+
+@require_POST
+@admin_required
+def unmanaged_adopt(request):
+    """Adopt the checked VMs (each a "host/name" value) in one transaction
+    (hadash.ha.actions.adopt_vms): all or none."""
+    picked = request.POST.getlist("vm")
+    if not picked:
+        messages.error(request, "No VM selected; nothing adopted.")
+        return redirect("dash:unmanaged")
+    if request.POST.get("confirm") != "yes":
+        messages.error(request, "Adoption not confirmed; nothing adopted.")
+        return redirect("dash:unmanaged")
+    priority = request.POST.get("priority", Priority.MEDIUM)
+    if priority not in Priority.values:
+        messages.error(request, f"priority must be one of {', '.join(Priority.values)}")
+        return redirect("dash:unmanaged")
+    try:
+        cpus = _positive(request.POST.get("cpus", ""), "cpus")
+        memory_mb = _positive(request.POST.get("memory_mb", ""), "memory_mb")
+    except ValueError as exc:
+        messages.error(request, str(exc))
+        return redirect("dash:unmanaged")
+    entries = []
+    for value in picked:
+        host_name, _, name = value.partition("/")
+        if name_problem(host_name) or name_problem(name):
+            messages.error(request, "A selected VM or host name is not valid; nothing adopted.")
+            return redirect("dash:unmanaged")
+        entry = {"name": name, "host": host_name, "priority": priority,
+                 "ha_enabled": request.POST.get("ha_enabled") == "on"}
+        if cpus:
+            entry["cpus"] = cpus
+        if memory_mb:
+            entry["memory_mb"] = memory_mb
+        entries.append(entry)
+    try:
+        adopted = actions.adopt_vms(entries, now=timezone.now(),
+                                    by=request.user.get_username())
+    except actions.ActionError as exc:
+        messages.error(request, f"Nothing adopted: {exc}")
+        return redirect("dash:unmanaged")
+    names = ", ".join(v.name for v in adopted[:10]) + (" …" if len(adopted) > 10 else "")
+    messages.success(request, f"Adopted {len(adopted)} VM(s): {names}")
+    return redirect("dash:unmanaged")
+
+
 # --- simulator panel ----------------------------------------------------------
 
 
@@ -457,11 +532,12 @@ def _fleet_attached():
 def _with_db_state(sim_hosts: list[dict]) -> list[dict]:
     names = [h.get("name") for h in sim_hosts if isinstance(h, dict)]
     db = {r["name"]: r for r in Host.objects.filter(name__in=names)
-          .values("name", "status", "resource_state")}
+          .values("name", "status", "resource_state", "agent_name", "agent_version")}
     for h in sim_hosts:
         row = db.get(h.get("name"), {})
         h["db_status"] = row.get("status", "")
         h["db_resource_state"] = row.get("resource_state", "")
+        h["db_agent"] = " ".join(filter(None, (row.get("agent_name"), row.get("agent_version"))))
         h["vm_count"] = len(h.get("vms") or [])
     return sim_hosts
 

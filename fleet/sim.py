@@ -135,7 +135,8 @@ class SimAgentClient:
         self.fleet.calls.append(("get-vm", host.name, vm_name))
         return self._reach(host).vms.get(vm_name)
 
-    def start_vm(self, host, vm) -> None:
+    def start_vm(self, host, vm, definition=None) -> None:
+        # A simulated hypervisor needs no definition (PROTOCOL.md v1.1): ignored.
         self.fleet.calls.append(("start", host.name, vm.name))
         h = self._reach(host)
         if h.start_fail > 0:

@@ -226,12 +226,16 @@ class HttpAgentClient:
             )
         return state
 
-    def start_vm(self, host: Host, vm: VMInstance) -> None:
+    def start_vm(self, host: Host, vm: VMInstance,
+                 definition: dict[str, str] | None = None) -> None:
+        body: dict[str, Any] = {"cpus": vm.cpus, "memory_mb": vm.memory_mb}
+        if definition:
+            body["definition"] = definition  # PROTOCOL.md v1.1: when the server has one
         response = self._send(
             host,
             "POST",
             _vm_path(vm.name, "start"),
-            {"cpus": vm.cpus, "memory_mb": vm.memory_mb},
+            body,
             read_timeout=self.action_timeout,
         )
         self._answer(host, response, f"start {vm.name}")

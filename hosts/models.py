@@ -69,6 +69,12 @@ class Host(models.Model):
     oobm_system_id = models.CharField("Redfish system id", max_length=255, blank=True, default="")
     oobm_username = models.CharField(max_length=255, blank=True, default="")
     oobm_password = models.CharField(max_length=255, blank=True, default="")
+    # Who serves the host (PROTOCOL.md v1.1 connect's optional `agent` block, issue 9):
+    # e.g. "hadash-agent" or "hadash-simulator", its version and hypervisor URI.
+    agent_name = models.CharField(max_length=64, blank=True, default="")
+    agent_version = models.CharField(max_length=64, blank=True, default="")
+    agent_hypervisor_uri = models.CharField("hypervisor URI", max_length=255, blank=True,
+                                            default="")
     # R5: when an undeterminable or Alert host is next investigated.
     next_investigation = models.DateTimeField(null=True, blank=True)
     update_count = models.PositiveBigIntegerField(default=0)
@@ -97,6 +103,32 @@ class Host(models.Model):
 
     def has_tag(self, tag: str) -> bool:
         return tag in self.tag_list
+
+    # --- agent identity (issue 9) ------------------------------------------------
+    @property
+    def agent_kind(self) -> str:
+        """"agent" (a real hadash-agent), "simulator" (the fleet simulator), "other"
+        (an agent that named itself otherwise) or "" (it sent no `agent` block)."""
+        name = self.agent_name
+        if not name:
+            return ""
+        if name == "hadash-agent":
+            return "agent"
+        if name == "hadash-simulator":
+            return "simulator"
+        return "other"
+
+    @property
+    def agent_label(self) -> str:
+        """One line for operators: who serves the host."""
+        if not self.agent_name:
+            return "unknown agent (no identity sent)"
+        parts = [self.agent_name]
+        if self.agent_version:
+            parts.append(self.agent_version)
+        if self.agent_hypervisor_uri:
+            parts.append(f"on {self.agent_hypervisor_uri}")
+        return " ".join(parts)
 
     # --- credentials (R30) -------------------------------------------------------
     @staticmethod

@@ -35,8 +35,12 @@ class AgentClient(Protocol):
         """The VM's power state on that host (`PowerOn`/`PowerOff`), or None when the
         hypervisor does not know it (404). Raises Unreachable."""
 
-    def start_vm(self, host: Host, vm: VMInstance) -> None:
-        """Start the VM there. Raises AgentError (refused) or Unreachable."""
+    def start_vm(self, host: Host, vm: VMInstance,
+                 definition: dict[str, str] | None = None) -> None:
+        """Start the VM there. ``definition`` (PROTOCOL.md v1.1): the VM's stored
+        definition, ``{"format": "libvirt-xml", "xml": …}``, sent when the server has
+        one so the host can define the VM (a simulator ignores it). Raises AgentError
+        (refused) or Unreachable."""
 
     def stop_vm(self, host: Host, vm_name: str, force: bool = True) -> None:
         """Stop the VM there; its hypervisor then forgets it. Raises AgentError or

@@ -12,6 +12,15 @@ from hadash.events import record_event
 from .choices import ACTIVE_STATES, PowerState, Priority, VmState, VmType
 
 
+class VMInstanceManager(models.Manager):
+    """Every query leaves the definition's XML out (up to 1 MiB a VM, issue 9): the
+    engine, the ping path, lists and the dashboard never need it. Reading
+    ``vm.definition_xml`` loads it on demand (one query), as `vms.definitions` does."""
+
+    def get_queryset(self):
+        return super().get_queryset().defer("definition_xml")
+
+
 class VMInstance(models.Model):
     name = models.CharField(max_length=255, unique=True)
     uuid = models.UUIDField(default=uuid_lib.uuid4, unique=True, editable=False)
@@ -41,6 +50,21 @@ class VMInstance(models.Model):
     # Bumped on every state change; HA work snapshots it (R12.1).
     update_count = models.PositiveBigIntegerField(default=0)
     created = models.DateTimeField(auto_now_add=True)
+    # The VM's latest definition (PROTOCOL.md v1.1, issue 9): what its host's agent
+    # reported (connect, or a ping entry when it changed) or an operator set (API).
+    # `start` sends it, so another host can run the VM. `vms.definitions` validates
+    # and writes it (format "libvirt-xml", at most MAX_DEFINITION_BYTES).
+    definition_format = models.CharField(max_length=32, blank=True, default="")
+    definition_xml = models.TextField(blank=True, default="")
+    definition_time = models.DateTimeField(null=True, blank=True)
+    definition_host = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        help_text="The host whose agent reported the definition (empty: set by an operator).",
+    )
+    definition_by = models.CharField(max_length=150, blank=True, default="",
+                                     help_text="The operator who set the definition.")
+
+    objects = VMInstanceManager()
 
     class Meta:
         db_table = "vm_instance"
@@ -52,6 +76,10 @@ class VMInstance(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def has_definition(self) -> bool:
+        return bool(self.definition_format)
 
     @property
     def is_system(self) -> bool:
@@ -103,3 +131,34 @@ class VMInstance(models.Model):
                 now=now,
             )
         return True
+
+
+class UnmanagedVm(models.Model):
+    """A VM an agent reports that hadash does not manage (PROTOCOL.md v1.1, issue 9:
+    discovery). Written by `vms.discovery` when a host's set of unknown names changes
+    (or at most every REFRESH while it stays the same), removed when the host stops
+    reporting it or the name becomes managed (adopted, registered). Nothing here is
+    adopted automatically: an operator does that (API, dashboard)."""
+
+    host = models.ForeignKey("hosts.Host", on_delete=models.CASCADE, related_name="+")
+    name = models.CharField(max_length=255)
+    power_state = models.CharField(max_length=32, choices=PowerState.choices)
+    definition_format = models.CharField(max_length=32, blank=True, default="")
+    definition_xml = models.TextField(blank=True, default="")
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "vm_unmanaged"
+        verbose_name = "unmanaged VM"
+        ordering = ["name", "host"]
+        constraints = [
+            models.UniqueConstraint(fields=["host", "name"], name="vm_unmanaged_host_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.host_id}"
+
+    @property
+    def has_definition(self) -> bool:
+        return bool(self.definition_format)

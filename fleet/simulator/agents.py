@@ -169,6 +169,10 @@ async def connect(sim: Simulator, h: Host) -> None:
         "address": h.address,
         "agent_url": sim.agent_url(h.name),
         "vms": h.power_report(),
+        # PROTOCOL.md v1.1: who serves the host (the dashboard tells a simulated host
+        # from one served by a real hadash-agent).
+        "agent": {"name": "hadash-simulator", "version": "1.1",
+                  "hypervisor_uri": "simulated://" + h.name},
     }
     assert sim.session is not None and sim.connect_slots is not None
     how = "connected"

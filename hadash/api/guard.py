@@ -30,6 +30,16 @@ API_PREFIX = "/api/v1/"
 # The largest request body the operator API accepts. Its bodies are small: a config
 # value is at most 4096 characters, a host's tags at most 1024.
 MAX_BODY_BYTES = 64 * 1024
+# Except a VM's definition (`PUT /api/v1/vms/{name}/definition`, issue 9): up to 1 MiB of
+# XML (vms.definitions), as JSON.
+MAX_DEFINITION_BODY_BYTES = 2 * 1024 * 1024
+
+
+def body_limit(path: str) -> int:
+    """The largest body the operator API takes at ``path``."""
+    if path.startswith(API_PREFIX + "vms/") and path.rstrip("/").endswith("/definition"):
+        return MAX_DEFINITION_BODY_BYTES
+    return MAX_BODY_BYTES
 
 
 def _header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
@@ -47,7 +57,7 @@ def early_refusal(
     if not path.startswith(API_PREFIX):
         return None
     headers = list(headers)
-    refusal = length_refusal(headers)
+    refusal = length_refusal(headers, limit=body_limit(path))
     if refusal is not None:
         return refusal
     if has_body(headers):
@@ -67,8 +77,9 @@ def has_body(headers: list[tuple[str, str]]) -> bool:
     return chunked or (length.isdigit() and int(length) > 0)
 
 
-def length_refusal(headers: Iterable[tuple[str, str]]) -> tuple[int, str] | None:
-    """The body-length rules alone (400, 411, 413)."""
+def length_refusal(headers: Iterable[tuple[str, str]],
+                   limit: int = MAX_BODY_BYTES) -> tuple[int, str] | None:
+    """The body-length rules alone (400, 411, 413); ``limit``: see ``body_limit``."""
     headers = list(headers)
     raw_length = _header(headers, "content-length")
     chunked = "chunked" in (_header(headers, "transfer-encoding") or "").lower()
@@ -79,9 +90,9 @@ def length_refusal(headers: Iterable[tuple[str, str]]) -> tuple[int, str] | None
         length = int(raw_length)
     elif chunked:
         return 411, "the operator API needs a Content-Length for a request body"
-    if length > MAX_BODY_BYTES:
+    if length > limit:
         return 413, (f"request body too large: {length} bytes, the operator API takes at "
-                     f"most {MAX_BODY_BYTES} bytes")
+                     f"most {limit} bytes here")
     return None
 
 

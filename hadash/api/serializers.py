@@ -91,6 +91,11 @@ class HostSerializer(serializers.ModelSerializer):
     oobm_password_set = serializers.SerializerMethodField(
         help_text="Whether a BMC password is stored (the password itself is never shown)."
     )
+    agent_kind = serializers.CharField(
+        read_only=True,
+        help_text='Who serves the host (issue 9): "agent" (hadash-agent), "simulator" '
+        '(the fleet simulator), "other", or "" (its connect sent no `agent` block).',
+    )
 
     class Meta:
         model = Host
@@ -100,6 +105,7 @@ class HostSerializer(serializers.ModelSerializer):
             "allocated_cpus", "allocated_memory_mb", "vm_count",
             "oobm_enabled", "oobm_address", "oobm_system_id", "oobm_username",
             "oobm_password_set", "next_investigation", "created",
+            "agent_kind", "agent_name", "agent_version", "agent_hypervisor_uri",
         ]
         read_only_fields = fields
 
@@ -191,6 +197,10 @@ class VMSerializer(serializers.ModelSerializer):
     host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     last_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     power_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
+    has_definition = serializers.BooleanField(
+        read_only=True,
+        help_text="Whether a definition is stored (GET /api/v1/vms/{name}/definition).",
+    )
 
     class Meta:
         model = VMInstance
@@ -198,9 +208,48 @@ class VMSerializer(serializers.ModelSerializer):
             "name", "state", "power_state", "host", "last_host", "ha_enabled", "priority",
             "cpus", "memory_mb",
             "id", "uuid", "type", "power_host", "power_state_update_time",
-            "power_state_update_count", "update_count", "created",
+            "power_state_update_count", "update_count", "created", "has_definition",
         ]
         read_only_fields = fields
+
+
+class VMDefinitionSerializer(serializers.Serializer):
+    """A VM's stored definition (PROTOCOL.md v1.1, issue 9): sent with `start` so
+    another host can run the VM."""
+
+    name = serializers.CharField(read_only=True)
+    format = serializers.CharField(source="definition_format", read_only=True)
+    xml = serializers.CharField(source="definition_xml", read_only=True)
+    updated = serializers.DateTimeField(source="definition_time", read_only=True,
+                                        allow_null=True)
+    host = serializers.CharField(
+        source="definition_host.name", read_only=True, allow_null=True,
+        help_text="The host whose agent reported it (null: set by an operator).")
+    by = serializers.CharField(source="definition_by", read_only=True,
+                               help_text="The operator who set it (empty: its agent).")
+
+
+class VMDefinitionUpdateSerializer(serializers.Serializer):
+    """`PUT /api/v1/vms/{name}/definition`: the whole definition."""
+
+    format = serializers.ChoiceField(choices=[("libvirt-xml", "libvirt-xml")])
+    xml = serializers.CharField(trim_whitespace=False, help_text=(
+        "libvirt domain XML, at most 1 MiB in UTF-8; no NUL or control characters "
+        "other than tab, newline and carriage return."))
+
+    def validate(self, attrs):
+        from vms import definitions
+
+        unknown = sorted(set(self.initial_data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError(
+                f"unknown field(s) {', '.join(map(_field_name, unknown))}; a definition "
+                "is {\"format\": \"libvirt-xml\", \"xml\": …}")
+        try:
+            fmt, xml = definitions.clean(attrs)
+        except definitions.DefinitionError as exc:
+            raise serializers.ValidationError(f"definition {exc}") from None
+        return {"format": fmt, "xml": xml}
 
 
 # A pattern, not an enum, in the schema: an enum here would be a second component for
@@ -268,6 +317,43 @@ class VMSettingsSerializer(serializers.Serializer):
                 f"{', '.join(VM_SETTINGS)} (state changes go through the start/stop actions)"
             )
         return attrs
+
+
+# --- unmanaged VMs (issue 9 part 2) ----------------------------------------------
+
+
+class UnmanagedVmSerializer(serializers.Serializer):
+    """A VM a host's agent reports that hadash does not manage."""
+
+    name = serializers.CharField(read_only=True)
+    host = serializers.CharField(source="host.name", read_only=True)
+    power_state = serializers.CharField(read_only=True)
+    has_definition = serializers.BooleanField(read_only=True)
+    first_seen = serializers.DateTimeField(read_only=True)
+    last_seen = serializers.DateTimeField(read_only=True)
+
+
+MAX_ADOPT = 1000
+
+
+class AdoptEntrySerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=255, validators=[validate_name])
+    host = serializers.CharField(max_length=255, validators=[validate_name],
+                                 help_text="The host that reports it.")
+    ha_enabled = serializers.BooleanField(default=False)
+    priority = serializers.ChoiceField(choices=Priority.choices, default=Priority.MEDIUM)
+    cpus = serializers.IntegerField(
+        min_value=1, max_value=MAX_VM_CPUS, required=False,
+        help_text="Used when its definition does not say (required then).")
+    memory_mb = serializers.IntegerField(
+        min_value=1, max_value=MAX_VM_MEMORY_MB, required=False,
+        help_text="Used when its definition does not say (required then).")
+
+
+class AdoptSerializer(serializers.Serializer):
+    """`POST /api/v1/unmanaged-vms/adopt`: all entries are adopted or none."""
+
+    vms = AdoptEntrySerializer(many=True, allow_empty=False, max_length=MAX_ADOPT)
 
 
 # --- HA work ------------------------------------------------------------------

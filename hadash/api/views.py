@@ -46,6 +46,7 @@ from . import schema as _schema  # noqa: F401  (registers the BearerAuth scheme)
 from .serializers import (
     HOST_SETTINGS,
     VM_SETTINGS,
+    AdoptSerializer,
     ConfigSerializer,
     ConfigUpdateSerializer,
     ErrorSerializer,
@@ -53,7 +54,10 @@ from .serializers import (
     HaWorkSerializer,
     HostSerializer,
     HostSettingsSerializer,
+    UnmanagedVmSerializer,
     VMCreateSerializer,
+    VMDefinitionSerializer,
+    VMDefinitionUpdateSerializer,
     VMSerializer,
     VMSettingsSerializer,
     apply_settings,
@@ -149,7 +153,8 @@ def refuse_by_headers(request) -> None:
     """Issue 8: refuse a body by its declared length before reading it
     (hadash.api.guard: 400, 411, 413). Credentials are DRF's to check next, and
     they too are checked before the body is read (401/403)."""
-    refusal = guard.length_refusal(guard.meta_headers(request.META))
+    refusal = guard.length_refusal(guard.meta_headers(request.META),
+                                   limit=guard.body_limit(request.path))
     if refusal is not None:
         raise EarlyRefusal(*refusal)
 
@@ -501,6 +506,90 @@ class VMStartView(ApiView):
         return Response(VMSerializer(_vm(vm.name)).data)
 
 
+class VMDefinitionView(ApiView):
+    """A VM's definition (PROTOCOL.md v1.1, issue 9): the latest its host's agent
+    reported, or an operator set; `start` sends it so another host can run the VM."""
+
+    serializer_class = VMDefinitionSerializer
+
+    def _with_xml(self, name: str) -> VMInstance:
+        vm = _get(VMInstance.objects.select_related("definition_host"),
+                  f"no VM named {name!r}", name=name)
+        vm.definition_xml  # noqa: B018 - loaded here (the manager defers it)
+        return vm
+
+    @extend_schema(summary="Show a VM's definition", parameters=[VM_NAME],
+                   responses={200: VMDefinitionSerializer, **READ_ERRORS})
+    def get(self, request, name: str):
+        vm = self._with_xml(name)
+        if not vm.definition_format:
+            return error(f"VM {name} has no definition yet (its agent has not sent one)",
+                         status.HTTP_404_NOT_FOUND)
+        return Response(VMDefinitionSerializer(vm).data)
+
+    @extend_schema(
+        summary="Set a VM's definition",
+        description="Replaces the stored definition (`{\"format\": \"libvirt-xml\", "
+        "\"xml\": …}`, at most 1 MiB of XML). Admins only; writes a `DefinitionChanged` "
+        "event. The VM's host's agent replaces it again when its own definition changes.",
+        parameters=[VM_NAME],
+        request=VMDefinitionUpdateSerializer,
+        responses={200: VMDefinitionSerializer, **WRITE_ERRORS},
+    )
+    def put(self, request, name: str):
+        from vms import definitions
+
+        vm = _vm(name)
+        ser = VMDefinitionUpdateSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        d = ser.validated_data
+        definitions.set_by_operator(vm, d["format"], d["xml"], by=self.by(), now=timezone.now())
+        return Response(VMDefinitionSerializer(self._with_xml(name)).data)
+
+
+# --- unmanaged VMs (issue 9 part 2) -------------------------------------------
+
+
+class UnmanagedVmListView(ApiView):
+    """VMs hosts report that hadash does not manage (PROTOCOL.md v1.1): seen lately,
+    not registered. Nothing is adopted automatically."""
+
+    serializer_class = UnmanagedVmSerializer
+
+    @extend_schema(summary="List unmanaged VMs",
+                   responses={200: UnmanagedVmSerializer(many=True), 401: E401})
+    def get(self, request):
+        from vms import discovery
+
+        rows = discovery.listed(now=timezone.now())[:10_000]
+        return Response(UnmanagedVmSerializer(rows, many=True).data)
+
+
+class UnmanagedVmAdoptView(ApiView):
+    serializer_class = AdoptSerializer
+
+    @extend_schema(
+        summary="Adopt unmanaged VMs",
+        description="Registers each listed VM Running on the host that reports it (Stopped, "
+        "last on that host, if it is powered off there), with HA on or off and a priority, "
+        "and the definition that host sent; cpus and memory_mb come from the definition "
+        "when it says, else from the entry. All or nothing: one entry that cannot be "
+        "adopted refuses the request (400 naming it) and nothing is written. Admins only.",
+        request=AdoptSerializer,
+        responses={201: VMSerializer(many=True), 400: E400, 401: E401, 403: E403},
+    )
+    def post(self, request):
+        ser = AdoptSerializer(data=request.data)
+        ser.is_valid(raise_exception=True)
+        try:
+            vms = actions.adopt_vms([dict(e) for e in ser.validated_data["vms"]],
+                                    now=timezone.now(), by=self.by())
+        except actions.ActionError as exc:
+            return error(str(exc), status.HTTP_400_BAD_REQUEST)
+        rows = vms_queryset().filter(pk__in=[v.pk for v in vms])
+        return Response(VMSerializer(rows, many=True).data, status=status.HTTP_201_CREATED)
+
+
 # --- HA work ------------------------------------------------------------------
 
 
@@ -703,7 +792,10 @@ class OpenApiDocumentView(SpectacularJSONAPIView):
 RESOURCES = {
     "hosts": ("host-list", "Hosts: list, show, change settings; enable, disable, "
               "maintenance, cancel-maintenance."),
-    "vms": ("vm-list", "VMs: list, register, show, change settings; start, stop."),
+    "vms": ("vm-list", "VMs: list, register, show, change settings; start, stop; "
+            "definition (show, set)."),
+    "unmanaged-vms": ("unmanaged-vm-list", "VMs hosts report that hadash does not manage; "
+                      "adopt them (one or many)."),
     "ha-work": ("ha-work-list", "HA work items (op_ha_work), newest first."),
     "events": ("event-list", "Events and alerts, oldest first; acknowledge alerts."),
     "config": ("config-list", "Configuration keys (SPEC §2): list, show, set."),

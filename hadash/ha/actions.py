@@ -9,8 +9,9 @@ class ActionError(ValueError):
 
 
 def register_vm(*, name, host_name, cpus, memory_mb, ha_enabled=False, priority="medium",
-                type="User", now):
-    """Register a VM that runs on ``host_name`` (state Running, PowerOn)."""
+                type="User", now, definition=None, message=""):
+    """Register a VM that runs on ``host_name`` (state Running, PowerOn).
+    ``definition``: (format, xml) stored with it, from that host (issue 9 adoption)."""
     from django.db import IntegrityError, transaction
 
     from hadash.choices import Subject
@@ -38,13 +39,71 @@ def register_vm(*, name, host_name, cpus, memory_mb, ha_enabled=False, priority=
                 power_state=PowerState.POWER_ON, power_host=host, power_state_update_time=now,
                 power_state_update_count=1, ha_enabled=bool(ha_enabled), priority=priority,
                 type=type, cpus=cpus, memory_mb=memory_mb,
+                **({"definition_format": definition[0], "definition_xml": definition[1],
+                    "definition_time": now, "definition_host": host} if definition else {}),
             )
             record_event(Subject.VM, vm, event="Registered", field="state", old="",
                          new=VmState.RUNNING, now=now,
-                         message=f"VM {name} registered, Running on {host.name}")
+                         message=message or f"VM {name} registered, Running on {host.name}")
     except IntegrityError:
         raise ActionError(f"a VM named {name!r} already exists") from None
     return vm
+
+
+def adopt_vms(entries, *, now, by=""):
+    """Issue 9 part 2: adopt unmanaged VMs — each ``{"name", "host", "ha_enabled",
+    "priority", "cpus"?, "memory_mb"?}`` (validated by the caller) — all in one
+    transaction: any entry that cannot be adopted refuses the whole request
+    (ActionError naming it) and nothing is written. Each VM is registered Running on
+    the host that reports it (as `register_vm`), with the definition that host sent;
+    its size comes from the definition when it says, else from the entry."""
+    from django.db import transaction
+
+    from vms import definitions, discovery
+    from vms.choices import PowerState, VmState
+    from vms.models import UnmanagedVm
+
+    names = [e["name"] for e in entries]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ActionError(f"{', '.join(dupes)}: named more than once")
+    adopted = []
+    with transaction.atomic():
+        for i, e in enumerate(entries):
+            where = f"vms[{i}] ({e['name']} on {e['host']})"
+            row = discovery.listed(now=now).filter(name=e["name"], host__name=e["host"]).first()
+            if row is None:
+                raise ActionError(f"{where}: no such unmanaged VM (not reported by that "
+                                  "host lately, or already managed)")
+            fmt, xml = UnmanagedVm.objects.filter(pk=row.pk).values_list(
+                "definition_format", "definition_xml").get()
+            cpus, memory_mb = definitions.size_of(xml) if fmt else (None, None)
+            cpus = cpus or e.get("cpus")
+            memory_mb = memory_mb or e.get("memory_mb")
+            if not cpus or not memory_mb:
+                raise ActionError(f"{where}: give cpus and memory_mb (no definition says "
+                                  "them)")
+            try:
+                vm = register_vm(
+                    name=e["name"], host_name=e["host"], cpus=cpus, memory_mb=memory_mb,
+                    ha_enabled=e.get("ha_enabled", False),
+                    priority=e.get("priority", "medium"), now=now,
+                    definition=(fmt, xml) if fmt else None,
+                    message=(f"VM {e['name']} adopted{' by ' + by if by else ''}, Running on "
+                             f"{e['host']} (HA {'on' if e.get('ha_enabled') else 'off'})"),
+                )
+            except ActionError as exc:
+                raise ActionError(f"{where}: {exc}") from None
+            if row.power_state != PowerState.POWER_ON:
+                # Powered off there: adopted Stopped (last on that host), so HA does
+                # not "restart" a VM nobody was running.
+                vm.transition(VmState.STOPPED, now=now, event="Adopted", host=None,
+                              last_host=vm.host, power_state=row.power_state,
+                              message=f"VM {vm.name} adopted Stopped: it is powered off "
+                                      f"on {e['host']}")
+            UnmanagedVm.objects.filter(name=e["name"]).delete()
+            adopted.append(vm)
+    return adopted
 
 
 def set_host_enabled(host, enabled: bool, *, now, by=""):
@@ -193,7 +252,7 @@ def start_vm(vm, *, engine, by=""):
     from hadash.models import HaWork
     from hosts.models import Host
     from hosts.transport import AgentError, Unreachable
-    from vms import placement
+    from vms import definitions, placement
     from vms.choices import PowerState, VmState
 
     cfg = config.snapshot()
@@ -219,7 +278,10 @@ def start_vm(vm, *, engine, by=""):
     if target is None:
         raise ActionError(f"no host has room for VM {vm.name}")
     try:
-        engine.agents.start_vm(target, vm)
+        # PROTOCOL.md v1.1: the stored definition goes with the start (an agent
+        # client written before v1.1 is called as before when there is none).
+        definition = definitions.of_vm(vm)
+        engine.agents.start_vm(target, vm, **({"definition": definition} if definition else {}))
     except (Unreachable, AgentError) as exc:
         vm.refresh_from_db()
         vm.transition(VmState.STOPPED, now=engine.now(), event="StartFailed", host=None,

@@ -16,6 +16,7 @@ from hosts.choices import HostEvent, HostStatus, Verdict
 from hosts.investigators import investigate_vm
 from hosts.models import Host
 from hosts.transport import AgentError, Unreachable
+from vms import definitions
 from vms.choices import PowerState, VmState
 from vms.models import VMInstance
 from vms.powersync import ha_wanted
@@ -180,7 +181,10 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
                  vm.name, target.name)
     else:
         try:
-            engine.agents.start_vm(target, vm)
+            # PROTOCOL.md v1.1: the stored definition goes with the start (an agent
+            # client written before v1.1 is called as before when there is none).
+            definition = definitions.of_vm(vm)
+            engine.agents.start_vm(target, vm, **({"definition": definition} if definition else {}))
             ok, error = True, ""
         except (Unreachable, AgentError) as exc:
             ok, error = False, str(exc) or type(exc).__name__

@@ -44,10 +44,11 @@ from asgiref.sync import sync_to_async
 from django.db import DatabaseError, connection, models, transaction
 from django.utils import timezone
 
-from hadash import config
+from hadash import config, outage
 from hadash.clock import not_before
 from hosts.choices import HostStatus
 from hosts.models import Host
+from vms import discovery
 from vms.choices import REPORTED_STATES, PowerState, VmState
 from vms.models import VMInstance
 
@@ -152,13 +153,16 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
     steady_hosts: list[tuple[int, dt.datetime]] = []
     confirmed: list[tuple[int, dt.datetime]] = []
     slow: list[tuple[int, Host, Report, dt.datetime]] = []
+    discover: list[tuple[Host, Report, dt.datetime]] = []
     seen: set[int] = set()
     for i, ((_, vms, at), digest) in enumerate(zip(items, hashes, strict=True)):
         host = hosts.get(digest)
         if host is None:
             results[i] = TokenRevoked()
             continue
-        steady = host.status == HostStatus.UP and host.pk not in seen
+        # A report carrying definitions (v1.1, rare) is taken by service.ping.
+        steady = (host.status == HostStatus.UP and host.pk not in seen
+                  and not service.definitions_of(vms))
         seen.add(host.pk)
         mine = []
         if steady:
@@ -175,6 +179,7 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
         if steady:
             steady_hosts.append((host.pk, at))
             confirmed.extend((pk, at) for pk in mine)
+            discover.append((host, vms, at))
         else:
             slow.append((i, host, vms, at))
     if steady_hosts:
@@ -187,11 +192,22 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
                 _stamp_orm(Host.objects, "last_ping", steady_hosts)
                 _stamp_orm(VMInstance.objects, "power_state_update_time", confirmed,
                            count="power_state_update_count")
+    for host, vms, at in discover:
+        # Issue 9: unknown names → vms.discovery (a hash per report; writes only when
+        # a host's unknown names change). by_name holds every reported managed name.
+        try:
+            with _savepoint():
+                discovery.note(host, vms, now=at, known=by_name)
+        except Exception:
+            log.exception("discovery of a report from %s failed", host.name)
     for i, host, vms, at in slow:
         try:
             service.ping(host, vms, now=at)
         except Exception as exc:  # one bad ping never loses the others
-            log.exception("ping from %s failed", host.name)
+            if isinstance(exc, outage.DB_ERRORS):  # an outage: one line, not a traceback
+                outage.failed("ping ingestion", exc, drop_connection=False)
+            else:
+                log.exception("ping from %s failed", host.name)
             results[i] = exc
     STATS.batches += 1
     STATS.pings += len(items)
@@ -337,7 +353,9 @@ class Batcher:
             # Coalesce: the newer report is the one applied; this ping and the older
             # one(s) get its answer.
             if arrival >= p.arrival:
-                p.vms, p.arrival = vms, arrival
+                p.vms, p.arrival = _with_definitions(vms, p.vms), arrival
+            else:
+                p.vms = _with_definitions(p.vms, vms)
             p.first = min(p.first, arrival)
             p.futures.append(fut)
             STATS.coalesced += 1
@@ -437,8 +455,13 @@ class Batcher:
                 if len(results) != len(batch):
                     raise RuntimeError(f"{len(results)} results for {len(batch)} pings")
             except Exception as exc:
-                log.exception("ping batch failed")
+                if isinstance(exc, outage.DB_ERRORS):  # an outage: one line per process
+                    outage.failed("ping ingestion", exc, drop_connection=False)
+                else:
+                    log.exception("ping batch failed")
                 results = [exc] * len(batch)
+            else:
+                outage.ok()
             finally:
                 self.inflight_oldest = None
             for p, res in zip(self._inflight, results, strict=True):
@@ -448,6 +471,18 @@ class Batcher:
             self._inflight = []
             if self.backlog and not self.pending:
                 await self._check_backlog(None, 0)  # drained: nothing may come for a while
+
+
+def _with_definitions(kept: Report, dropped: Report) -> Report:
+    """A coalesced report keeps the definitions (PROTOCOL.md v1.1: sent once, when
+    they change) of the report it replaces, unless it carries newer ones itself."""
+    older = service.definitions_of(dropped)
+    if not older:
+        return kept
+    if not isinstance(kept, service.VmReport):
+        kept = service.VmReport(kept)
+    kept.definitions = {**older, **kept.definitions}
+    return kept
 
 
 _batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -6,6 +6,7 @@ input first and then call these functions with clean data; nothing here parses J
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from django.db import IntegrityError, transaction
@@ -14,6 +15,32 @@ from hadash.choices import Severity, Subject
 from hadash.clock import not_before
 from hadash.events import record_event
 from hosts.choices import RECOVERABLE_STATUSES, HostEvent, HostStatus
+
+log = logging.getLogger("hadash.agent")
+
+
+class VmReport(list):
+    """A power report: (vm name, PowerOn/PowerOff) pairs, as a plain list, plus the
+    definitions its entries carried (PROTOCOL.md v1.1) in ``definitions``:
+    {name: (format, xml)}. Most reports carry none."""
+
+    def __init__(self, items=(), definitions: dict | None = None):
+        super().__init__(items)
+        self.definitions: dict[str, tuple[str, str]] = definitions or {}
+        self.refused: dict[str, str] = {}  # name → why its definition was dropped
+
+
+def definitions_of(report) -> dict[str, tuple[str, str]]:
+    return getattr(report, "definitions", None) or {}
+
+
+@dataclass
+class AgentIdentity:
+    """v1.1 connect's optional ``agent`` block (issue 9)."""
+
+    name: str = ""
+    version: str = ""
+    hypervisor_uri: str = ""
 
 
 @dataclass
@@ -27,6 +54,7 @@ class ConnectData:
     address: str
     agent_url: str
     vms: list[tuple[str, str]] = field(default_factory=list)  # (vm name, PowerOn/PowerOff)
+    agent: AgentIdentity | None = None  # v1.1; None: the agent did not say
 
 
 @dataclass
@@ -147,6 +175,10 @@ def _apply(host, data: ConnectData) -> None:
     host.memory_mb = data.memory_mb
     host.private_ip_address = data.address
     host.agent_url = data.agent_url
+    agent = data.agent or AgentIdentity()  # a connect without the block: unknown agent
+    host.agent_name = agent.name
+    host.agent_version = agent.version
+    host.agent_hypervisor_uri = agent.hypervisor_uri
 
 
 def _bring_up(host, data: ConnectData, *, now, how: str) -> None:
@@ -169,6 +201,26 @@ def _bring_up(host, data: ConnectData, *, now, how: str) -> None:
         message=f"Host {host.name} is Up",
     )
     process_report(host, data.vms, now=now, cfg=cfg)
+    take_extras(host, data.vms, now=now)
+
+
+def take_extras(host, report, *, now, known=None, sig=None) -> None:
+    """Issue 9, PROTOCOL.md v1.1: the definitions a report carried (stored for the
+    VMs this host owns, `vms.definitions`) and its unknown names (`vms.discovery`).
+    Runs after the power report was taken. A failure here is logged and costs nothing
+    else: the power report stands."""
+    from vms import definitions, discovery
+
+    defs = definitions_of(report)
+    for name, why in (getattr(report, "refused", None) or {}).items():
+        log.warning("host %s: the definition of %s was not stored: %s", host.name, name, why)
+    try:
+        with transaction.atomic():
+            if defs:
+                definitions.store_reported(host, defs, now=now)
+            discovery.note(host, report, now=now, known=known, definitions=defs, sig=sig)
+    except Exception:
+        log.exception("host %s: definitions/discovery of a report not stored", host.name)
 
 
 def ping(host, vms: list[tuple[str, str]], *, now) -> None:
@@ -191,6 +243,7 @@ def ping(host, vms: list[tuple[str, str]], *, now) -> None:
             ):
                 host.refresh_from_db()
         process_report(host, vms, now=now, cfg=cfg)
+        take_extras(host, vms, now=now)
 
 
 def disconnect(host, reason: str, *, now) -> None:

@@ -21,10 +21,11 @@ from typing import Any
 
 from hadash.names import NAME_RULE, name_problem
 from hosts.choices import HostType
+from vms import definitions as vm_definitions
 from vms.choices import REPORTABLE_POWER_STATES
 
 from . import networks
-from .service import ConnectData
+from .service import AgentIdentity, ConnectData, VmReport
 
 MAX_BODY_BYTES = 4 * 1024 * 1024  # 4 MiB: a 10,000-VM report fits with room to spare
 MAX_VMS = 10_000
@@ -216,15 +217,26 @@ def _require(obj: dict[str, Any], fields: tuple[str, ...]) -> None:
         raise ProtocolError(f"missing required field{plural}: {', '.join(missing)}")
 
 
-def parse_vms(value: Any, *, field: str = "vms") -> list[tuple[str, str]]:
-    """A power report: ``[{"name": …, "power_state": "PowerOn"|"PowerOff"}, …]``."""
+def _definition(where: str, value: Any) -> tuple[str, str]:
+    """v1.1: a report entry's ``definition`` (vms.definitions: format "libvirt-xml",
+    xml text of at most 1 MiB, no NUL or lone surrogates)."""
+    try:
+        return vm_definitions.clean(value)
+    except vm_definitions.DefinitionError as exc:
+        raise ProtocolError(f"{where}.definition {exc}") from None
+
+
+def parse_vms(value: Any, *, field: str = "vms") -> VmReport:
+    """A power report: ``[{"name": …, "power_state": "PowerOn"|"PowerOff"}, …]``, as
+    (name, power state) pairs; v1.1 entries may carry a ``definition``, collected in
+    the report's ``definitions`` ({name: (format, xml)})."""
     if not isinstance(value, list):
         raise ProtocolError(f"{field} must be an array, not {_json_type(value)}")
     if len(value) > MAX_VMS:
         raise ProtocolError(
             f"report too large: {field} has {len(value)} entries, at most {MAX_VMS} allowed"
         )
-    report: list[tuple[str, str]] = []
+    report = VmReport()
     seen: dict[str, int] = {}
     for i, entry in enumerate(value):
         where = f"{field}[{i}]"
@@ -265,7 +277,35 @@ def parse_vms(value: Any, *, field: str = "vms") -> list[tuple[str, str]]:
             # over one oddly named domain on its hypervisor.
             continue
         report.append((name, state))
+        if "definition" in entry and entry["definition"] is not None:
+            # A definition that cannot be stored is dropped (and said why in the
+            # log), not the report: like an oddly named domain, it must not leave
+            # the host unheard (R8, R31).
+            try:
+                report.definitions[name] = _definition(where, entry["definition"])
+            except ProtocolError as exc:
+                report.refused[name] = exc.message
     return report
+
+
+AGENT_FIELDS = {"name": 64, "version": 64, "hypervisor_uri": 255}
+
+
+def parse_agent(value: Any) -> AgentIdentity | None:
+    """v1.1 connect's optional ``agent`` block: who serves the host (name, version,
+    hypervisor URI; strings, each optional, within the column lengths)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"agent must be an object with name, version and "
+                            f"hypervisor_uri, not {_json_type(value)}")
+    found = {}
+    for key, limit in AGENT_FIELDS.items():
+        if key in value and value[key] is not None:
+            where = f"agent.{key}"
+            found[key] = _string({where: value[key]}, where, max_length=limit).strip()
+    return AgentIdentity(name=found.get("name", ""), version=found.get("version", ""),
+                         hypervisor_uri=found.get("hypervisor_uri", ""))
 
 
 # --- messages -----------------------------------------------------------------
@@ -299,7 +339,8 @@ def parse_connect(obj: dict[str, Any]) -> ConnectData:
     memory_mb = _integer(obj, "memory_mb", maximum=MAX_POSITIVE_BIGINT)
     address = _address(obj, "address")
     agent_url = _url(obj, "agent_url")
-    vms = parse_vms(obj["vms"]) if "vms" in obj else []
+    vms = parse_vms(obj["vms"]) if "vms" in obj else VmReport()
+    agent = parse_agent(obj.get("agent"))
     return ConnectData(
         name=name,
         type=host_type,
@@ -310,10 +351,11 @@ def parse_connect(obj: dict[str, Any]) -> ConnectData:
         address=address,
         agent_url=agent_url,
         vms=vms,
+        agent=agent,
     )
 
 
-def parse_ping(obj: dict[str, Any]) -> list[tuple[str, str]]:
+def parse_ping(obj: dict[str, Any]) -> VmReport:
     """``POST /ping``: the full power report is required."""
     _require(obj, ("vms",))
     return parse_vms(obj["vms"])
@@ -329,7 +371,7 @@ def parse_disconnect(obj: dict[str, Any]) -> str:
     return _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", reason))[:MAX_REASON_LENGTH]
 
 
-def parse_ws_message(text: str | bytes) -> list[tuple[str, str]]:
+def parse_ws_message(text: str | bytes) -> VmReport:
     """One websocket text message: ``{"type": "ping", "vms": [...]}``."""
     obj = parse_json_object(text, what="message")
     kind = obj.get("type")
