@@ -259,3 +259,48 @@ def test_operator_reenrolment_lets_a_reinstalled_host_take_its_row(hadash, real_
     again = real_agent("kvm-e4", [Dom("web-e4")], join_key=False, state_dir=old.state_dir)
     again.start()
     again.wait_log("token refused: ask an operator to re-enrol this host", timeout=30)
+
+
+def test_start_from_a_stored_definition_on_another_host(hadash, real_agent):
+    """Issue 9 (PROTOCOL.md v1.1): a domain defined only on kvm-e5 is reported as an
+    unmanaged VM with the definition the agent sent; the operator adopts it (its size
+    read from that definition), it stops behind hadash's back, kvm-e5 is disabled, and
+    the operator's start places it on kvm-e6 — whose libvirt never knew it — from the
+    stored definition: kvm-e6's libvirt runs it."""
+    a = real_agent("kvm-e5", [Dom("web-e5")]).start()
+    b = real_agent("kvm-e6", []).start()
+    a.wait_log("enrolled with the join key as host kvm-e5", timeout=30)
+    b.wait_log("enrolled with the join key as host kvm-e6", timeout=30)
+    with b.client() as c:
+        assert c.get("/vms/web-e5").status_code == 404  # kvm-e6 does not know it
+
+    def listed():
+        rows = hadash.api.get("/unmanaged-vms").json()
+        return [u for u in rows if u["name"] == "web-e5"]
+
+    (row,) = wait_until("web-e5 listed as unmanaged", listed, timeout=10)
+    assert (row["host"], row["power_state"], row["has_definition"]) == (
+        "kvm-e5", "PowerOn", True)
+    r = hadash.api.post("/unmanaged-vms/adopt", json={"vms": [
+        {"name": "web-e5", "host": "kvm-e5", "ha_enabled": False, "priority": "high"}]})
+    assert r.status_code == 201, r.text
+    (vm,) = r.json()
+    assert (vm["state"], vm["host"], vm["cpus"], vm["memory_mb"]) == (
+        "Running", "kvm-e5", 1, 64)
+    assert not listed()
+    definition = hadash.api.get("/vms/web-e5/definition").json()
+    assert definition["host"] == "kvm-e5" and "<name>web-e5</name>" in definition["xml"]
+
+    with a.client() as c:
+        assert c.post("/test/destroy/web-e5").status_code == 200
+    wait_until("web-e5 Stopped", lambda: hadash.vm("web-e5")["state"] == "Stopped",
+               timeout=5)
+    assert hadash.api.post("/hosts/kvm-e5/disable").status_code == 200
+    r = hadash.api.post("/vms/web-e5/start")
+    assert r.status_code == 200, r.text
+    assert (r.json()["state"], r.json()["host"]) == ("Running", "kvm-e6")
+    with b.client() as c:
+        assert c.get("/vms/web-e5").json()["power_state"] == "PowerOn"
+    wait_until("web-e5 PowerOn on kvm-e6", lambda: (v := hadash.vm("web-e5"))
+               ["power_state"] == "PowerOn" and v["host"] == "kvm-e6", timeout=5)
+    assert not any("Traceback" in line for line in a.log + b.log)
