@@ -23,7 +23,7 @@ def _connect_engine_loop() -> None:
 
     from django_q.signals import post_spawn
 
-    from hadash.ha.outage import OneLine
+    from hadash.outage import OneLine
 
     post_spawn.connect(_host_engine_loop, dispatch_uid="hadash.engine_loop")
     # A database outage: one line per error from django-q too, not a traceback.

@@ -28,6 +28,8 @@ import weakref
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection
 
+from hadash import outage
+
 log = logging.getLogger("hadash.live")
 
 CHANNEL = "hadash_events"
@@ -86,6 +88,18 @@ def max_id() -> int:
     return top
 
 
+
+def is_database_error(exc: BaseException) -> bool:
+    """A lost or refused database connection, from Django or from psycopg's own
+    LISTEN connection."""
+    if isinstance(exc, outage.DB_ERRORS):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
 class Relay:
     def __init__(self) -> None:
         self.group = f"hadash-events-{os.getpid()}-{id(self)}"
@@ -113,11 +127,15 @@ class Relay:
                 else:
                     while True:
                         await self.read()
+                        outage.ok()
                         await asyncio.sleep(POLL_SQLITE)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("event relay failed; retrying in 1 s")
+            except Exception as exc:
+                if is_database_error(exc):  # an outage: one line per process, then quiet
+                    outage.failed("live event relay", exc, drop_connection=False)
+                else:
+                    log.exception("event relay failed; retrying in 1 s")
                 await asyncio.sleep(1.0)
 
     async def listen_pg(self) -> None:
@@ -131,6 +149,7 @@ class Relay:
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
             await conn.execute(f"LISTEN {CHANNEL}")
             await self.read()
+            outage.ok()
             gen = conn.notifies(timeout=POLL_PG)
             while True:
                 async for _ in gen:

@@ -375,7 +375,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # One handler, on the root logger: this replaces the one daphne's basicConfig put
+    # there (a handler on "hadash" as well printed every hadash line twice).
+    "root": {"handlers": ["console"], "level": "INFO"},
     "loggers": {
-        "hadash": {"handlers": ["console"], "level": os.environ.get("HADASH_LOG", "INFO")},
+        "hadash": {"level": os.environ.get("HADASH_LOG", "INFO")},
     },
 }

@@ -48,12 +48,10 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from hadash import config
+from hadash import config, outage
 from hadash.choices import Severity, Subject
 from hadash.events import record_event
 from hadash.models import EngineProcess, Lease
-
-from . import outage
 
 log = logging.getLogger("hadash.runtime")
 

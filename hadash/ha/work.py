@@ -17,15 +17,13 @@ import time
 from django.db import transaction
 from django.db.models import Q
 
-from hadash import config
+from hadash import config, outage
 from hadash.choices import FINAL_STEPS, Reason, Step, Subject, WorkType
 from hadash.events import record_event
 from hadash.models import HaWork, Lease
 from hosts.choices import HostStatus
 from vms.choices import PowerState, VmState
 from vms.models import VMInstance
-
-from . import outage
 
 log = logging.getLogger("hadash.work")
 

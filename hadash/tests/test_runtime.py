@@ -13,8 +13,8 @@ from django.utils import timezone
 
 from fleet.sim import SimAgentClient, SimOobClient
 from fleet.testing import world
-from hadash import config
-from hadash.ha import outage, runtime
+from hadash import config, outage
+from hadash.ha import runtime
 from hadash.ha.engine import Engine
 from hadash.models import EngineProcess, Event, HaWork, Lease
 from hosts.agent.service import ping

@@ -40,8 +40,9 @@ def brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def failed(where: str, exc: BaseException) -> None:
-    """A database error in this thread: drop its connection; warn once per outage."""
+def failed(where: str, exc: BaseException, *, drop_connection: bool = True) -> None:
+    """A database error in this thread: drop its connection (unless the caller does
+    that itself, or the thread holds none); warn once per outage."""
     global _since, _last
     with _lock:
         first = _since is None
@@ -52,7 +53,8 @@ def failed(where: str, exc: BaseException) -> None:
         log.warning("database unavailable (%s, in %s); reconnecting", brief(exc), where)
     else:
         log.debug("database still unavailable (%s, in %s)", brief(exc), where)
-    reconnect()
+    if drop_connection:
+        reconnect()
 
 
 def ok() -> None:
