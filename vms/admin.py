@@ -11,7 +11,7 @@ from hadash.api.serializers import VM_SETTINGS, apply_settings
 from hadash.choices import WorkType
 from hadash.ha import actions
 
-from .models import VMInstance
+from .models import UnmanagedVm, VMInstance
 
 
 @admin.register(VMInstance)
@@ -65,3 +65,21 @@ class VMInstanceAdmin(admin.ModelAdmin):
                         (unchanged, "{} VM(s) already Stopped: nothing to do.")):
             if n:
                 self.message_user(request, what.format(n), messages.SUCCESS)
+
+
+@admin.register(UnmanagedVm)
+class UnmanagedVmAdmin(admin.ModelAdmin):
+    """Read-only: what hosts report that hadash does not manage (issue 9). Adoption is
+    the dashboard's Unmanaged VMs page or POST /api/v1/unmanaged-vms/adopt."""
+
+    list_display = ("name", "host", "power_state", "first_seen", "last_seen")
+    list_select_related = ("host",)
+    search_fields = ("name", "host__name")
+    fields = ("name", "host", "power_state", "definition_format", "first_seen", "last_seen")
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

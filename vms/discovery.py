@@ -100,9 +100,44 @@ def note(host, report: Report, *, now, known: set[str] | frozenset[str] | None =
         with _lock:
             _seen[host_id] = _Seen(sig, key, now)
         return
-    _write(host_id, unknown, unknown_defs, now=now)
+    _write(host_id, unknown, unknown_defs, now=now, label=getattr(host, "name", host_id))
     with _lock:
         _seen[host_id] = _Seen(sig, key, now)
+
+
+def note_batch(entries, *, known) -> None:
+    """``note`` for a batch of steady reports ``[(host, report, at)]`` (the websocket
+    ingest), whose managed names the caller already read (``known``). Hosts whose
+    unknown names all went away cost one DELETE for the whole batch; a host with
+    unknown names that changed is written on its own (rare)."""
+    from django.db import connection
+
+    from .models import UnmanagedVm
+
+    cleared: list[tuple[int, int, dt.datetime]] = []
+    for host, report, at in entries:
+        sig = signature(report)
+        if not needs_look(host.pk, sig, now=at):
+            continue
+        if any(n not in known for n, _ in report):
+            note(host, report, now=at, known=known, sig=sig)
+            continue
+        prev = _seen.get(host.pk)
+        if (prev is not None and not prev.unknown) or (
+                prev is None and not _may_have_rows(host.pk)):
+            with _lock:
+                _seen[host.pk] = _Seen(sig, frozenset(), at)
+            continue
+        cleared.append((host.pk, sig, at))
+    if not cleared:
+        return
+    # One statement (no cascade, no signals: a raw DELETE), in autocommit or the
+    # caller's transaction.
+    UnmanagedVm.objects.filter(host_id__in=sorted(h for h, _, _ in cleared)) \
+        ._raw_delete(connection.alias)
+    with _lock:
+        for host_id, sig, at in cleared:
+            _seen[host_id] = _Seen(sig, frozenset(), at)
 
 
 _rows_hosts: list = [None, None]  # (set of host ids with rows, when read)
@@ -122,7 +157,8 @@ def _may_have_rows(host_id: int) -> bool:
     return host_id in ids
 
 
-def _write(host_id: int, unknown: dict[str, str], definitions: dict, *, now) -> None:
+def _write(host_id: int, unknown: dict[str, str], definitions: dict, *, now,
+           label: object = "") -> None:
     from .models import UnmanagedVm
 
     with transaction.atomic():
@@ -148,7 +184,7 @@ def _write(host_id: int, unknown: dict[str, str], definitions: dict, *, now) -> 
     if unknown and _rows_hosts[0] is not None:
         _rows_hosts[0].add(host_id)
     if new:
-        log.info("host %s reports %d VM(s) hadash does not manage: %s", host_id, len(new),
+        log.info("host %s reports %d VM(s) hadash does not manage: %s", label, len(new),
                  ", ".join(sorted(r.name for r in new)[:20]))
     _purge(now)
 

@@ -192,14 +192,14 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
                 _stamp_orm(Host.objects, "last_ping", steady_hosts)
                 _stamp_orm(VMInstance.objects, "power_state_update_time", confirmed,
                            count="power_state_update_count")
-    for host, vms, at in discover:
+    if discover:
         # Issue 9: unknown names → vms.discovery (a hash per report; writes only when
         # a host's unknown names change). by_name holds every reported managed name.
         try:
             with _savepoint():
-                discovery.note(host, vms, now=at, known=by_name)
+                discovery.note_batch(discover, known=by_name)
         except Exception:
-            log.exception("discovery of a report from %s failed", host.name)
+            log.exception("discovery of a batch of %d reports failed", len(discover))
     for i, host, vms, at in slow:
         try:
             service.ping(host, vms, now=at)
