@@ -267,8 +267,10 @@ def test_start_from_a_stored_definition_on_another_host(hadash, real_agent):
     read from that definition), it stops behind hadash's back, kvm-e5 is disabled, and
     the operator's start places it on kvm-e6 — whose libvirt never knew it — from the
     stored definition: kvm-e6's libvirt runs it."""
-    a = real_agent("kvm-e5", [Dom("web-e5")]).start()
-    b = real_agent("kvm-e6", []).start()
+    # A cluster of their own: the module's other hosts (their agents gone, still Up
+    # for a ping interval) are no candidates.
+    a = real_agent("kvm-e5", [Dom("web-e5")], cluster="defs").start()
+    b = real_agent("kvm-e6", [], cluster="defs").start()
     a.wait_log("enrolled with the join key as host kvm-e5", timeout=30)
     b.wait_log("enrolled with the join key as host kvm-e6", timeout=30)
     with b.client() as c:
