@@ -9,12 +9,12 @@ Debian), network namespaces not allowed. Under ``CI=true`` on a root Debian mach
 those are failures instead: there it must run. ``HADASH_REALFLEET=0`` switches the tier
 off (skipped, saying so). ``HADASH_E2E_ECHO=1`` prints every process's output live.
 
-The HA guests are defined (persistent, inactive) on every host up-front, with the same
-UUID: the server's ``start`` carries no definition yet (server-side storage of
-definitions on vm_instance is being built), so the host an HA restart lands on must
-already know the domain — as it would with /etc/libvirt/qemu on shared storage. The
-agent starts that defined domain. The guests have no disks, so nothing else needs to be
-shared.
+Guests are defined (persistent) and started on their home host only. Their agents
+report them with their definitions; hadash lists them as unmanaged and the operator
+adopts them (``POST /api/v1/unmanaged-vms/adopt``), which stores each definition on its
+VM. An HA restart elsewhere sends that definition with ``start`` (PROTOCOL.md v1.1) and
+the agent there runs it as a transient domain. The guests have no disks, so nothing
+else needs to be shared.
 """
 
 from __future__ import annotations
@@ -141,6 +141,11 @@ class RealFleet:
         for child in [*self.sup.children, *self.fleet.sup.children]:
             out.append(f"---- {child.name} (last {lines} lines)")
             out.extend(child.log[-lines:])
+        with contextlib.suppress(Exception):
+            out.append("---- the last 40 events")
+            rows = self.api.get("/events", params={"latest": "true", "limit": 40}).json()
+            out.extend(f"{e['time']} {e['event']} {e['subject_name']}: {e['message']}"
+                       for e in rows)
         out.append(f"---- monitor: {self.fleet.monitor.virsh_samples} virsh samples, "
                    f"{self.fleet.monitor.proc_samples} /proc samples; violations: "
                    f"{self.fleet.monitor.violations}")
@@ -236,6 +241,11 @@ def realfleet(tmp_path_factory):
                         not_possible(f"cannot boot the hosts: {booting.error}")
                     enrol_and_register(rf)
                     MEASURED["set-up (hadash, 3 hosts, 5 guests)"] = time.monotonic() - started
+                    # The monitor's two views must see what runs where, or its silence
+                    # through the run would prove nothing.
+                    homes = {g.name: [g.home] for g in guests.values()}
+                    assert fleet.monitor.virsh_view() == homes
+                    assert fleet.monitor.proc_view() == homes
                     fleet.monitor.start()
                 except BaseException:
                     for child in [*sup.children, *fleet.sup.children]:
@@ -261,9 +271,8 @@ def realfleet(tmp_path_factory):
 
 class Booting(threading.Thread):
     """The hosts' side of the set-up, which needs no hadash: power every host on
-    (libvirtd probes qemu once; the others get its cache), define the guests — HA
-    guests on every host, with one UUID (see the module docstring), others on their
-    own — and start each on its home host."""
+    (libvirtd probes qemu once; the others get its cache), then define each guest on
+    its home host and start it there."""
 
     def __init__(self, fleet: Fleet, guests: dict[str, Guest]):
         super().__init__(name="realfleet-boot", daemon=True)
@@ -294,16 +303,18 @@ class Booting(threading.Thread):
             if errors:
                 raise RuntimeError("; ".join(errors))
             for g in self.guests.values():
-                for h in fleet.hosts if g.ha else [fleet.host(g.home)]:
-                    h.define(g)
-                fleet.host(g.home).start(g)
+                home = fleet.host(g.home)
+                home.define(g)
+                home.start(g)
         except Exception as exc:
             self.error = str(exc) or repr(exc)
 
 
 def enrol_and_register(rf: RealFleet) -> None:
-    """hadash's side: every agent enrolled and Up, the BMC settings on every host row
-    (operator API), every guest registered (HA on or off) and Running on its host."""
+    """hadash's side, as an operator does it: every agent enrolled and Up, the BMC
+    settings on every host row, the guests — listed as unmanaged, with the definitions
+    their agents sent — adopted in one call (HA on or off, priority), each Running on its
+    host with its definition stored."""
     fleet, api = rf.fleet, rf.api
     names = [h.name for h in fleet.hosts]
 
@@ -317,14 +328,27 @@ def enrol_and_register(rf: RealFleet) -> None:
             "oobm_enabled": True, "oobm_address": rf.bmc.url, "oobm_system_id": h.name,
             "oobm_username": rf.bmc.username, "oobm_password": rf.bmc.password})
         assert r.status_code == 200, f"BMC settings of {h.name}: {r.text}"
-    for g in rf.guests.values():
-        r = api.post("/vms", json={"name": g.name, "host": g.home, "cpus": 1,
-                                   "memory_mb": 64, "ha_enabled": g.ha,
-                                   "priority": g.priority})
-        assert r.status_code == 201, f"registering {g.name}: {r.text}"
+    want = {(g.name, g.home) for g in rf.guests.values()}
+
+    def listed():
+        rows = api.get("/unmanaged-vms").json()
+        ready = {(r["name"], r["host"]) for r in rows
+                 if r["has_definition"] and r["power_state"] == "PowerOn"}
+        return want <= ready
+
+    wait_for("the guests listed as unmanaged, running, with definitions", listed, 60)
+    r = api.post("/unmanaged-vms/adopt", json={"vms": [
+        {"name": g.name, "host": g.home, "ha_enabled": g.ha, "priority": g.priority}
+        for g in rf.guests.values()]})
+    assert r.status_code == 201, f"adopting the guests: {r.text}"
     wait_for("every guest Running, PowerOn on its host", lambda: all(
         (v := rf.vm(g.name))["state"] == "Running" and v["power_state"] == "PowerOn"
         and v["host"] == g.home for g in rf.guests.values()), 30)
+    for g in rf.guests.values():
+        vm = rf.vm(g.name)
+        assert (vm["cpus"], vm["memory_mb"]) == (1, 64), vm  # from the definition
+        d = api.get(f"/vms/{g.name}/definition").json()
+        assert d["format"] == "libvirt-xml" and g.uuid in d["xml"], d
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import glob
 import json
 import os
 import re
@@ -69,8 +70,11 @@ TOOLS = {  # command → Debian package
     "libvirtd": "libvirt-daemon (+ libvirt-daemon-driver-qemu)", "virsh": "libvirt-clients",
     "qemu-system-x86_64": "qemu-system-x86",
 }
-QEMU_DRIVER = Path("/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/"
-                   "libvirt_driver_qemu.so")
+QEMU_DRIVER_GLOB = "/usr/lib/*/libvirt/connection-driver/libvirt_driver_qemu.so"
+# libvirtd and ip live in sbin, which a non-login root's PATH may lack.
+PATH = os.pathsep.join(dict.fromkeys(
+    [*os.environ.get("PATH", "").split(os.pathsep), "/usr/local/sbin", "/usr/sbin", "/sbin",
+     "/usr/bin", "/bin"]))
 
 
 def log(message: str) -> None:
@@ -79,7 +83,8 @@ def log(message: str) -> None:
 
 
 def run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PATH": PATH})
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): "
                            f"{(proc.stderr or proc.stdout).strip()}")
@@ -100,9 +105,8 @@ def requirements_problem() -> str | None:
         return "needs Linux (network namespaces, libvirtd, qemu)"
     if os.geteuid() != 0:
         return "needs root (network namespaces, a privileged libvirtd per host)"
-    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None}
-                     | ({"libvirt-daemon-driver-qemu"} if QEMU_DRIVER.parent.exists()
-                        and not QEMU_DRIVER.exists() else set()))
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool, path=PATH) is None}
+                     | (set() if glob.glob(QEMU_DRIVER_GLOB) else {"libvirt-daemon-driver-qemu"}))
     try:
         import libvirt  # noqa: F401
     except ImportError:
@@ -590,7 +594,8 @@ class Monitor:
                                        f"on {', '.join(hosts)} (/proc)")
         return found
 
-    def sample_virsh(self) -> dict[str, list[str]]:
+    def virsh_view(self) -> dict[str, list[str]]:
+        """guest → the hosts whose ``virsh list --state-running`` shows it, now."""
         seen: dict[str, list[str]] = {}
         for host in self.fleet.hosts:
             if not host.powered:
@@ -598,6 +603,15 @@ class Monitor:
             names = host.running()
             for name in names or ():
                 seen.setdefault(name, []).append(host.name)
+        return seen
+
+    def proc_view(self) -> dict[str, list[str]]:
+        """guest → the hosts with a qemu process of it, now."""
+        found = qemu_processes({h.netns_inode: h.name for h in self.fleet.hosts})
+        return {g: sorted({h for h, _ in where}) for g, where in found.items()}
+
+    def sample_virsh(self) -> dict[str, list[str]]:
+        seen = self.virsh_view()
         self.virsh_samples += 1
         overlap = {g for g, hosts in seen.items() if len(hosts) > 1}
         for guest in sorted(overlap):
@@ -733,6 +747,7 @@ class Fleet:
         base.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("HADASH_") and k not in ("DATABASE_URL", "SECRET_KEY")}
+        env["PATH"] = PATH
         self.sup = Supervisor(echo=echo, grace=5.0, base_env=env)
         self.hosts = [Host(self, i) for i in range(1, hosts + 1)]
         self.server_url = ""
