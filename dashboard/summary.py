@@ -50,11 +50,13 @@ def size_class(vms: int) -> str:
 
 
 def hosts_and_vm_counts() -> tuple[list[tuple], dict[int, int]]:
-    """Every host as (id, name, cluster, status, resource_state) ordered by cluster and
-    name, and the number of VMs on each (VMs that occupy it: Starting … Migrating)."""
+    """Every host as (id, name, cluster, status, resource_state, agent_name,
+    agent_version) ordered by cluster and name, and the number of VMs on each (VMs that
+    occupy it: Starting … Migrating)."""
     hosts = list(
         Host.objects.order_by("cluster", "name")
-        .values_list("id", "name", "cluster", "status", "resource_state")
+        .values_list("id", "name", "cluster", "status", "resource_state",
+                     "agent_name", "agent_version")
     )
     per_host = dict(
         VMInstance.objects.filter(state__in=ACTIVE_STATES, host__isnull=False)
@@ -126,6 +128,13 @@ def summary_json() -> dict:
     }
 
 
+def agent_of(name: str, version: str) -> str:
+    """Who serves a host, for its tile's title (issue 9 part 5): " · hadash-agent 1.0"."""
+    if not name:
+        return ""
+    return f" · {name} {version}".rstrip()
+
+
 def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
     """The fleet map, built as one string (1,000 tiles through the template engine
     would cost more than every query of the page together)."""
@@ -149,7 +158,7 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
         out.extend(members)
         out.append("</div></section>")
 
-    for hid, name, cl, status, rs, in hosts:
+    for hid, name, cl, status, rs, agent, version in hosts:
         if cl != cluster:
             close()
             cluster, members, tally = cl, [], Counter()
@@ -161,7 +170,7 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
             f'href="{href.replace("__HOST__", quote(name, safe=""))}" data-host="{e}" '
             f'data-host-id="{hid}" data-status="{status}" data-rs="{rs}" data-vms="{n}" '
             f'title="{e} · {status}{"" if rs == ResourceState.ENABLED else " · " + rs} · '
-            f'{n} VMs">{n}</a>'
+            f'{n} VMs{escape(agent_of(agent, version))}">{n}</a>'
         )
     close()
     return mark_safe("".join(out))

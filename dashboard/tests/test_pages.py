@@ -617,3 +617,12 @@ def test_stop_of_a_stopped_vm_says_nothing_to_do(adm, incident_world):
     assert "already Stopped; nothing to do" in page
     assert Event.objects.count() == before
     assert VMInstance.objects.get(name="vm2").state == VmState.STOPPED
+
+
+def test_fleet_map_tiles_say_who_serves_each_host(op, incident_world):
+    """Issue 9 part 5: a tile's title names the host's agent (real or simulator)."""
+    Host.objects.filter(name="h2").update(agent_name="hadash-agent", agent_version="1.0.0")
+    page = html(op.get("/"))
+    tile = re.search(r'<a class="tile[^>]*data-host="h2"[^>]*>', page).group(0)
+    assert "hadash-agent 1.0.0" in tile
+    assert 'id="nav-unmanaged"' in page
