@@ -339,7 +339,7 @@ migration_address = "{ip}"
 # set the host up, then stay as its "init" (the holder of its mount namespace).
 INIT_SCRIPT = """\
 set -e
-hostname {name}
+echo {name} > /proc/sys/kernel/hostname
 mount --bind {d}/etc /etc/libvirt
 mount --bind {d}/run /run/libvirt
 mount --bind {d}/lib /var/lib/libvirt
