@@ -574,3 +574,12 @@
   var run = pages[body.dataset.page];
   if (run) run();
 })();
+
+// Unmanaged VMs page: "select all" ticks every adoption checkbox (no inline code: CSP).
+(function () {
+  var all = document.getElementById("adopt-all");
+  if (!all) return;
+  all.addEventListener("change", function () {
+    document.querySelectorAll(".adopt-pick").forEach(function (c) { c.checked = all.checked; });
+  });
+})();
