@@ -44,12 +44,16 @@ class DefinitionError(ValueError):
     """A definition that cannot be stored; the message says why."""
 
 
-def _type(value: Any) -> str:
+def json_type(value: Any) -> str:
+    """A decoded JSON value's kind, for error messages ("not an array"); the agent
+    protocol's validation uses it too."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
         return "a number"
     if isinstance(value, str):
         return "a string"
@@ -64,17 +68,17 @@ def clean(value: Any) -> Definition:
     """The (format, xml) of a definition object, or DefinitionError."""
     if not isinstance(value, dict):
         raise DefinitionError(
-            f'must be an object {{"format": "{FORMAT}", "xml": …}}, not {_type(value)}')
+            f'must be an object {{"format": "{FORMAT}", "xml": …}}, not {json_type(value)}')
     missing = [f for f in ("format", "xml") if f not in value]
     if missing:
         raise DefinitionError(f"is missing {' and '.join(missing)}")
     fmt = value["format"]
     if fmt not in FORMATS or not isinstance(fmt, str):
-        shown = repr(fmt)[:40] if isinstance(fmt, str) else _type(fmt)
+        shown = repr(fmt)[:40] if isinstance(fmt, str) else json_type(fmt)
         raise DefinitionError(f"format {shown} is not supported (expected \"{FORMAT}\")")
     xml = value["xml"]
     if not isinstance(xml, str):
-        raise DefinitionError(f"xml must be a string, not {_type(xml)}")
+        raise DefinitionError(f"xml must be a string, not {json_type(xml)}")
     if not xml.strip():
         raise DefinitionError("xml must not be empty")
     if len(xml) > MAX_DEFINITION_BYTES or len(xml.encode("utf-8", "surrogatepass")) > \

@@ -23,6 +23,7 @@ from hadash.names import NAME_RULE, name_problem
 from hosts.choices import HostType
 from vms import definitions as vm_definitions
 from vms.choices import REPORTABLE_POWER_STATES
+from vms.definitions import json_type as _json_type
 
 from . import networks
 from .service import AgentIdentity, ConnectData, VmReport
@@ -106,24 +107,6 @@ def check_content_type(content_type: str | None) -> None:
 
 
 # --- fields -------------------------------------------------------------------
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
