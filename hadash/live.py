@@ -69,9 +69,10 @@ def fetch(after: int, holes=(), limit: int = BATCH) -> list[dict]:
 
 
 def max_id() -> int:
-    """Where the relay starts: the highest id handed out so far. On PostgreSQL that is
-    the sequence's position (a flushed table may be empty while ids go on), so ids
-    skipped before the relay started are not mistaken for holes."""
+    """Where the relay starts: the highest id handed out so far. That is the sequence's
+    position (PostgreSQL) or the AUTOINCREMENT counter (SQLite): a flushed table may be
+    empty while ids go on, and ids skipped before the relay started must not be
+    mistaken for holes (they would hold the watermark back)."""
     from django.db.models import Max
 
     from hadash.models import Event
@@ -84,6 +85,12 @@ def max_id() -> int:
             cur.execute(f"SELECT last_value, is_called FROM {seq}")
             value, called = cur.fetchone()
         top = max(top, value if called else value - 1)
+    elif connection.vendor == "sqlite":
+        # The same with SQLite's AUTOINCREMENT counter (ids never reused).
+        with connection.cursor() as cur:
+            cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'event'")
+            row = cur.fetchone()
+        top = max(top, row[0] if row else 0)
     close_old_connections()
     return top
 
