@@ -24,17 +24,21 @@ from hadash.ha import actions
 from hadash.models import ApiToken, Event
 from hosts.agent import ingest, service
 from hosts.agent_http import HttpAgentClient
-from hosts.choices import HostStatus
 from hosts.models import Host
+from hosts.tests import agent_fixtures
 from hosts.tests.agent_server import agent
-from vms import definitions, discovery
+from vms import definitions
 from vms.choices import PowerState, VmState
 from vms.models import VMInstance
+
+# Shared fixtures (hosts/tests/agent_fixtures.py).
+EARLIER = agent_fixtures.EARLIER
+hosts = agent_fixtures.hosts
+_fresh_discovery = agent_fixtures._fresh_discovery
 
 CONNECT = "/api/agent/v1/connect"
 PING = "/api/agent/v1/ping"
 API = "/api/v1"
-EARLIER = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def domain(name: str, cpus: int = 2, memory_kib: int = 2097152, extra: str = "") -> str:
@@ -62,31 +66,6 @@ def post(client, path, body, token):
 def stored(name: str) -> tuple[str, str, int | None]:
     return VMInstance.objects.filter(name=name).values_list(
         "definition_format", "definition_xml", "definition_host_id").get()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_discovery():
-    discovery.forget()
-    yield
-    discovery.forget()
-
-
-@pytest.fixture
-def hosts(db):
-    """Two Up hosts; ``web-1`` Running on kvm-01. Each host has ``.token``."""
-    out = []
-    for i, name in enumerate(("kvm-01", "kvm-02"), 1):
-        h = Host(name=name, status=HostStatus.UP, cluster="c1", cpus=32, memory_mb=131072,
-                 private_ip_address=f"10.0.0.1{i}", agent_url=f"http://10.0.0.1{i}:8250",
-                 last_ping=EARLIER)
-        token, _ = h.issue_credentials()
-        h.save()
-        h.token = token
-        out.append(h)
-    VMInstance.objects.create(name="web-1", state=VmState.RUNNING, host=out[0],
-                              last_host=out[0], power_state=PowerState.POWER_ON,
-                              power_host=out[0], power_state_update_time=EARLIER)
-    return out
 
 
 # --- connect ------------------------------------------------------------------

@@ -16,41 +16,21 @@ from rest_framework.test import APIClient
 
 from hadash.models import ApiToken, Event
 from hosts.agent import ingest, service
-from hosts.choices import HostStatus
 from hosts.models import Host
+from hosts.tests import agent_fixtures
 from vms import discovery
-from vms.choices import PowerState, VmState
+from vms.choices import VmState
 from vms.models import UnmanagedVm, VMInstance
+
+# Shared fixtures (hosts/tests/agent_fixtures.py).
+EARLIER = agent_fixtures.EARLIER
+hosts = agent_fixtures.hosts
+_fresh_discovery = agent_fixtures._fresh_discovery
 
 PING = "/api/agent/v1/ping"
 API = "/api/v1"
-EARLIER = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 XML = ("<domain type='kvm'><name>{n}</name><vcpu>3</vcpu>"
        "<memory unit='KiB'>1048576</memory></domain>")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_discovery():
-    discovery.forget()
-    yield
-    discovery.forget()
-
-
-@pytest.fixture
-def hosts(db):
-    out = []
-    for i, name in enumerate(("kvm-01", "kvm-02"), 1):
-        h = Host(name=name, status=HostStatus.UP, cluster="c1", cpus=32, memory_mb=131072,
-                 private_ip_address=f"10.0.0.1{i}", agent_url=f"http://10.0.0.1{i}:8250",
-                 last_ping=EARLIER)
-        token, _ = h.issue_credentials()
-        h.save()
-        h.token = token
-        out.append(h)
-    VMInstance.objects.create(name="web-1", state=VmState.RUNNING, host=out[0],
-                              last_host=out[0], power_state=PowerState.POWER_ON,
-                              power_host=out[0], power_state_update_time=EARLIER)
-    return out
 
 
 def ping(client, host, entries):
