@@ -26,6 +26,7 @@ def record_event(
     name: str | None = None,
     related_host=None,
     related_vm=None,
+    incident=None,
 ):
     """Write one event. Must run inside the transaction that makes the change
     (it refuses to run in autocommit, so a change can never lose its event)."""
@@ -58,6 +59,7 @@ def record_event(
         severity=severity or (Severity.CRITICAL if alert else Severity.INFO),
         host=related_host,
         vm=related_vm,
+        incident=incident,
     )
 
 

@@ -13,7 +13,19 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 
 from . import config
-from .choices import FINAL_STEPS, Reason, Severity, Step, Subject, WorkType
+from .choices import (
+    FINAL_STEPS,
+    OPEN_INCIDENT_STATES,
+    AlertState,
+    IncidentKind,
+    IncidentState,
+    Reason,
+    Severity,
+    Step,
+    Subject,
+    VmOutcome,
+    WorkType,
+)
 
 
 class Configuration(models.Model):
@@ -77,6 +89,11 @@ class Event(models.Model):
     vm = models.ForeignKey(
         "vms.VMInstance", null=True, blank=True, on_delete=models.SET_NULL,
         related_name="events", db_constraint=False,
+    )
+    # R18: the failure story this event belongs to.
+    incident = models.ForeignKey(
+        "Incident", null=True, blank=True, on_delete=models.SET_NULL, related_name="events",
+        db_constraint=False,
     )
 
     class Meta:
@@ -224,6 +241,12 @@ class HaWork(models.Model):
     last_error = models.TextField(blank=True)
     # Sort key of the VM (R11): 0 system VMs, then 1 high, 2 medium, 3 low.
     rank = models.PositiveSmallIntegerField(default=2)
+    # R18: the incident this item recovers from (None: operator work, maintenance).
+    incident = models.ForeignKey(
+        "Incident", null=True, blank=True, on_delete=models.SET_NULL, related_name="ha_work",
+    )
+    # R17: why a retried item waits (a WaitCause code; empty while not waiting).
+    waiting = models.CharField(max_length=32, blank=True)
     created = models.DateTimeField()
     updated = models.DateTimeField()
 
@@ -333,3 +356,137 @@ class ApiToken(models.Model):
         key = "hd_" + secrets.token_urlsafe(32)
         token = cls.objects.create(user=user, key_hash=cls.hash(key), prefix=key[:8])
         return token, key
+
+
+class Incident(models.Model):
+    """R18: one failure story — a host found behind on ping, or a VM that powered off
+    or went missing while Running. Opened, progressed and closed by the engine in the
+    transactions of the changes it records (hadash.incidents)."""
+
+    kind = models.CharField(max_length=8, choices=IncidentKind.choices)
+    state = models.CharField(max_length=16, choices=IncidentState.choices,
+                             default=IncidentState.OPEN)
+    host = models.ForeignKey(
+        "hosts.Host", null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="incidents", db_constraint=False,
+    )
+    host_name = models.CharField(max_length=255, blank=True)
+    vm = models.ForeignKey(
+        "vms.VMInstance", null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="incidents", db_constraint=False,
+    )
+    vm_name = models.CharField(max_length=255, blank=True)
+    cluster = models.CharField(max_length=255, blank=True, db_index=True)
+    title = models.CharField(max_length=255)
+    # Last ping (host) / last power confirmation (VM): the failure began after this.
+    started_at = models.DateTimeField(null=True, blank=True)
+    detected_at = models.DateTimeField(db_index=True)
+    declared_at = models.DateTimeField(null=True, blank=True)  # HostDown
+    fenced_at = models.DateTimeField(null=True, blank=True)
+    first_restart_at = models.DateTimeField(null=True, blank=True)
+    last_restart_at = models.DateTimeField(null=True, blank=True)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    vms_affected = models.PositiveIntegerField(default=0)  # HA VMs to bring back
+    vms_restarted = models.PositiveIntegerField(default=0)
+    vms_failed = models.PositiveIntegerField(default=0)
+    updated = models.DateTimeField()
+
+    class Meta:
+        db_table = "incident"
+        ordering = ["-id"]
+        constraints = [
+            # One open story per host and per VM.
+            models.UniqueConstraint(
+                fields=["kind", "host"], condition=Q(kind="host", state__in=OPEN_INCIDENT_STATES),
+                name="incident_one_open_per_host",
+            ),
+            models.UniqueConstraint(
+                fields=["kind", "vm"], condition=Q(kind="vm", state__in=OPEN_INCIDENT_STATES),
+                name="incident_one_open_per_vm",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["state", "id"], name="incident_state_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Incident #{self.pk} {self.title}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_INCIDENT_STATES
+
+
+class IncidentVm(models.Model):
+    """One VM of an incident: its downtime (R18: last confirmation → Running again)."""
+
+    incident = models.ForeignKey(Incident, on_delete=models.CASCADE, related_name="vms")
+    vm = models.ForeignKey(
+        "vms.VMInstance", null=True, blank=True, on_delete=models.SET_NULL,
+        related_name="+", db_constraint=False,
+    )
+    vm_name = models.CharField(max_length=255)
+    ha = models.BooleanField(default=True)
+    outcome = models.CharField(max_length=16, choices=VmOutcome.choices,
+                               default=VmOutcome.PENDING)
+    down_since = models.DateTimeField(null=True, blank=True)  # last confirmation
+    running_at = models.DateTimeField(null=True, blank=True)  # Running again
+    target_host_name = models.CharField(max_length=255, blank=True)
+    detail = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        db_table = "incident_vm"
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["incident", "vm_name"], name="incident_vm_once"),
+        ]
+
+    @property
+    def downtime(self) -> float | None:
+        if self.down_since and self.running_at:
+            return (self.running_at - self.down_since).total_seconds()
+        return None
+
+
+class Alert(models.Model):
+    """R19: something that needs an operator. One per incident (``incident`` set,
+    updated as it progresses) or one per (kind, subject) while open; each resolves
+    itself when its condition clears and may be acknowledged meanwhile."""
+
+    kind = models.CharField(max_length=64)
+    subject = models.CharField(max_length=16, choices=Subject.choices)
+    subject_name = models.CharField(max_length=255, blank=True)
+    # "kind:subject:subject_name" (or "incident:<id>"): one open alert per key.
+    key = models.CharField(max_length=400)
+    incident = models.OneToOneField(
+        Incident, null=True, blank=True, on_delete=models.SET_NULL, related_name="alert",
+    )
+    cluster = models.CharField(max_length=255, blank=True)
+    severity = models.CharField(max_length=16, choices=Severity.choices,
+                                default=Severity.WARNING)
+    state = models.CharField(max_length=16, choices=AlertState.choices,
+                             default=AlertState.OPEN)
+    title = models.CharField(max_length=255)
+    message = models.TextField(blank=True)
+    count = models.PositiveIntegerField(default=1)
+    opened_at = models.DateTimeField(db_index=True)
+    updated_at = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        db_table = "alert"
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["key"], condition=Q(state="open"),
+                                    name="alert_one_open_per_key"),
+        ]
+        indexes = [models.Index(fields=["state", "id"], name="alert_state_idx")]
+
+    def __str__(self) -> str:
+        return f"Alert #{self.pk} {self.title}"
+
+    @property
+    def is_open(self) -> bool:
+        return self.state == AlertState.OPEN

@@ -335,9 +335,22 @@ class EngineLoop:
             log.info("engine loop %s is the sweeper", self.id)
         self.is_sweeper = held
 
+    def start_side_loops(self) -> None:
+        """R20: notification deliveries are sent beside HA work, in a thread of their
+        own, so a slow or dead receiver never delays HA (notify.sender)."""
+        from django.apps import apps
+
+        if not apps.is_installed("notify"):
+            return
+        from notify.sender import run_sender
+
+        threading.Thread(target=run_sender, args=(self.stopping, self.id),
+                         name=f"notify-{self.id}", daemon=True).start()
+
     def run(self) -> str:
         """Run until stopped (or `lifetime` seconds); then hand over."""
         deadline = time.monotonic() + self.lifetime
+        self.start_side_loops()
         try:
             while (time.monotonic() < deadline and not self.stopping.is_set()
                    and self.keep_running()):
