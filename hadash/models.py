@@ -247,6 +247,8 @@ class HaWork(models.Model):
     )
     # R17: why a retried item waits (a WaitCause code; empty while not waiting).
     waiting = models.CharField(max_length=32, blank=True)
+    # R24: why the target host was chosen ("kvm-07: most free after placement, …").
+    placement = models.CharField(max_length=500, blank=True)
     created = models.DateTimeField()
     updated = models.DateTimeField()
 
