@@ -178,6 +178,7 @@ INSTALLED_APPS = [
     "vms",
     "fleet",
     "dashboard",
+    "metrics",
 ]
 
 MIDDLEWARE = [
