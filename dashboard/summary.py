@@ -18,8 +18,10 @@ from django.utils import timezone
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
+from hadash import config
 from hadash.choices import Step
 from hadash.ha import runtime
+from hadash.ha.work import in_flight
 from hadash.models import Event, HaWork
 from hosts.choices import HostStatus, ResourceState
 from hosts.models import Host
@@ -91,8 +93,11 @@ def engine_health(now=None) -> dict:
         "alive_loops": st["alive_loops"],
         "target_loops": st["target_loops"],
         "loops": len(loops),
-        "workers": sum(p["workers"] for p in loops if p["alive"]),
-        "busy": sum(p["busy"] for p in loops if p["alive"]),
+        # Issue 10 item 7: installation-wide slots (ha.workers: every loop runs that many
+        # threads, but together they hold at most that many items) and the items in
+        # progress now (taken, lease unexpired) — not per-loop sums.
+        "workers": config.snapshot()["ha.workers"],
+        "busy": in_flight(now),
     }
 
 
