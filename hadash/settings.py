@@ -16,6 +16,9 @@ Environment (README.md, "Configuration", has the full table):
     DEBUG             1/true/yes to enable debug (and allow the development secrets)
     ALLOWED_HOSTS     comma-separated
     HADASH_HTTPS      1: served over HTTPS only (redirect, secure cookies, HSTS)
+    HADASH_SMTP_HOST, _PORT, _USER, _PASSWORD, _STARTTLS, HADASH_MAIL_FROM
+                      the SMTP server e-mail notification channels send through (R20)
+    HADASH_PUBLIC_URL the dashboard's address, for links in notifications
     HADASH_DB_POOL    N > 0: a psycopg connection pool of at most N connections per
                       process (PostgreSQL only; meant for web processes serving HTTP
                       agents — docs/deploy.md)
@@ -178,6 +181,7 @@ INSTALLED_APPS = [
     "vms",
     "fleet",
     "dashboard",
+    "notify",  # R20: notification channels and deliveries
     "metrics",
 ]
 
@@ -274,6 +278,20 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 
 LOGIN_URL = "/login/"
 LOGIN_REDIRECT_URL = "/"
+
+# --- notifications (R20, notify/, docs/notifications.md) ---------------------------------
+# E-mail channels send through this SMTP server (Django's SMTP backend; STARTTLS when
+# HADASH_SMTP_STARTTLS is on). Links in notifications start with HADASH_PUBLIC_URL
+# (e.g. https://hadash.example.com); unset, they are paths.
+HADASH_SMTP = {
+    "host": os.environ.get("HADASH_SMTP_HOST", "localhost"),
+    "port": env_int("HADASH_SMTP_PORT", 25, minimum=1),
+    "user": os.environ.get("HADASH_SMTP_USER", ""),
+    "password": os.environ.get("HADASH_SMTP_PASSWORD", ""),
+    "starttls": env_bool("HADASH_SMTP_STARTTLS", False),
+    "from": os.environ.get("HADASH_MAIL_FROM", "") or "hadash@localhost",
+}
+HADASH_PUBLIC_URL = os.environ.get("HADASH_PUBLIC_URL", "").strip().rstrip("/")
 
 # --- login throttling (R30): django-axes on the dashboard and admin logins -----------
 # HADASH_LOGIN_FAILURES wrong passwords for one user name from one address lock that
