@@ -11,6 +11,7 @@ Environment (README.md, "Configuration", has the full table):
     HADASH_AGENT_KEY  the join key agents present on connect (a secret)
     SECRET_KEY        Django's secret key (sessions, CSRF, signing)
     HADASH_FLEET_TOKEN  the simulated fleet's control-API token (optional)
+    HADASH_METRICS_TOKEN  bearer token for GET /metrics (R21; optional: unset → 403)
     HADASH_AGENT_NETWORKS  CIDRs the server may call agents on (R31; default:
                       loopback and the private ranges)
     DEBUG             1/true/yes to enable debug (and allow the development secrets)
@@ -133,6 +134,9 @@ if os.environ.get("HADASH_AGENT_NETWORKS", "").strip():
 # The simulated fleet's control-API token (docs/simulator.md): the dashboard's
 # Simulator page sends it; `manage.py simulate` takes it by default. Optional.
 HADASH_FLEET_TOKEN = _secret("HADASH_FLEET_TOKEN", required=False)
+# R21: the bearer token Prometheus presents on GET /metrics. Optional: unset, /metrics
+# answers 403 saying to set it (scripts/secrets writes a random one).
+HADASH_METRICS_TOKEN = _secret("HADASH_METRICS_TOKEN", required=False)
 
 # --- HTTPS (manage.py check --deploy is clean with HADASH_HTTPS=1) ----------------------
 # HADASH_HTTPS=1 turns everything on; each switch can be overridden on its own.

@@ -7,6 +7,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/agent/v1/", include("hosts.agent.urls")),
     path("api/v1/", include("hadash.api.urls")),
+    path("", include("metrics.urls")),  # GET /metrics (R21)
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True),
          name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="login"), name="logout"),
