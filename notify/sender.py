@@ -186,8 +186,25 @@ class Sender:
         for channel_id, deliveries in self.claim(now).items():
             with self.lock:
                 self.busy.add(channel_id)
-            futures.append(self.pool.submit(self._channel_job, channel_id, deliveries))
+            futures.append(self.pool.submit(self._threaded_job, channel_id, deliveries))
         return futures
+
+    def send_now(self, now=None) -> int:
+        """Claim what is due and send it in this thread, channel after channel (tests,
+        tools). Returns how many deliveries were claimed."""
+        claimed = self.claim(now)
+        for channel_id, deliveries in claimed.items():
+            with self.lock:
+                self.busy.add(channel_id)
+            self._channel_job(channel_id, deliveries)
+        return sum(len(d) for d in claimed.values())
+
+    def _threaded_job(self, channel_id: int, deliveries: list[Delivery]) -> None:
+        try:
+            self._channel_job(channel_id, deliveries)
+        finally:
+            connection.close()
+            outbox.due.set()  # look again: more may be due for this channel
 
     def _channel_job(self, channel_id: int, deliveries: list[Delivery]) -> None:
         try:
@@ -212,8 +229,6 @@ class Sender:
         finally:
             with self.lock:
                 self.busy.discard(channel_id)
-            connection.close()
-            outbox.due.set()  # look again: more may be due for this channel
 
     def deliver(self, delivery: Delivery) -> bool:
         """Send one claimed delivery and record the outcome (if it is still ours).
