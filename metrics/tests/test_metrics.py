@@ -233,3 +233,18 @@ def test_r21_values_match_the_database_after_a_real_engine_run(client):
         == back.count()
     assert sum(v for (n, _), v in got.items() if n == "hadash_vm_downtime_seconds_sum") \
         == pytest.approx(sum(iv.downtime for iv in back))
+
+
+def test_r21_r22_failover_capacity_per_cluster_from_the_stored_plans(client):
+    from django.apps import apps
+
+    if not apps.is_installed("clusters"):
+        pytest.skip("the clusters app (R22 failover plans) is not installed")
+    plan = apps.get_model("clusters", "FailoverPlan")
+    now = timezone.now()
+    plan.objects.create(cluster="east", computed_at=now, capacity=2, level=1)
+    plan.objects.create(cluster="west", computed_at=now, capacity=0, level=1)
+    got = samples(scrape(client))
+    assert value(got, "hadash_cluster_failover_capacity", cluster="east") == 2
+    assert value(got, "hadash_cluster_failover_capacity", cluster="west") == 0
+    assert value(got, "hadash_cluster_failover_level", cluster="west") == 1
