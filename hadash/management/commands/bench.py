@@ -5,6 +5,8 @@
     bench detect   detection (host powered off → Down) and recovery (→ its HA VMs Running
                    elsewhere) latency for a simulated fleet, in real time
     bench restart  HA restart throughput of one failed host's VMs per ha.workers value
+    bench metrics  GET /metrics served time at 1,000 hosts / 10,000 VMs beside the same
+                   server's 401 answer (R21)
 
 Each run builds a fresh database (PostgreSQL: hadash_bench_<random>, dropped at the
 end), starts real processes (daphne, qcluster, the fleet simulator, a load generator)
@@ -119,6 +121,14 @@ class Command(BaseCommand):
         p.add_argument("--seconds", type=float, default=20, help="seconds of events (20)")
         p.add_argument("--requests", type=int, default=20, help="timed GET / (20)")
 
+        p = sub.add_parser("metrics", help="GET /metrics served time (R21)")
+        common(p)
+        p.add_argument("--hosts", type=int, default=1000, help="hosts (1000)")
+        p.add_argument("--vms-per-host", type=int, default=10, help="VMs per host (10)")
+        p.add_argument("--incidents", type=int, default=2000,
+                       help="incidents in the history (2000; half host, half VM)")
+        p.add_argument("--requests", type=int, default=20, help="timed GET /metrics (20)")
+
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
         p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
@@ -166,6 +176,12 @@ class Command(BaseCommand):
                 else:
                     self.stdout.write(mod.report(mod.run(o)))
                 return
+            elif name == "metrics":
+                from bench import metrics as mod
+
+                if min(o["hosts"], o["vms_per_host"], o["requests"]) < 1 or o["incidents"] < 0:
+                    raise CommandError("--hosts, --vms-per-host and --requests must be "
+                                       "positive, --incidents ≥ 0")
             elif name == "detect":
                 from bench import detect as mod
 
