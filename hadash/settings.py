@@ -187,6 +187,7 @@ INSTALLED_APPS = [
     "dashboard",
     "notify",  # R20: notification channels and deliveries
     "metrics",
+    "clusters",  # R22: failover plans
 ]
 
 MIDDLEWARE = [

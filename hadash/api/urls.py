@@ -3,7 +3,7 @@
 from django.urls import include, path, re_path
 from rest_framework.permissions import AllowAny
 
-from . import views
+from . import plan, views
 
 api_patterns = [
     path("hosts", views.HostListView.as_view(), name="host-list"),
@@ -41,6 +41,13 @@ api_patterns = [
     path("config", views.ConfigListView.as_view(), name="config-list"),
     path("config/<str:key>", views.ConfigDetailView.as_view(), name="config-detail"),
     path("engine", views.EngineStatusView.as_view(), name="engine-status"),
+    path("", include("notify.api")),  # R20: notification-channels, deliveries
+    # R22: clusters, their failover plans, "what if hosts X, Y fail now?"
+    path("clusters", plan.ClusterListView.as_view(), name="cluster-list"),
+    path("clusters/<str:name>/failover-plan", plan.ClusterPlanView.as_view(),
+         name="cluster-failover-plan"),
+    path("clusters/<str:name>/what-if", plan.ClusterWhatIfView.as_view(),
+         name="cluster-what-if"),
 ]
 
 # The document covers the operator API only (the agent protocol is PROTOCOL.md).

@@ -43,13 +43,16 @@ class Engine:
 
     def cluster_checks(self, *, now, cfg) -> None:
         """What every monitor sweep does besides investigating hosts: engage or release
-        mass-failure brakes (R14), finish maintenance of emptied hosts (R15). The sweep
+        mass-failure brakes (R14), finish maintenance of emptied hosts (R15), keep each
+        cluster's failover plan current (R22: recomputed when its capacity changed). The sweep
         (hosts.liveness.monitor_step, the engine loop's) calls back here, so the domain
         code that sweeps hosts never imports the engine."""
+        from clusters import plans
         from hadash.ha import brake, maintenance
 
         brake.update_all(now=now, cfg=cfg)
         maintenance.complete_ready_hosts(now=now)
+        plans.refresh(now=now, cfg=cfg)
 
     def with_worker(self, worker_id: str) -> Engine:
         return Engine(agents=self.agents, oob=self.oob, clock=self.clock, worker_id=worker_id)

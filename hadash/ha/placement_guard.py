@@ -1,6 +1,8 @@
-"""Placement with a reservation (R13): the chosen host's row is locked and its free
-capacity re-checked in the transaction that moves the VM to Starting there, so two
-workers never fill the same room twice."""
+"""Placement with a reservation (R13 filters, R24 spread): the chosen host's row is
+locked and its free capacity re-checked in the transaction that moves the VM to
+Starting there, so two workers never fill the same room twice — and the next placement
+of the batch (the host's other restarts) sees this one, as the VM occupies its target at
+once. Why the host was chosen is recorded on the item (`HaWork.placement`, R24)."""
 
 from __future__ import annotations
 
@@ -15,25 +17,42 @@ from .work import mark_vm, set_step
 
 
 def pick(vm, *, ha: bool, cfg, exclude=()):
-    return placement.pick_host(
+    """The host to place ``vm`` on (R13, R24), or None. The returned host carries
+    ``placement_reason`` — why it was chosen — for the item (`HaWork.placement`)."""
+    host, why = placement.pick_with_reason(
         vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster, exclude=tuple(exclude)
     )
+    if host is not None:
+        host.placement_reason = why
+    return host
+
+
+def no_room(vm, *, ha: bool, cfg, exclude=()) -> str:
+    """Why no host has room (R17 no-capacity words): "needs 4 cpus / 8192 MB; best
+    host kvm-07 has 2 cpus / 16384 MB free"."""
+    return placement.no_room(vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster,
+                             exclude=tuple(exclude))
 
 
 def reserve(vm, item, *, ha: bool, now, cfg):
     """Pick a host and move the VM to Starting on it and the item to Restarting, in
-    one transaction. Returns the host, or None when no host has room."""
-    for host in placement.candidates(vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster):
+    one transaction, recording why the host was chosen on the item. Returns the host,
+    or None when no host has room."""
+    tag = cfg["ha.tag"]
+    found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
+    for room in found:
         with transaction.atomic():
-            locked = Host.objects.select_for_update().get(pk=host.pk)
-            if not placement.candidates(vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster,
-                                        only=(locked.pk,)):
+            locked = Host.objects.select_for_update().get(pk=room.id)
+            fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster,
+                                     only=(locked.pk,))
+            if not fresh:
                 continue  # filled meanwhile; try the next
+            why = placement.explain(fresh[0], vm.cpus, vm.memory_mb, fitting=len(found))
             if not mark_vm(vm, item, VmState.STARTING, now=now, event="HaStarting",
-                           message=f"VM {vm.name} starting on {locked.name} (HA)",
+                           message=f"VM {vm.name} starting on {locked.name} (HA): {why}",
                            host=locked, power_state_update_time=now):
                 return None
-            set_step(item, Step.RESTARTING, now=now, target_host=locked,
+            set_step(item, Step.RESTARTING, now=now, target_host=locked, placement=why,
                      message=f"HA work #{item.pk}: starting VM {vm.name} on {locked.name}")
             return locked
     return None

@@ -1,5 +1,6 @@
-"""Placement (SPEC R13): where a VM may be started — an Up, Enabled host of its
-cluster with room for it, honouring ha.tag, the least loaded first. Tested both
+"""Placement (SPEC R13, R24): where a VM may be started — an Up, Enabled host of its
+cluster with room for it, honouring ha.tag (R13), the one with the largest free share
+after placement first, each placement of a batch seeing the ones before it (R24). Tested both
 directly (vms.placement) and end to end through HA restarts on a simulated fleet with
 virtual time (fleet.testing.world)."""
 
@@ -66,41 +67,157 @@ LOADED = {
 }
 
 
-# --- least loaded ------------------------------------------------------------------------
+# --- R24: spread -------------------------------------------------------------------------
 
-def test_r13_candidates_ordered_by_allocated_cpus_then_memory_then_name():
-    """R13: among fitting hosts the least loaded first: fewest allocated cpus, then
-    least allocated memory, then host name."""
-    world(LOADED)
-    found = placement.candidates(vm("x"), ha=False, ha_tag="", cluster="c1")
-    assert names(found) == ["h3", "h4", "h2", "h1"]
-    assert pick("x") == "h3"
+# Hosts of different sizes, so that R24 (largest free share after placement, the smaller of
+# the cpu and memory shares) and R13's old "least loaded" order disagree. For x (1 cpu /
+# 1024 MB) the free shares after placement are h1 7/16 cpu, h2 19/32 cpu, h3 3072/16384
+# memory (its cpus are nearly free), h4 and h5 11/16 cpu.
+SPREAD = {
+    "hosts": {"h1": {}, "h2": {"cpus": 32}, "h3": {"memory_mb": 16384}, "h4": {}, "h5": {}},
+    "vms": {
+        "a": {"host": "h1", "cpus": 8, "memory_mb": 8192},
+        "b": {"host": "h2", "cpus": 12, "memory_mb": 1024},
+        "c": {"host": "h3", "cpus": 1, "memory_mb": 12288},
+        "d": {"host": "h4", "cpus": 4, "memory_mb": 4096},
+        "e": {"host": "h5", "cpus": 4, "memory_mb": 4096},
+        "x": {"state": "Stopped", "host": "h1"},
+    },
+}
 
 
-def test_r13_stopped_vms_do_not_count_as_load():
-    """R13: only VMs that occupy capacity (Starting, Running, Stopping, Migrating)
-    count; a Stopped VM's old host is not loaded by it."""
-    w = world(LOADED)
-    VMInstance.objects.filter(name="a").update(state=VmState.STOPPED)
+def test_r24_candidates_ordered_by_largest_free_share_after_placement_ties_by_name():
+    """R24: among fitting hosts, the one whose free share after placement — the smaller
+    of free cpus / cpus and free memory / memory — is largest comes first; equal shares
+    by host name. (R13's least-loaded order would have put h3, with 1 allocated cpu but
+    its memory nearly full, first.)"""
+    world(SPREAD)
     assert names(placement.candidates(vm("x"), ha=False, ha_tag="", cluster="c1")) == [
-        "h1", "h3", "h4", "h2"]
+        "h4", "h5", "h2", "h1", "h3"]
+    assert pick("x") == "h4"
+
+
+def test_r24_memory_share_counts_as_much_as_cpu_share():
+    """R24: the smaller share decides — a host with free cpus but little free memory
+    after placement loses to one with a fair share of both."""
+    world({"hosts": {"h1": {"memory_mb": 8192}, "h2": {}},
+           "vms": {"m": {"host": "h1", "cpus": 1, "memory_mb": 4096},
+                   "c": {"host": "h2", "cpus": 6, "memory_mb": 1024},
+                   "x": {"state": "Stopped", "host": "h1", "cpus": 1, "memory_mb": 2048}}})
+    # h1: cpus 14/16, memory 2048/8192 = 25 %; h2: cpus 9/16 = 56 %, memory 97 %.
+    assert pick("x") == "h2"
+
+
+def test_r24_stopped_vms_do_not_count_as_load():
+    """R13/R24: only VMs that occupy capacity (Starting, Running, Stopping, Migrating)
+    count; a Stopped VM's old host is not loaded by it."""
+    w = world(SPREAD)
+    VMInstance.objects.filter(name="a").update(state=VmState.STOPPED)
+    assert pick("x") == "h1"  # empty now: 15/16 free after placement
     VMInstance.objects.filter(name="a").update(state=VmState.STARTING)
-    assert pick("x") == "h3"
+    assert pick("x") == "h4"
     assert w.result.violations == []
 
 
-def test_r13_ha_restart_lands_on_the_least_loaded_host():
-    """R13 end to end: the HA VM of a failed host is started on the least loaded host
-    of its cluster, and only there."""
-    spec = {"hosts": {"h0": {}, **LOADED["hosts"]},
-            "vms": {**{k: v for k, v in LOADED["vms"].items() if k != "x"},
+def test_r24_a_migration_under_way_counts_on_its_target():
+    """R24 batch: a VM migrating towards a host (its Migration item Migrating there)
+    already occupies that host, so the next migration of an evacuation sees it."""
+    w = world({"hosts": {"h1": {}, "h2": {}, "h3": {}},
+               "vms": {"m": {"host": "h1", "cpus": 4},
+                       "x": {"state": "Stopped", "host": "h1"}}})
+    assert pick("x") == "h2"
+    m = vm("m")
+    VMInstance.objects.filter(pk=m.pk).update(state=VmState.MIGRATING)
+    now = w.clock.now()
+    HaWork.objects.create(instance=m, vm_type=m.type, type=WorkType.MIGRATION,
+                          reason="HostMaintenance", step=Step.MIGRATING, host=m.host,
+                          target_host=Host.objects.get(name="h2"), state=VmState.MIGRATING,
+                          update_count=m.update_count, time_to_try=now, created=now,
+                          updated=now)
+    # m counts on h1 (still its host) and on h2 (its target): h3 is now the most free.
+    assert pick("x") == "h3"
+    assert placement.allocations()[Host.objects.get(name="h2").pk] == (4, 1024)
+
+
+def test_r24_ha_restart_lands_on_the_most_free_host_and_records_why():
+    """R24 end to end: the HA VM of a failed host is started on the host with the
+    largest free share after placement, and its HA item says why."""
+    spec = {"hosts": {"h0": {}, **SPREAD["hosts"]},
+            "vms": {**{k: v for k, v in SPREAD["vms"].items() if k != "x"},
                     "vm1": {"host": "h0", "ha": True}}}
     w = world(spec)
     fail_host(w, "h0")
     v = vm("vm1")
-    assert (v.state, v.host.name) == (VmState.RUNNING, "h3")
-    assert starts(w) == [("start", "h3", "vm1")]
+    assert (v.state, v.host.name) == (VmState.RUNNING, "h4")
+    assert starts(w) == [("start", "h4", "vm1")]
     assert restarts("vm1") == 1
+    [item] = HaWork.objects.filter(instance__name="vm1", type=WorkType.HA)
+    assert item.placement == ("h4: most free after placement, 69 % cpu / 92 % memory free "
+                              "(5 hosts fit)")
+
+
+def test_r24_a_hosts_ten_restarts_spread_over_the_cluster():
+    """R24 batch: a host failure's 10 HA restarts, placed one at a time by the workers,
+    each see the ones before it: the four equal hosts get 3, 3, 2 and 2 — none piles
+    them up — and the bigger host, with most room, gets its share first."""
+    vms = {f"v{i:02d}": {"host": "h0", "ha": True, "cpus": 2, "memory_mb": 4096}
+           for i in range(10)}
+    w = world({"hosts": {"h0": {"cpus": 32}, "h1": {}, "h2": {}, "h3": {}, "h4": {}},
+               "vms": vms})
+    fail_host(w, "h0")
+    w.advance_to(60)
+    placed = {}
+    for v in VMInstance.objects.filter(name__in=vms).select_related("host"):
+        assert v.state == VmState.RUNNING, v.name
+        placed[v.host.name] = placed.get(v.host.name, 0) + 1
+    assert sorted(placed.values()) == [2, 2, 3, 3]
+    assert set(placed) == {"h1", "h2", "h3", "h4"}
+    reasons = list(HaWork.objects.filter(type=WorkType.HA).values_list("placement", flat=True))
+    assert len(reasons) == 10 and all("most free after placement" in r for r in reasons)
+
+
+def test_r24_an_evacuation_spreads_over_the_cluster():
+    """R24 batch (issue 11: an evacuation sent 8 of 11 VMs to one host): maintenance of a
+    host with 11 running VMs migrates them over the three other hosts 4/4/3, and each
+    Migration item says why its target was chosen."""
+    vms = {f"v{i:02d}": {"host": "h0", "cpus": 1, "memory_mb": 2048} for i in range(11)}
+    w = world({"hosts": {"h0": {}, "h1": {}, "h2": {}, "h3": {}}, "vms": vms})
+    w.advance_to(2)
+    w.apply("host h0 maintenance")
+    w.advance_to(60)
+    assert Host.objects.get(name="h0").resource_state == ResourceState.MAINTENANCE
+    placed = {}
+    for v in VMInstance.objects.filter(name__in=vms).select_related("host"):
+        placed[v.host.name] = placed.get(v.host.name, 0) + 1
+    assert sorted(placed.values()) == [3, 4, 4]
+
+
+def test_r24_pool_best_is_rank_first_whatever_the_batch():
+    """R24: the in-memory pool the failover plan uses (each placement seeing the ones
+    before it) picks exactly what `rank` picks on the same rooms — the very placement
+    code, fast or not — across random clusters, sizes, tags and exclusions."""
+    import random
+
+    rnd = random.Random(7)
+    for trial in range(200):
+        rooms = [placement.Room(i, f"h{i:02d}", rnd.choice([8, 16, 32]),
+                                rnd.choice([16384, 65536]), 0, 0,
+                                ("ha",) if rnd.random() < 0.3 else ())
+                 for i in range(rnd.randint(1, 12))]
+        for r in rooms:
+            r.used_cpus = rnd.randint(0, r.cpus)
+            r.used_memory_mb = rnd.randint(0, r.memory_mb)
+        pool = placement.Pool([placement.Room(**{f: getattr(r, f) for f in (
+            "id", "name", "cpus", "memory_mb", "used_cpus", "used_memory_mb", "tags")})
+            for r in rooms]).fork()
+        exclude = frozenset(rnd.sample([r.id for r in rooms], k=min(2, len(rooms) - 1)))
+        ha, tag = rnd.random() < 0.5, rnd.choice(["", "ha"])
+        for _ in range(8):
+            c, m = rnd.choice([1, 2, 4]), rnd.choice([512, 2048, 8192])
+            current = [pool.room(r.id) for r in rooms]
+            ranked = placement.rank(current, c, m, ha=ha, ha_tag=tag, exclude=exclude)
+            got = pool.place(c, m, ha=ha, ha_tag=tag, exclude=exclude)
+            assert (got.name if got else None) == (ranked[0].name if ranked else None), trial
 
 
 # --- capacity ------------------------------------------------------------------------------
