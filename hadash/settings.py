@@ -373,7 +373,12 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # Several serializers have a "type" with different choices: name the hosts' one, so
     # the schema (and `check --deploy`) has no naming-collision warning.
-    "ENUM_NAME_OVERRIDES": {"HostTypeEnum": "hosts.choices.HostType"},
+    "ENUM_NAME_OVERRIDES": {
+        "HostTypeEnum": "hosts.choices.HostType",
+        # notify (R20): a delivery's state; severity also names a channel's minimum.
+        "DeliveryStateEnum": "notify.models.DeliveryState",
+        "SeverityEnum": "hadash.choices.Severity",
+    },
 }
 
 # django-q2: the ORM broker needs no extra server. Each cluster (`manage.py qcluster`)

@@ -42,6 +42,7 @@ api_patterns = [
     path("config/<str:key>", views.ConfigDetailView.as_view(), name="config-detail"),
     path("engine", views.EngineStatusView.as_view(), name="engine-status"),
     path("", include("notify.api")),  # R20: notification-channels, deliveries
+    path("", include("notify.api")),  # R20: notification-channels, deliveries
     # R22: clusters, their failover plans, "what if hosts X, Y fail now?"
     path("clusters", plan.ClusterListView.as_view(), name="cluster-list"),
     path("clusters/<str:name>/failover-plan", plan.ClusterPlanView.as_view(),
