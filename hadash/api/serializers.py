@@ -16,7 +16,9 @@ from hadash.config import tag_problem
 from hadash.events import record_event
 from hadash.models import Event, HaWork
 from hadash.names import validate_name
+from hosts import hastatus as host_hastatus
 from hosts.models import Host
+from vms import hastatus as vm_hastatus
 from vms.choices import ACTIVE_STATES, Priority, VmType
 from vms.models import VMInstance
 
@@ -75,7 +77,56 @@ class TagsField(serializers.Field):
         return joined
 
 
-class HostSerializer(serializers.ModelSerializer):
+# --- HA status (R17) ------------------------------------------------------------
+
+HA_STATUS_SCHEMA = {
+    "type": "object",
+    "description": "R17: what HA thinks of it. `code` (VM: protected, at-risk, unprotected, "
+    "recovering, waiting, failed, stopped; host: up, suspect, investigating, alert, down, "
+    "maintenance, prepare-for-maintenance, error-in-maintenance, disabled, disconnected, "
+    "connecting), `reason` (one line an operator can act on), `since` and `next_try` "
+    "(ISO 8601 or null), and for a waiting VM `cause` (no-capacity, braked, backoff, "
+    "fencing-failed, host-unreachable, order, anti-affinity, disarmed, observed).",
+    "properties": {
+        "code": {"type": "string"},
+        "reason": {"type": "string"},
+        "since": {"type": "string", "format": "date-time", "nullable": True},
+        "next_try": {"type": "string", "format": "date-time", "nullable": True},
+        "cause": {"type": "string"},
+    },
+    "required": ["code", "reason", "since", "next_try"],
+}
+
+
+class HaStatusListSerializer(serializers.ListSerializer):
+    """A list of hosts or VMs: their HA statuses are computed for the whole page at
+    once, in a fixed number of queries (hosts.hastatus / vms.hastatus)."""
+
+    def to_representation(self, data):
+        rows = list(data.all() if hasattr(data, "all") else data)
+        self.child._ha_statuses = self.child.ha_statuses(rows)
+        try:
+            return [self.child.to_representation(row) for row in rows]
+        finally:
+            self.child._ha_statuses = None
+
+
+class HaStatusMixin:
+    _ha_statuses: dict | None = None
+
+    @staticmethod
+    def ha_statuses(rows) -> dict:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @extend_schema_field(HA_STATUS_SCHEMA)
+    def get_ha_status(self, obj) -> dict:
+        statuses = self._ha_statuses
+        if statuses is None or obj.pk not in statuses:
+            statuses = self.ha_statuses([obj])
+        return statuses[obj.pk].as_dict()
+
+
+class HostSerializer(HaStatusMixin, serializers.ModelSerializer):
     hypervisor = serializers.CharField(source="hypervisor_type", read_only=True)
     address = serializers.CharField(source="private_ip_address", read_only=True)
     tags = TagsField(read_only=True)
@@ -96,6 +147,11 @@ class HostSerializer(serializers.ModelSerializer):
         help_text='Who serves the host (issue 9): "agent" (hadash-agent), "simulator" '
         '(the fleet simulator), "other", or "" (its connect sent no `agent` block).',
     )
+    ha_status = serializers.SerializerMethodField()
+
+    @staticmethod
+    def ha_statuses(rows) -> dict:
+        return host_hastatus.statuses_for(rows, now=timezone.now())
 
     class Meta:
         model = Host
@@ -106,8 +162,10 @@ class HostSerializer(serializers.ModelSerializer):
             "oobm_enabled", "oobm_address", "oobm_system_id", "oobm_username",
             "oobm_password_set", "next_investigation", "created",
             "agent_kind", "agent_name", "agent_version", "agent_hypervisor_uri",
+            "ha_status",
         ]
         read_only_fields = fields
+        list_serializer_class = HaStatusListSerializer
 
     def _allocation(self, obj: Host) -> dict[str, int]:
         if hasattr(obj, "allocated_cpus"):
@@ -193,7 +251,7 @@ class HostSettingsSerializer(serializers.Serializer):
 # --- VMs ----------------------------------------------------------------------
 
 
-class VMSerializer(serializers.ModelSerializer):
+class VMSerializer(HaStatusMixin, serializers.ModelSerializer):
     host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     last_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
     power_host = serializers.SlugRelatedField(slug_field="name", read_only=True, allow_null=True)
@@ -201,6 +259,11 @@ class VMSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text="Whether a definition is stored (GET /api/v1/vms/{name}/definition).",
     )
+    ha_status = serializers.SerializerMethodField()
+
+    @staticmethod
+    def ha_statuses(rows) -> dict:
+        return vm_hastatus.statuses_for(rows, now=timezone.now())
 
     class Meta:
         model = VMInstance
@@ -209,8 +272,10 @@ class VMSerializer(serializers.ModelSerializer):
             "cpus", "memory_mb",
             "id", "uuid", "type", "power_host", "power_state_update_time",
             "power_state_update_count", "update_count", "created", "has_definition",
+            "ha_status",
         ]
         read_only_fields = fields
+        list_serializer_class = HaStatusListSerializer
 
 
 class VMDefinitionSerializer(serializers.Serializer):

@@ -1,0 +1,170 @@
+"""HA status of hosts (SPEC R17): up, suspect (behind on ping, verdict due), an
+investigation under way, alert (host-unreachable), down (with its incident's state),
+maintenance states and disabled — driven through the real engine on a simulated fleet
+with virtual time (fleet.testing.world). Also the bulk helper's fixed number of
+queries and the API's `ha_status`."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from fleet.testing import world
+from hadash.models import ApiToken
+from hosts import hastatus
+from hosts.models import Host
+
+pytestmark = pytest.mark.django_db
+
+FLEET = {"hosts": {"h1": {}, "h2": {}, "h3": {}},
+         "vms": {"vm1": {"host": "h1", "ha": True}}}
+
+
+def status(w, name):
+    return hastatus.status_of(Host.objects.get(name=name), now=w.clock.now())
+
+
+def test_r17_host_on_time_is_up():
+    w = world(FLEET)
+    w.advance_to(5)
+    s = status(w, "h1")
+    assert s.code == "up" and s.reason.startswith("Up")
+    assert s.since is not None and s.next_try is None
+
+
+def test_r17_late_ping_is_announced_before_the_host_is_behind():
+    """R17: a missed ping shows on an Up host before it is behind: when it will be."""
+    w = world(FLEET)
+    w.advance_to(5)
+    w.fleet.power_off("h1")
+    w.advance_to(15)  # the ping due at 10 s is missing
+    h1 = Host.objects.get(name="h1")
+    s = status(w, "h1")
+    behind_at = h1.last_ping + dt.timedelta(seconds=25)  # ping.interval × ping.timeout
+    assert s.code == "up" and "a ping is late" in s.reason
+    assert f"behind on ping at {behind_at:%H:%M:%S}" in s.reason
+
+
+def test_r17_behind_on_ping_before_the_sweep_is_suspect_with_verdict_due():
+    """R17: behind on ping (now − last ping > ping.interval × ping.timeout) while still
+    Up → suspect, saying how long and when the verdict is due — before any declaration."""
+    w = world(FLEET)
+    w.advance_to(5)
+    w.fleet.power_off("h1")
+    w.advance_to(20)
+    h1 = Host.objects.get(name="h1")
+    # The moment after it falls behind, before the engine's next sweep looks at it.
+    w.clock.set((h1.last_ping - w.clock.EPOCH).total_seconds() + 26)
+    s = status(w, "h1")
+    assert h1.status == "Up"
+    assert s.code == "suspect"
+    assert "behind on ping for 26 s (limit 25 s)" in s.reason and "verdict due at" in s.reason
+    assert s.since == h1.last_ping + dt.timedelta(seconds=25)
+    assert s.next_try > w.clock.now()
+
+
+def test_r17_undeterminable_host_is_investigating_until_alert_wait():
+    """R17/R5: cut off, its BMC failing and no neighbour asked, the host cannot be
+    judged: it stays Up under investigation; the status says so and when it goes to
+    Alert (alert.wait)."""
+    w = world({**FLEET, "config": {"alert.wait": 300,
+                                   "ha.investigators.order": "CheckOnAgent,OutOfBand"}})
+    w.apply("host h1 network off")
+    w.apply("bmc h1 fail")
+    w.advance_to(60)
+    h1 = Host.objects.get(name="h1")
+    s = status(w, "h1")
+    assert h1.status == "Up"
+    assert s.code == "investigating"
+    assert s.next_try == h1.last_ping + dt.timedelta(seconds=300)
+    assert "Alert at" in s.reason
+
+
+def test_r17_alive_host_without_agent_is_alert_with_next_investigation():
+    """R17/R5: the agent stops, the host is alive → Alert (host-unreachable), with its
+    next investigation as next_try and the time it went Alert as since."""
+    w = world(FLEET)
+    w.apply("host h1 agent stop")
+    w.advance_to(40)
+    h1 = Host.objects.get(name="h1")
+    s = status(w, "h1")
+    assert h1.status == "Alert"
+    assert s.code == "alert" and s.reason.startswith("host-unreachable")
+    assert s.next_try == h1.next_investigation and s.since is not None
+
+
+def test_r17_r18_down_host_names_its_incident_state():
+    """R17/R18: a Down host's status names its incident and how far recovery got."""
+    w = world(FLEET)
+    w.fleet.power_off("h1")
+    w.advance_to(60)
+    s = status(w, "h1")
+    assert Host.objects.get(name="h1").status == "Down"
+    assert s.code == "down" and "is Down" in s.reason
+    assert s.since is not None
+    from hadash.models import Incident
+
+    incident = Incident.objects.filter(host__name="h1").order_by("-id").first()
+    if incident is not None:  # incidents (R18) recorded by the engine
+        assert f"incident #{incident.pk} {incident.state}" in s.reason
+
+
+def test_r17_r15_maintenance_and_disabled_are_shown():
+    """R17/R15: prepare-for-maintenance, maintenance, disabled."""
+    w = world({"hosts": {"h1": {}, "h2": {}}, "vms": {"a": {"host": "h1"}}})
+    w.apply("host h1 maintenance")
+    assert status(w, "h1").code == "prepare-for-maintenance"
+    w.advance_to(2)
+    assert status(w, "h1").code == "maintenance"
+    w.apply("host h1 cancel-maintenance")
+    assert status(w, "h1").code == "up"
+    w.apply("host h2 disable")
+    s = status(w, "h2")
+    assert s.code == "disabled" and s.since == w.clock.now()
+
+
+def test_r17_host_without_working_bmc_says_its_vms_are_at_risk():
+    """R17/R28: an Up host whose BMC is missing or failing its check says its HA VMs
+    are at risk."""
+    w = world(FLEET)
+    Host.objects.filter(name="h2").update(oobm_enabled=False)
+    s = status(w, "h2")
+    assert s.code == "up" and "no BMC configured" in s.reason and "at risk" in s.reason
+    h3 = Host.objects.get(name="h3")
+    s = hastatus.statuses_for([h3], now=w.clock.now(), bmc_failing={h3.pk: "timeout"})[h3.pk]
+    assert "timeout" in s.reason
+
+
+def test_r17_bulk_host_statuses_cost_the_same_queries_for_2_or_12_hosts():
+    w = world({"hosts": {f"h{i:02}": {} for i in range(12)}})
+    w.fleet.power_off("h00")
+    w.advance_to(60)
+    counts = []
+    for n in (2, 12):
+        page = list(Host.objects.order_by("name")[:n])
+        with CaptureQueriesContext(connection) as q:
+            assert len(hastatus.statuses_for(page, now=w.clock.now())) == n
+        counts.append(len(q))
+    assert counts[0] == counts[1]
+
+
+def test_r17_api_hosts_carry_ha_status():
+    """R17: GET /api/v1/hosts and /api/v1/hosts/{name} carry `ha_status`."""
+    w = world(FLEET)
+    w.fleet.power_off("h1")
+    w.advance_to(60)
+    _, key = ApiToken.issue(get_user_model().objects.create_user("viewer"))
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    # The API reads the wall clock; the world runs on virtual time.
+    Host.objects.exclude(name="h1").update(last_ping=timezone.now())
+    rows = {r["name"]: r["ha_status"] for r in client.get("/api/v1/hosts").json()}
+    assert rows["h1"]["code"] == "down" and rows["h2"]["code"] == "up"
+    assert set(rows["h2"]) == {"code", "reason", "since", "next_try"}
+    assert client.get("/api/v1/hosts/h1").json()["ha_status"] == rows["h1"]
