@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 
 from . import views
 
@@ -17,6 +17,7 @@ urlpatterns = [
     path("work", views.work, name="work"),
     path("incidents", views.incidents_page, name="incidents"),
     path("config", views.config_page, name="config"),
+    path("", include("notify.urls")),  # R20: notifications page, send test
     path("unmanaged", views.unmanaged_page, name="unmanaged"),  # issue 9
     path("unmanaged/adopt", views.unmanaged_adopt, name="unmanaged-adopt"),
     path("fleet", views.fleet_page, name="fleet"),
