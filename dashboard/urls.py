@@ -1,5 +1,6 @@
 from django.urls import include, path
 
+from . import clusters as cluster_pages  # R22
 from . import views
 
 app_name = "dash"
@@ -20,6 +21,8 @@ urlpatterns = [
     path("", include("notify.urls")),  # R20: notifications page, send test
     path("unmanaged", views.unmanaged_page, name="unmanaged"),  # issue 9
     path("unmanaged/adopt", views.unmanaged_adopt, name="unmanaged-adopt"),
+    path("clusters", cluster_pages.clusters_page, name="clusters"),  # R22
+    path("clusters/<str:name>", cluster_pages.cluster_page, name="cluster"),
     path("fleet", views.fleet_page, name="fleet"),
     path("fleet/hosts.json", views.fleet_hosts_json, name="fleet-hosts"),
     path("fleet/fault", views.fleet_fault, name="fleet-fault"),
