@@ -560,9 +560,20 @@ def fleet_page(request):
 def fleet_hosts_json(request):
     _fleet_attached()
     try:
-        return JsonResponse({"hosts": _with_db_state(fleetproxy.hosts())})
+        sim_hosts = _with_db_state(fleetproxy.hosts())
     except fleetproxy.FleetError as exc:
         return JsonResponse({"error": str(exc)}, status=exc.status)
+    # R17: hadash's HA status of each simulated host (suspect before it is declared).
+    from hosts import hastatus
+
+    rows = list(Host.objects.filter(name__in=[h.get("name") for h in sim_hosts
+                                              if isinstance(h, dict)]))
+    statuses = hastatus.statuses_for(rows, now=timezone.now())
+    by_name = {r.name: statuses[r.pk].as_dict() for r in rows}
+    for h in sim_hosts:
+        if isinstance(h, dict):
+            h["ha_status"] = by_name.get(h.get("name"))
+    return JsonResponse({"hosts": sim_hosts})
 
 
 @admin_required

@@ -168,3 +168,68 @@ def test_r17_api_hosts_carry_ha_status():
     assert rows["h1"]["code"] == "down" and rows["h2"]["code"] == "up"
     assert set(rows["h2"]) == {"code", "reason", "since", "next_try"}
     assert client.get("/api/v1/hosts/h1").json()["ha_status"] == rows["h1"]
+
+
+# --- dashboard ---------------------------------------------------------------------------
+
+@pytest.fixture
+def viewer_client():
+    from django.test import Client
+
+    c = Client()
+    c.force_login(get_user_model().objects.create_user("olga"))
+    return c
+
+
+def _behind(name, seconds):
+    """The dashboard reads the wall clock: put the host's last ping `seconds` ago."""
+    Host.objects.filter(name=name).update(last_ping=timezone.now()
+                                          - dt.timedelta(seconds=seconds))
+
+
+def test_r17_host_page_shows_suspect_with_the_word_and_verdict_due(viewer_client):
+    """R17: a host behind on ping shows `suspect` on its page, in words (not colour
+    only) with when the verdict is due — before anything is declared."""
+    world(FLEET)
+    Host.objects.update(last_ping=timezone.now())
+    _behind("h1", 40)
+    page = viewer_client.get("/hosts/h1").content.decode()
+    assert 'id="host-ha-status"' in page
+    assert 'data-ha-status="suspect"' in page and ">suspect</span>" in page
+    assert "behind on ping for 40 s (limit 25 s); verdict due at" in page
+    page = viewer_client.get("/hosts/h2").content.decode()
+    assert 'data-ha-status="up"' in page
+
+
+def test_r17_vm_page_shows_waiting_cause(viewer_client):
+    """R17: the VM page shows `waiting: host-unreachable` while its host is in Alert."""
+    w = world(FLEET)
+    w.apply("host h1 agent stop")
+    w.advance_to(40)
+    page = viewer_client.get("/vms/vm1").content.decode()
+    assert 'id="vm-ha-status"' in page
+    assert 'data-ha-status="waiting"' in page and 'data-ha-cause="host-unreachable"' in page
+    assert "waiting: host-unreachable" in page
+
+
+def test_r17_simulator_panel_hosts_json_carries_ha_status(viewer_client, settings):
+    """R17: the simulator panel's hosts (fleet/hosts.json) carry hadash's HA status,
+    so a host behind on ping shows `suspect` there too."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from dashboard.tests.test_pages import FakeSimulator
+
+    world(FLEET)
+    _behind("h1", 30)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSimulator)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings.HADASH_FLEET_URL = f"http://127.0.0.1:{server.server_port}"
+        data = viewer_client.get("/fleet/hosts.json").json()
+    finally:
+        server.shutdown()
+        server.server_close()
+    [h1] = data["hosts"]
+    assert h1["ha_status"]["code"] == "suspect"
+    assert h1["ha_status"]["reason"].startswith("behind on ping for 30 s")

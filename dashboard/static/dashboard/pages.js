@@ -464,6 +464,18 @@
       return '<button type="button" class="btn btn-small' + (danger ? " btn-danger" : "") +
         '" data-fault="' + esc(fault) + '">' + label + "</button>";
     }
+    // R17: hadash's HA status of the host (suspect/investigating before a verdict).
+    function haCell(s) {
+      if (!s) return '<td class="ha-status-cell"><span class="muted">—</span></td>';
+      var code = esc(s.code);
+      var next = s.next_try ? ' <span class="hs-next small muted">next <time class="tick" datetime="' +
+        esc(s.next_try) + '" data-until="' + esc(s.next_try) + '">' + esc(s.next_try.slice(11, 19)) +
+        "</time></span>" : "";
+      var why = s.code === "up" ? "" : ' <span class="hs-reason small">' + esc(s.reason) + "</span>";
+      return '<td class="ha-status-cell"><span class="ha-status hs-' + code + '" data-ha-status="' + code +
+        '"><span class="badge hs hs-' + code + '" title="' + esc(s.reason) + '">' + code +
+        (s.cause ? ": " + esc(s.cause) : "") + "</span>" + why + next + "</span></td>";
+    }
     function row(h) {
       var n = esc(h.name);
       var cells = [
@@ -471,6 +483,7 @@
         "<td>" + esc(h.cluster) + "</td>",
         '<td><span class="badge st-' + esc(h.db_status) + '" data-db-status="' + esc(h.db_status) + '">' +
           esc(h.db_status || "unknown") + "</span></td>",
+        haCell(h.ha_status),
         "<td>" + flag(h.powered, "on", "off") + "</td>",
         "<td>" + flag(h.agent, "running", "stopped") + "</td>",
         "<td>" + flag(h.network, "on", "off") + "</td>",
@@ -495,7 +508,7 @@
     function render(hosts) {
       lastHosts = hosts;
       tbody.innerHTML = hosts.map(row).join("") ||
-        '<tr><td colspan="12" class="muted empty">The simulator has no hosts.</td></tr>';
+        '<tr><td colspan="13" class="muted empty">The simulator has no hosts.</td></tr>';
       setText($("sim-count"), hosts.length);
       var dl = $("sim-vms");
       if (dl) {
