@@ -42,7 +42,14 @@ EXPECT_KEYS = {
     "host": {"status", "resource_state"},
     "work": {"step", "count"},
     "action": {"refused"},
+    # R18/R19: the latest incident of host or VM N (``count``: how many it had).
+    "incident": {"state", "vms_affected", "vms_restarted", "vms_failed", "alert", "count"},
+    # R19: alerts open now / opened so far (incident alerts and the others).
+    "alerts_open": set(),
+    "alerts": set(),
 }
+# Expectations whose value is the expected count itself: `{at: 120, alerts_open: 0}`.
+COUNT_KINDS = ("alerts_open", "alerts")
 # Qualifiers pick the subject of an expectation; they are not checked themselves.
 # `work: V, type: T` looks at V's work items of type T (default HA: the README's).
 EXPECT_QUALIFIERS = {"work": {"type"}}
@@ -91,6 +98,8 @@ class Check:
     work_type: str = "HA"
 
     def describe(self) -> str:
+        if not self.name:
+            return f"t={self.at} {self.key}={self.expected}"
         kind = self.kind if self.work_type == "HA" else f"{self.kind} ({self.work_type})"
         return f"t={self.at} {kind} {self.name} {self.key}={self.expected}"
 
@@ -151,7 +160,10 @@ def load(path: Path) -> dict:
     for i, ex in enumerate(data["expect"]):
         kind = kind_of(ex)
         if kind is None:
-            raise ScenarioError(f"{path}: expect[{i}] names one of vm, host, work or action")
+            raise ScenarioError(f"{path}: expect[{i}] names one of vm, host, work, action, "
+                                "incident, alerts_open or alerts")
+        if kind in COUNT_KINDS and (not isinstance(ex[kind], int) or ex[kind] < 0):
+            raise ScenarioError(f"{path}: expect[{i}]: '{kind}' is a count ≥ 0")
         if kind == "action" and not isinstance(ex["action"], str):
             raise ScenarioError(f"{path}: expect[{i}]: 'action' is an event's 'do' text")
         if kind == "work" and "type" in ex:
@@ -168,7 +180,7 @@ def load(path: Path) -> dict:
 
 def kind_of(ex: dict) -> str | None:
     """`vm:` and `work:` name their subject; `host` is then an attribute."""
-    for kind in ("vm", "work", "host", "action"):
+    for kind in ("vm", "work", "incident", "host", "action", *COUNT_KINDS):
         if kind in ex:
             return kind
     return None
@@ -178,6 +190,9 @@ def checks_of(data: dict) -> list[Check]:
     out = []
     for ex in data["expect"]:
         kind = kind_of(ex)
+        if kind in COUNT_KINDS:
+            out.append(Check(at=ex["at"], kind=kind, name="", key=kind, expected=ex[kind]))
+            continue
         for key in sorted(EXPECT_KEYS[kind] & set(ex)):
             out.append(Check(at=ex["at"], kind=kind, name=str(ex[kind]), key=key,
                              expected=ex[key], work_type=str(ex.get("type", "HA"))))
@@ -429,11 +444,35 @@ class Run:
         return self.result
 
     # expectations
+    def found_incident(self, c: Check):
+        """R18/R19 expectations: alert counts, or the latest incident of host/VM N."""
+        from hadash.choices import AlertState
+        from hadash.models import Alert
+
+        if c.kind == "alerts_open":
+            return Alert.objects.filter(state=AlertState.OPEN).count()
+        if c.kind == "alerts":
+            return Alert.objects.count()
+        incidents = _latest_incident(c.name)
+        if c.key == "count":
+            return incidents.count()
+        inc = incidents.order_by("-id").first()
+        if inc is None:
+            return "no incident"
+        if c.key == "alert":
+            alert = Alert.objects.filter(incident=inc).first()
+            return alert.state if alert else "no alert"
+        return getattr(inc, c.key)
+
     def check(self, c: Check) -> None:
         from hadash.models import Event, HaWork
         from hosts.models import Host
         from vms.models import VMInstance
 
+        if c.kind in COUNT_KINDS or c.kind == "incident":
+            c.found = self.found_incident(c)
+            c.ok = c.found == c.expected
+            return
         if c.kind == "action":
             done = [a for a in self.result.actions if a.do == c.name and a.at <= c.at]
             if not done:
@@ -469,6 +508,14 @@ class Run:
                 latest = items.order_by("-id").first()
                 c.found = latest.step if latest else None
             c.ok = c.found == c.expected
+
+
+def _latest_incident(name: str):
+    from django.db.models import Q
+
+    from hadash.models import Incident
+
+    return Incident.objects.filter(Q(kind="host", host_name=name) | Q(kind="vm", vm_name=name))
 
 
 def fmt_time(t: dt.timedelta) -> str:

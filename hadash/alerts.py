@@ -97,8 +97,8 @@ def resolve_alert(kind: str = "", subject: str = "", name: str = "", *, now,
         return None
     alert.state = AlertState.RESOLVED
     alert.resolved_at = alert.updated_at = now
-    if message:
-        alert.message = message
+    if message:  # the story so far, then how it ended
+        alert.message = f"{alert.message}\n{message}" if alert.message else message
     alert.save(update_fields=["state", "resolved_at", "updated_at", "message"])
     record_event(alert.subject, None, name=alert.subject_name, event="AlertResolved",
                  new=alert.kind, now=now, severity=Severity.INFO,

@@ -172,9 +172,12 @@ class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
             step=Step.INVESTIGATING if investigate else Step.SCHEDULED,
         )
 
-    def schedule_restart_for_vms_on_host(self, host, *, now, cfg=None) -> list:
-        """R10/R5: every VM on the host, system VMs first then by priority; one alert
-        naming the HA VMs. Runs inside the transaction that marks the host Down."""
+    def schedule_restart_for_vms_on_host(self, host, *, now, cfg=None,
+                                         declare: str | None = None) -> list:
+        """R10/R5: every VM on the host, system VMs first then by priority; one event
+        naming the HA VMs. Runs inside the transaction that marks the host Down.
+        ``declare`` (who found it Down): the host's incident is declared with these VMs
+        and items (R18) — its one alert names the HA VMs (R19)."""
         from vms.choices import ACTIVE_STATES
         from vms.models import VMInstance
         from vms.powersync import ha_wanted
@@ -196,11 +199,16 @@ class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
         if vms:
             names = ", ".join(ha_names) if ha_names else "none"
             record_event(
-                Subject.HOST, host, event="HaScheduled", reason=Reason.HOST_DOWN, alert=True,
-                now=now,
+                Subject.HOST, host, event="HaScheduled", reason=Reason.HOST_DOWN,
+                severity=Severity.WARNING, now=now,
                 message=f"Host {host.name} is down: {len(vms)} VM(s) scheduled; HA VMs to "
                         f"restart: {names}",
             )
+        if declare is not None:
+            from . import incidents
+
+            incidents.host_declared_down(host, now=now, by=declare, vms=vms, items=items,
+                                         ha=lambda vm: ha_wanted(vm, cfg))
         return items
 
     def schedule_force_stop(self, vm, host, *, now):

@@ -14,10 +14,10 @@ import logging
 from django.db import transaction
 from django.db.models import F, Min, Q
 
-from hadash import config
+from hadash import config, incidents
 from hadash.choices import Severity, Subject
 from hadash.events import record_event
-from hadash.models import HaWork
+from hadash.models import Event, HaWork
 
 from .choices import (
     NO_INVESTIGATION_HOST_TYPES,
@@ -88,6 +88,9 @@ def monitor_step(engine, cfg=None) -> bool:
     now = engine.now()
     cfg = cfg or config.snapshot()
     acted = False
+    # R18: hosts on time again whose incident is still Open (a ping that needed no
+    # status change) — dismissed; one query when there are none.
+    incidents.dismiss_returned_hosts(now=now, cutoff=behind_cutoff(now, cfg))
     for host in hosts_to_investigate(now, cfg):
         try:
             acted |= check_host(engine, host, now=now, cfg=cfg)
@@ -173,9 +176,11 @@ def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool
         # undeterminable host is re-investigated without repeating this).
         behind = int((now - seen_ping).total_seconds()) if seen_ping else None
         with transaction.atomic():
+            # R18: the incident opens with its detection (started at the last ping).
+            incident = incidents.open_host_incident(host, now=now, started_at=seen_ping)
             record_event(
                 Subject.HOST, host, event=HostEvent.PING_TIMEOUT, reason="PingTimeout",
-                now=now, severity=Severity.WARNING,
+                now=now, severity=Severity.WARNING, incident=incident,
                 message=f"Host {host.name}: no ping for {behind} s; investigating",
             )
 
@@ -193,6 +198,8 @@ def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool
                     message=f"Host {host.name}: agent answers its health check "
                             f"({host.status} → Up)",
                 )
+            # R18: back before anything was done — its incident is Dismissed.
+            incidents.host_back(host, now=now, how="its agent answers its health check")
         return True
 
     verdict, by = investigate_host(engine, host, now=now, cfg=cfg, health=health)
@@ -206,7 +213,9 @@ def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool
             return _release(host, seen_ping, retry, now=now)
         return _guarded_transition(
             host, HostStatus.ALERT, now=now, event=HostEvent.AGENT_DISCONNECTED,
-            reason=f"{by}: host alive", alert=True, seen_ping=seen_ping,
+            reason=f"{by}: host alive", seen_ping=seen_ping, severity=Severity.WARNING,
+            then=lambda: incidents.host_unreachable(
+                host, now=now, why=f"alive ({by}) but not talking to hadash"),
             message=f"Host {host.name} is disconnected but alive ({by}); its VMs are left "
                     "running",
             next_investigation=retry,
@@ -216,7 +225,9 @@ def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool
     if host.status != HostStatus.ALERT and waited > dt.timedelta(seconds=cfg["alert.wait"]):
         return _guarded_transition(
             host, HostStatus.ALERT, now=now, event=HostEvent.WAIT_TIMEOUT,
-            reason="undeterminable", alert=True, seen_ping=seen_ping,
+            reason="undeterminable", seen_ping=seen_ping, severity=Severity.WARNING,
+            then=lambda: incidents.host_unreachable(
+                host, now=now, why=f"undeterminable for {int(waited.total_seconds())} s"),
             message=f"Host {host.name}: state undeterminable for {int(waited.total_seconds())}"
                     " s; Alert",
             next_investigation=retry,
@@ -234,31 +245,48 @@ def _release(host: Host, seen_ping, next_investigation, *, now) -> bool:
     return False
 
 
-def _guarded_transition(host: Host, to: str, *, seen_ping=None, **kwargs) -> bool:
-    """A transition that also requires that no ping arrived meanwhile."""
+def _guarded_transition(host: Host, to: str, *, seen_ping=None, then=None,
+                        severity=None, **kwargs) -> bool:
+    """A transition that also requires that no ping arrived meanwhile; ``then()``
+    runs in its transaction when it happened (the incident's part, R18)."""
     with transaction.atomic():
         if seen_ping is not None and not Host.objects.select_for_update().filter(
             pk=host.pk, last_ping=seen_ping
         ).exists():
             return False
-        return host.transition(to, **kwargs)
+        if not host.transition(to, **kwargs):
+            return False
+        if severity:
+            _event_severity(host, kwargs["event"], kwargs["now"], severity)
+        if then is not None:
+            then()
+        return True
+
+
+def _event_severity(host: Host, event: str, now, severity: str) -> None:
+    """Host.transition writes its events as info (alerts are the Alert table's now,
+    R19); a failure's event keeps a severity that says so."""
+    Event.objects.filter(host=host, event=event, time=now).update(severity=severity)
 
 
 def host_down(host: Host, *, now, cfg, by: str, seen_ping=None) -> bool:
-    """R5 Down branch: alert, event HostDown, status Down, and every VM on the host
-    scheduled for HA (R10) — all in one transaction."""
+    """R5 Down branch: event HostDown, status Down, every VM on the host scheduled
+    for HA (R10), and the host's incident declared (R18: its alert turns critical) —
+    all in one transaction."""
     with transaction.atomic():
         if seen_ping is not None and not Host.objects.select_for_update().filter(
             pk=host.pk, last_ping=seen_ping
         ).exists():
             return False
         if not host.transition(
-            HostStatus.DOWN, now=now, event=HostEvent.HOST_DOWN, reason=by, alert=True,
+            HostStatus.DOWN, now=now, event=HostEvent.HOST_DOWN, reason=by,
             expect=(HostStatus.UP, HostStatus.CONNECTING, HostStatus.ALERT,
                     HostStatus.DISCONNECTED),
             next_investigation=None,
             message=f"Host {host.name} is Down ({by or 'investigation'})",
         ):
             return False
-        HaWork.objects.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg)
+        _event_severity(host, HostEvent.HOST_DOWN, now, Severity.CRITICAL)
+        HaWork.objects.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg,
+                                                        declare=by or "investigation")
     return True

@@ -88,6 +88,8 @@ def _set_power(vm: VMInstance, host, ps: str, now) -> None:
     from hadash.events import record_event
 
     old = vm.power_state
+    # R18: the last confirmation of the old power state (a VM incident starts there).
+    vm.confirmed_until = vm.power_state_update_time
     vm.power_state, vm.power_host, vm.power_state_update_time = ps, host, now
     vm.power_state_update_count = 1
     VMInstance.objects.filter(pk=vm.pk).update(
@@ -109,8 +111,17 @@ def apply_power_rules(vm: VMInstance, *, now, cfg) -> None:
                 reason = (
                     Reason.VM_POWER_OFF if ps == PowerState.POWER_OFF else Reason.VM_REPORT_MISSING
                 )
-                HaWork.objects.schedule_restart(vm, investigate=True, reason=reason, now=now,
-                                                cfg=cfg)
+                item = HaWork.objects.schedule_restart(vm, investigate=True, reason=reason,
+                                                       now=now, cfg=cfg)
+                if item is not None:
+                    # R18: a VM incident, started at the VM's last power confirmation.
+                    from hadash import incidents
+
+                    incidents.open_vm_incident(
+                        vm, item, now=now,
+                        started_at=getattr(vm, "confirmed_until", None)
+                        or vm.power_state_update_time,
+                        why="powered off" if ps == PowerState.POWER_OFF else "went missing")
             else:
                 mark_stopped(vm, now=now, why=f"out-of-band stop ({ps})")
         elif vm.state in (VmState.STARTING, VmState.STOPPING, VmState.MIGRATING):

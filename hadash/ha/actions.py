@@ -123,6 +123,18 @@ def set_host_enabled(host, enabled: bool, *, now, by=""):
     return host
 
 
+def maintenance_refusal(host) -> str:
+    """Why R15 maintenance cannot start on this host ("" when it can): it live-migrates
+    the host's running VMs, which needs the host Up — a Down, Alert or Disconnected
+    host's VMs are HA's business (R5), not a migration's."""
+    from hosts.choices import HostStatus
+
+    if host.status != HostStatus.UP:
+        return (f"host {host.name} is {host.status}: maintenance live-migrates its running "
+                "VMs, which needs the host Up (R15); disable it instead to keep new VMs off it")
+    return ""
+
+
 def prepare_maintenance(host, *, now, by=""):
     """R15: PrepareForMaintenance and Migration work for every running VM."""
     from django.db import transaction
@@ -135,6 +147,9 @@ def prepare_maintenance(host, *, now, by=""):
     allowed = (ResourceState.ENABLED, ResourceState.DISABLED, ResourceState.ERROR_IN_MAINTENANCE)
     if host.resource_state not in allowed:
         raise ActionError(f"host {host.name} is already {host.resource_state}")
+    refusal = maintenance_refusal(host)
+    if refusal:
+        raise ActionError(refusal)
     with transaction.atomic():
         if not host.set_resource_state(
             ResourceState.PREPARE_FOR_MAINTENANCE, now=now, reason=by, expect=allowed,
@@ -158,7 +173,7 @@ def cancel_maintenance(host, *, now, by=""):
     from django.db.models import Q
 
     from hadash.choices import FINAL_STEPS, Step, WorkType
-    from hadash.ha import work
+    from hadash.ha import maintenance, work
     from hadash.models import HaWork
     from hosts.choices import ResourceState
 
@@ -173,6 +188,9 @@ def cancel_maintenance(host, *, now, by=""):
             message=f"Host {host.name}: maintenance cancelled{' by ' + by if by else ''}",
         ):
             raise ActionError(f"host {host.name} changed meanwhile; try again")
+        # R19: its ErrorInMaintenance alert, if any, resolves with the cancel.
+        maintenance.maintenance_over(host, now=now,
+                                     why=f"maintenance cancelled{' by ' + by if by else ''}")
         not_held = Q(taken__isnull=True) | Q(taken__lt=now - work.WORK_LEASE)
         for item in HaWork.objects.select_related("instance", "host").filter(
             not_held, host=host, type=WorkType.MIGRATION

@@ -9,7 +9,8 @@ from collections import defaultdict
 from django.db import transaction
 from django.db.models import Count
 
-from hadash.choices import FINAL_STEPS, Step, Subject, WorkType
+from hadash import alerts
+from hadash.choices import FINAL_STEPS, Severity, Step, Subject, WorkType
 from hadash.events import record_event
 from hadash.models import ClusterBrake, HaWork
 from hosts.choices import FAILED_STATUSES, HostStatus, HostType
@@ -36,6 +37,12 @@ def cluster_counts() -> dict[str, tuple[int, int]]:
 
 def over_ratio(failed: int, total: int, cfg) -> bool:
     return total > 0 and failed / total > cfg["ha.max.hosts.down.ratio"]
+
+
+def ratio_words(cluster: str, cfg) -> str:
+    """R17 braked words: "3 of 5 hosts Down or Alert, limit 0.5"."""
+    failed, total = cluster_counts().get(cluster, (0, 0))
+    return f"{failed} of {total} hosts Down or Alert, limit {cfg['ha.max.hosts.down.ratio']}"
 
 
 def is_braked(cluster: str | None, *, now, cfg) -> bool:
@@ -69,12 +76,18 @@ def _announce(cluster: str, braked: bool, failed: int, total: int, *, now, cfg) 
             return
         ratio = cfg["ha.max.hosts.down.ratio"]
         if braked:
+            text = (f"Cluster {cluster}: {failed} of {total} hosts Down or Alert "
+                    f"(more than {ratio:.0%}); automatic restarts paused")
             record_event(
-                Subject.CLUSTER, None, name=cluster, event="BrakeEngaged", alert=True,
-                now=now, old="released", new="engaged",
-                message=f"Cluster {cluster}: {failed} of {total} hosts Down or Alert "
-                        f"(more than {ratio:.0%}); automatic restarts paused",
+                Subject.CLUSTER, None, name=cluster, event="BrakeEngaged",
+                severity=Severity.CRITICAL, now=now, old="released", new="engaged",
+                message=text,
             )
+            # R19: one alert per cluster while engaged, resolved on release.
+            alerts.open_alert("BrakeEngaged", Subject.CLUSTER, cluster, now=now,
+                              cluster=cluster, severity=Severity.CRITICAL,
+                              title=f"Mass-failure brake engaged in cluster {cluster}",
+                              message=text)
         else:
             record_event(
                 Subject.CLUSTER, None, name=cluster, event="BrakeReleased", now=now,
@@ -82,6 +95,9 @@ def _announce(cluster: str, braked: bool, failed: int, total: int, *, now, cfg) 
                 message=f"Cluster {cluster}: {failed} of {total} hosts Down or Alert "
                         f"(within {ratio:.0%}); automatic restarts resume",
             )
+            alerts.resolve_alert("BrakeEngaged", Subject.CLUSTER, cluster, now=now,
+                                 message=f"Cluster {cluster}: brake released ({failed} of "
+                                         f"{total} hosts Down or Alert)")
             # R14: waiting items start as soon as the ratio is back within bounds.
             HaWork.objects.exclude(step__in=FINAL_STEPS).filter(
                 type=WorkType.HA, step=Step.SCHEDULED, last_error__startswith=WAITING,

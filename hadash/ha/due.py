@@ -42,6 +42,11 @@ def next_due(now, cfg) -> dt.datetime:
         candidates.append(nxt)
     if watched.filter(status=HostStatus.ALERT, next_investigation__isnull=True).exists():
         return now
+    # R18: a host on time again whose incident is still Open is dismissed by a sweep.
+    from hadash.incidents import returned_pending
+
+    if returned_pending(cutoff=now - threshold):
+        return now
     if Host.objects.filter(resource_state=ResourceState.PREPARE_FOR_MAINTENANCE).exists():
         return now  # maintenance completion is checked every sweep
     # Work items: their time to try, or the lapse of a worker's lease (R11).

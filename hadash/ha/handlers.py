@@ -6,11 +6,13 @@ each change together with its event through `work.set_step`/`mark_vm`/`retry`.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 from django.db import transaction
 
-from hadash.choices import Step, Subject, WorkType
+from hadash import incidents
+from hadash.choices import Severity, Step, Subject, WaitCause, WorkType
 from hadash.events import record_event
 from hosts.choices import HostEvent, HostStatus, Verdict
 from hosts.investigators import investigate_vm
@@ -67,8 +69,11 @@ def handle_ha(engine, item, cfg) -> None:
                            message=f"VM {vm.name} is alive on {host.name} ({by}); nothing "
                                    "to do")
                 else:
+                    where = f"{host.name} is {host.status}" if host else "it has no host"
                     retry(item, now=now, after=cfg["investigate.retry.interval"],
-                          message=f"VM {vm.name} is alive ({by}) but its host is not Up")
+                          waiting=WaitCause.HOST_UNREACHABLE,
+                          message=f"VM {vm.name} is alive ({by}) but {where}: not "
+                                  "restarted while it may run")
                 return
             if verdict == Verdict.DEAD:
                 set_step(item, Step.STOPPING, now=now,
@@ -102,7 +107,7 @@ def handle_ha(engine, item, cfg) -> None:
             start_on_target(engine, item, vm, now=now, cfg=cfg, resumed=resumed)
             return
         else:
-            finish(item, Step.ERROR, now=now, alert=True,
+            finish(item, Step.ERROR, now=now,
                    message=f"HA work #{item.pk} in unexpected step {step}")
             return
 
@@ -119,20 +124,29 @@ def fence(engine, item, host, *, now, cfg) -> bool:
 
         now = engine.now()
         with transaction.atomic():
+            # R18: fenced_at on the host's incident (notified "fenced"), then HostDown
+            # declares it — one transaction.
+            incident = incidents.host_fenced(host, now=now, by=f"VM {item.instance.name}")
             record_event(Subject.HOST, host, event=HostEvent.FENCED, reason="HA", now=now,
-                         alert=True, message=f"Host {host.name} fenced (out-of-band power off)"
-                                            f" for VM {item.instance.name}")
-        host.refresh_from_db()
-        host_down(host, now=now, cfg=cfg, by="fenced")
+                         severity=Severity.WARNING, incident=incident,
+                         message=f"Host {host.name} fenced (out-of-band power off)"
+                                 f" for VM {item.instance.name}")
+            host.refresh_from_db()
+            host_down(host, now=now, cfg=cfg, by="fenced")
         return True
     now = engine.now()
+    why = "its BMC did not power it off (unreachable, or refused)"
     with transaction.atomic():
+        incident = incidents.fence_failed(host, now=now, why=why,
+                                          incident=item.incident_id and item.incident)
         record_event(Subject.HOST, host, event=HostEvent.FENCE_FAILED, reason="HA", now=now,
-                     alert=True,
+                     severity=Severity.CRITICAL, incident=incident,
                      message=f"Fencing {host.name} failed: VM {item.instance.name} cannot be "
                              "restarted while its host might still run it")
-    retry(item, now=now, after=cfg["restart.retry.interval"],
-          message=f"fencing {host.name} failed")
+        retry(item, now=now, after=cfg["restart.retry.interval"],
+              waiting=WaitCause.FENCING_FAILED,
+              message=f"fencing {host.name} failed: {why}; VM {item.instance.name} is not "
+                      "started elsewhere while its host might still run it")
     return False
 
 
@@ -146,12 +160,15 @@ def force_stop(engine, item, vm, host, *, now) -> bool:
     now = engine.now()
     if vm.state == VmState.STOPPED:
         return True
-    if not mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStopped",
-                   message=f"VM {vm.name} stopped by HA (was on {host.name if host else '?'})",
-                   **stopped_fields(vm)):
-        finish(item, Step.DONE, now=now,
-               message=f"VM {vm.name} changed while HA was stopping it; nothing to do")
-        return False
+    with transaction.atomic():
+        if not mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStopped",
+                       message=f"VM {vm.name} stopped by HA (was on "
+                               f"{host.name if host else '?'})",
+                       **stopped_fields(vm)):
+            finish(item, Step.DONE, now=now,
+                   message=f"VM {vm.name} changed while HA was stopping it; nothing to do")
+            return False
+        incidents.vm_stopped_by_ha(item, now=now)
     return True
 
 
@@ -160,12 +177,16 @@ def place_and_start(engine, item, vm, *, now, cfg) -> bool:
     cluster = vm.cluster
     if brake.is_braked(cluster, now=now, cfg=cfg):
         retry(item, now=now, after=cfg["investigate.retry.interval"],
-              message=f"{brake.WAITING} in cluster {cluster}: restart paused")
+              waiting=WaitCause.BRAKED,
+              message=f"{brake.WAITING} in cluster {cluster}: {brake.ratio_words(cluster, cfg)}"
+                      "; restart paused")
         return False
     target = placement_guard.reserve(vm, item, ha=True, now=now, cfg=cfg)
     if target is None:
         retry(item, now=now, after=cfg["restart.retry.interval"],
-              message=f"no host has room for VM {vm.name} in cluster {cluster}")
+              waiting=WaitCause.NO_CAPACITY,
+              message=f"no host has room for VM {vm.name} in cluster {cluster}: "
+                      f"{placement_guard.no_room(vm, ha=True, cfg=cfg)}")
         return False
     return True
 
@@ -192,26 +213,34 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
     vm.refresh_from_db()
     if ok:
         with transaction.atomic():
-            mark_vm(vm, item, VmState.RUNNING, now=now, event="HaStarted", alert=True,
+            mark_vm(vm, item, VmState.RUNNING, now=now, event="HaStarted",
                     message=f"HA started VM {vm.name} on {target.name}",
                     power_state=PowerState.POWER_ON, power_host=target,
                     power_state_update_time=now, power_state_update_count=1)
+            # R18/R19: an info event of the VM's incident, not an alert of its own.
+            incidents.vm_restarted(item, vm, target, now=now)
             finish(item, Step.DONE, now=now,
                    message=f"HA work #{item.pk}: VM {vm.name} Running on {target.name}")
         return
     tried = item.tried + 1
+    limit = cfg["vm.ha.migration.max.retries"]
     with transaction.atomic():
         mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStartFailed",
                 message=f"Starting VM {vm.name} on {target.name} failed: {error}",
                 host=None, last_host=target)
-        if tried >= cfg["vm.ha.migration.max.retries"]:
+        incidents.restart_failed(item, vm, now=now, error=error)
+        if tried >= limit:
             _update_tried(item, tried, now)
-            finish(item, Step.ERROR, now=now, alert=True,
+            finish(item, Step.ERROR, now=now,
                    message=f"HA gave up on VM {vm.name} after {tried} failed start(s); "
                            f"last error: {error}")
             return
-    retry(item, now=now, after=backoff_seconds(cfg, tried), tried=tried, step=Step.SCHEDULED,
-          message=f"start on {target.name} failed ({error}); try {tried}")
+        after = backoff_seconds(cfg, tried)
+        at = (now + dt.timedelta(seconds=after)).strftime("%H:%M:%S")
+        retry(item, now=now, after=after, tried=tried, step=Step.SCHEDULED,
+              waiting=WaitCause.BACKOFF,
+              message=f"start on {target.name} failed ({error}); try {tried} of {limit}, "
+                      f"next at {at}")
 
 
 def _runs_on(engine, host, vm_name: str) -> bool:
@@ -250,11 +279,13 @@ def handle_migration(engine, item, cfg) -> None:
         target = placement_guard.pick(vm, ha=False, cfg=cfg, exclude=(source.pk,))
         if target is None:
             # R15: "no host has room" is a failed migration (no try counted, as R13).
+            words = placement_guard.no_room(vm, ha=False, cfg=cfg, exclude=(source.pk,))
             with transaction.atomic():
                 maintenance.migration_failed(source, now=now,
                                              why=f"no host has room for VM {vm.name}")
                 retry(item, now=now, after=cfg["migrate.retry.interval"],
-                      message=f"no host has room to migrate {vm.name} to")
+                      waiting=WaitCause.NO_CAPACITY,
+                      message=f"no host has room to migrate {vm.name} to: {words}")
             return
         with transaction.atomic():
             if not mark_vm(vm, item, VmState.MIGRATING, now=now, event="MigrationStarted",
@@ -290,8 +321,9 @@ def handle_migration(engine, item, cfg) -> None:
         maintenance.migration_failed(
             source, now=now, why=f"migration of {vm.name} to {target.name} failed: {error}")
         retry(item, now=now, after=cfg["migrate.retry.interval"], step=Step.SCHEDULED,
-              tried=item.tried + 1,
-              message=f"migration of {vm.name} to {target.name} failed ({error})")
+              tried=item.tried + 1, waiting=WaitCause.BACKOFF,
+              message=f"migration of {vm.name} to {target.name} failed ({error}); "
+                      f"try {item.tried + 1}")
 
 
 # --- Stop, ForceStop, CheckStop, Destroy ------------------------------------------------------
@@ -343,13 +375,17 @@ def handle_stop(engine, item, cfg) -> None:
 
 def _stop_retry(item, cfg, now, message) -> None:
     tried = item.tried + 1
-    if tried >= cfg["vm.ha.migration.max.retries"]:
+    limit = cfg["vm.ha.migration.max.retries"]
+    if tried >= limit:
         _update_tried(item, tried, now)
-        finish(item, Step.ERROR, now=now, alert=True,
+        finish(item, Step.ERROR, now=now,
                message=f"{item.type} of VM {item.instance.name} gave up after {tried} tries: "
                        f"{message}")
         return
-    retry(item, now=now, after=cfg["stop.retry.interval"], tried=tried, message=message)
+    after = cfg["stop.retry.interval"]
+    at = (now + dt.timedelta(seconds=after)).strftime("%H:%M:%S")
+    retry(item, now=now, after=after, tried=tried, waiting=WaitCause.BACKOFF,
+          message=f"{message}; try {tried} of {limit}, next at {at}")
 
 
 HANDLERS = {

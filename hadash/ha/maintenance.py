@@ -10,7 +10,10 @@ Migration work (CloudStack cancelScheduledMigrations)."""
 
 from __future__ import annotations
 
-from hadash.choices import FINAL_STEPS, WorkType
+from django.db import transaction
+
+from hadash import alerts
+from hadash.choices import FINAL_STEPS, Severity, Subject, WorkType
 from hadash.models import HaWork
 from hosts.choices import ResourceState
 from hosts.models import Host
@@ -32,12 +35,30 @@ def migration_failed(host: Host, *, now, why: str) -> bool:
     changes the state; the Migration work retries meanwhile. Call it inside the
     transaction that records the failure."""
     host.refresh_from_db()
-    return host.set_resource_state(
-        ResourceState.ERROR_IN_MAINTENANCE, now=now, alert=True,
+    text = (f"Host {host.name}: {why}; ErrorInMaintenance while its Migration work "
+            "retries")
+    if not host.set_resource_state(
+        ResourceState.ERROR_IN_MAINTENANCE, now=now,
         expect=(ResourceState.PREPARE_FOR_MAINTENANCE,), reason="migration failed",
-        message=f"Host {host.name}: {why}; ErrorInMaintenance while its Migration work "
-                "retries",
-    )
+        message=text,
+    ):
+        return False
+    # R19: one alert per host, resolved in Maintenance or by cancel-maintenance.
+    alerts.open_alert(ERROR_IN_MAINTENANCE, Subject.HOST, host.name, now=now, host=host,
+                      cluster=host.cluster or "", severity=Severity.WARNING,
+                      title=f"{host.name}: migration failed, ErrorInMaintenance",
+                      message=text)
+    return True
+
+
+ERROR_IN_MAINTENANCE = "ErrorInMaintenance"
+
+
+def maintenance_over(host: Host, *, now, why: str) -> None:
+    """R19: the host's ErrorInMaintenance alert, if open, resolves (in the caller's
+    transaction: Maintenance reached, or maintenance cancelled)."""
+    alerts.resolve_alert(ERROR_IN_MAINTENANCE, Subject.HOST, host.name, now=now,
+                         message=f"{host.name}: {why}")
 
 
 def complete_if_ready(host: Host, *, now) -> bool:
@@ -53,12 +74,17 @@ def complete_if_ready(host: Host, *, now) -> bool:
     ).exists():
         return False
     after_errors = host.resource_state == ResourceState.ERROR_IN_MAINTENANCE
-    return host.set_resource_state(
-        ResourceState.MAINTENANCE, now=now, expect=EMPTYING,
-        reason="all VMs migrated",
-        message=f"Host {host.name} is in Maintenance: no VM left on it"
-                f"{' (after failed migrations)' if after_errors else ''}",
-    )
+    with transaction.atomic():
+        if not host.set_resource_state(
+            ResourceState.MAINTENANCE, now=now, expect=EMPTYING,
+            reason="all VMs migrated",
+            message=f"Host {host.name} is in Maintenance: no VM left on it"
+                    f"{' (after failed migrations)' if after_errors else ''}",
+        ):
+            return False
+        if after_errors:
+            maintenance_over(host, now=now, why="in Maintenance: no VM left on it")
+    return True
 
 
 def complete_ready_hosts(*, now) -> None:

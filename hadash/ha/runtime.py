@@ -48,7 +48,7 @@ from django.db import close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from hadash import config, outage
+from hadash import alerts, config, incidents, outage
 from hadash.choices import Severity, Subject
 from hadash.events import record_event
 from hadash.models import EngineProcess, Lease
@@ -216,6 +216,7 @@ class EngineLoop:
                                       heartbeat=now, leaving=False),
         )
         self.registered = True
+        loops_back(now)
 
     def heartbeat(self, workers: int) -> None:
         if not EngineProcess.objects.filter(id=self.id).update(
@@ -234,6 +235,14 @@ class EngineLoop:
         from hadash.ha import cleanup
 
         now = self.engine.now()
+        if alerts.is_open(STALLED, Subject.ENGINE, SWEEPER):
+            with transaction.atomic():  # R19: the sweeper runs again
+                alerts.resolve_alert(STALLED, Subject.ENGINE, SWEEPER, now=timezone.now(),
+                                     message=f"The sweeper runs again ({self.id})")
+        # R18: hosts on time again with their incident still Open are dismissed.
+        from hosts.liveness import behind_cutoff
+
+        incidents.dismiss_returned_hosts(now=now, cutoff=behind_cutoff(now, cfg))
         self._submit_investigations(now, cfg, newly_behind=False)
         self.engine.cluster_checks(now=now, cfg=cfg)
         cleanup.cleanup_step(self.engine, cfg=cfg)
@@ -325,9 +334,11 @@ class EngineLoop:
                 holder, expires = previous
                 silent = (timezone.now() - expires + SWEEPER_TTL).total_seconds() \
                     if expires else 0
+                # R19, our call: a takeover is the recovery itself — a warning event,
+                # not an alert (EngineStalled is the alert while nobody sweeps).
                 record_event(
                     Subject.ENGINE, None, name=SWEEPER, event="SweeperTakeover",
-                    alert=True, severity=Severity.WARNING, old=holder[:255], new=self.id,
+                    severity=Severity.WARNING, old=holder[:255], new=self.id,
                     message=f"Sweeper {holder} stopped renewing its lease "
                             f"({silent:.0f} s without a sweep); {self.id} took over",
                 )
@@ -513,12 +524,41 @@ def status(now=None) -> dict:
     }
 
 
+STALLED = "EngineStalled"
+LOOP_LOST = "EngineLoopLost"
+
+
+def loops_back(now) -> int:
+    """R19: open EngineLoopLost alerts resolve once as many loops are alive as the
+    installation runs (a replacement registered). Returns how many resolved."""
+    from hadash.choices import AlertState
+    from hadash.models import Alert
+
+    lost = list(Alert.objects.filter(kind=LOOP_LOST, state=AlertState.OPEN)
+                .values_list("subject_name", flat=True))
+    if not lost:
+        return 0
+    alive = EngineProcess.objects.filter(heartbeat__gte=now - HEARTBEAT_TTL).count()
+    if alive < TARGET_LOOPS:
+        return 0
+    with transaction.atomic():
+        for name in lost:
+            alerts.resolve_alert(LOOP_LOST, Subject.ENGINE, name, now=now,
+                                 message=f"Engine loop {name} replaced: {alive} loop(s) "
+                                         "alive")
+    return len(lost)
+
+
 def check_stall(now=None) -> bool:
-    """Raise one alert when nobody holds a fresh sweeper lease. Returns True when
-    the engine is stalled."""
+    """Raise one alert when nobody holds a fresh sweeper lease (resolved when the
+    sweeper runs again, R19). Returns True when the engine is stalled."""
     now = now or timezone.now()
     st = status(now)
     if st["sweeper"]["healthy"]:
+        if alerts.is_open(STALLED, Subject.ENGINE, SWEEPER):
+            with transaction.atomic():
+                alerts.resolve_alert(STALLED, Subject.ENGINE, SWEEPER, now=now,
+                                     message=f"The sweeper runs again ({st['sweeper']['holder']})")
         return False
     with transaction.atomic():
         # One alert per stall: remember it on the lease row.
@@ -527,13 +567,14 @@ def check_stall(now=None) -> bool:
             return True
         lease.last_run = now
         lease.save(update_fields=["last_run"])
-        record_event(
-            Subject.ENGINE, None, name=SWEEPER, event="EngineStalled", alert=True,
-            message="No engine loop holds the sweeper lease: hosts are not being watched. "
-                    f"{st['alive_loops']} live loop(s); check the engine processes "
-                    "(manage.py qcluster).",
-            now=now,
-        )
+        text = ("No engine loop holds the sweeper lease: hosts are not being watched. "
+                f"{st['alive_loops']} live loop(s); check the engine processes "
+                "(manage.py qcluster).")
+        record_event(Subject.ENGINE, None, name=SWEEPER, event=STALLED,
+                     severity=Severity.CRITICAL, message=text, now=now)
+        alerts.open_alert(STALLED, Subject.ENGINE, SWEEPER, now=now,
+                          severity=Severity.CRITICAL, title="Engine stalled: no sweeper",
+                          message=text)
     return True
 
 
@@ -560,13 +601,16 @@ def reap_lost_loops(now=None) -> list[str]:
             silent = int((now - p.heartbeat).total_seconds())
             what = (f"; HA work of {', '.join(h[3] for h in held)} released to other "
                     "workers" if held else "")
+            text = (f"Engine loop {p.id} (pid {p.pid} on {p.host}) stopped heartbeating "
+                    f"{silent} s ago{'' if p.leaving else ' without handing over'}{what}")
             record_event(
-                Subject.ENGINE, None, name=p.id, event="EngineLoopLost", alert=True,
-                severity=Severity.WARNING, old="alive", new="lost", now=now,
-                message=f"Engine loop {p.id} (pid {p.pid} on {p.host}) stopped "
-                        f"heartbeating {silent} s ago{'' if p.leaving else ' without handing over'}"
-                        f"{what}",
+                Subject.ENGINE, None, name=p.id, event=LOOP_LOST,
+                severity=Severity.WARNING, old="alive", new="lost", now=now, message=text,
             )
+            # R19: one alert per lost loop, resolved when a replacement is alive.
+            alerts.open_alert(LOOP_LOST, Subject.ENGINE, p.id, now=now,
+                              severity=Severity.WARNING,
+                              title=f"Engine loop {p.id} lost", message=text)
             for pk, taken_by, taken, _name in held:
                 release_claim((pk, taken_by, taken), now=now, after=0,
                               message=f"its engine loop {p.id} was lost; released")

@@ -17,8 +17,8 @@ import time
 from django.db import transaction
 from django.db.models import Q
 
-from hadash import config, outage
-from hadash.choices import FINAL_STEPS, Reason, Step, Subject, WorkType
+from hadash import alerts, config, incidents, outage
+from hadash.choices import FINAL_STEPS, Reason, Severity, Step, Subject, WorkType
 from hadash.events import record_event
 from hadash.models import HaWork, Lease
 from hosts.choices import HostStatus
@@ -129,31 +129,75 @@ def _update(item: HaWork, now, **changes) -> None:
         setattr(item, k, v)
 
 
-def set_step(item: HaWork, step: str, *, now, message: str = "", alert: bool = False,
-             vm: VMInstance | None = None, **changes) -> None:
-    """Move the item to ``step`` with its event, in one transaction."""
+def set_step(item: HaWork, step: str, *, now, message: str = "",
+             severity: str | None = None, vm: VMInstance | None = None, **changes) -> None:
+    """Move the item to ``step`` with its event, in one transaction. An item that
+    moves on no longer waits (R17: ``waiting`` cleared)."""
     with transaction.atomic():
         old = item.step
+        if item.waiting and "waiting" not in changes:
+            changes["waiting"] = ""
         _update(item, now, step=step, **changes)
         if old != step or message:
             record_event(
                 Subject.WORK, item, name=item.instance.name, event="WorkStep", field="step",
-                old=old, new=step, reason=item.reason, alert=alert, now=now,
+                old=old, new=step, reason=item.reason, severity=severity, now=now,
                 related_vm=item.instance, related_host=item.host,
+                incident=item.incident_id and item.incident,
                 message=message or f"{item.type} work #{item.pk} for {item.instance.name}: "
                                    f"{old} → {step}",
             )
 
 
-def finish(item: HaWork, step: str, *, now, message: str, alert: bool = False) -> None:
-    set_step(item, step, now=now, message=message, alert=alert, taken=None, taken_by="")
+# R19: an item that ends in Error outside any incident raises one alert per (kind, VM),
+# resolved when a later item for the VM finishes Done.
+ERROR_ALERT_KINDS = {
+    WorkType.HA: "HaGaveUp",
+    WorkType.MIGRATION: "MigrationFailed",
+    WorkType.STOP: "StopFailed",
+    WorkType.CHECK_STOP: "StopFailed",
+    WorkType.FORCE_STOP: "ForceStopFailed",
+    WorkType.DESTROY: "DestroyFailed",
+}
+
+
+def finish(item: HaWork, step: str, *, now, message: str) -> None:
+    """End the item (Done, Cancelled, Error) with its event; its incident learns what
+    became of the VM (R18), and work alerts open or resolve (R19) — one transaction."""
+    with transaction.atomic():
+        set_step(item, step, now=now, message=message, taken=None, taken_by="",
+                 severity=Severity.CRITICAL if step == Step.ERROR else None)
+        if item.type == WorkType.HA:
+            incidents.item_ended(item, step, now=now, message=message)
+        vm = item.instance
+        if step == Step.ERROR and not item.incident_id:
+            alerts.open_alert(
+                ERROR_ALERT_KINDS.get(item.type, "WorkFailed"), Subject.VM, vm.name, now=now,
+                vm=vm, host=item.host, cluster=vm.cluster or "", severity=Severity.CRITICAL,
+                title=f"{item.type} work for {vm.name} gave up", message=message)
+        elif step == Step.DONE:
+            for kind in open_work_alerts(vm.name):
+                alerts.resolve_alert(
+                    kind, Subject.VM, vm.name, now=now,
+                    message=f"{item.type} work #{item.pk} for {vm.name} done")
+
+
+def open_work_alerts(vm_name: str) -> list[str]:
+    """Kinds of the VM's open work alerts (one query)."""
+    from hadash.choices import AlertState
+    from hadash.models import Alert
+
+    return list(Alert.objects.filter(
+        subject=Subject.VM, subject_name=vm_name, state=AlertState.OPEN,
+        kind__in=set(ERROR_ALERT_KINDS.values())).values_list("kind", flat=True))
 
 
 def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = None,
-          alert: bool = False, step: str | None = None) -> None:
-    """Release the item to be tried again ``after`` seconds from now."""
+          step: str | None = None, waiting: str = "") -> None:
+    """Release the item to be tried again ``after`` seconds from now; ``waiting`` is
+    why (R17, a hadash.choices.WaitCause; ``message`` in the operator's words)."""
     changes = dict(taken=None, taken_by="", last_error=message[:2000],
-                   time_to_try=now + dt.timedelta(seconds=after))
+                   time_to_try=now + dt.timedelta(seconds=after), waiting=waiting)
     if tried is not None:
         changes["tried"] = tried
     with transaction.atomic():
@@ -161,8 +205,10 @@ def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = 
         _update(item, now, step=step or item.step, **changes)
         record_event(
             Subject.WORK, item, name=item.instance.name, event="WorkRetry", field="step",
-            old=old, new=item.step, reason=item.reason, alert=alert, now=now,
+            old=old, new=item.step, reason=waiting or item.reason, now=now,
+            severity=Severity.WARNING if waiting else None,
             related_vm=item.instance, related_host=item.host,
+            incident=item.incident_id and item.incident,
             message=f"{item.type} work #{item.pk} for {item.instance.name}: {message}; "
                     f"next try in {int(after)} s",
         )
@@ -272,10 +318,10 @@ def backoff_seconds(cfg, tried: int) -> float:
 
 
 def mark_vm(vm: VMInstance, item: HaWork, to: str, *, now, event: str, message: str,
-            alert: bool = False, **fields) -> bool:
+            **fields) -> bool:
     """Change the VM and refresh the item's snapshot in one transaction."""
     with transaction.atomic():
-        if not vm.transition(to, now=now, event=event, message=message, alert=alert,
+        if not vm.transition(to, now=now, event=event, message=message,
                              reason=item.reason, **fields):
             return False
         refresh_snapshot(item, vm, now)

@@ -10,7 +10,7 @@ from fleet.testing import world
 from hadash import config
 from hadash.choices import Reason, Step, WorkType
 from hadash.ha import actions, cleanup, work
-from hadash.models import Event, HaWork
+from hadash.models import Alert, Event, HaWork
 from hosts.models import Host
 from vms.models import VMInstance
 
@@ -75,7 +75,7 @@ def test_r10_new_item_inherits_tries_within_time_between_failures():
 
 def test_r10_host_down_schedules_system_vms_first_and_one_alert_names_ha_vms():
     """R10: schedule_restart_for_vms_on_host: system VMs first, then by priority; one
-    alert naming the HA VMs."""
+    event and one alert (the incident's, R19) naming the HA VMs."""
     w = world({
         "hosts": {"h1": {}, "h2": {}},
         "vms": {"a-low": {"host": "h1", "ha": True, "priority": "low"},
@@ -88,10 +88,13 @@ def test_r10_host_down_schedules_system_vms_first_and_one_alert_names_ha_vms():
     order = list(HaWork.objects.filter(host__name="h1").order_by("id")
                  .values_list("instance__name", flat=True))
     assert order == ["c-plain", "b-high", "a-low"]
-    alerts = Event.objects.filter(event="HaScheduled", alert=True)
-    assert alerts.count() == 1
-    assert "a-low" in alerts[0].message and "b-high" in alerts[0].message
-    assert "c-plain" not in alerts[0].message.split("restart:")[1]
+    scheduled = Event.objects.filter(event="HaScheduled")
+    assert scheduled.count() == 1
+    assert "a-low" in scheduled[0].message and "b-high" in scheduled[0].message
+    assert "c-plain" not in scheduled[0].message.split("restart:")[1]
+    [alert] = Alert.objects.all()
+    assert alert.incident.host_name == "h1"
+    assert "a-low" in alert.message and "b-high" in alert.message
 
 
 # --- R11 -----------------------------------------------------------------------------
@@ -200,13 +203,16 @@ def test_r12_unknown_fate_fences_before_restarting():
     assert item.step == Step.DONE
     assert vm("vm1").host.name == "h2"
     assert w.fleet.where("vm1") == ["h2"]
-    assert Event.objects.filter(event="HostFenced", host__name="h1", alert=True).exists()
+    fenced = Event.objects.get(event="HostFenced", host__name="h1")
+    # R18: the fence is part of h1's incident, which records when it happened.
+    assert fenced.incident is not None and fenced.incident.fenced_at == fenced.time
     assert Host.objects.get(name="h1").status == "Down"
 
 
 def test_r12_fencing_failure_never_restarts_and_alerts():
-    """R12.2: fencing failed → alert, retry after restart.retry.interval; the VM is
-    not started anywhere while its old host might still run it."""
+    """R12.2: fencing failed → event and the incident's alert says so (R19), retry
+    after restart.retry.interval, waiting fencing-failed (R17); the VM is not started
+    anywhere while its old host might still run it."""
     w = world({**TWO_HOSTS, "config": {"restart.retry.interval": 30}})
     w.apply("host h1 network off")
     w.apply("bmc h1 fail")
@@ -216,14 +222,18 @@ def test_r12_fencing_failure_never_restarts_and_alerts():
     item.refresh_from_db()
     assert item.step == Step.FENCING
     assert not any(c[0] == "start" for c in w.fleet.calls)
-    fails = Event.objects.filter(event="FenceFailed", alert=True)
+    fails = Event.objects.filter(event="FenceFailed")
     assert 3 <= fails.count() <= 5  # t=0, 30, 60, 90
+    assert item.waiting == "fencing-failed" and "fencing h1 failed" in item.last_error
+    [alert] = Alert.objects.filter(state="open")
+    assert alert.title == "Fencing h1 failed: its VMs wait"
     assert w.fleet.where("vm1") == ["h1"]
     # The BMC comes back: the next try fences and restarts.
     w.apply("bmc h1 ok")
     w.advance_to(130)
     item.refresh_from_db()
     assert item.step == Step.DONE and vm("vm1").host.name == "h2"
+    assert item.waiting == ""  # moved on: no longer waiting
 
 
 def test_r12_backoff_doubles_and_is_capped_at_an_hour():
@@ -244,8 +254,8 @@ def test_r12_non_ha_vm_is_stopped_and_not_restarted():
 
 
 def test_r12_start_failures_count_and_end_in_error_with_alert():
-    """R12.5: failed starts count towards vm.ha.migration.max.retries; then Error
-    with an alert; the VM stays Stopped."""
+    """R12.5: failed starts count towards vm.ha.migration.max.retries; then Error;
+    the host's incident fails with its one alert (R18, R19); the VM stays Stopped."""
     w = world({**TWO_HOSTS, "config": {"restart.retry.interval": 5,
                                        "vm.ha.migration.max.retries": 2}})
     w.fleet.start_fail("h2", 10)
@@ -253,7 +263,10 @@ def test_r12_start_failures_count_and_end_in_error_with_alert():
     w.advance_to(120)
     [item] = items("vm1")
     assert item.step == Step.ERROR and item.tried == 2
-    assert Event.objects.filter(subject="work", alert=True, new=Step.ERROR).exists()
+    assert Event.objects.filter(subject="work", severity="critical", new=Step.ERROR).exists()
+    [alert] = Alert.objects.all()
+    assert alert.state == "resolved" and alert.incident.state == "Failed"
+    assert alert.incident.vms_failed == 1
     assert vm("vm1").state == "Stopped"
 
 
@@ -282,12 +295,19 @@ def test_r14_brake_pauses_starts_and_is_announced_once():
     w.advance_to(120)
     assert restarts("vm1") == restarts("vm2") == 0
     assert vm("vm1").state == "Stopped"  # investigation and stopping go on
-    assert Event.objects.filter(event="BrakeEngaged", alert=True).count() == 1
+    assert Event.objects.filter(event="BrakeEngaged").count() == 1
+    brake_alert = Alert.objects.get(kind="BrakeEngaged")  # R19: one per cluster
+    assert brake_alert.state == "open" and brake_alert.subject_name == "c1"
+    [waiting] = items("vm1")
+    assert waiting.waiting == "braked"
+    assert "2 of 3 hosts Down or Alert, limit 0.5" in waiting.last_error
     assert all(i.tried == 0 for i in items("vm1") + items("vm2"))
     # h2 comes back: 1 of 3 down is within 0.5 → released, restarts resume at once.
     w.apply("host h2 power on")
     w.advance_to(122)
     assert Event.objects.filter(event="BrakeReleased").count() == 1
+    brake_alert.refresh_from_db()
+    assert brake_alert.state == "resolved"
     assert vm("vm1").state == "Running" and vm("vm2").state == "Running"
 
 
@@ -318,8 +338,15 @@ def test_r15_failed_migration_leaves_error_in_maintenance():
     assert item.step == Step.SCHEDULED and item.tried == 1
     assert item.time_to_try > w.clock.now()
     assert vm("a").state == "Running" and vm("a").host.name == "h1"
-    assert Event.objects.filter(event="ResourceStateChanged", alert=True,
+    assert Event.objects.filter(event="ResourceStateChanged",
                                 new="ErrorInMaintenance").exists()
+    alert = Alert.objects.get(kind="ErrorInMaintenance", subject_name="h1")
+    assert alert.state == "open"
+    assert item.waiting == "backoff"
+    # R19: cancelling the maintenance resolves it.
+    w.apply("host h1 cancel-maintenance")
+    alert.refresh_from_db()
+    assert alert.state == "resolved"
 
 
 def test_r15_host_without_vms_goes_straight_to_maintenance():

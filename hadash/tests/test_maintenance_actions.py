@@ -10,7 +10,7 @@ from fleet.testing import world
 from hadash import config
 from hadash.choices import Reason, Step, WorkType
 from hadash.ha import actions, work
-from hadash.models import Event, HaWork
+from hadash.models import Alert, Event, HaWork
 from hosts.models import Host
 from vms.models import VMInstance
 
@@ -38,9 +38,15 @@ def migrations(w):
 
 
 def resource_states(name):
-    """The host's resource_state changes, oldest first, as (old, new, alert)."""
+    """The host's resource_state changes, oldest first, as (old, new)."""
     return list(Event.objects.filter(subject_name=name, field="resource_state")
-                .order_by("id").values_list("old", "new", "alert"))
+                .order_by("id").values_list("old", "new"))
+
+
+def maintenance_alerts(name):
+    """R19: the host's ErrorInMaintenance alerts, as states."""
+    return list(Alert.objects.filter(kind="ErrorInMaintenance", subject_name=name)
+                .values_list("state", flat=True))
 
 
 # h1 is emptied for maintenance; h2 is full until `filler` stops.
@@ -62,8 +68,9 @@ def test_r15_no_room_is_a_failed_migration_error_in_maintenance_while_retrying()
     actions.prepare_maintenance(host("h1"), now=w.clock.now(), by="alice")
     w.advance_to(1)
     assert host("h1").resource_state == "ErrorInMaintenance"
-    assert resource_states("h1") == [("Enabled", "PrepareForMaintenance", False),
-                                     ("PrepareForMaintenance", "ErrorInMaintenance", True)]
+    assert resource_states("h1") == [("Enabled", "PrepareForMaintenance"),
+                                     ("PrepareForMaintenance", "ErrorInMaintenance")]
+    assert maintenance_alerts("h1") == ["open"]
     for name in ("a", "b"):
         (item,) = items(name, WorkType.MIGRATION)
         assert item.step == Step.SCHEDULED and item.taken is None and item.tried == 0
@@ -75,6 +82,7 @@ def test_r15_no_room_is_a_failed_migration_error_in_maintenance_while_retrying()
     w.advance_to(60)
     assert host("h1").resource_state == "ErrorInMaintenance"
     assert len(resource_states("h1")) == 2
+    assert maintenance_alerts("h1") == ["open"]
     assert Event.objects.filter(event="WorkRetry", subject_name="a").count() == 2
     assert items("a", WorkType.MIGRATION)[0].time_to_try == \
         w.clock.epoch + dt.timedelta(seconds=120)
@@ -86,7 +94,8 @@ def test_r15_no_room_is_a_failed_migration_error_in_maintenance_while_retrying()
     assert {vm("a").host.name, vm("b").host.name} == {"h2"}
     assert [i.step for i in items("a", WorkType.MIGRATION)] == [Step.DONE]
     assert host("h1").resource_state == "Maintenance"
-    assert resource_states("h1")[-1] == ("ErrorInMaintenance", "Maintenance", False)
+    assert resource_states("h1")[-1] == ("ErrorInMaintenance", "Maintenance")
+    assert maintenance_alerts("h1") == ["resolved"]  # R19: resolved in Maintenance
     assert w.fleet.double_runs() == {}
 
 

@@ -16,7 +16,7 @@ from fleet.testing import world
 from hadash import config, outage
 from hadash.ha import runtime
 from hadash.ha.engine import Engine
-from hadash.models import EngineProcess, Event, HaWork, Lease
+from hadash.models import Alert, EngineProcess, Event, HaWork, Lease
 from hosts.agent.service import ping
 from hosts.models import Host
 from vms.models import VMInstance
@@ -51,17 +51,22 @@ def test_lease_is_held_by_one_and_taken_over_only_after_it_lapses():
 
 @pytest.mark.django_db
 def test_stalled_sweeper_raises_one_alert_per_stall():
-    """Issue: a wedged engine raises an alert an operator can see — once per stall."""
+    """Issue: a wedged engine raises an alert an operator can see — once per stall,
+    resolved by itself when a sweeper runs again (R19)."""
     assert runtime.check_stall() is True
     assert runtime.check_stall() is True
-    assert Event.objects.filter(event="EngineStalled", alert=True).count() == 1
+    assert Event.objects.filter(event="EngineStalled").count() == 1
+    assert list(Alert.objects.values_list("kind", "state")) == [("EngineStalled", "open")]
     runtime.acquire(runtime.SWEEPER, "loop-1", runtime.SWEEPER_TTL)
     assert runtime.check_stall() is False
+    assert list(Alert.objects.values_list("state", flat=True)) == ["resolved"]
     time.sleep(1.2)  # the new holder swept for a while, then went silent
     Lease.objects.filter(name=runtime.SWEEPER).update(
         expires=timezone.now() - dt.timedelta(seconds=0.1))
     assert runtime.check_stall() is True
-    assert Event.objects.filter(event="EngineStalled", alert=True).count() == 2
+    assert Event.objects.filter(event="EngineStalled").count() == 2
+    assert list(Alert.objects.order_by("id").values_list("state", flat=True)) == [
+        "resolved", "open"]
 
 
 # --- loops (threads, real time) -----------------------------------------------------------
@@ -144,7 +149,8 @@ def test_engine_loops_detect_a_dead_host_and_restart_its_vm_in_real_time():
 @pytest.mark.django_db(transaction=True)
 def test_standby_loop_takes_over_a_silent_sweeper_and_alerts():
     """Issue 3: exactly one active sweeper; when it stops renewing its lease (a dead or
-    wedged process), another loop takes over within the lease TTL, with an alert."""
+    wedged process), another loop takes over within the lease TTL, with a warning
+    event (the takeover is the recovery: no alert stays open, R19)."""
     w = world({"hosts": {"h1": {}, "h2": {}}, "vms": {}})
     loops, threads = run_loops(w, 2, lifetime=30)
     try:
@@ -158,7 +164,9 @@ def test_standby_loop_takes_over_a_silent_sweeper_and_alerts():
         assert wait_until(lambda: standby.is_sweeper, runtime.SWEEPER_TTL.total_seconds() + 3)
         assert time.monotonic() - wedged_at <= runtime.SWEEPER_TTL.total_seconds() + 2
         takeover = Event.objects.get(event="SweeperTakeover")
-        assert takeover.alert and takeover.old == active.id and takeover.new == standby.id
+        assert takeover.severity == "warning"
+        assert takeover.old == active.id and takeover.new == standby.id
+        assert not Alert.objects.filter(state="open").exists()
     finally:
         stop_loops(loops, threads)
 
@@ -211,7 +219,9 @@ def test_a_lost_loop_raises_one_alert_and_its_work_is_retaken_at_once(monkeypatc
     finally:
         stop_loops(loops, threads, stop)
     lost = Event.objects.filter(event="EngineLoopLost")
-    assert lost.count() == 1 and lost[0].alert
+    assert lost.count() == 1
+    [alert] = Alert.objects.filter(kind="EngineLoopLost")  # R19: one per lost loop
+    assert alert.subject_name == "box:42:abc" and alert.state == "open"
     assert "box:42:abc" in lost[0].message and "vm1" in lost[0].message
     assert not EngineProcess.objects.filter(id="box:42:abc").exists()
     item = HaWork.objects.get()

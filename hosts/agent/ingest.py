@@ -46,6 +46,7 @@ from django.utils import timezone
 
 from hadash import config, outage
 from hadash.clock import not_before
+from hadash.incidents import count
 from hosts.choices import HostStatus
 from hosts.models import Host
 from vms import discovery
@@ -184,6 +185,8 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
             slow.append((i, host, vms, at))
     if steady_hosts:
         with transaction.atomic():
+            # R21: pings ingested, counted with the batch that stamps them.
+            count("pings_ingested", len(steady_hosts))
             if pg:
                 _stamp_pg(Host._meta.db_table, "last_ping", steady_hosts)
                 _stamp_pg(VMInstance._meta.db_table, "power_state_update_time", confirmed,
@@ -202,7 +205,9 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
             log.exception("discovery of a batch of %d reports failed", len(discover))
     for i, host, vms, at in slow:
         try:
-            service.ping(host, vms, now=at)
+            with transaction.atomic():
+                service.ping(host, vms, now=at)
+                count("pings_ingested")
         except Exception as exc:  # one bad ping never loses the others
             if isinstance(exc, outage.DB_ERRORS):  # an outage: one line, not a traceback
                 outage.failed("ping ingestion", exc, drop_connection=False)
@@ -284,8 +289,10 @@ def _close_connection() -> None:
 
 
 def record_backlog(event: str, message: str, *, now) -> None:
-    """The ingestion backlog's alert (``IngestionBacklog``) or its all-clear
-    (``IngestionCaughtUp``), as an engine event."""
+    """The ingestion backlog (``IngestionBacklog``) or its all-clear
+    (``IngestionCaughtUp``), as an engine event; R19: one ``IngestionBacklog`` alert
+    for the installation while a process is behind, resolved when it catches up."""
+    from hadash import alerts
     from hadash.choices import Severity, Subject
     from hadash.events import record_event
 
@@ -294,10 +301,17 @@ def record_backlog(event: str, message: str, *, now) -> None:
         with transaction.atomic():
             record_event(
                 Subject.ENGINE, None, name=f"ingestion/{os.getpid()}", event=event,
-                alert=backlog, severity=Severity.WARNING if backlog else Severity.INFO,
+                severity=Severity.WARNING if backlog else Severity.INFO,
                 old="caught up" if backlog else "backlog",
                 new="backlog" if backlog else "caught up", now=now, message=message,
             )
+            if backlog:
+                alerts.open_alert(BACKLOG_EVENT, Subject.ENGINE, "ingestion", now=now,
+                                  severity=Severity.WARNING,
+                                  title="Ping ingestion is behind", message=message)
+            else:
+                alerts.resolve_alert(BACKLOG_EVENT, Subject.ENGINE, "ingestion", now=now,
+                                     message=message)
     except DatabaseError:
         connection.close()
         raise

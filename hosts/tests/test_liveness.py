@@ -10,7 +10,7 @@ import pytest
 
 from fleet.testing import world
 from hadash.choices import Reason, Step, WorkType
-from hadash.models import Event, HaWork
+from hadash.models import Alert, Event, HaWork
 from hosts.agent.service import ConnectData, connect, disconnect
 from hosts.choices import HostStatus, ResourceState
 from hosts.models import Host
@@ -307,7 +307,12 @@ def test_r4_r5_neighbour_sees_host_alive_host_goes_alert_and_vms_are_untouched()
     w.advance_to(26)
     assert host("h1").status == HostStatus.ALERT
     ev = status_events("h1")[-1]
-    assert (ev.event, ev.old, ev.new, ev.alert) == ("AgentDisconnected", "Up", "Alert", True)
+    assert (ev.event, ev.old, ev.new, ev.severity) == ("AgentDisconnected", "Up", "Alert",
+                                                       "warning")
+    # R18/R19: h1's incident stays open; its one alert says why nothing is restarted.
+    [alert] = Alert.objects.all()
+    assert alert.state == "open" and alert.incident.state == "Open"
+    assert alert.title.startswith("h1 unreachable: alive (Neighbour)")
     assert ("check-health", "h1") in w.fleet.calls
     assert ("check-on-host", "h2", "h1") in w.fleet.calls
     w.advance_to(80)
@@ -329,8 +334,8 @@ def test_r4_neighbour_sees_host_dead_host_goes_down():
     w.advance_to(26)
     assert host("h1").status == HostStatus.DOWN
     ev = status_events("h1")[-1]
-    assert (ev.event, ev.old, ev.new, ev.reason, ev.alert) == (
-        "HostDown", "Up", "Down", "Neighbour", True)
+    assert (ev.event, ev.old, ev.new, ev.reason, ev.severity) == (
+        "HostDown", "Up", "Down", "Neighbour", "critical")
     asks = neighbour_asks(w, "h1")
     assert asks and {c[1] for c in asks} <= {"h2", "h3"}
     assert w.fleet.calls.index(("check-health", "h1")) < w.fleet.calls.index(asks[0])
@@ -376,7 +381,10 @@ def test_r4_r5_undeterminable_host_is_retried_every_sweep_then_alert_after_alert
     w.advance_to(61)  # last_ping (t=0) is now older than alert.wait
     assert host("h1").status == HostStatus.ALERT
     ev = status_events("h1")[-1]
-    assert (ev.event, ev.old, ev.new, ev.alert) == ("WaitedTooLong", "Up", "Alert", True)
+    assert (ev.event, ev.old, ev.new, ev.severity) == ("WaitedTooLong", "Up", "Alert",
+                                                       "warning")
+    [alert] = Alert.objects.all()
+    assert alert.state == "open" and "undeterminable" in alert.title
     assert investigated_at(w, "h1", 125) == [121]  # 61 + investigate.retry.interval
     assert neighbour_asks(w, "h1") == []
     assert host("h1").status == HostStatus.ALERT
@@ -386,9 +394,10 @@ def test_r4_r5_undeterminable_host_is_retried_every_sweep_then_alert_after_alert
 # --- R5: outcomes -------------------------------------------------------------------------
 
 def test_r5_down_host_alerts_and_every_vm_on_it_gets_an_ha_item():
-    """R5: Down → event HostDown (an alert), status Down, and every VM on the host is
-    scheduled (HA-enabled or not), with one alert naming the HA VMs. HA VMs are
-    restarted elsewhere; the non-HA VM stays Stopped; VMs on other hosts are untouched."""
+    """R5: Down → event HostDown (critical), status Down, and every VM on the host is
+    scheduled (HA-enabled or not), with one event and one alert (the incident's, R19)
+    naming the HA VMs. HA VMs are restarted elsewhere; the non-HA VM stays Stopped;
+    VMs on other hosts are untouched."""
     w = world({
         "hosts": {"h1": {}, "h2": {}, "h3": {}},
         "vms": {"ha1": {"host": "h1", "ha": True},
@@ -401,14 +410,16 @@ def test_r5_down_host_alerts_and_every_vm_on_it_gets_an_ha_item():
     w.advance_to(26)
     assert host("h1").status == HostStatus.DOWN
     down = [e for e in status_events("h1") if e.event == "HostDown"]
-    assert len(down) == 1 and down[0].alert
+    assert len(down) == 1 and down[0].severity == "critical"
     items = ha_items()
     assert sorted(i.instance.name for i in items) == ["ha1", "ha2", "plain"]
     assert {i.reason for i in items} == {Reason.HOST_DOWN}
     assert {i.host.name for i in items} == {"h1"}
     assert {i.step for i in items} == {Step.DONE}
-    scheduled = Event.objects.filter(event="HaScheduled", alert=True)
+    scheduled = Event.objects.filter(event="HaScheduled")
     assert scheduled.count() == 1
+    [alert] = Alert.objects.all()
+    assert "ha1" in alert.message and "ha2" in alert.message
     named = scheduled[0].message.split("restart:")[1]
     assert "ha1" in named and "ha2" in named and "plain" not in named
     for name in ("ha1", "ha2"):
@@ -438,7 +449,11 @@ def test_r5_alert_host_is_reinvestigated_every_retry_interval_and_goes_down_when
     assert investigated_at(w, "h1", 90) == [86]
     assert host("h1").status == HostStatus.DOWN
     ev = status_events("h1")[-1]
-    assert (ev.event, ev.old, ev.new, ev.alert) == ("HostDown", "Alert", "Down", True)
+    assert (ev.event, ev.old, ev.new, ev.severity) == ("HostDown", "Alert", "Down",
+                                                       "critical")
+    # R18: one story from the first missed ping to the restart.
+    [alert] = Alert.objects.all()
+    assert alert.incident.state == "Resolved" and alert.state == "resolved"
     [item] = ha_items("vm1")
     assert (item.reason, item.step) == (Reason.HOST_DOWN, Step.DONE)
     v = vm("vm1")
