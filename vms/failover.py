@@ -35,7 +35,7 @@ from .choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES
 from .placement import Pool, Room
 
 MAX_CAPACITY = 3
-COMBINATIONS = 500
+COMBINATIONS = 300
 # Hosts that have failed already: they are not failed again in the plan.
 GONE = (HostStatus.DOWN, HostStatus.REMOVED)
 
@@ -86,6 +86,12 @@ class ClusterState:
     level: int = 1
     _pool: Pool | None = field(default=None, repr=False)
     _by_host: dict | None = field(default=None, repr=False)
+    _names: dict | None = field(default=None, repr=False)
+
+    def names(self) -> dict[int, str]:
+        if self._names is None:
+            self._names = {h.id: h.name for h in self.hosts}
+        return self._names
 
     def pool(self) -> Pool:
         """The cluster's targets as a placement pool (shared; scenarios fork it)."""
@@ -247,7 +253,7 @@ def simulate(state: ClusterState, failed_ids, *, stop_at_unfit: bool = False) ->
     vms = [v for hid in failed_ids for v in by_host.get(hid, ())]
     if len(failed_ids) > 1:
         vms.sort(key=lambda v: (v.rank, v.name))
-    names = {h.id: h.name for h in state.hosts if h.id in failed_ids}
+    names = state.names()
     placements: dict[str, str | None] = {}
     unfit: list[int] = []
     for v in vms:
@@ -258,7 +264,7 @@ def simulate(state: ClusterState, failed_ids, *, stop_at_unfit: bool = False) ->
             unfit.append(v.id)
             if stop_at_unfit:
                 break
-    return Outcome(sorted(names.values()), placements, unfit, len(vms))
+    return Outcome(sorted(names[i] for i in failed_ids), placements, unfit, len(vms))
 
 
 def what_if(state: ClusterState, host_names) -> Outcome:

@@ -143,14 +143,21 @@ class Pool:
 
     def best(self, cpus: int, memory_mb: int, *, ha: bool, ha_tag: str,
              exclude=frozenset()) -> Room | None:
-        best, best_key = None, None
+        # The same filters and order as `rank` (spread_key), written out: this is the
+        # failover plan's inner loop.
+        best, best_share = None, 0.0
         for room in self.changed.values():
-            if room.id in exclude or not tag_allows(room.tags, ha=ha, ha_tag=ha_tag) \
-                    or not room.fits(cpus, memory_mb):
+            if room.id in exclude or (ha_tag and (ha_tag in room.tags) != ha):
                 continue
-            key = spread_key(room, cpus, memory_mb)
-            if best_key is None or key < best_key:
-                best, best_key = room, key
+            fc = room.cpus - room.used_cpus - cpus
+            fm = room.memory_mb - room.used_memory_mb - memory_mb
+            if fc < 0 or fm < 0:
+                continue
+            share = min(fc / room.cpus if room.cpus else 0.0,
+                        fm / room.memory_mb if room.memory_mb else 0.0)
+            if best is None or share > best_share or \
+                    (share == best_share and room.name < best.name):
+                best, best_share = room, share
         okey = (cpus, memory_mb, ha, ha_tag if ha_tag else "")
         order = self._orders.get(okey)
         if order is None:
@@ -160,8 +167,11 @@ class Pool:
         for room in order:
             if room.id in changed or room.id in exclude:
                 continue
-            if best_key is None or spread_key(room, cpus, memory_mb) < best_key:
-                best = room
+            if best is None:
+                return room
+            share = room.share_after(cpus, memory_mb)
+            if share > best_share or (share == best_share and room.name < best.name):
+                return room
             break
         return best
 

@@ -7,6 +7,8 @@
     bench restart  HA restart throughput of one failed host's VMs per ha.workers value
     bench metrics  GET /metrics served time at 1,000 hosts / 10,000 VMs beside the same
                    server's 401 answer (R21)
+    bench plan     failover plan recomputation at 100 / 1,000 / 10,000 hosts × 10 VMs, from
+                   the database at 1,000 hosts, and an evacuation's spread (R22, R24)
 
 Each run builds a fresh database (PostgreSQL: hadash_bench_<random>, dropped at the
 end), starts real processes (daphne, qcluster, the fleet simulator, a load generator)
@@ -129,6 +131,17 @@ class Command(BaseCommand):
                        help="incidents in the history (2000; half host, half VM)")
         p.add_argument("--requests", type=int, default=20, help="timed GET /metrics (20)")
 
+        p = sub.add_parser("plan", help="failover plan recomputation, evacuation spread "
+                           "(R22, R24)")
+        common(p)
+        p.add_argument("--sizes", default="100,1000,10000",
+                       help="hosts per cluster, in memory (100,1000,10000)")
+        p.add_argument("--vms-per-host", type=int, default=10, help="VMs per host (10)")
+        p.add_argument("--db-hosts", type=int, default=1000,
+                       help="hosts seeded in a fresh database (1000; 0: skip)")
+        p.add_argument("--evacuation", type=int, default=100,
+                       help="VMs of the evacuated host (100)")
+
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
         p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
@@ -182,6 +195,13 @@ class Command(BaseCommand):
                 if min(o["hosts"], o["vms_per_host"], o["requests"]) < 1 or o["incidents"] < 0:
                     raise CommandError("--hosts, --vms-per-host and --requests must be "
                                        "positive, --incidents ≥ 0")
+            elif name == "plan":
+                from bench import plan as mod
+
+                o["sizes"] = int_list(o["sizes"])
+                if o["vms_per_host"] < 1 or o["evacuation"] < 1 or o["db_hosts"] < 0:
+                    raise CommandError("--vms-per-host and --evacuation must be positive, "
+                                       "--db-hosts ≥ 0")
             elif name == "detect":
                 from bench import detect as mod
 
