@@ -293,8 +293,22 @@ class Sender:
         self.pool.shutdown(wait=wait, cancel_futures=True)
 
 
+_running_lock = threading.Lock()
+_running: dict = {}  # the sender thread of this process: its stopping event and thread
+
+
 def run_sender(stopping: threading.Event, loop_id: str) -> None:
-    """The engine loop's side thread: send due deliveries until ``stopping``."""
+    """The engine loop's side thread: send due deliveries until ``stopping``. One per
+    process: an engine loop started while another's sender still runs (a loop that
+    failed and was restarted under the same stop event) leaves it at that."""
+    me = threading.current_thread()
+    with _running_lock:
+        other = _running.get("thread")
+        if other is not None and other is not me and other.is_alive() \
+                and not _running["stopping"].is_set():
+            log.debug("notification sender already running in this process")
+            return
+        _running.update(thread=me, stopping=stopping)
     sender = Sender(loop_id)
     log.debug("notification sender %s started", sender.id)
     try:
