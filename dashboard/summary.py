@@ -1,6 +1,6 @@
 """What the overview shows, in a handful of aggregate queries (no per-host query):
-counts of hosts by status and VMs by state, HA work in flight, open alerts, engine
-health, and the fleet map (one tile per host with its VM count).
+counts of hosts by status and VMs by state, HA work in flight, open alerts (the alert
+table, R19), engine health, and the fleet map (one tile per host with its VM count).
 
 The same data feeds the page and ``summary.json``, which the overview refetches (at
 most about once a second) while events arrive.
@@ -19,10 +19,10 @@ from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 from hadash import config
-from hadash.choices import Step
+from hadash.choices import AlertState, Step
 from hadash.ha import runtime
 from hadash.ha.work import in_flight
-from hadash.models import Event, HaWork
+from hadash.models import Alert, Event, HaWork
 from hosts.choices import HostStatus, ResourceState
 from hosts.models import Host
 from vms.choices import ACTIVE_STATES, VmState
@@ -67,7 +67,8 @@ def hosts_and_vm_counts() -> tuple[list[tuple], dict[int, int]]:
     return hosts, per_host
 
 
-def counts() -> dict:
+def counts(alerts: bool = True) -> dict:
+    """VMs by state, unfinished HA work by step, and (``alerts``) the open alerts."""
     vm_counts = dict(
         VMInstance.objects.order_by().values("state").annotate(n=Count("id"))
         .values_list("state", "n")
@@ -76,8 +77,10 @@ def counts() -> dict:
         HaWork.objects.unfinished().order_by().values("step").annotate(n=Count("id"))
         .values_list("step", "n")
     )
-    alerts_open = Event.objects.filter(alert=True, acknowledged_at__isnull=True).count()
-    return {"vms": vm_counts, "work": work, "alerts_open": alerts_open}
+    out = {"vms": vm_counts, "work": work}
+    if alerts:
+        out["alerts_open"] = Alert.objects.filter(state=AlertState.OPEN).count()  # R19
+    return out
 
 
 def engine_health(now=None) -> dict:
@@ -107,8 +110,9 @@ def ordered_counts(counter: dict, main: tuple, all_values: list[str]) -> list[tu
 
 
 def open_alert_ids() -> list[int]:
+    """Ids of the open alerts (R19: rows of the alert table), newest first."""
     return list(
-        Event.objects.filter(alert=True, acknowledged_at__isnull=True)
+        Alert.objects.filter(state=AlertState.OPEN)
         .order_by("-id").values_list("id", flat=True)[:OPEN_ALERTS_SHOWN]
     )
 
@@ -116,19 +120,21 @@ def open_alert_ids() -> list[int]:
 def summary_json() -> dict:
     """``summary.json``: everything the overview updates in place."""
     hosts, per_host = hosts_and_vm_counts()
-    c = counts()
+    c = counts(alerts=False)
+    alert_ids = open_alert_ids()
+    alerts_open = (len(alert_ids) if len(alert_ids) < OPEN_ALERTS_SHOWN
+                   else Alert.objects.filter(state=AlertState.OPEN).count())
     host_counts = Counter(h[3] for h in hosts)
     return {
         "time": timezone.now().isoformat(),
-        # Alerts up to this id that are not in open_alert_ids were acknowledged.
         "top_event": Event.objects.aggregate(m=Max("id"))["m"] or 0,
         "hosts": [[h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0)] for h in hosts],
         "host_counts": dict(host_counts),
         "vm_counts": c["vms"],
         "work": c["work"],
         "work_in_flight": sum(c["work"].values()),
-        "alerts_open": c["alerts_open"],
-        "open_alert_ids": open_alert_ids(),
+        "alerts_open": alerts_open,
+        "open_alert_ids": alert_ids,
         "engine": engine_health(),
     }
 
@@ -184,7 +190,7 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
 def overview(now=None) -> dict:
     now = now or timezone.now()
     hosts, per_host = hosts_and_vm_counts()
-    c = counts()
+    c = counts(alerts=False)  # the alerts panel counts them (dashboard.alerts.panel)
     host_counts = Counter(h[3] for h in hosts)
     return {
         "host_total": len(hosts),
@@ -193,7 +199,6 @@ def overview(now=None) -> dict:
         "vm_counts": ordered_counts(c["vms"], MAIN_VM_STATES, VmState.values),
         "work_counts": [(s, c["work"].get(s, 0)) for s in IN_FLIGHT_STEPS],
         "work_in_flight": sum(c["work"].values()),
-        "alerts_open": c["alerts_open"],
         "tiles": tiles_html(hosts, per_host),
         "clusters": len({h[2] for h in hosts}),
         "engine": engine_health(now),

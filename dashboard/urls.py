@@ -1,22 +1,24 @@
 from django.urls import include, path
 
+from . import alerts, incidents, views
 from . import clusters as cluster_pages  # R22
-from . import views
 
 app_name = "dash"
 
 urlpatterns = [
     path("", views.overview, name="overview"),
     path("summary.json", views.summary_json, name="summary"),
-    path("alerts/<int:pk>/ack", views.acknowledge, name="ack"),
-    path("alerts/ack-all", views.acknowledge_all, name="ack-all"),
+    path("alerts.json", alerts.alerts_json, name="alerts"),  # R19
+    path("alerts/<int:pk>/ack", alerts.acknowledge, name="ack"),
+    path("alerts/ack-all", alerts.acknowledge_all, name="ack-all"),
     path("hosts/<str:name>", views.host, name="host"),
     path("hosts/<str:name>/reenrol", views.host_reenrol, name="host-reenrol"),  # R29
     path("hosts/<str:name>/<str:action>", views.host_action, name="host-action"),
     path("vms/<str:name>", views.vm, name="vm"),
     path("vms/<str:name>/<str:action>", views.vm_action, name="vm-action"),
     path("work", views.work, name="work"),
-    path("incidents", views.incidents_page, name="incidents"),
+    path("incidents", incidents.incidents_page, name="incidents"),  # R18
+    path("incidents/<int:pk>", incidents.incident_view, name="incident"),
     path("config", views.config_page, name="config"),
     path("", include("notify.urls")),  # R20: notifications page, send test
     path("unmanaged", views.unmanaged_page, name="unmanaged"),  # issue 9

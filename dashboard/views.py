@@ -32,7 +32,7 @@ from vms import discovery
 from vms.choices import ACTIVE_STATES, Priority
 from vms.models import VMInstance
 
-from . import charts, fleetproxy, incidents, summary
+from . import alerts, fleetproxy, summary
 from .perms import admin_required, is_admin, wants_json
 
 # The client resumes from a little before the newest event the page shows, and drops
@@ -84,10 +84,9 @@ def back(request, fallback: str):
 @login_required
 def overview(request):
     feed = events_values(Event.objects.all(), FEED_ROWS)
-    alerts = events_values(Event.objects.filter(alert=True, acknowledged_at__isnull=True),
-                           summary.OPEN_ALERTS_SHOWN)
     ctx = summary.overview()
-    ctx.update(feed=feed, alerts=alerts,
+    ctx.update(alerts.panel())  # R19: open rows of the alert table (dashboard.alerts)
+    ctx.update(feed=feed,
                unmanaged_count=discovery.listed(now=timezone.now()).count())  # issue 9
     return page(request, "dashboard/overview.html", "overview", ctx,
                 top_id=feed[0]["id"] if feed else 0)
@@ -96,45 +95,6 @@ def overview(request):
 @login_required
 def summary_json(request):
     return JsonResponse(summary.summary_json())
-
-
-# --- alerts -------------------------------------------------------------------
-
-
-@require_POST
-@admin_required
-def acknowledge(request, pk: int):
-    event = get_object_or_404(Event, pk=pk)
-    if not event.alert:
-        if wants_json(request):
-            return JsonResponse({"error": f"event {pk} is not an alert"}, status=400)
-        messages.error(request, f"Event {pk} is not an alert.")
-        return back(request, reverse("dash:overview"))
-    Event.objects.filter(pk=pk, acknowledged_at__isnull=True).update(
-        acknowledged_at=timezone.now(), acknowledged_by=request.user.get_username()
-    )
-    if wants_json(request):
-        return JsonResponse({"ok": True, "id": pk})
-    messages.success(request, f"Alert {pk} acknowledged.")
-    return back(request, reverse("dash:overview"))
-
-
-@require_POST
-@admin_required
-def acknowledge_all(request):
-    """Acknowledge every open alert up to the id the operator saw (``upto``), so one
-    that arrived meanwhile is not acknowledged unseen."""
-    try:
-        upto = int(request.POST.get("upto", ""))
-    except ValueError:
-        upto = latest_event_id()
-    n = Event.objects.filter(alert=True, acknowledged_at__isnull=True, id__lte=upto).update(
-        acknowledged_at=timezone.now(), acknowledged_by=request.user.get_username()
-    )
-    if wants_json(request):
-        return JsonResponse({"ok": True, "acknowledged": n})
-    messages.success(request, f"{n} alert(s) acknowledged.")
-    return back(request, reverse("dash:overview"))
 
 
 # --- hosts --------------------------------------------------------------------
@@ -372,44 +332,6 @@ def work(request):
         "lease": dt.timedelta(minutes=5),
     }
     return page(request, "dashboard/work.html", "work", ctx)
-
-
-# --- incidents ----------------------------------------------------------------
-
-
-@login_required
-def incidents_page(request):
-    incs = incidents.incidents(50)
-    recovered = [i for i in incs if i.recovery_seconds is not None][:40][::-1]
-    recovery_chart = charts.bar_chart(
-        [charts.Bar(value=i.recovery_seconds, cls=f"k-{i.kind}",
-                    label=i.name if len(recovered) <= 12 else "",
-                    title=f"{i.name} ({i.kind} failure, {i.detected:%Y-%m-%d %H:%M:%S}): "
-                          f"recovered in {i.recovery_seconds:.0f} s",
-                    href=f"#inc-{i.key}")
-         for i in recovered],
-        chart_id="chart-recovery", unit=" s", label="Time to recovery per incident (s)",
-        empty="No incident has recovered yet.",
-    )
-    end, per_min = incidents.events_per_minute(60)
-    epm_chart = charts.bar_chart(
-        [charts.Bar(value=n, title=f"{m:%H:%M}: {n} events",
-                    label=f"{m:%H:%M}" if i % 10 == 0 else "")
-         for i, (m, n) in enumerate(per_min)],
-        chart_id="chart-epm", label="Events per minute", height=120,
-    )
-    times = [i.recovery_seconds for i in incs if i.recovery_seconds is not None]
-    ctx = {
-        "incidents": incs,
-        "recovery_chart": recovery_chart,
-        "epm_chart": epm_chart,
-        "epm_end": end,
-        "epm_total": sum(n for _, n in per_min),
-        "recovery_median": sorted(times)[len(times) // 2] if times else None,
-        "recovery_max": max(times) if times else None,
-        "open_incidents": sum(1 for i in incs if i.open),
-    }
-    return page(request, "dashboard/incidents.html", "incidents", ctx)
 
 
 # --- configuration ------------------------------------------------------------

@@ -122,104 +122,7 @@
       return sec;
     }
 
-    // Alerts -----------------------------------------------------------------------
-    var alertList = $("alert-list");
-    var alertsOpen = int(($("alerts-open-count") || {}).textContent);
-
-    function setAlertCount(n) {
-      alertsOpen = Math.max(0, n);
-      setText($("alerts-open-count"), alertsOpen);
-      var card = $("alerts-card");
-      if (card) card.classList.toggle("card-alert", alertsOpen > 0);
-    }
-
-    function alertRow(e) {
-      var li = L.el("li", "alert-row sev-" + (e.severity || "critical") + " new");
-      li.dataset.alertId = e.id;
-      li.dataset.event = e.event;
-      var line = L.el("div", "alert-line");
-      var t = L.el("time", null, L.clock(e.time, true));
-      t.setAttribute("datetime", e.time); t.title = e.time;
-      line.appendChild(t);
-      line.appendChild(L.el("span", "ev-kind", e.event));
-      var href = L.subjectUrl(e);
-      var s = L.el(href ? "a" : "span", "ev-subj", e.subject_name);
-      if (href) s.href = href;
-      line.appendChild(s);
-      if (isAdmin) {
-        var f = L.el("form", "inline ack-form");
-        f.method = "post"; f.action = "/alerts/" + e.id + "/ack";
-        var b = L.el("button", "btn btn-small ack-btn", "Acknowledge");
-        b.type = "submit"; b.dataset.ack = e.id;
-        f.appendChild(b);
-        line.appendChild(f);
-      }
-      li.appendChild(line);
-      li.appendChild(L.el("div", "alert-msg", e.message));
-      return li;
-    }
-
-    var newAlerts = [];
-    function flushAlerts() {
-      var batch = newAlerts; newAlerts = [];
-      var frag = document.createDocumentFragment();
-      for (var i = batch.length - 1; i >= 0; i--) {
-        if (!alertList.querySelector('[data-alert-id="' + batch[i].id + '"]')) frag.appendChild(alertRow(batch[i]));
-      }
-      var none = $("no-alerts");
-      if (none && frag.childNodes.length) none.remove();
-      var added = [].slice.call(frag.childNodes);
-      alertList.insertBefore(frag, alertList.firstChild);
-      setTimeout(function () {
-        L.frame("alerts-unmark", function () { added.forEach(function (r) { r.classList.remove("new"); }); });
-      }, 2000);
-      var rows = alertList.querySelectorAll(".alert-row");
-      for (var j = 50; j < rows.length; j++) rows[j].remove();
-      ensureAckAll();
-    }
-
-    function ensureAckAll() {
-      var form = $("ack-all-form");
-      var any = alertList.querySelector(".alert-row");
-      if (form) form.hidden = !any;
-      if (!any && !$("no-alerts")) {
-        var li = L.el("li", "muted empty", "No open alerts.");
-        li.id = "no-alerts";
-        alertList.appendChild(li);
-      }
-    }
-
-    alertList.addEventListener("submit", function (ev) {
-      var form = ev.target.closest(".ack-form");
-      if (!form) return;
-      ev.preventDefault();
-      var row = form.closest(".alert-row");
-      L.post(form.action, {}).then(function (r) {
-        if (r.ok) {
-          row.remove();
-          setAlertCount(alertsOpen - 1);
-          ensureAckAll();
-        } else {
-          toast((r.data && r.data.error) || "Acknowledging failed (HTTP " + r.status + ")", true);
-        }
-      });
-    });
-    var ackAll = $("ack-all-form");
-    if (ackAll) {
-      ackAll.addEventListener("submit", function (ev) {
-        ev.preventDefault();
-        var ids = [].map.call(alertList.querySelectorAll(".alert-row"), function (r) { return int(r.dataset.alertId); });
-        var upto = Math.max.apply(null, ids.concat([0]));
-        L.post(ackAll.action, { upto: upto }).then(function (r) {
-          if (!r.ok) { toast((r.data && r.data.error) || "HTTP " + r.status, true); return; }
-          alertList.querySelectorAll(".alert-row").forEach(function (row) {
-            if (int(row.dataset.alertId) <= upto) row.remove();
-          });
-          ensureAckAll();
-          summary.request();
-        });
-      });
-    }
+    // Alerts: static/dashboard/alerts.js (R19: the panel follows the alert table).
 
     // Summary (counts, tiles, engine) ------------------------------------------------------
     function applySummary(s) {
@@ -235,7 +138,6 @@
       var vt = 0; Object.keys(vc).forEach(function (k) { vt += vc[k]; });
       setText($("vm-total"), vt);
       setText($("work-in-flight"), s.work_in_flight);
-      setAlertCount(s.alerts_open);
       // Engine health.
       var eng = s.engine || {};
       var box = $("engine-health");
@@ -278,15 +180,6 @@
       map.classList.toggle("compact", s.hosts.length > 300);
       map.classList.toggle("roomy", s.hosts.length <= 60);
       clusterCounts();
-      // Alerts acknowledged elsewhere disappear.
-      var open = {};
-      (s.open_alert_ids || []).forEach(function (id) { open[id] = true; });
-      var top = int(s.top_event);
-      alertList.querySelectorAll(".alert-row").forEach(function (row) {
-        var aid = int(row.dataset.alertId);
-        if (aid <= top && !open[aid]) row.remove();
-      });
-      ensureAckAll();
     }
 
     var summary = (function () {
@@ -320,13 +213,8 @@
           c[e.field] = e.new;
         }
         if (e.subject !== "config") need = true;
-        if (e.alert && !e.acknowledged_at) newAlerts.push(e);
       }
       if (Object.keys(tileChanges).length) L.frame("tiles", applyTiles);
-      if (newAlerts.length) {
-        setAlertCount(alertsOpen + newAlerts.length);
-        L.frame("alerts", flushAlerts);
-      }
       if (need) summary.request();
     });
   }
