@@ -87,7 +87,8 @@ def update_incident_alert(incident, *, now, title: str, message: str = "",
 
 
 def resolve_alert(kind: str = "", subject: str = "", name: str = "", *, now,
-                  message: str = "", incident=None, failed: bool = False) -> Alert | None:
+                  message: str = "", incident=None, failed: bool = False,
+                  title: str = "") -> Alert | None:
     """Resolve the open alert for (kind, subject, name) or ``incident``, if any; notify
     ``resolved`` (``failed`` for an incident that ended with VMs lost)."""
     _in_transaction()
@@ -97,9 +98,11 @@ def resolve_alert(kind: str = "", subject: str = "", name: str = "", *, now,
         return None
     alert.state = AlertState.RESOLVED
     alert.resolved_at = alert.updated_at = now
+    if title:  # how it ended, when the title told a story still under way
+        alert.title = title[:255]
     if message:  # the story so far, then how it ended
         alert.message = f"{alert.message}\n{message}" if alert.message else message
-    alert.save(update_fields=["state", "resolved_at", "updated_at", "message"])
+    alert.save(update_fields=["state", "resolved_at", "updated_at", "message", "title"])
     record_event(alert.subject, None, name=alert.subject_name, event="AlertResolved",
                  new=alert.kind, now=now, severity=Severity.INFO,
                  message=message or f"Resolved: {alert.title}", incident=incident)

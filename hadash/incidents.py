@@ -195,7 +195,7 @@ def host_back(host, *, now, how: str) -> Incident | None:
     inc.state = IncidentState.DISMISSED
     inc.resolved_at = inc.updated = now
     inc.save(update_fields=["state", "resolved_at", "updated"])
-    resolve_alert(now=now, incident=inc,
+    resolve_alert(now=now, incident=inc, title=f"{host.name} back: nothing was done",
                   message=f"{host.name} is back ({how}) after "
                           f"{_secs(now, inc.detected_at)}; nothing was done")
     return inc
@@ -367,7 +367,13 @@ def complete(inc: Incident, *, now) -> bool:
     else:
         text = f"{inc.title}: {inc.vms_restarted} of {inc.vms_affected} HA VM(s) running " \
                f"again after {took}"
-    resolve_alert(now=now, incident=inc, message=text, failed=bool(failed))
+    if failed:
+        title = f"{inc.title}: HA gave up on {failed} VM(s)"
+    elif inc.vms_affected:
+        title = f"{inc.title}: {inc.vms_restarted} VM(s) running again"
+    else:
+        title = f"{inc.title}: nothing to restart"
+    resolve_alert(now=now, incident=inc, message=text, failed=bool(failed), title=title)
     return True
 
 

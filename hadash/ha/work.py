@@ -325,6 +325,11 @@ def mark_vm(vm: VMInstance, item: HaWork, to: str, *, now, event: str, message: 
                              reason=item.reason, **fields):
             return False
         refresh_snapshot(item, vm, now)
+        if item.incident_id:  # R18: the VM's change is an event of the item's incident
+            from hadash.models import Event
+
+            Event.objects.filter(vm=vm, event=event, time=now, incident__isnull=True) \
+                .update(incident=item.incident_id)
     return True
 
 
