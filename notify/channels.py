@@ -4,6 +4,7 @@ these, so a channel is checked the same way wherever it is made."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from urllib.parse import urlsplit
 
@@ -44,6 +45,13 @@ def url_problem(url: str) -> str | None:
                 "sign deliveries instead)")
     if parts.fragment or url.endswith("#"):
         return "the url must not have a #fragment"
+    try:
+        address = ipaddress.ip_address(parts.hostname)
+    except ValueError:
+        address = None
+    if address is not None and address.is_link_local:
+        return ("the url must not point at a link-local address (169.254.0.0/16, "
+                "fe80::/10: cloud metadata services live there)")
     return None
 
 

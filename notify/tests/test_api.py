@@ -77,6 +77,8 @@ def test_r20_read_only_user_reads_but_never_the_secret_or_full_url(api, ro_api):
     ("https://example.com/hook#x", "fragment"),
     ("https://example.com:99999/hook", "not valid"),
     ("", "needs a url"),
+    ("http://169.254.169.254/latest/meta-data", "link-local"),
+    ("http://[fe80::1]/hook", "link-local"),
 ])
 def test_r20_r31_bad_webhook_urls_refused_with_reason(api, url, fragment):
     r = api.post(f"{API}/notification-channels", {**HOOK, "url": url}, format="json")
