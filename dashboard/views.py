@@ -32,7 +32,7 @@ from vms import discovery
 from vms.choices import ACTIVE_STATES, Priority
 from vms.models import VMInstance
 
-from . import alerts, fleetproxy, summary
+from . import alerts, fleetproxy, lists, summary
 from .perms import admin_required, is_admin, wants_json
 
 # The client resumes from a little before the newest event the page shows, and drops
@@ -154,8 +154,8 @@ def host_actions(h: Host) -> list[tuple[str, str]]:
         out.append(("enable", "Enable"))
     if rs == "Enabled":
         out.append(("disable", "Disable"))
-    if rs in ("Enabled", "Disabled", "ErrorInMaintenance"):
-        out.append(("maintenance", "Prepare for maintenance"))
+    if rs in ("Enabled", "Disabled", "ErrorInMaintenance") and not actions.maintenance_refusal(h):
+        out.append(("maintenance", "Prepare for maintenance…"))
     if rs in ("PrepareForMaintenance", "Maintenance", "ErrorInMaintenance"):
         out.append(("cancel-maintenance", "Cancel maintenance"))
     return out
@@ -169,21 +169,58 @@ HOST_ACTIONS = {
 }
 
 
-@require_POST
+def running_vm_count(h: Host) -> int:
+    return VMInstance.objects.filter(host=h, state="Running").count()
+
+
+def maintenance_confirm(request, h: Host, error: str = ""):
+    """The confirmation step of one-click maintenance (issue 10 item 7): names the
+    host and how many running VMs will be migrated; the POST needs confirm=yes."""
+    running = running_vm_count(h)
+    return page(request, "dashboard/host_maintenance.html", "host", {
+        "host": h, "running": running, "error": error,
+        "refusal": actions.maintenance_refusal(h),
+        "allowed": h.resource_state in ("Enabled", "Disabled", "ErrorInMaintenance"),
+    }, top_id=latest_event_id())
+
+
+def action_outcome(h: Host, action: str) -> str:
+    """What an operator's host action did, in words (not "done — resource state
+    PrepareForMaintenance")."""
+    h.refresh_from_db()
+    if action == "enable":
+        return f"Host {h.name} enabled: new VMs may be placed on it."
+    if action == "disable":
+        return f"Host {h.name} disabled: no new VMs are placed on it; running VMs stay."
+    if action == "cancel-maintenance":
+        return f"Maintenance of {h.name} cancelled: the host is Enabled again."
+    if h.resource_state == "Maintenance":
+        return f"Host {h.name} is now in Maintenance (no running VM had to move)."
+    migrating = HaWork.objects.unfinished().filter(host=h, type=WorkType.MIGRATION).count()
+    return (f"Maintenance of {h.name} started: {migrating} VM{'s' if migrating != 1 else ''} "
+            f"migrating; the host goes into Maintenance when none is left.")
+
+
 @admin_required
 def host_action(request, name: str, action: str):
     run = HOST_ACTIONS.get(action)
     if run is None:
         raise Http404(f"no host action {action!r}")
     h = get_object_or_404(Host, name=name)
+    if action == "maintenance":
+        if request.method == "GET":
+            return maintenance_confirm(request, h)
+        if request.method == "POST" and request.POST.get("confirm") != "yes":
+            return maintenance_confirm(
+                request, h, "Maintenance not confirmed; nothing changed.")
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
     try:
         run(h, timezone.now(), request.user.get_username())
     except actions.ActionError as exc:
-        messages.error(request, str(exc))
+        messages.error(request, f"Refused: {exc}.")
     else:
-        h.refresh_from_db()
-        messages.success(request, f"Host {h.name}: {action} done — resource state "
-                                  f"{h.resource_state}.")
+        messages.success(request, action_outcome(h, action))
     return redirect("dash:host", name=name)
 
 
@@ -202,6 +239,21 @@ def host_reenrol(request, name: str):
         f"Host {h.name}: re-enrolment allowed until {until:%Y-%m-%d %H:%M:%S %Z} — the next "
         "agent connect with the join key under this name takes the host.")
     return redirect("dash:host", name=name)
+
+
+# --- lists (issue 10 item 6) ---------------------------------------------------
+
+
+@login_required
+def hosts_page(request):
+    """Every host: search, filters, problems first, 50 a page (dashboard.lists)."""
+    return page(request, "dashboard/hosts.html", "hosts", lists.host_list(request))
+
+
+@login_required
+def vms_page(request):
+    """Every VM: search, filters, problems first, 50 a page (dashboard.lists)."""
+    return page(request, "dashboard/vms.html", "vms", lists.vm_list(request))
 
 
 # --- VMs ----------------------------------------------------------------------

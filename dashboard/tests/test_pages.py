@@ -221,7 +221,7 @@ def test_admin_host_actions(adm, incident_world):
     assert ev.new == ResourceState.DISABLED and ev.reason == "adam"
     adm.post("/hosts/h2/enable")
     assert Host.objects.get(name="h2").resource_state == ResourceState.ENABLED
-    adm.post("/hosts/h3/maintenance")
+    adm.post("/hosts/h3/maintenance", {"confirm": "yes"})
     assert Host.objects.get(name="h3").resource_state in (
         ResourceState.PREPARE_FOR_MAINTENANCE, ResourceState.MAINTENANCE)
     adm.post("/hosts/h3/cancel-maintenance")
@@ -421,7 +421,7 @@ def big_fleet(hosts=1000, vms=10_000):
 def test_overview_of_a_big_fleet_has_a_bounded_number_of_queries(
         op, django_assert_max_num_queries):
     big_fleet()
-    with django_assert_max_num_queries(14):
+    with django_assert_max_num_queries(16):  # + ha.workers and items in progress (issue 10)
         r = op.get("/")
     page = html(r)
     assert page.count('class="tile ') == 1000
@@ -430,7 +430,7 @@ def test_overview_of_a_big_fleet_has_a_bounded_number_of_queries(
     assert page.count("data-event-id=") == views.FEED_ROWS
     assert 'class="fleet-map compact"' in page
     assert "rs-Maintenance" in page
-    with django_assert_max_num_queries(12):
+    with django_assert_max_num_queries(14):
         s = op.get("/summary.json").json()
     assert len(s["hosts"]) == 1000 and sum(h[5] for h in s["hosts"]) == 9800
 

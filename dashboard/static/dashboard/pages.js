@@ -226,8 +226,8 @@
       return e.host_id === id || (e.subject === "host" && e.subject_id === id);
     };
     var feed = L.feed($("event-feed"), { max: 200, filter: mine });
-    var regions = L.refresher(["host-actions", "host-summary", "host-vms", "host-investigations",
-                               "host-work", "host-power"], 1000);
+    var regions = L.refresher(["host-ha-status", "host-actions", "host-summary", "host-vms",
+                               "host-investigations", "host-work", "host-power"], 1000);
     var vmNames = function () {
       var s = {};
       document.querySelectorAll("#host-vm-table [data-vm]").forEach(function (r) { s[r.dataset.vm] = 1; });
@@ -257,30 +257,59 @@
   }
 
   // --- VM ---------------------------------------------------------------------------------
+  /* The header (#vm-head: state, power state, host) follows every event of the VM in
+   * id order, and is then re-read from the server with the other regions: an HA restart
+   * sets the power state and host without an event of their own (HaStarted is the state
+   * event), so the page never keeps a PowerOff that a later restart replaced. */
   function vm() {
     var id = int(body.dataset.vmId);
     var feed = L.feed($("event-feed"), {
       max: 200, filter: function (e) { return e.subject === "vm" && e.subject_id === id; }
     });
-    var regions = L.refresher(["vm-actions", "vm-summary", "vm-work"], 1000);
+    var regions = L.refresher(["vm-ha-status", "vm-head", "vm-actions", "vm-summary", "vm-work"], 1000);
+    var lastApplied = 0;
     L.on(function (evs) {
       feed.add(evs);
       var hit = false;
       for (var i = 0; i < evs.length; i++) {
         var e = evs[i];
-        if (e.vm_id !== id) continue;
+        if (e.vm_id !== id && !(e.subject === "vm" && e.subject_id === id)) continue;
         hit = true;
-        if (e.subject === "vm" && e.field === "state") {
+        if (e.subject !== "vm" || e.id <= lastApplied) continue;
+        lastApplied = e.id;
+        if (e.field === "state") {
           var b = $("vm-state");
           if (b) { b.textContent = e.new; b.dataset.state = e.new; b.className = "badge vs-" + e.new; }
+          if (e.new === "Stopped" || e.new === "Destroyed" || e.new === "Expunging") {
+            var hh = $("vm-head-host");
+            if (hh) { hh.dataset.host = ""; hh.textContent = "on no host"; }
+          }
         }
-        if (e.subject === "vm" && e.field === "power_state") {
+        if (e.field === "power_state") {
           var p = $("vm-power");
           if (p) { p.textContent = e.new; p.dataset.power = e.new; p.className = "ps ps-" + e.new; }
         }
       }
       if (hit) regions.request();
     });
+  }
+
+  // --- host and VM lists (issue 10 item 6) ----------------------------------------------------
+  function list(ids, relevant) {
+    var regions = L.refresher(ids, 2000);
+    L.on(function (evs) {
+      for (var i = 0; i < evs.length; i++) {
+        if (relevant(evs[i])) { regions.request(); return; }
+      }
+    });
+  }
+  function hosts() {
+    list(["hosts-count", "host-status-pills", "host-pager", "host-list", "host-pager-bottom"],
+         function (e) { return e.subject === "host"; });
+  }
+  function vms() {
+    list(["vms-count", "vm-state-pills", "vm-pager", "vm-list", "vm-pager-bottom"],
+         function (e) { return e.subject === "vm" || e.subject === "work"; });
   }
 
   // --- HA work queue ------------------------------------------------------------------------
@@ -471,7 +500,7 @@
   }
 
   var pages = { overview: overview, host: host, vm: vm, work: work, incidents: incidents,
-                config: config, fleet: fleet };
+                config: config, fleet: fleet, hosts: hosts, vms: vms };
   var run = pages[body.dataset.page];
   if (run) run();
 })();
