@@ -38,8 +38,10 @@ HOST_DEFAULTS = {"cluster": "c1", "cpus": 16, "memory_mb": 65536, "tags": []}
 VM_DEFAULTS = {"cpus": 1, "memory_mb": 1024, "ha": False, "state": "Running",
                "priority": "medium"}
 EXPECT_KEYS = {
-    "vm": {"state", "power_state", "host", "host_not", "restarts"},
-    "host": {"status", "resource_state"},
+    # R17: `ha_status` is the HA status code (vms.hastatus / hosts.hastatus); `cause`
+    # the waiting cause of a VM whose code is `waiting` ("" otherwise).
+    "vm": {"state", "power_state", "host", "host_not", "restarts", "ha_status", "cause"},
+    "host": {"status", "resource_state", "ha_status"},
     "work": {"step", "count"},
     "action": {"refused"},
     # R18/R19: the latest incident of host or VM N (``count``: how many it had).
@@ -486,7 +488,12 @@ class Run:
             if vm is None:
                 c.found, c.ok = "no such VM", False
                 return
-            if c.key == "restarts":
+            if c.key in ("ha_status", "cause"):
+                from vms import hastatus
+
+                status = hastatus.status_of(vm, now=self.clock.now())
+                c.found = status.code if c.key == "ha_status" else str(status.cause)
+            elif c.key == "restarts":
                 c.found = Event.objects.filter(vm=vm, event="HaStarted").count()
             elif c.key in ("host", "host_not"):
                 c.found = vm.host.name if vm.host else None
@@ -498,7 +505,12 @@ class Run:
                 c.ok = c.found == c.expected
         elif c.kind == "host":
             host = Host.objects.filter(name=c.name).first()
-            c.found = getattr(host, c.key) if host else "no such host"
+            if host is not None and c.key == "ha_status":
+                from hosts import hastatus
+
+                c.found = hastatus.status_of(host, now=self.clock.now()).code
+            else:
+                c.found = getattr(host, c.key) if host else "no such host"
             c.ok = c.found == c.expected
         else:
             items = HaWork.objects.filter(instance__name=c.name, type=c.work_type)
