@@ -169,13 +169,21 @@ def test_r22_big_clusters_bound_the_combinations_and_say_so():
 
 # --- API ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def api():
-    user = get_user_model().objects.create_user("viewer")  # a read-only operator
+def token_client(user):
     _, key = ApiToken.issue(user)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
     return client
+
+
+@pytest.fixture
+def api():
+    return token_client(get_user_model().objects.create_user("viewer"))  # read-only
+
+
+@pytest.fixture
+def admin_api():
+    return token_client(get_user_model().objects.create_user("ops", is_staff=True))
 
 
 def test_r22_api_lists_clusters_and_serves_the_plan(api):
@@ -196,20 +204,24 @@ def test_r22_api_lists_clusters_and_serves_the_plan(api):
     assert APIClient().get("/api/v1/clusters").status_code in (401, 403)
 
 
-def test_r22_api_what_if_changes_nothing(api):
-    """R22 on demand: POST /clusters/{name}/what-if {"hosts": [...]} answers where each
-    HA VM of those hosts would go and what would not fit — for any authenticated user —
-    and changes nothing."""
+def test_r22_api_what_if_changes_nothing(api, admin_api):
+    """R22 on demand: POST /clusters/{name}/what-if {"hosts": [...]} (admins, like every
+    POST of the API) and GET …/what-if?hosts=a,b (every user) answer where each HA VM of
+    those hosts would go and what would not fit, and change nothing."""
     world(FOUR)
     before = list(VMInstance.objects.order_by("name").values_list("name", "state", "host"))
-    r = api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1", "h2"]}, format="json")
+    r = admin_api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1", "h2"]},
+                       format="json")
     assert r.status_code == 200, r.content
     body = r.json()
     assert body["failed"] == ["h1", "h2"] and body["fits"] is True
     assert len(body["placements"]) == 8
     assert set(body["placements"].values()) == {"h3", "h4"}
-    r = api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1", "h2", "h3"]}, format="json")
+    assert api.get("/api/v1/clusters/c1/what-if?hosts=h1,h2").json() == body
+    r = api.get("/api/v1/clusters/c1/what-if?hosts=h1,h2,h3")
     assert r.json()["fits"] is False and "would not fit" in r.json()["summary"]
+    assert api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1"]},
+                    format="json").status_code == 403
     assert list(VMInstance.objects.order_by("name").values_list(
         "name", "state", "host")) == before
 
@@ -223,12 +235,14 @@ def test_r22_api_what_if_changes_nothing(api):
     ({"hosts": ["zz"]}, 400, "not hosts of cluster c1: zz"),
     ([], 400, "body must be"),
 ])
-def test_r22_api_what_if_refuses_bad_input_clearly(api, body, code, words):
+def test_r22_api_what_if_refuses_bad_input_clearly(admin_api, body, code, words):
     """Bad input → a clear JSON error."""
     world(FOUR)
-    r = api.post("/api/v1/clusters/c1/what-if", body, format="json")
+    r = admin_api.post("/api/v1/clusters/c1/what-if", body, format="json")
     assert r.status_code == code
     assert words in r.json()["error"]
+    assert admin_api.get("/api/v1/clusters/c1/what-if?hosts=").status_code == 400
+    assert admin_api.get("/api/v1/clusters/zz/what-if?hosts=h1").status_code == 404
 
 
 # --- dashboard -------------------------------------------------------------------------
