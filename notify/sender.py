@@ -28,6 +28,7 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
+from django.apps import apps
 from django.conf import settings
 from django.db import close_old_connections, connection, transaction
 from django.db.models import F, Q
@@ -73,6 +74,15 @@ def signature(secret: str, body: bytes) -> str:
 
 class SendError(Exception):
     pass
+
+
+def count(outcome: str) -> None:
+    """R21: hadash_notifications_total{outcome=sent|failed|retried}, per attempt, in
+    the transaction that records the attempt's outcome."""
+    if apps.is_installed("metrics"):
+        from metrics.counters import inc
+
+        inc("notifications", outcome=outcome)
 
 
 # --- sending one ----------------------------------------------------------------------
@@ -245,9 +255,11 @@ class Sender:
         except SendError as exc:
             self.failed(delivery, str(exc))
             return False
-        Delivery.objects.filter(pk=delivery.pk, taken_by=token,
-                                state=DeliveryState.SENDING).update(
-            state=DeliveryState.SENT, sent_at=self.clock(), last_error="")
+        with transaction.atomic():
+            if Delivery.objects.filter(pk=delivery.pk, taken_by=token,
+                                       state=DeliveryState.SENDING).update(
+                    state=DeliveryState.SENT, sent_at=self.clock(), last_error=""):
+                count("sent")
         return True
 
     def failed(self, delivery: Delivery, error: str) -> None:
@@ -265,6 +277,7 @@ class Sender:
             with transaction.atomic():
                 if mine.update(state=DeliveryState.FAILED, last_error=error,
                                taken_by="", taken_at=None):
+                    count("failed")
                     record_event(
                         Subject.CHANNEL, channel, event="NotificationFailed", now=now,
                         new=delivery.transition, severity=Severity.WARNING,
@@ -276,8 +289,10 @@ class Sender:
         log.warning("notification #%s (%s) to channel %s failed (attempt %d of %d, next in "
                     "%ds): %s", delivery.pk, delivery.transition, channel.name,
                     delivery.attempts, MAX_ATTEMPTS, wait, error)
-        mine.update(state=DeliveryState.PENDING, last_error=error, taken_by="",
-                    taken_at=None, next_attempt=now + dt.timedelta(seconds=wait))
+        with transaction.atomic():
+            if mine.update(state=DeliveryState.PENDING, last_error=error, taken_by="",
+                           taken_at=None, next_attempt=now + dt.timedelta(seconds=wait)):
+                count("retried")
         delivery.next_attempt = now + dt.timedelta(seconds=wait)
 
     def purge(self, now) -> int:

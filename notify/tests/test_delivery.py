@@ -17,6 +17,7 @@ from django.utils import timezone
 from hadash.alerts import open_alert, resolve_alert, update_incident_alert
 from hadash.choices import IncidentKind, Severity, Subject, Transition
 from hadash.models import Event, Incident
+from metrics import counters
 from notify import outbox, sender
 from notify.models import Channel, ChannelKind, Delivery, DeliveryState
 from notify.tests.receivers import Receiver, SmtpServer, closed_port_url
@@ -217,6 +218,10 @@ def test_r20_retries_with_backoff_then_sends(make_sender, clock):
         d.refresh_from_db()
         assert (d.state, d.attempts, d.last_error) == (DeliveryState.SENT, 3, "")
         assert len({req["key"] for req in r.requests}) == 1, "one key for every attempt"
+        # R21: hadash_notifications_total counts each attempt by outcome.
+        totals = counters.totals()
+        assert totals[("notifications", "outcome=retried")] == 2
+        assert totals[("notifications", "outcome=sent")] == 1
     finally:
         r.close()
 
@@ -236,6 +241,7 @@ def test_r20_gives_up_after_max_attempts_with_an_event(make_sender, clock, caplo
     assert waits == [min(5 * 2 ** i, 600) for i in range(sender.MAX_ATTEMPTS - 1)]
     d = Delivery.objects.get()
     assert (d.state, d.attempts) == (DeliveryState.FAILED, sender.MAX_ATTEMPTS)
+    assert counters.totals()[("notifications", "outcome=failed")] == 1
     assert "ConnectError" in d.last_error
     clock.advance(3600)
     assert s.send_now() == 0, "a failed delivery is not tried again"
