@@ -663,18 +663,25 @@ class EventAcknowledgeView(ApiView):
     serializer_class = EventSerializer
 
     @extend_schema(
-        summary="Acknowledge an alert",
-        description="Marks the alert acknowledged (by the calling user). Acknowledging an "
-        "acknowledged alert again changes nothing; an event that is not an alert is a 400.",
+        summary="Acknowledge an alert event (deprecated: POST /alerts/{id}/acknowledge)",
+        description="Kept for one release. Marks the event acknowledged (by the calling "
+        "user) and acknowledges the alert it belongs to (R19: its incident's alert, or the "
+        "alert an AlertOpened event opened). Acknowledging again changes nothing; an event "
+        "that is not an alert and belongs to no alert is a 400.",
         request=None,
         responses={200: EventSerializer, **WRITE_ERRORS},
     )
     def post(self, request, pk: int):
+        from .incidents import acknowledge_for_event, alert_for_event
+
         event = _get(Event.objects, f"no event {pk}", pk=pk)
-        if not event.alert:
-            return error(f"event {pk} is not an alert", status.HTTP_400_BAD_REQUEST)
+        if not event.alert and alert_for_event(event) is None:
+            return error(f"event {pk} is not an alert and belongs to no alert",
+                         status.HTTP_400_BAD_REQUEST)
+        now = timezone.now()
+        acknowledge_for_event(event, by=self.by(), now=now)
         Event.objects.filter(pk=pk, acknowledged_at__isnull=True).update(
-            acknowledged_at=timezone.now(), acknowledged_by=self.by()
+            acknowledged_at=now, acknowledged_by=self.by()
         )
         event.refresh_from_db()
         return Response(EventSerializer(event).data)
@@ -797,7 +804,10 @@ RESOURCES = {
     "unmanaged-vms": ("unmanaged-vm-list", "VMs hosts report that hadash does not manage; "
                       "adopt them (one or many)."),
     "ha-work": ("ha-work-list", "HA work items (op_ha_work), newest first."),
-    "events": ("event-list", "Events and alerts, oldest first; acknowledge alerts."),
+    "events": ("event-list", "Events, oldest first."),
+    "incidents": ("incident-list", "Incidents (R18), newest first: VMs with downtime, "
+                  "timeline, HA items, alert."),
+    "alerts": ("alert-list", "Alerts (R19), newest first; acknowledge them."),
     "config": ("config-list", "Configuration keys (SPEC §2): list, show, set."),
     "engine": ("engine-status", "Engine status: sweeper, engine loops, ping ingestion."),
 }
