@@ -213,7 +213,8 @@ def email_message(fields: dict, incident: dict | None, transition: str, *, links
         label = "TEST"
     else:
         label = str(fields["severity"]).upper()
-    subject = f"[hadash] {label}: {fields['title']}{TRANSITION_WORDS.get(transition, '')}"
+    title = " ".join(str(fields["title"]).split())  # one line: a header never breaks
+    subject = f"[hadash] {label}: {title}{TRANSITION_WORDS.get(transition, '')}"
     lines = [fields["title"], ""]
     if fields["message"]:
         lines += [fields["message"], ""]

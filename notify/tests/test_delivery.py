@@ -357,6 +357,30 @@ def test_r20_email_through_a_real_smtp_server(make_sender, clock):
 
 
 @pytest.mark.django_db
+def test_r20_email_subject_stays_one_line_and_names_the_transition(make_sender, clock):
+    """A title with line breaks cannot break the mail's headers; fencing shows."""
+    smtp = SmtpServer()
+    try:
+        Channel.objects.create(name="oncall", kind=ChannelKind.EMAIL,
+                               recipients=["oncall@example.com"])
+        inc = _incident(clock())
+        with transaction.atomic():
+            open_alert("HostDown", Subject.HOST, "kvm-07", now=clock(), incident=inc,
+                       title="kvm-07\r\nBcc: victim@example.com", severity="critical")
+            update_incident_alert(inc, now=clock(), title="kvm-07 fenced\nreally",
+                                  transition=Transition.FENCED)
+        with override_settings(HADASH_SMTP={"host": "127.0.0.1", "port": smtp.port}):
+            make_sender().send_now()
+        assert [d.state for d in Delivery.objects.order_by("id")] == ["sent", "sent"]
+        subjects = [m["Subject"] for _, m in smtp.messages]
+        assert subjects == ["[hadash] CRITICAL: kvm-07 Bcc: victim@example.com",
+                            "[hadash] CRITICAL: kvm-07 fenced really (fenced)"]
+        assert all(rcpts == ["oncall@example.com"] for rcpts, _ in smtp.messages)
+    finally:
+        smtp.close()
+
+
+@pytest.mark.django_db
 def test_r20_email_to_a_dead_smtp_server_is_retried(make_sender, clock):
     Channel.objects.create(name="oncall", kind=ChannelKind.EMAIL,
                            recipients=["oncall@example.com"])
