@@ -66,19 +66,39 @@ class HaWorkParams(ListParams):
                "reason": "reason"}
 
 
+class UnmanagedParams(ListParams):
+    limit = serializers.IntegerField(
+        min_value=1, max_value=MAX_LIMIT, default=MAX_LIMIT,
+        help_text=f"At most this many rows (default and max {MAX_LIMIT}).",
+    )
+
+
+NEWEST, OLDEST = "newest", "oldest"
+
+
 class EventParams(serializers.Serializer):
     after = serializers.IntegerField(
-        min_value=0, max_value=MAX_ID, default=0,
-        help_text="Only events with an id greater than this.",
+        min_value=0, max_value=MAX_ID, required=False,
+        help_text="Only events with an id greater than this (to follow the feed: the "
+        "answer is then oldest first unless `order` says otherwise).",
     )
     limit = serializers.IntegerField(
         min_value=1, max_value=EVENTS_MAX_LIMIT, default=EVENTS_DEFAULT_LIMIT,
         help_text=f"At most this many events (default {EVENTS_DEFAULT_LIMIT}, "
-        f"max {EVENTS_MAX_LIMIT}); ask again with after=<last id> for more.",
+        f"max {EVENTS_MAX_LIMIT}); the Link header names the next page.",
+    )
+    offset = serializers.IntegerField(
+        min_value=0, max_value=MAX_OFFSET, default=0,
+        help_text=f"Skip this many events (for paging; at most {MAX_OFFSET}).",
+    )
+    order = serializers.ChoiceField(
+        choices=((NEWEST, "newest first"), (OLDEST, "oldest first")), required=False,
+        help_text="newest (the default) or oldest first; oldest is the default when "
+        "`after` is given, so following the feed reads it in order.",
     )
     latest = serializers.BooleanField(
         default=False,
-        help_text="true: the newest `limit` matching events (still oldest first), e.g. to "
+        help_text="true: the newest `limit` matching events, listed oldest first, e.g. to "
         "fill a feed before following it with after=<last id>.",
     )
     subject = serializers.ChoiceField(choices=Subject.choices, required=False)

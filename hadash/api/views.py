@@ -41,7 +41,7 @@ from hosts.models import Host
 from vms.choices import ACTIVE_STATES
 from vms.models import VMInstance
 
-from . import filters, guard
+from . import filters, guard, pagination
 from . import schema as _schema  # noqa: F401  (registers the BearerAuth scheme)
 from .serializers import (
     HOST_SETTINGS,
@@ -225,6 +225,17 @@ E409 = OpenApiResponse(
 )
 READ_ERRORS = {401: E401, 404: E404}
 
+# Issue 10 item 7: every list is a JSON array with its total and links in headers.
+LIST_PAGING = ("The answer is a JSON array; the `X-Total-Count` header says how many rows "
+               "match on all pages, and the `Link` header names the next and previous "
+               "pages (rel=\"next\", rel=\"prev\"; `offset` moved by `limit`).")
+
+
+def LIST_OK(serializer_class):  # noqa: N802 (reads like a constant)
+    """One page of a list (a plain many=True serializer, so the operation is named
+    *_list in the schema)."""
+    return serializer_class(many=True)
+
 # Path parameters. Names follow hadash.names (one rule for agents and operators); a
 # name outside it is simply not found.
 HOST_NAME = OpenApiParameter(
@@ -267,14 +278,15 @@ class HostListView(ApiView):
 
     @extend_schema(
         summary="List hosts",
-        parameters=[filters.HostParams],
-        responses={200: HostSerializer(many=True), 400: E400, 401: E401},
+        parameters=[filters.HostParams, *pagination.HEADERS],
+        description=LIST_PAGING,
+        responses={200: LIST_OK(HostSerializer), 400: E400, 401: E401},
     )
     def get(self, request):
         p = self.params(filters.HostParams)
         qs = filters.apply_lookups(hosts_queryset(), p, filters.HostParams.lookups)
-        rows = qs[p["offset"]: p["offset"] + p["limit"]]
-        return Response(HostSerializer(rows, many=True).data)
+        return pagination.paged(request, qs, HostSerializer, offset=p["offset"],
+                                limit=p["limit"])
 
 
 class HostDetailView(ApiView):
@@ -402,14 +414,15 @@ class VMListView(ApiView):
 
     @extend_schema(
         summary="List VMs",
-        parameters=[filters.VMParams],
-        responses={200: VMSerializer(many=True), 400: E400, 401: E401},
+        parameters=[filters.VMParams, *pagination.HEADERS],
+        description=LIST_PAGING,
+        responses={200: LIST_OK(VMSerializer), 400: E400, 401: E401},
     )
     def get(self, request):
         p = self.params(filters.VMParams)
         qs = filters.apply_lookups(vms_queryset(), p, filters.VMParams.lookups)
-        rows = qs[p["offset"]: p["offset"] + p["limit"]]
-        return Response(VMSerializer(rows, many=True).data)
+        return pagination.paged(request, qs, VMSerializer, offset=p["offset"],
+                                limit=p["limit"])
 
     @extend_schema(
         summary="Register a VM",
@@ -557,12 +570,15 @@ class UnmanagedVmListView(ApiView):
     serializer_class = UnmanagedVmSerializer
 
     @extend_schema(summary="List unmanaged VMs",
-                   responses={200: UnmanagedVmSerializer(many=True), 401: E401})
+                   parameters=[filters.UnmanagedParams, *pagination.HEADERS],
+                   description=LIST_PAGING,
+                   responses={200: LIST_OK(UnmanagedVmSerializer), 400: E400, 401: E401})
     def get(self, request):
         from vms import discovery
 
-        rows = discovery.listed(now=timezone.now())[:10_000]
-        return Response(UnmanagedVmSerializer(rows, many=True).data)
+        p = self.params(filters.UnmanagedParams)
+        return pagination.paged(request, discovery.listed(now=timezone.now()),
+                                UnmanagedVmSerializer, offset=p["offset"], limit=p["limit"])
 
 
 class UnmanagedVmAdoptView(ApiView):
@@ -602,16 +618,17 @@ class HaWorkListView(ApiView):
 
     @extend_schema(
         summary="List HA work items, newest first",
-        parameters=[filters.HaWorkParams],
-        responses={200: HaWorkSerializer(many=True), 400: E400, 401: E401},
+        parameters=[filters.HaWorkParams, *pagination.HEADERS],
+        description=LIST_PAGING,
+        responses={200: LIST_OK(HaWorkSerializer), 400: E400, 401: E401},
     )
     def get(self, request):
         p = self.params(filters.HaWorkParams)
         qs = filters.apply_lookups(work_queryset(), p, filters.HaWorkParams.lookups)
         if "finished" in p:
             qs = qs.filter(step__in=FINAL_STEPS) if p["finished"] else qs.unfinished()
-        rows = qs[p["offset"]: p["offset"] + p["limit"]]
-        return Response(HaWorkSerializer(rows, many=True).data)
+        return pagination.paged(request, qs, HaWorkSerializer, offset=p["offset"],
+                                limit=p["limit"])
 
 
 class HaWorkDetailView(ApiView):
@@ -631,24 +648,31 @@ class EventListView(ApiView):
     serializer_class = EventSerializer
 
     @extend_schema(
-        summary="List events, oldest first",
-        description="Events with an id greater than `after`, oldest first, at most `limit` "
-        "of them (`latest=true`: the newest `limit` of them). To follow the feed, ask again "
-        "with `after` set to the last id seen.",
-        parameters=[filters.EventParams],
-        responses={200: EventSerializer(many=True), 400: E400, 401: E401},
+        summary="List events, newest first",
+        description="Events, **newest first** by default: `events?limit=5` is the five "
+        "newest. With `after`, only events with a greater id, **oldest first** (to follow "
+        "the feed, ask again with `after` set to the last id seen); `order` chooses "
+        "either way explicitly. `latest=true`: the newest `limit` events, listed oldest "
+        "first. " + LIST_PAGING,
+        parameters=[filters.EventParams, *pagination.HEADERS],
+        responses={200: LIST_OK(EventSerializer), 400: E400, 401: E401},
     )
     def get(self, request):
         p = self.params(filters.EventParams)
-        qs = Event.objects.filter(id__gt=p["after"]).order_by("id")
+        qs = Event.objects.all()
+        if "after" in p:
+            qs = qs.filter(id__gt=p["after"])
         qs = filters.apply_lookups(qs, p, filters.EventParams.lookups)
         if "acknowledged" in p:
             qs = qs.filter(acknowledged_at__isnull=not p["acknowledged"])
         if p["latest"]:
-            rows = list(qs.order_by("-id")[: p["limit"]])[::-1]
-        else:
-            rows = qs[: p["limit"]]
-        return Response(EventSerializer(rows, many=True).data)
+            return pagination.paged(request, qs.order_by("-id"), EventSerializer,
+                                    offset=p["offset"], limit=p["limit"],
+                                    transform=lambda rows: rows[::-1])
+        order = p.get("order") or (filters.OLDEST if "after" in p else filters.NEWEST)
+        qs = qs.order_by("id" if order == filters.OLDEST else "-id")
+        return pagination.paged(request, qs, EventSerializer, offset=p["offset"],
+                                limit=p["limit"])
 
 
 class EventDetailView(ApiView):
@@ -710,12 +734,16 @@ class ConfigListView(ApiView):
 
     @extend_schema(
         summary="List configuration keys (SPEC §2)",
-        responses={200: ConfigSerializer(many=True), 401: E401},
+        description="Every key on one page (X-Total-Count says how many).",
+        parameters=pagination.HEADERS,
+        responses={200: LIST_OK(ConfigSerializer), 401: E401},
     )
     def get(self, request):
         rows = {r.name: r for r in Configuration.objects.all()}
         items = [config_item(name, rows.get(name)) for name in sorted(config.KEYS)]
-        return Response(ConfigSerializer(items, many=True).data)
+        return pagination.with_headers(Response(ConfigSerializer(items, many=True).data),
+                                       request, offset=0, limit=len(items),
+                                       shown=len(items), total=len(items))
 
 
 class ConfigDetailView(ApiView):

@@ -551,7 +551,7 @@ def test_events_after_oldest_first(api):
     assert [e["id"] for e in api.get(f"{API}/events?after={evs[1].pk}&limit=2").json()] == [
         evs[2].pk, evs[3].pk]
     assert api.get(f"{API}/events?after={evs[4].pk}").json() == []
-    assert [e["id"] for e in api.get(f"{API}/events").json()] == [e.pk for e in evs]
+    assert [e["id"] for e in api.get(f"{API}/events").json()] == [e.pk for e in evs[::-1]]
     assert [e["id"] for e in api.get(f"{API}/events?latest=true&limit=2").json()] == [
         evs[3].pk, evs[4].pk]
     assert api.get(f"{API}/events?limit=5001").status_code == 400
@@ -580,6 +580,79 @@ def test_events_filters_and_acknowledge(api):
     assert r.status_code == 400 and "not an alert" in r.json()["error"]
     assert api.post(f"{API}/events/999999/acknowledge").status_code == 404
     assert api.get(f"{API}/events/{alert.pk}").json()["id"] == alert.pk
+
+
+# --- list totals and links (issue 10 item 7) -----------------------------------
+
+
+def links(r) -> dict[str, str]:
+    """rel → URL from a Link header (RFC 8288)."""
+    out = {}
+    for part in filter(None, (r.get("Link") or "").split(",")):
+        url, rel = part.split(";")
+        out[rel.strip().removeprefix('rel="').rstrip('"')] = url.strip()[1:-1]
+    return out
+
+
+def test_events_default_to_the_newest_first(api):
+    """Issue 10 item 7: `events?limit=5` is the five newest events, newest first;
+    `order=oldest` reads from the start; with `after` the feed stays oldest first
+    (PROTOCOL.md)."""
+    evs = [event(name=f"h{i}") for i in range(8)]
+    ids = lambda q: [e["id"] for e in api.get(f"{API}/events?{q}").json()]  # noqa: E731
+    assert ids("limit=5") == [e.pk for e in evs[:2:-1]]
+    assert ids("limit=3&order=oldest") == [e.pk for e in evs[:3]]
+    assert ids(f"after={evs[5].pk}") == [evs[6].pk, evs[7].pk]
+    assert ids(f"after={evs[5].pk}&order=newest") == [evs[7].pk, evs[6].pk]
+    assert ids("limit=2&offset=2") == [evs[5].pk, evs[4].pk]
+    assert api.get(f"{API}/events?order=sideways").status_code == 400
+
+
+def test_every_list_has_a_total_and_next_previous_links(api):
+    """Issue 10 item 7: each list is still a JSON array (PROTOCOL.md) and says in
+    X-Total-Count how many rows match and in Link where the next/previous pages are;
+    following the links visits every row once."""
+    h = make_host()
+    for i in range(7):
+        make_work(make_vm(f"vm-{i}", h))
+    for i in range(5):
+        event(name=f"e{i}")
+    for path, total in (("/vms", 7), ("/ha-work", 7), ("/events", Event.objects.count())):
+        url, seen, pages = f"{API}{path}?limit=3", [], 0
+        prev = None
+        while url:
+            r = api.get(url)
+            assert r.status_code == 200 and isinstance(r.json(), list)
+            assert r["X-Total-Count"] == str(total), path
+            got = links(r)
+            if pages:
+                assert "prev" in got and "offset=" in got["prev"]
+            else:
+                assert "prev" not in got
+            seen += [row.get("id", row.get("name")) for row in r.json()]
+            prev, url, pages = url, got.get("next"), pages + 1
+        assert len(seen) == len(set(seen)) == total and pages == -(-total // 3), path
+        assert prev is not None
+    # Filters count too; the last page has no next link.
+    r = api.get(f"{API}/vms?limit=3&state=Stopped")
+    assert r.status_code == 200 and r["X-Total-Count"] == "0" and "Link" not in r
+    r = api.get(f"{API}/hosts")
+    assert r["X-Total-Count"] == "1" and "Link" not in r
+    r = api.get(f"{API}/config")
+    assert int(r["X-Total-Count"]) == len(r.json()) > 10
+    r = api.get(f"{API}/unmanaged-vms?limit=1")
+    assert r["X-Total-Count"] == "0"
+    # Past the end: an empty page that still counts and points back.
+    r = api.get(f"{API}/vms?limit=3&offset=30")
+    assert r.json() == [] and r["X-Total-Count"] == "7" and "prev" in links(r)
+
+
+def test_list_headers_are_in_the_openapi_document():
+    doc = json.loads(APIClient().get(f"{API}/openapi.json").content)
+    for path in ("/api/v1/hosts", "/api/v1/vms", "/api/v1/ha-work", "/api/v1/events",
+                 "/api/v1/unmanaged-vms", "/api/v1/config"):
+        headers = doc["paths"][path]["get"]["responses"]["200"]["headers"]
+        assert {"X-Total-Count", "Link"} <= set(headers), path
 
 
 # --- OpenAPI ------------------------------------------------------------------
