@@ -190,9 +190,12 @@ def _down_reason(host, incident) -> str:
         parts.append(f"{incident.vms_restarted} of {incident.vms_affected} HA VMs restarted")
         if incident.vms_failed:
             parts.append(f"{incident.vms_failed} failed")
-    if incident.state in (IncidentState.RESOLVED, IncidentState.FAILED,
-                          IncidentState.DISMISSED):
-        parts.append("waiting for the host to come back")
+    if incident.state == IncidentState.FAILED:
+        parts.append("HA gave up on some: see the incident")
+    elif incident.state in (IncidentState.RESOLVED, IncidentState.DISMISSED):
+        parts.append("repair the host: it rejoins when its agent connects")
+    else:
+        parts.append("recovery under way")
     return ", ".join(parts)
 
 

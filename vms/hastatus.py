@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from django.db.models import Max
 
 from hadash.choices import FINAL_STEPS, Reason, Step, Subject, WaitCause, WorkType
-from hosts.choices import HostStatus
+from hosts.choices import SWEPT_STATUSES, HostStatus
 from hosts.hastatus import UNSET, HaStatus, bmc_failing_by_id, clock, fenceable
 
 from .choices import VmState
@@ -125,13 +125,26 @@ def vm_status(vm, *, now, cfg, item=None, host=None, host_since: dt.datetime | N
         ok, why = fenceable(host, bmc_failing)
         if not ok:
             risks.append(why)
+    late = _host_behind(host, now=now, cfg=cfg)
     if risks:
-        return HaStatus("at-risk", "; ".join(risks), since=state_since)
+        return HaStatus("at-risk", "; ".join(risks) + late, since=state_since)
     plan = ("fits in its cluster's failover plan" if unfit is not None
             else "no failover plan computed yet")
     via = " (by force.ha)" if not vm.ha_enabled else ""
-    return HaStatus("protected", f"HA-enabled{via}; {plan}; host fenceable",
+    return HaStatus("protected", f"HA-enabled{via}; {plan}; host fenceable{late}",
                     since=state_since)
+
+
+def _host_behind(host, *, now, cfg) -> str:
+    """"; host kvm-01 behind on ping for 40 s" while its host is behind but not yet
+    declared (hosts.hastatus: suspect / investigating), else ""."""
+    if host is None or host.status not in SWEPT_STATUSES or host.last_ping is None:
+        return ""
+    behind = (now - host.last_ping).total_seconds()
+    if behind <= cfg["ping.interval"] * cfg["ping.timeout"]:
+        return ""
+    return (f"; host {host.name} behind on ping for {int(behind)} s: HA acts if it is "
+            "declared Down")
 
 
 def _waiting_reason(item, cfg) -> str:
@@ -141,7 +154,7 @@ def _waiting_reason(item, cfg) -> str:
         words = f"{words} (try {item.tried} of {cfg['vm.ha.migration.max.retries']})"
     if item.time_to_try and "next" not in words:
         words = f"{words}; next try at {clock(item.time_to_try)}"
-    return f"{cause}: {words}"
+    return words
 
 
 def _stopped_reason(vm, item, ha: bool) -> str:
