@@ -10,7 +10,7 @@ the scenario goes on, as it would for an operator; it never aborts the run
 
 The runner drives exactly what production runs — agent connect/ping handling,
 the monitor sweep, the HA workers, cleanup — through `hosts.agent.service`,
-`hosts.liveness.monitor_step`, `hadash.ha.work.worker_step` and
+`hosts.liveness.monitor_step`, `hadash.ha.worker.worker_step` and
 `hadash.ha.cleanup.cleanup_step`, with `fleet.sim` behind the transport interfaces.
 """
 
@@ -380,7 +380,7 @@ class Run:
     def engine_second(self) -> None:
         from hadash import config
         from hadash.ha.cleanup import cleanup_step
-        from hadash.ha.work import worker_step
+        from hadash.ha.worker import worker_step
         from hosts.liveness import monitor_step
 
         cfg = config.snapshot()

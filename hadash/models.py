@@ -172,30 +172,36 @@ class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
             step=Step.INVESTIGATING if investigate else Step.SCHEDULED,
         )
 
-    def schedule_restart_for_vms_on_host(self, host, *, now, cfg=None,
-                                         declare: str | None = None) -> list:
-        """R10/R5: every VM on the host, system VMs first then by priority; one event
-        naming the HA VMs. Runs inside the transaction that marks the host Down.
-        ``declare`` (who found it Down): the host's incident is declared with these VMs
-        and items (R18) — its one alert names the HA VMs (R19)."""
+    def vms_on_host(self, host) -> list:
+        """The VMs R5 schedules when ``host`` is Down, in R10's order: system VMs
+        first, then by priority, then by name."""
         from vms.choices import ACTIVE_STATES
         from vms.models import VMInstance
-        from vms.powersync import ha_wanted
 
-        from .events import record_event
-
-        cfg = cfg or config.snapshot()
-        vms = sorted(
+        return sorted(
             VMInstance.objects.select_related("host").filter(host=host,
                                                              state__in=ACTIVE_STATES),
             key=lambda v: (ha_rank(v), v.name),
         )
+
+    def schedule_restart_for_vms_on_host(self, host, *, now, ha, cfg=None,
+                                         vms=None) -> list:
+        """R10/R5: every VM on the host (``vms``: vms_on_host, when the caller has
+        them), system VMs first then by priority; one event naming the HA VMs
+        (``ha(vm, cfg)``: the domain's rule, vms.powersync.ha_wanted, passed in so this
+        model layer never imports the domain's modules). Runs inside the transaction
+        that marks the host Down; hosts.liveness declares the host's incident with
+        these VMs and items in it too (R18)."""
+        from .events import record_event
+
+        cfg = cfg or config.snapshot()
+        vms = self.vms_on_host(host) if vms is None else vms
         items = [
             item for vm in vms
             if (item := self.schedule_restart(vm, investigate=True, reason=Reason.HOST_DOWN,
                                               now=now, cfg=cfg))
         ]
-        ha_names = [vm.name for vm in vms if ha_wanted(vm, cfg)]
+        ha_names = [vm.name for vm in vms if ha(vm, cfg)]
         if vms:
             names = ", ".join(ha_names) if ha_names else "none"
             record_event(
@@ -204,11 +210,6 @@ class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
                 message=f"Host {host.name} is down: {len(vms)} VM(s) scheduled; HA VMs to "
                         f"restart: {names}",
             )
-        if declare is not None:
-            from . import incidents
-
-            incidents.host_declared_down(host, now=now, by=declare, vms=vms, items=items,
-                                         ha=lambda vm: ha_wanted(vm, cfg))
         return items
 
     def schedule_force_stop(self, vm, host, *, now):

@@ -18,6 +18,7 @@ from hadash import config, incidents
 from hadash.choices import Severity, Subject
 from hadash.events import record_event
 from hadash.models import Event, HaWork
+from vms.powersync import ha_wanted
 
 from .choices import (
     NO_INVESTIGATION_HOST_TYPES,
@@ -287,6 +288,10 @@ def host_down(host: Host, *, now, cfg, by: str, seen_ping=None) -> bool:
         ):
             return False
         _event_severity(host, HostEvent.HOST_DOWN, now, Severity.CRITICAL)
-        HaWork.objects.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg,
-                                                        declare=by or "investigation")
+        vms = HaWork.objects.vms_on_host(host)
+        items = HaWork.objects.schedule_restart_for_vms_on_host(host, now=now, cfg=cfg,
+                                                                ha=ha_wanted, vms=vms)
+        # R18: the host's incident is declared (its alert turns critical, R19).
+        incidents.host_declared_down(host, now=now, by=by or "investigation", vms=vms,
+                                     items=items, ha=lambda vm: ha_wanted(vm, cfg))
     return True

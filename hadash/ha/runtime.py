@@ -136,7 +136,8 @@ class WorkerPool:
             self.wake.notify_all()
 
     def _run(self, i: int, stop: threading.Event) -> None:
-        from hadash.ha.work import release_held_by, worker_step
+        from hadash.ha.work import release_held_by
+        from hadash.ha.worker import worker_step
 
         engine = self.engine_factory(f"{self.loop_id}/w{i}")
         unsure = False  # a claim may have committed while our connection broke

@@ -5,7 +5,8 @@ Every item is both history and work queue. Workers claim due items with a
 conditional UPDATE under a row lock that skips locked rows, never more than
 `ha.workers` at once across the installation; all agent and BMC I/O happens outside
 database transactions; every step change is committed together with its event.
-`worker_step(engine)` processes one item and says whether there may be more.
+Processing a claimed item (`hadash.ha.worker.worker_step`) dispatches to
+`hadash.ha.handlers`, which build on this module; this module never imports them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from django.db import transaction
 from django.db.models import Q
 
-from hadash import alerts, config, incidents, outage
+from hadash import alerts, incidents, outage
 from hadash.choices import FINAL_STEPS, Reason, Severity, Step, Subject, WorkType
 from hadash.events import record_event
 from hadash.models import HaWork, Lease
@@ -32,7 +33,7 @@ WORK_LEASE = dt.timedelta(minutes=5)
 MAX_BACKOFF = dt.timedelta(hours=1)
 CLAIM_LOCK = "ha.claim"
 
-__all__ = ["HaWork", "schedule_restart", "schedule_restart_for_vms_on_host", "worker_step"]
+__all__ = ["HaWork", "schedule_restart", "schedule_restart_for_vms_on_host"]
 
 
 # --- scheduling ----------------------------------------------------------------------
@@ -219,42 +220,6 @@ def refresh_snapshot(item: HaWork, vm: VMInstance, now) -> None:
     _update(item, now, state=vm.state, update_count=vm.update_count)
 
 
-# --- the worker step ----------------------------------------------------------------------
-
-def worker_step(engine, cfg=None) -> bool:
-    """Claim and process one due item. Returns True when an item was processed (more
-    may be due), False when there was nothing to take."""
-    cfg = cfg or config.snapshot()
-    item = claim(engine, cfg)
-    if item is None:
-        return False
-    process(engine, item, cfg)
-    return True
-
-
-def process(engine, item: HaWork, cfg) -> None:
-    from . import handlers
-
-    # Our claim as taken: a failed transaction may leave the item's attributes
-    # changed in memory (rolled back in the database), so releases go by this.
-    claim = (item.pk, item.taken_by, item.taken)
-    try:
-        handlers.HANDLERS[item.type](engine, item, cfg)
-    except LostItem:
-        log.warning("work #%s was retaken by another worker; dropping our result", item.pk)
-    except outage.DB_ERRORS as exc:
-        release_after_db_error(engine, claim, exc)
-    except Exception as exc:  # one bad item never stops the workers
-        log.exception("work #%s failed", item.pk)
-        try:
-            release_claim(claim, now=engine.now(), after=cfg["investigate.retry.interval"],
-                          message=f"internal error: {type(exc).__name__}: {exc}")
-        except outage.DB_ERRORS as exc:
-            release_after_db_error(engine, claim, exc)
-        except Exception:
-            log.exception("could not release work #%s", item.pk)
-
-
 def release_claim(claim, *, now, after: float, message: str) -> bool:
     """Give a claimed item back to be tried again ``after`` seconds from now, from
     its state in the database (what the failed step committed, nothing more).
@@ -342,4 +307,4 @@ def host_is_up(host) -> bool:
     return host is not None and host.status == HostStatus.UP
 
 
-__all__ += ["claim", "process", "backoff_seconds", "VmState"]
+__all__ += ["claim", "backoff_seconds", "VmState"]

@@ -10,7 +10,7 @@ from django.db import connection
 from fleet.testing import world
 from hadash import config
 from hadash.choices import Reason, Step, WorkType
-from hadash.ha import work
+from hadash.ha import work, worker
 from hadash.models import Event, HaWork
 from vms.models import VMInstance
 
@@ -60,7 +60,7 @@ def test_racing_workers_process_each_item_once():
     def drain(i):
         engine = w.engine.with_worker(f"worker-{i}")
         done = 0
-        while work.worker_step(engine):
+        while worker.worker_step(engine):
             done += 1
         return done
 

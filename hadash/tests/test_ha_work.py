@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 from fleet.testing import world
 from hadash import config
 from hadash.choices import Reason, Step, WorkType
-from hadash.ha import actions, cleanup, work
+from hadash.ha import actions, cleanup, work, worker
 from hadash.models import Alert, Event, HaWork
 from hosts.models import Host
 from vms.models import VMInstance
@@ -151,7 +151,7 @@ def test_r11_a_dead_workers_item_is_retaken_after_the_lease_and_done_once():
     assert work.claim(w.engine.with_worker("other"), config.snapshot()) is None
     # …after it, another worker does, and finishes the job.
     w.clock.set(25 + 301)
-    assert work.worker_step(w.engine.with_worker("other"))
+    assert worker.worker_step(w.engine.with_worker("other"))
     item = HaWork.objects.get(pk=dead.pk)
     assert item.step == Step.DONE
     assert vm("vm1").state == "Running" and vm("vm1").host.name == "h2"

@@ -9,7 +9,7 @@ import pytest
 from fleet.testing import world
 from hadash import config
 from hadash.choices import Reason, Step, WorkType
-from hadash.ha import actions, work
+from hadash.ha import actions, work, worker
 from hadash.models import Alert, Event, HaWork
 from hosts.models import Host
 from vms.models import VMInstance
@@ -192,7 +192,7 @@ def test_r15_cancel_leaves_a_migration_a_live_worker_holds_to_that_worker():
     actions.cancel_maintenance(host("h1"), now=w.clock.now())
     assert HaWork.objects.get(pk=held.pk).step == Step.SCHEDULED  # still the worker's
     assert HaWork.objects.get(pk=other.pk).step == Step.CANCELLED
-    work.process(w.engine, held, cfg)
+    worker.process(w.engine, held, cfg)
     held.refresh_from_db()
     assert held.step == Step.CANCELLED and held.taken is None
     assert migrations(w) == []
@@ -265,7 +265,7 @@ def test_r15a_stop_cancels_an_item_a_worker_holds_and_the_worker_drops_its_resul
     held = work.claim(w.engine, cfg)
     assert held is not None and held.type == WorkType.HA
     actions.stop_vm(vm("vm1"), now=now)
-    work.process(w.engine, held, cfg)  # the worker finds the item no longer its own
+    worker.process(w.engine, held, cfg)  # the worker finds the item no longer its own
     held.refresh_from_db()
     assert held.step == Step.CANCELLED and held.taken is None
     w.advance_to(100)
