@@ -35,6 +35,7 @@ from hadash.choices import (
 )
 from hadash.models import Alert, Event, HaWork, Incident, IncidentVm
 
+from . import pagination
 from .filters import MAX_ID, ListParams, apply_lookups
 from .serializers import EventSerializer
 from .views import E400, E401, READ_ERRORS, WRITE_ERRORS, ApiView, Response, _get
@@ -254,7 +255,7 @@ class IncidentListView(ApiView):
         description="Failure stories: a host found behind on ping, or a VM that powered off "
         "or went missing while Running. `downtime` summarises the per-VM downtime (last "
         "confirmation → Running again); `detection_seconds` is detected − started.",
-        parameters=[IncidentParams],
+        parameters=[IncidentParams, *pagination.HEADERS],
         responses={200: IncidentSerializer(many=True), 400: E400, 401: E401},
     )
     def get(self, request):
@@ -264,8 +265,8 @@ class IncidentListView(ApiView):
             qs = qs.filter(state__in=OPEN_INCIDENT_STATES)
         elif p.get("state"):
             qs = qs.filter(state=p["state"])
-        rows = list(qs.order_by("-detected_at", "-id")[p["offset"]: p["offset"] + p["limit"]])
-        return Response(IncidentSerializer(rows, many=True, context=page_context(rows)).data)
+        return pagination.paged(request, qs.order_by("-detected_at", "-id"), IncidentSerializer,
+                                offset=p["offset"], limit=p["limit"], context=page_context)
 
 
 class IncidentDetailView(ApiView):
@@ -296,7 +297,7 @@ class AlertListView(ApiView):
         description="One alert per incident, updated as it progresses; other alerts one per "
         "(kind, subject) while open. Each resolves by itself; `state=open` lists the open "
         "ones, `acknowledged=false` the ones nobody acknowledged yet.",
-        parameters=[AlertParams],
+        parameters=[AlertParams, *pagination.HEADERS],
         responses={200: AlertSerializer(many=True), 400: E400, 401: E401},
     )
     def get(self, request):
@@ -304,8 +305,8 @@ class AlertListView(ApiView):
         qs = apply_lookups(Alert.objects.all(), p, AlertParams.lookups)
         if "acknowledged" in p:
             qs = qs.filter(acknowledged_at__isnull=not p["acknowledged"])
-        rows = qs.order_by("-id")[p["offset"]: p["offset"] + p["limit"]]
-        return Response(AlertSerializer(rows, many=True).data)
+        return pagination.paged(request, qs.order_by("-id"), AlertSerializer,
+                                offset=p["offset"], limit=p["limit"])
 
 
 class AlertDetailView(ApiView):

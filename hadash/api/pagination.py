@@ -50,16 +50,24 @@ def page_links(request, *, offset: int, limit: int, shown: int, total: int) -> d
     return links
 
 
+def total_of(queryset, *, offset: int, limit: int, shown: int) -> int:
+    """How many rows ``queryset`` has, knowing a page of ``shown`` rows was read at
+    ``offset``: no COUNT when that page shows the end."""
+    if shown < limit and (shown or offset == 0):
+        return offset + shown
+    return queryset.order_by().count()
+
+
 def paged(request, queryset, serializer_class, *, offset: int, limit: int,
-          transform=None) -> Response:
+          transform=None, context=None) -> Response:
     """One page of ``queryset`` as a JSON array, with X-Total-Count and Link headers.
-    ``transform`` (rows → rows) may reorder what was read (e.g. oldest first)."""
+    ``transform`` (rows → rows) may reorder what was read (e.g. oldest first);
+    ``context`` (rows → dict) gives the serializer its context."""
     rows = list(queryset[offset: offset + limit])
-    if len(rows) < limit and (rows or offset == 0):
-        total = offset + len(rows)  # this page shows the end: no COUNT needed
-    else:
-        total = queryset.order_by().count()
-    data = serializer_class(transform(rows) if transform else rows, many=True).data
+    total = total_of(queryset, offset=offset, limit=limit, shown=len(rows))
+    out = transform(rows) if transform else rows
+    extra = {"context": context(rows)} if context else {}
+    data = serializer_class(out, many=True, **extra).data
     return with_headers(Response(data), request, offset=offset, limit=limit,
                         shown=len(rows), total=total)
 
