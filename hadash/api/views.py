@@ -836,6 +836,10 @@ RESOURCES = {
     "incidents": ("incident-list", "Incidents (R18), newest first: VMs with downtime, "
                   "timeline, HA items, alert."),
     "alerts": ("alert-list", "Alerts (R19), newest first; acknowledge them."),
+    "notification-channels": ("notification-channel-list", "Notification channels (R20): "
+                              "list, create, change, delete; send test."),
+    "deliveries": ("delivery-list", "Notification deliveries (R20), newest first: state, "
+                   "attempts, last error."),
     "config": ("config-list", "Configuration keys (SPEC §2): list, show, set."),
     "engine": ("engine-status", "Engine status: sweeper, engine loops, ping ingestion."),
 }
