@@ -309,3 +309,24 @@ def test_r17_api_lists_and_shows_ha_status():
     assert set(by_name["v0"]) >= {"code", "reason", "since", "next_try"}
     one = client.get("/api/v1/vms/v4").json()["ha_status"]
     assert one == by_name["v4"]
+
+
+def test_r17_template_tag_renders_a_list_of_vms_in_fixed_queries():
+    """R17: `{% ha_statuses vms as s %}` + the include show each VM's code in a page
+    that lists VMs (e.g. a host's VMs), the same queries for 3 or 30 VMs."""
+    from django.template import Context, Template
+
+    _fleet(30)
+    tpl = Template('{% load dash hastatus %}{% ha_statuses vms as st %}{% for v in vms %}'
+                   '[{{ v.name }}:{% include "dashboard/_ha_status.html" with '
+                   'status=st|get:v.pk compact=1 %}]{% endfor %}')
+    counts = []
+    for n in (3, 30):
+        page = list(VMInstance.objects.select_related("host").order_by("name")[:n])
+        with CaptureQueriesContext(connection) as q:
+            out = tpl.render(Context({"vms": page}))
+        counts.append(len(q))
+        assert out.count('data-ha-status="') == n
+    assert counts[0] == counts[1]
+    assert '[v1:<span class="ha-status hs-unprotected"' in out
+    assert 'class="hs-reason"' not in out  # compact: the reason is the tooltip
