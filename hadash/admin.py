@@ -1,13 +1,16 @@
 """Django admin for the HA manager's own tables: configuration (edited here, SPEC §2),
-events and alerts, HA work, operator API tokens."""
+events, incidents and alerts (R18, R19: read-only, alerts acknowledged), HA work,
+operator API tokens."""
 
 from __future__ import annotations
 
 from django.contrib import admin, messages
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
-from . import config
-from .models import ApiToken, Configuration, Event, HaWork
+from . import alerts, config
+from .models import Alert, ApiToken, Configuration, Event, HaWork, Incident, IncidentVm
 
 
 def _bound(n: float | None) -> str:
@@ -132,9 +135,114 @@ class EventAdmin(ReadOnlyAdmin):
 
     @admin.action(permissions=["acknowledge"], description="Acknowledge selected alerts")
     def acknowledge(self, request, queryset):
+        now, by = timezone.now(), request.user.get_username()
         n = queryset.filter(alert=True, acknowledged_at__isnull=True).update(
-            acknowledged_at=timezone.now(), acknowledged_by=request.user.get_username()
+            acknowledged_at=now, acknowledged_by=by
         )
+        # R19: the alerts of the selected events' incidents too.
+        incidents = queryset.filter(incident__isnull=False).values("incident_id")
+        alerts.acknowledge(Alert.objects.filter(incident_id__in=incidents), by=by, now=now)
+        self.message_user(request, f"Acknowledged {n} alert(s).", messages.SUCCESS)
+
+
+# --- incidents and alerts (R18, R19) -------------------------------------------------------
+
+
+class IncidentVmInline(admin.TabularInline):
+    model = IncidentVm
+    fields = ("vm_name", "ha", "outcome", "down_since", "running_at", "downtime",
+              "target_host_name", "detail")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    @admin.display(description="downtime (s)")
+    def downtime(self, obj: IncidentVm) -> str:
+        d = obj.downtime
+        return "" if d is None else f"{d:.1f}"
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(Incident)
+class IncidentAdmin(ReadOnlyAdmin):
+    """Incidents are the engine's (hadash.incidents): browsed here, changed nowhere."""
+
+    list_display = ("id", "kind", "subject", "cluster", "state", "detected_at",
+                    "declared_at", "resolved_at", "vms_affected", "vms_restarted",
+                    "vms_failed", "page")
+    list_display_links = ("id", "subject")
+    list_filter = ("state", "kind", "cluster")
+    search_fields = ("host_name", "vm_name", "title")
+    ordering = ("-id",)
+    date_hierarchy = "detected_at"
+    show_full_result_count = False
+    inlines = [IncidentVmInline]
+    exclude = ("host", "vm")
+
+    @admin.display(description="subject")
+    def subject(self, obj: Incident) -> str:
+        return obj.host_name if obj.kind == "host" else obj.vm_name
+
+    @admin.display(description="dashboard")
+    def page(self, obj: Incident) -> str:
+        return format_html('<a href="{}">incident page</a>',
+                           reverse("dash:incident", args=[obj.pk]))
+
+
+class AlertAcknowledgedFilter(admin.SimpleListFilter):
+    title = "acknowledged"
+    parameter_name = "acknowledged"
+
+    def lookups(self, request, model_admin):
+        return (("no", "Not acknowledged"), ("yes", "Acknowledged"))
+
+    def queryset(self, request, queryset):
+        if self.value() == "no":
+            return queryset.filter(acknowledged_at__isnull=True)
+        if self.value() == "yes":
+            return queryset.filter(acknowledged_at__isnull=False)
+        return queryset
+
+
+@admin.register(Alert)
+class AlertAdmin(ReadOnlyAdmin):
+    """R19: one alert per incident or per (kind, subject); they open and resolve by
+    themselves (hadash.alerts). An operator only acknowledges them."""
+
+    list_display = ("id", "severity", "state", "kind", "title", "count", "cluster",
+                    "opened_at", "resolved_at", "acknowledged")
+    list_display_links = ("id", "title")
+    list_filter = ("state", AlertAcknowledgedFilter, "severity", "kind", "subject")
+    search_fields = ("title", "subject_name", "message")
+    ordering = ("-id",)
+    show_full_result_count = False
+    actions = ["acknowledge"]
+    exclude = ("incident",)
+    readonly_fields = ("incident_link",)
+
+    @admin.display(boolean=True, description="acknowledged")
+    def acknowledged(self, obj: Alert) -> bool:
+        return obj.acknowledged_at is not None
+
+    @admin.display(description="incident")
+    def incident_link(self, obj: Alert) -> str:
+        if not obj.incident_id:
+            return "—"
+        return format_html('<a href="{}">incident {}</a>',
+                           reverse("dash:incident", args=[obj.incident_id]), obj.incident_id)
+
+    def has_acknowledge_permission(self, request) -> bool:
+        return request.user.has_perm("hadash.change_alert")
+
+    @admin.action(permissions=["acknowledge"], description="Acknowledge selected alerts")
+    def acknowledge(self, request, queryset):
+        n = alerts.acknowledge(queryset, by=request.user.get_username(), now=timezone.now())
         self.message_user(request, f"Acknowledged {n} alert(s).", messages.SUCCESS)
 
 

@@ -136,6 +136,8 @@ def test_r18_incident_filters(api, story):
     assert ids("?cluster=c2") == [story["dismissed"].pk]
     assert ids("?since=2026-11-30T10:01:00Z&until=2026-11-30T10:03:00Z") == [story["vm"].pk]
     assert ids("?limit=1&offset=1") == [story["vm"].pk]
+    r = api.get(f"{API}/incidents?limit=1&offset=1")  # paged like every list
+    assert r["X-Total-Count"] == "3" and 'rel="next"' in r["Link"] and 'rel="prev"' in r["Link"]
     # Bad input: a clear JSON error.
     for query, word in (("?state=Sleeping", "state"), ("?kind=rack", "kind"),
                         ("?since=yesterday", "since"), ("?limit=0", "limit")):
@@ -228,3 +230,56 @@ def test_r18_r19_openapi_describes_incidents_and_alerts():
 def test_r18_incident_list_needs_credentials():
     assert APIClient().get(f"{API}/incidents").status_code == 401
     assert APIClient().post(f"{API}/alerts/1/acknowledge").status_code == 401
+
+
+# --- Django admin ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def admin_site():
+    from django.test import Client
+
+    c = Client()
+    c.force_login(get_user_model().objects.create_superuser("root", "r@example.com", "pw"))
+    return c
+
+
+def test_r18_r19_admin_lists_incidents_and_alerts_read_only(admin_site, story):
+    from django.urls import reverse
+
+    page = admin_site.get(reverse("admin:hadash_incident_changelist") + "?state__exact=Resolved")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "kvm-01" in html and "web-2" not in html
+    assert f'href="/incidents/{story["host"].pk}"' in html
+    r = admin_site.get(reverse("admin:hadash_incident_change", args=[story["host"].pk]))
+    assert r.status_code == 200 and b'name="_save"' not in r.content
+    assert b"db-1" in r.content and b"50.0" in r.content  # its VMs with downtime
+    r = admin_site.post(reverse("admin:hadash_incident_change", args=[story["host"].pk]),
+                        {"state": "Open"})
+    assert r.status_code == 403
+    assert Incident.objects.get(pk=story["host"].pk).state == IncidentState.RESOLVED
+    r = admin_site.get(reverse("admin:hadash_alert_changelist") + "?state__exact=open"
+                       "&acknowledged=no")
+    assert r.status_code == 200
+    assert b"HA brake engaged in c2" in r.content and b"kvm-01 behind on ping" not in r.content
+    for model in ("hadash_incident", "hadash_alert"):  # issue 8: NUL finds nothing
+        assert admin_site.get(reverse(f"admin:{model}_changelist"),
+                              {"q": "a\x00b"}).status_code == 200
+
+
+def test_r19_admin_acknowledge_action(admin_site, story):
+    from django.urls import reverse
+
+    brake = Alert.objects.get(kind="BrakeEngaged")
+    r = admin_site.post(reverse("admin:hadash_alert_changelist"),
+                        {"action": "acknowledge", "_selected_action": [brake.pk]})
+    assert r.status_code == 302
+    brake.refresh_from_db()
+    assert brake.acknowledged_by == "root"
+    assert Alert.objects.get(kind="vm-failure").acknowledged_at is None
+    # Acknowledging an incident's event in the events admin acknowledges its alert.
+    down = Event.objects.get(event="HostDown")
+    admin_site.post(reverse("admin:hadash_event_changelist"),
+                    {"action": "acknowledge", "_selected_action": [down.pk]})
+    assert Alert.objects.get(incident=story["host"]).acknowledged_by == "root"
