@@ -9,6 +9,7 @@ leaves no delivery; a committed one cannot lose its delivery, whatever crashes n
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import uuid
 
@@ -18,6 +19,8 @@ from django.db import transaction
 from hadash.choices import AlertState, Severity, Transition
 
 from .models import Channel, ChannelKind, Delivery
+
+log = logging.getLogger("hadash.notify")
 
 SEVERITY_RANK = {Severity.INFO: 0, Severity.WARNING: 1, Severity.CRITICAL: 2}
 
@@ -73,9 +76,27 @@ def enqueue_test(channel: Channel, *, now, by: str = "") -> Delivery:
 
 def _delivery(channel: Channel, alert, transition: str, now, by: str = "") -> Delivery:
     key = f"hadash-{uuid.uuid4().hex}"
+    try:
+        payload = compose(channel, alert, transition, now=now, key=key, by=by)
+    except Exception:
+        # A bug in composing must never undo the change it reports (an incident, an
+        # HA step): send a plain message instead, and say so in the log.
+        log.exception("composing notification %s for channel %s failed", transition,
+                      channel.name)
+        payload = fallback(alert, transition, now=now, key=key)
     return Delivery(channel=channel, alert=alert, transition=transition, idempotency_key=key,
-                    payload=compose(channel, alert, transition, now=now, key=key, by=by),
-                    next_attempt=now, created=now)
+                    payload=payload, next_attempt=now, created=now)
+
+
+def fallback(alert, transition: str, *, now, key: str) -> dict:
+    """A minimal message that every kind of channel can send."""
+    title = " ".join(str(getattr(alert, "title", "") or "hadash notification").split())
+    severity = str(getattr(alert, "severity", "") or Severity.INFO)
+    return {"source": "hadash", "version": 1, "idempotency_key": key,
+            "transition": transition, "time": _iso(now), "severity": severity,
+            "alert": {"id": getattr(alert, "pk", None), "title": title},
+            "subject": f"[hadash] {severity.upper()}: {title}"[:250],
+            "text": f"{title}\n\nWhat happened: {transition}\n"}
 
 
 # --- messages -----------------------------------------------------------------------

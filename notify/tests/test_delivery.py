@@ -113,6 +113,22 @@ def test_r20_alert_opened_queues_a_delivery_in_its_transaction():
 
 
 @pytest.mark.django_db
+def test_r20_a_message_that_cannot_be_composed_never_undoes_the_change(monkeypatch):
+    """Notifications ride on the change's transaction; a bug composing one must not
+    roll back the alert (or the HA step behind it): a plain message goes instead."""
+    webhook()
+
+    def broken(*args, **kwargs):
+        raise KeyError("bug")
+
+    monkeypatch.setattr(outbox, "compose", broken)
+    alert = raise_alert()
+    d = Delivery.objects.get()
+    assert d.alert == alert and d.payload["alert"]["id"] == alert.pk
+    assert d.payload["subject"] == "[hadash] CRITICAL: Host kvm-01 is not responding"
+
+
+@pytest.mark.django_db
 def test_r20_channel_filters_severity_kinds_clusters_and_disabled():
     webhook("all", min_severity=Severity.INFO)
     webhook("critical-only", min_severity=Severity.CRITICAL)
