@@ -292,7 +292,8 @@ def handle_migration(engine, item, cfg) -> None:
                            message=f"VM {vm.name} migrating {source.name} → {target.name}"):
                 finish(item, Step.DONE, now=now, message=f"VM {vm.name} changed; not migrated")
                 return
-            set_step(item, Step.MIGRATING, now=now, target_host=target)
+            set_step(item, Step.MIGRATING, now=now, target_host=target,
+                     placement=getattr(target, "placement_reason", ""))
     target = Host.objects.get(pk=item.target_host_id)
     if resumed and _runs_on(engine, target, vm.name):
         ok, error = True, ""  # the interrupted attempt's migration went through

@@ -190,6 +190,9 @@ def test_r24_an_evacuation_spreads_over_the_cluster():
     for v in VMInstance.objects.filter(name__in=vms).select_related("host"):
         placed[v.host.name] = placed.get(v.host.name, 0) + 1
     assert sorted(placed.values()) == [3, 4, 4]
+    reasons = list(HaWork.objects.filter(type=WorkType.MIGRATION).values_list(
+        "placement", flat=True))
+    assert len(reasons) == 11 and all("most free after placement" in r for r in reasons)
 
 
 def test_r24_pool_best_is_rank_first_whatever_the_batch():
