@@ -154,7 +154,7 @@ def compose(channel: Channel, alert, transition: str, *, now, key: str, by: str 
     fields = alert_fields(alert) if alert is not None else _test_alert(channel, now)
     incident = incident_fields(getattr(alert, "incident", None)) if alert else None
     links = {"dashboard": public_url("/"),
-             "incident": public_url("/incidents") if incident else None}
+             "incident": public_url(f"/incidents/{incident['id']}") if incident else None}
     if channel.kind == ChannelKind.ALERTMANAGER:
         return alertmanager_body(channel, fields, incident, transition, now=now,
                                  links=links)

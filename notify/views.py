@@ -32,7 +32,7 @@ def notifications_page(request):
     for c in chans:
         c.last = last.get(c.pk)
         c.badge = BADGE.get(c.last.state, "") if c.last else ""
-    qs = Delivery.objects.select_related("channel", "alert", "alert__incident").order_by("-id")
+    qs = Delivery.objects.select_related("channel", "alert").order_by("-id")
     if state:
         qs = qs.filter(state=state)
     rows = list(qs[:DELIVERIES_SHOWN])

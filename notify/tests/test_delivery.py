@@ -346,7 +346,7 @@ def test_r20_generic_body_carries_incident_and_links(receiver, make_sender, cloc
     body = receiver.requests[0]["json"]
     assert body["incident"]["id"] == inc.pk and body["incident"]["host"] == "kvm-07"
     assert body["incident"]["vms_affected"] == 3
-    assert body["links"]["incident"].startswith("https://hadash.example.com/incidents")
+    assert body["links"]["incident"] == f"https://hadash.example.com/incidents/{inc.pk}"
     assert body["idempotency_key"] == receiver.requests[0]["key"]
 
 

@@ -113,3 +113,20 @@ def test_r20_admin_action_send_test(admin_client):
     assert r.status_code == 200
     assert Delivery.objects.filter(channel=ch, transition="test").count() == 1
     assert "queued for ops-hook" in r.content.decode()
+
+
+def test_r20_page_links_an_incident_delivery_to_its_incident(reader_client):
+    from django.db import transaction
+
+    from hadash.alerts import open_alert
+    from hadash.models import Incident
+
+    hook(min_severity="info")
+    now = timezone.now()
+    inc = Incident.objects.create(kind="host", host_name="kvm-07", title="kvm-07 down",
+                                  detected_at=now, updated=now)
+    with transaction.atomic():
+        open_alert("HostDown", "host", "kvm-07", now=now, incident=inc,
+                   title="kvm-07 stopped answering", severity="critical")
+    html = reader_client.get("/notifications").content.decode()
+    assert f'<a href="/incidents/{inc.pk}">kvm-07 stopped answering</a>' in html
