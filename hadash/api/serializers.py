@@ -435,9 +435,10 @@ class HaWorkSerializer(serializers.ModelSerializer):
         fields = [
             "id", "vm", "type", "step", "reason", "tried", "host", "time_to_try",
             "vm_type", "target_host", "state", "update_count", "taken", "taken_by",
-            "created", "updated", "last_error",
+            "created", "updated", "last_error", "placement",
         ]
         read_only_fields = fields
+        extra_kwargs = {"placement": {"help_text": "Why the target host was chosen (R24)."}}
 
 
 # --- events -------------------------------------------------------------------

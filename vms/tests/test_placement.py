@@ -154,6 +154,14 @@ def test_r24_ha_restart_lands_on_the_most_free_host_and_records_why():
     [item] = HaWork.objects.filter(instance__name="vm1", type=WorkType.HA)
     assert item.placement == ("h4: most free after placement, 69 % cpu / 92 % memory free "
                               "(5 hosts fit)")
+    # Shown with the item: API and the dashboard's work table.
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    c = Client()
+    c.force_login(get_user_model().objects.create_user("viewer"))
+    assert c.get(f"/api/v1/ha-work/{item.pk}").json()["placement"] == item.placement
+    assert f"placed on {item.placement}" in c.get("/work").content.decode()
 
 
 def test_r24_a_hosts_ten_restarts_spread_over_the_cluster():
