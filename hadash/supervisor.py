@@ -1,6 +1,7 @@
 """Run several processes as one system (the demo, end-to-end tests, benchmarks).
 
-Each child runs in its own process group with its output prefixed by its name. Stop
+Each child runs in its own process group with its output prefixed by its name (or, with
+``log_dir``, written to ``<log_dir>/<name>.log`` instead, counted per child). Stop
 is SIGTERM to every group, a bounded grace period, then SIGKILL to whatever is left:
 django-q2's qcluster is known to hang on SIGTERM (MEASUREMENTS.md, django-q2 #346),
 and nothing in hadash depends on a clean exit.
@@ -92,13 +93,20 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log: list[str] = field(default_factory=list)
+    # Counted since the last take_counts() (the demo's summary line).
+    lines: int = 0
+    warnings: int = 0
+    errors: int = 0
+    last_problem: str = ""
+    log_path: Path | None = None
 
 
 class Supervisor:
     def __init__(self, *, echo: bool = True, grace: float = 10.0, cwd: Path = ROOT,
-                 base_env: dict[str, str] | None = None):
+                 base_env: dict[str, str] | None = None, log_dir: Path | None = None):
         self.children: list[Child] = []
         self.echo = echo
+        self.log_dir = Path(log_dir) if log_dir is not None else None
         self.grace = grace
         self.cwd = cwd
         self.base_env = dict(os.environ if base_env is None else base_env)
@@ -113,17 +121,39 @@ class Supervisor:
             start_new_session=True,  # its own process group: we can kill all of it
         )
         colour = COLOURS[len(self.children) % len(COLOURS)]
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            child.log_path = self.log_dir / f"{name}.log"
         threading.Thread(target=self._pump, args=(child, colour), daemon=True).start()
         self.children.append(child)
         return child
 
     def _pump(self, child: Child, colour: str) -> None:
         width = max(8, max((len(c.name) for c in self.children), default=8))
+        out = child.log_path.open("a", buffering=1) if child.log_path else None
+        try:
+            self._copy(child, colour, width, out)
+        finally:
+            if out is not None:
+                out.close()
+
+    def _copy(self, child: Child, colour: str, width: int, out) -> None:
         for line in child.proc.stdout:
             line = line.rstrip("\n")
             child.log.append(line)
             if len(child.log) > 2000:
                 del child.log[:1000]
+            with self._out_lock:
+                child.lines += 1
+                if " ERROR " in line or line.startswith("Traceback"):
+                    child.errors += 1
+                    child.last_problem = line
+                elif " WARNING " in line:
+                    child.warnings += 1
+                    child.last_problem = child.last_problem or line
+            if out is not None:
+                out.write(line + "\n")
+                continue
             if self.echo:
                 with self._out_lock:
                     tty = sys.stdout.isatty()
@@ -131,6 +161,17 @@ class Supervisor:
                     if tty:
                         prefix = f"\033[{colour}m{prefix}\033[0m"
                     print(f"{prefix} {line}", flush=True)
+
+    def take_counts(self) -> list[tuple[str, int, int, int, str]]:
+        """(name, lines, warnings, errors, last error or warning) per child since the
+        last call, and start counting afresh."""
+        out = []
+        with self._out_lock:
+            for c in self.children:
+                out.append((c.name, c.lines, c.warnings, c.errors, c.last_problem))
+                c.lines = c.warnings = c.errors = 0
+                c.last_problem = ""
+        return out
 
     def python(self, name: str, *args: str, env: dict[str, str] | None = None) -> Child:
         return self.start(name, [sys.executable, *args], env)

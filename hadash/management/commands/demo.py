@@ -5,6 +5,12 @@ set), makes an admin login, starts daphne (web + agent protocol + websockets), a
 django-q cluster (the HA engine loops) and a simulated fleet, and prints the URLs and
 the login. Ctrl-C stops everything: SIGTERM, a grace period, then SIGKILL.
 
+The processes' logs go to files under var/log/ (web.log, engine.log, fleet.log), not to
+the terminal, so the login banner stays in view: the terminal gets one summary line a
+minute (lines, warnings and errors per process, the latest problem) and the banner
+again once start-up is over (every simulated host Up). ``--log-to-terminal`` prints the
+logs as before.
+
 Secrets (R30) are the settings': the environment's, else var/secrets.env's (random,
 written once by scripts/setup, kept across restarts so sessions and the simulated hosts'
 enrolment stay valid). Every process the demo starts inherits them.
@@ -16,6 +22,7 @@ import secrets
 import signal
 import sys
 import time
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
@@ -40,6 +47,8 @@ class Command(BaseCommand):
         parser.add_argument("--no-fleet", action="store_true",
                             help="do not start the simulated fleet")
         parser.add_argument("--username", default="admin")
+        parser.add_argument("--log-to-terminal", action="store_true",
+                            help="print the processes' logs here instead of var/log/*.log")
 
     def handle(self, *args, **o):
         for port in (o["port"], o["fleet_port"]):
@@ -61,7 +70,8 @@ class Command(BaseCommand):
         # for this run. The web process's Simulator page sends it.
         fleet_token = settings.HADASH_FLEET_TOKEN or secrets.token_urlsafe(32)
         fleet_env = {"HADASH_FLEET_URL": fleet, "HADASH_FLEET_TOKEN": fleet_token}
-        sup = Supervisor(grace=10.0)
+        log_dir = None if o["log_to_terminal"] else Path(settings.VAR_DIR) / "log"
+        sup = Supervisor(grace=10.0, echo=True, log_dir=log_dir)
         stopping = False
 
         def on_signal(signum, frame):
@@ -86,13 +96,34 @@ class Command(BaseCommand):
                     "--api-token", token, env=fleet_env,
                 )
             self.banner(base, fleet, o, password, token, fleet_token)
+            if log_dir is not None:
+                self.stdout.write(f"hadash: logs in {log_dir}/ (web.log, engine.log"
+                                  f"{'' if o['no_fleet'] else ', fleet.log'}); a summary "
+                                  "here every minute")
+            started = time.monotonic()
+            starting = not o["no_fleet"]
+            next_check = next_summary = started
             while not stopping:
                 dead = sup.first_exited()
                 if dead is not None:
                     self.stderr.write(
                         f"hadash: {dead.name} exited with {dead.proc.returncode}; stopping"
+                        + (f" (see {dead.log_path})" if dead.log_path else "")
                     )
                     break
+                now = time.monotonic()
+                if starting and now >= next_check:
+                    next_check = now + 2
+                    up, running = self.fleet_state()
+                    if up >= o["hosts"] or now - started > 180:
+                        starting = False
+                        self.stdout.write(
+                            f"hadash: start-up done in {now - started:.0f} s — {up} of "
+                            f"{o['hosts']} hosts Up, {running} VMs Running")
+                        self.banner(base, fleet, o, password, token, fleet_token)
+                if log_dir is not None and now >= next_summary + 60:
+                    next_summary = now
+                    self.stdout.write(self.summary(sup.take_counts()))
                 time.sleep(0.5)
         finally:
             self.stdout.write("hadash: stopping (SIGTERM, then SIGKILL after 10 s)…")
@@ -100,6 +131,36 @@ class Command(BaseCommand):
             self.stdout.write(f"hadash: stopped {', '.join(codes)}")
         if not stopping:
             sys.exit(1)
+
+    @staticmethod
+    def fleet_state() -> tuple[int, int]:
+        """Hosts Up and VMs Running now (for the end of start-up)."""
+        from django.db import close_old_connections
+
+        from hosts.choices import HostStatus
+        from hosts.models import Host
+        from vms.choices import VmState
+        from vms.models import VMInstance
+
+        close_old_connections()
+        try:
+            return (Host.objects.filter(status=HostStatus.UP).count(),
+                    VMInstance.objects.filter(state=VmState.RUNNING).count())
+        except Exception:  # the database is busy or away: ask again later
+            return 0, 0
+
+    @staticmethod
+    def summary(counts) -> str:
+        """One line for the last minute: per process, lines logged, warnings, errors,
+        and the latest error (or warning), shortened."""
+        parts, problem = [], ""
+        for name, lines, warnings, errors, last in counts:
+            extra = ", ".join(f"{n} {w}" for n, w in ((warnings, "warnings"), (errors, "errors"))
+                              if n)
+            parts.append(f"{name} {lines} lines" + (f" ({extra})" if extra else ""))
+            if last and not problem:
+                problem = f" — {name}: {last[:120]}"
+        return f"hadash {time.strftime('%H:%M')}: " + " · ".join(parts) + problem
 
     def make_login(self, username: str) -> tuple[str, str]:
         from django.contrib.auth import get_user_model
