@@ -225,24 +225,28 @@ class Outcome:
         return not self.unfit_ids
 
     def summary(self) -> str:
-        """"10 VMs → kvm-03 ×4, kvm-07 ×3, kvm-09 ×3; all fit"."""
+        """"10 HA VMs → kvm-03 ×4, kvm-07 ×3, kvm-09 ×3; all fit"."""
         if not self.placements:
             return "no HA VMs to restart"
-        counts: dict[str, int] = {}
-        for target in self.placements.values():
-            if target:
-                counts[target] = counts.get(target, 0) + 1
-        spread = ", ".join(f"{t} ×{n}" for t, n in
-                           sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
-        n = len(self.placements)
-        head = f"{n} HA VM{'s' if n != 1 else ''} → {spread or 'nowhere'}"
-        if self.fits:
-            return f"{head}; all fit"
-        return f"{head}; {len(self.unfit_ids)} would not fit"
+        return spread_summary(list(self.placements.values()), what="HA VM")
 
     def as_json(self) -> dict:
         return {"failed": self.failed, "placements": self.placements,
                 "fits": self.fits, "unfit": len(self.unfit_ids), "summary": self.summary()}
+
+
+def spread_summary(targets: list[str | None], *, what: str = "VM") -> str:
+    """"10 VMs → kvm-03 ×4, kvm-07 ×3, kvm-09 ×3; all fit" (None: does not fit)."""
+    counts: dict[str, int] = {}
+    for target in targets:
+        if target:
+            counts[target] = counts.get(target, 0) + 1
+    spread = ", ".join(f"{t} ×{n}" for t, n in
+                       sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    n = len(targets)
+    head = f"{n} {what}{'s' if n != 1 else ''} → {spread or 'nowhere'}"
+    unfit = sum(1 for t in targets if not t)
+    return f"{head}; all fit" if not unfit else f"{head}; {unfit} would not fit"
 
 
 def simulate(state: ClusterState, failed_ids, *, stop_at_unfit: bool = False) -> Outcome:

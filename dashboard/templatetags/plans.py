@@ -38,3 +38,16 @@ def host_plan(host) -> dict | None:
     row["fits"] = all(t for _, t in row["placements"])
     row["below_level"] = row["capacity"] < row["level"]
     return row
+
+
+@register.simple_tag
+def evacuation_preview(host) -> dict:
+    """Before maintenance is confirmed (R15 with R24): where each running VM of ``host``
+    would migrate and what would not fit — vms.failover.preview_evacuation — with a
+    one-line summary ("11 VMs → kvm-03 ×4, kvm-07 ×4, kvm-09 ×3; all fit")."""
+    from vms import failover
+
+    rows = failover.preview_evacuation(host)
+    targets = [r["target"] for r in rows]
+    return {"rows": rows, "fits": all(targets),
+            "summary": failover.spread_summary(targets) if rows else "no running VMs"}

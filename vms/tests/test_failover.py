@@ -304,3 +304,18 @@ def test_r24_preview_evacuation_spreads_and_names_what_would_not_fit():
     assert sorted(counts.values()) == [3, 4, 4]
     assert all("most free after placement" in p["reason"] for p in preview if p["target"])
     assert VMInstance.objects.filter(host__name="h0").count() == 12  # nothing moved
+
+
+def test_r24_maintenance_preview_include_names_targets_and_what_would_not_fit():
+    """The preview an operator sees before confirming maintenance
+    (templates/dashboard/_evacuation_preview.html): one line and a row per VM."""
+    from django.template.loader import render_to_string
+
+    world({"hosts": {"h0": {"cpus": 64}, "h1": {}, "h2": {}},
+           "vms": {"a": {"host": "h0"}, "b": {"host": "h0"}, "c": {"host": "h0"},
+                   "zz": {"host": "h0", "cpus": 20}}})
+    html = render_to_string("dashboard/_evacuation_preview.html",
+                            {"host": Host.objects.get(name="h0")})
+    assert 'data-fits="false"' in html
+    assert "4 VMs → h1 ×2, h2 ×1; 1 would not fit" in html
+    assert html.count("<tr data-vm=") == 4 and "no host has room" in html
