@@ -319,3 +319,14 @@ def test_r24_maintenance_preview_include_names_targets_and_what_would_not_fit():
     assert 'data-fits="false"' in html
     assert "4 VMs → h1 ×2, h2 ×1; 1 would not fit" in html
     assert html.count("<tr data-vm=") == 4 and "no host has room" in html
+
+
+def test_r24_maintenance_confirmation_page_shows_the_preview(client):
+    """Before an admin confirms maintenance, the confirmation page says where each
+    running VM would migrate; nothing moves until confirmed."""
+    world({"hosts": {"h0": {}, "h1": {}, "h2": {}},
+           "vms": {"a": {"host": "h0"}, "b": {"host": "h0"}, "c": {"host": "h0"}}})
+    client.force_login(get_user_model().objects.create_user("ops", is_staff=True))
+    html = client.get("/hosts/h0/maintenance").content.decode()
+    assert 'id="evacuation-summary">3 VMs → h1 ×2, h2 ×1; all fit' in html
+    assert VMInstance.objects.filter(host__name="h0").count() == 3
