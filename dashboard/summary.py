@@ -176,10 +176,13 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
         n = per_host.get(hid, 0)
         tally[status] += 1
         e = escape(name)
+        # The tile's accessible name says what its colour does (issue 10 item 6).
+        said = f'{e}: {status}{"" if rs == ResourceState.ENABLED else ", " + rs}, {n} VMs'
         members.append(
             f'<a class="tile st-{status} rs-{rs} {size_class(n)}" '
             f'href="{href.replace("__HOST__", quote(name, safe=""))}" data-host="{e}" '
             f'data-host-id="{hid}" data-status="{status}" data-rs="{rs}" data-vms="{n}" '
+            f'aria-label="{said}" '
             f'title="{e} · {status}{"" if rs == ResourceState.ENABLED else " · " + rs} · '
             f'{n} VMs{escape(agent_of(agent, version))}">{n}</a>'
         )

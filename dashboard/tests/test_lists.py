@@ -290,3 +290,13 @@ def test_vm_header_is_a_live_region_with_state_power_and_host(op, small):
     assert 'id="vm-state" data-state="Running"' in head
     assert 'id="vm-power" data-power="PowerOn"' in head
     assert 'id="vm-head-host" data-host="h1"' in head
+
+
+def test_map_tiles_name_host_status_and_vms_for_screen_readers(op, small):
+    """Issue 10 item 6: a tile's accessible name carries the host, its status (and a
+    resource state other than Enabled) and its VM count, not only a colour."""
+    Host.objects.filter(name="h2").update(resource_state=ResourceState.DISABLED)
+    page = html(op.get("/"))
+    assert re.search(r'<a class="tile [^"]*"[^>]*data-host="h1"[^>]*aria-label="h1: Up, 2 VMs"',
+                     page)
+    assert 'aria-label="h2: Up, Disabled, 1 VMs"' in page

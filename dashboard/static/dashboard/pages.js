@@ -74,6 +74,9 @@
       t.className = "tile st-" + t.dataset.status + " rs-" + t.dataset.rs + " " + sizeClass(n) + " flash";
       t.title = t.dataset.host + " · " + t.dataset.status +
         (t.dataset.rs === "Enabled" ? "" : " · " + t.dataset.rs) + " · " + n + " VMs";
+      // Its accessible name: host, status (and resource state), VM count — not colour only.
+      t.setAttribute("aria-label", t.dataset.host + ": " + t.dataset.status +
+        (t.dataset.rs === "Enabled" ? "" : ", " + t.dataset.rs) + ", " + n + " VMs");
       flashed.push(t);
       return true;
     }
