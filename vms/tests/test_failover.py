@@ -267,7 +267,9 @@ def test_r22_cluster_page_shows_capacity_plan_and_what_if(browser):
     html = browser.get("/clusters/c1?fail=ghost").content.decode()
     assert "not hosts of cluster c1: ghost" in html
     assert browser.get("/clusters/nope").status_code == 404
-    assert 'href="/clusters/c1"' in browser.get("/clusters").content.decode()
+    listing = browser.get("/clusters").content.decode()
+    assert 'href="/clusters/c1"' in listing
+    assert 'aria-current="page" id="nav-clusters"' in listing  # in the main navigation
 
 
 def test_r22_host_page_says_what_happens_if_it_fails(browser):
