@@ -144,8 +144,21 @@ class DeliveryAdmin(admin.ModelAdmin):
 
     @admin.action(description="Retry now (failed or waiting deliveries)")
     def retry_now(self, request, queryset):
+        from hadash.choices import Subject
+        from hadash.events import record_event
+
         now = timezone.now()
-        n = queryset.filter(state__in=[DeliveryState.FAILED, DeliveryState.PENDING]).update(
-            state=DeliveryState.PENDING, next_attempt=now, attempts=0)
-        transaction.on_commit(outbox.due.set)
+        with transaction.atomic():
+            rows = list(queryset.filter(
+                state__in=[DeliveryState.FAILED, DeliveryState.PENDING]
+            ).select_related("channel").select_for_update(of=("self",)))
+            n = Delivery.objects.filter(pk__in=[d.pk for d in rows]).update(
+                state=DeliveryState.PENDING, next_attempt=now, attempts=0)
+            for channel in {d.channel for d in rows}:
+                ids = [d.pk for d in rows if d.channel_id == channel.pk]
+                record_event(Subject.CHANNEL, channel, event="NotificationRetry", now=now,
+                             message=f"{len(ids)} notification(s) of channel {channel.name} "
+                             f"due again now (by {request.user.get_username()}): "
+                             + ", ".join(f"#{i}" for i in ids[:20]))
+            transaction.on_commit(outbox.due.set)
         self.message_user(request, f"{n} deliver{'y' if n == 1 else 'ies'} due again now.")

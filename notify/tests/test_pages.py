@@ -130,3 +130,16 @@ def test_r20_page_links_an_incident_delivery_to_its_incident(reader_client):
                    title="kvm-07 stopped answering", severity="critical")
     html = reader_client.get("/notifications").content.decode()
     assert f'<a href="/incidents/{inc.pk}">kvm-07 stopped answering</a>' in html
+
+
+def test_r20_admin_retry_now_makes_a_failed_delivery_due_with_an_event(admin_client):
+    ch = hook()
+    d = outbox.enqueue_test(ch, now=timezone.now())
+    Delivery.objects.filter(pk=d.pk).update(state=DeliveryState.FAILED, attempts=10,
+                                            last_error="HTTP 500")
+    r = admin_client.post("/admin/notify/delivery/", {
+        "action": "retry_now", "_selected_action": [d.pk]}, follow=True)
+    assert r.status_code == 200 and "1 delivery due again now" in r.content.decode()
+    d.refresh_from_db()
+    assert (d.state, d.attempts) == (DeliveryState.PENDING, 0)
+    assert Event.objects.filter(event="NotificationRetry", subject_name="ops-hook").exists()
