@@ -183,7 +183,8 @@ class Sender:
             state=DeliveryState.SENDING, taken_by=token, taken_at=now,
             attempts=F("attempts") + 1)
         claimed: dict[int, list[Delivery]] = defaultdict(list)
-        for d in (Delivery.objects.filter(taken_by=token, state=DeliveryState.SENDING)
+        for d in (Delivery.objects.filter(id__in=ids, taken_by=token,
+                                          state=DeliveryState.SENDING)
                   .select_related("channel").order_by("id")):
             claimed[d.channel_id].append(d)
         return dict(claimed)
