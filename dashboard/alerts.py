@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.db.models import Case, IntegerField, Max, Value, When
-from django.http import JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.db.models import Case, Count, IntegerField, Max, Q, Value, When
+from django.http import HttpResponseNotAllowed, JsonResponse
+from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -24,7 +24,7 @@ from hadash import alerts as hadash_alerts
 from hadash.choices import AlertState, Severity
 from hadash.models import Alert
 
-from .perms import admin_required, is_admin, wants_json
+from .perms import admin_required, wants_json
 from .templatetags.dash import subject_url
 
 SHOWN = 50  # rows in the panel (the count says how many are open)
@@ -48,8 +48,6 @@ def open_alerts():
 
 def counts() -> dict:
     """Open alerts, and how many of them nobody acknowledged yet (one query)."""
-    from django.db.models import Count, Q
-
     c = Alert.objects.filter(state=AlertState.OPEN).aggregate(
         open=Count("id"), unacknowledged=Count("id", filter=Q(acknowledged_at__isnull=True)),
         top=Max("id"))
@@ -138,20 +136,20 @@ def acknowledge_all(request):
     """GET: the confirmation page ("Acknowledge 5 open alerts?"), for browsers without
     the script that asks in place. POST (admins): acknowledge them."""
     if request.method not in ("GET", "HEAD", "POST"):
-        from django.http import HttpResponseNotAllowed
-
         return HttpResponseNotAllowed(["GET", "POST"])
     if request.method == "POST":
         return _acknowledge_all(request)
     upto = _upto(request.GET.get("upto"))
     if upto is None:
         upto = counts()["top"]
+    from .views import page
+
     rows = list(_to_acknowledge(upto).order_by("-id")[:SHOWN])
+    for a in rows:
+        a.url = url_of(a)
     n = _to_acknowledge(upto).count()
-    return render(request, "dashboard/alerts_ack_all.html", {
-        "page": "overview", "is_admin": is_admin(request.user), "rows": rows, "n": n,
-        "upto": upto, "live_after": 0, "live_top": 0,
-    })
+    return page(request, "dashboard/alerts_ack_all.html", "ack-all",
+                {"rows": rows, "n": n, "upto": upto})
 
 
 @admin_required

@@ -324,6 +324,12 @@ def test_reconnect_misses_no_event(admin, live, story):
     assert now["count"] - before["count"] >= len(server_ids)
     # And the config change is shown in the feed, as it came.
     page.wait_for_selector('#event-feed li[data-event="ConfigChanged"]')
+    # R19: the alerts panel follows too, without a reload: the host whose agent stopped
+    # has its incident's alert listed (static/dashboard/alerts.js, from alerts.json).
+    page.wait_for_function(
+        """name => [...document.querySelectorAll('#alert-list li.alert-row[data-incident]')]
+                   .some(li => li.textContent.includes(name))""", arg=other, timeout=LONG)
+    assert page.evaluate("() => window.__hadashTestMark") == "loaded once"
     page.close()
 
 
@@ -399,15 +405,21 @@ def test_every_page_shows_the_failure(browser, admin, live, story):
     wait_live(page)
     shoot(page, "work")
 
+    # R18: the incident table, then the victim's incident page with each VM's downtime.
     page.goto("/incidents")
-    incident = page.locator(f'details.incident[data-kind="host"][data-name="{victim}"]').first
-    incident.wait_for()
-    assert incident.get_attribute("data-status") == "recovered"
-    outcomes = incident.locator("li[data-vm]").evaluate_all(
-        "ls => Object.fromEntries(ls.map(l => [l.dataset.vm, l.dataset.outcome]))")
-    assert all(outcomes.get(n) == "restarted" for n in ha), outcomes
+    row = page.locator(f'#incident-table tr[data-kind="host"][data-subject="{victim}"]'
+                       '[data-state="Resolved"]').first
+    row.wait_for(timeout=LONG)
     wait_live(page)
     shoot(page, "incidents")
+    row.locator("td a").first.click()
+    page.wait_for_selector('#incident-state[data-state="Resolved"]')
+    outcomes = page.locator("#incident-vms tr[data-vm]").evaluate_all(
+        "ls => Object.fromEntries(ls.map(l => [l.dataset.vm, [l.dataset.outcome,"
+        " parseFloat(l.dataset.downtime)]]))")
+    assert all(outcomes[n][0] == "restarted" and outcomes[n][1] > 0 for n in ha), outcomes
+    wait_live(page)
+    shoot(page, "incident")
 
     page.goto("/config")
     value = str(live.api.get("/config/ha.workers").json()["value"])
