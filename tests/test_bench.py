@@ -196,3 +196,16 @@ def test_dashboard_smoke():
     text = out.getvalue()
     assert "overview served (GET /), median" in text
     assert "events committed / shown live" in text
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_plan_smoke():
+    """bench plan (R22, R24): in memory, from a seeded database, and the evacuation."""
+    proc = bench("plan", "--sizes", "5,20", "--db-hosts", "10", "--evacuation", "10")
+    out = proc.stdout
+    assert "Failover plan, one cluster, in memory" in out, out
+    assert re.search(r"^\| 20 +\| 200 +\| 100 ", out, re.M), out
+    assert "From the database: 10 hosts, 100 VMs" in out, out
+    assert "Evacuation of 10 VMs over 10 hosts" in out, out
+    assert_cleaned_up(proc.stderr)
