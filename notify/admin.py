@@ -51,6 +51,11 @@ class ChannelForm(forms.ModelForm):
         self.fields["clusters_text"].initial = ", ".join(inst.clusters or [])
         if inst.secret:
             self.fields["new_secret"].help_text += " (A secret is set.)"
+        from hadash.models import Alert
+
+        seen = sorted(set(Alert.objects.values_list("kind", flat=True).distinct()[:50]))
+        if seen:
+            self.fields["kinds_text"].help_text += " Kinds seen so far: " + ", ".join(seen)
 
     def clean(self):
         data = super().clean()
