@@ -60,9 +60,10 @@ def _secs(a, b) -> str:
 
 # --- host incidents ----------------------------------------------------------------------
 
-def open_host_incident(host, *, now, started_at=None) -> Incident:
-    """The host's open incident, or a new one (Open; its alert, warning). Idempotent:
-    one open incident per host, by the database (incident_one_open_per_host)."""
+def open_host_incident(host, *, now, started_at=None, why: str = "") -> Incident:
+    """The host's open incident, or a new one (Open; its alert, warning) — ``why``
+    when it was not found behind on ping (fenced for a VM). Idempotent: one open
+    incident per host, by the database (incident_one_open_per_host)."""
     inc = Incident.objects.select_for_update().filter(
         kind=IncidentKind.HOST, host=host, state__in=OPEN_INCIDENT_STATES).first()
     if inc is not None:
@@ -72,7 +73,7 @@ def open_host_incident(host, *, now, started_at=None) -> Incident:
         with transaction.atomic():
             inc = Incident.objects.create(
                 kind=IncidentKind.HOST, host=host, host_name=host.name,
-                cluster=host.cluster or "", title=f"{host.name} behind on ping",
+                cluster=host.cluster or "", title=f"{host.name} {why or 'behind on ping'}",
                 started_at=started, detected_at=now, updated=now,
             )
     except IntegrityError:  # opened by another process meanwhile
@@ -81,8 +82,10 @@ def open_host_incident(host, *, now, started_at=None) -> Incident:
     behind = f"no ping for {_secs(now, started)}" if started else "no ping yet"
     open_alert(HOST_ALERT, "host", host.name, now=now, incident=inc, host=host,
                cluster=host.cluster or "", severity=Severity.WARNING,
-               title=f"{host.name} behind on ping: investigating",
-               message=f"Host {host.name}: {behind}; investigating whether it is down.")
+               title=f"{host.name} {why}" if why else
+               f"{host.name} behind on ping: investigating",
+               message=f"Host {host.name}: {why}." if why else
+               f"Host {host.name}: {behind}; investigating whether it is down.")
     return inc
 
 
@@ -108,7 +111,7 @@ def host_unreachable(host, *, now, why: str) -> Incident:
 
 def host_fenced(host, *, now, by: str = "") -> Incident:
     """An out-of-band power off succeeded (R12.2): fenced_at, notified "fenced"."""
-    inc = open_host_incident(host, now=now)
+    inc = open_host_incident(host, now=now, why=f"fenced{' for ' + by if by else ''}")
     if inc.fenced_at is None:
         inc.fenced_at = now
     _touch(inc, now, "fenced_at")

@@ -206,7 +206,7 @@ def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = 
         _update(item, now, step=step or item.step, **changes)
         record_event(
             Subject.WORK, item, name=item.instance.name, event="WorkRetry", field="step",
-            old=old, new=item.step, reason=waiting or item.reason, now=now,
+            old=old, new=item.step, reason=item.reason, now=now,
             severity=Severity.WARNING if waiting else None,
             related_vm=item.instance, related_host=item.host,
             incident=item.incident_id and item.incident,
