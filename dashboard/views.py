@@ -177,7 +177,7 @@ def maintenance_confirm(request, h: Host, error: str = ""):
     """The confirmation step of one-click maintenance (issue 10 item 7): names the
     host and how many running VMs will be migrated; the POST needs confirm=yes."""
     running = running_vm_count(h)
-    return page(request, "dashboard/host_maintenance.html", "host", {
+    return page(request, "dashboard/host_maintenance.html", "host-maintenance", {
         "host": h, "running": running, "error": error,
         "refusal": actions.maintenance_refusal(h),
         "allowed": h.resource_state in ("Enabled", "Disabled", "ErrorInMaintenance"),
