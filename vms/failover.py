@@ -378,7 +378,7 @@ def preview_evacuation(host) -> list[dict]:
     would migrate and which would not fit — ordinary placement (ha=False, R13/R24) on the
     current state, each migration seeing the ones before it. One dict per VM, in the
     order maintenance schedules them: {"vm", "vm_id", "cpus", "memory_mb", "target"
-    (host name or None), "reason"}. Reads the database, changes nothing."""
+    (host name or None), "reason", "free_after"}. Reads the database, changes nothing."""
     from hadash import config
 
     from . import placement
@@ -390,9 +390,12 @@ def preview_evacuation(host) -> list[dict]:
     out = []
     for vm in VMInstance.objects.filter(host=host, state__in=ACTIVE_STATES).order_by("name"):
         room = pool.place(vm.cpus, vm.memory_mb, ha=False, ha_tag=ha_tag)
+        c, m = room.shares_after(0, 0) if room else (None, None)
         out.append({
             "vm": vm.name, "vm_id": vm.pk, "cpus": vm.cpus, "memory_mb": vm.memory_mb,
             "target": room.name if room else None,
+            "free_after": f"{round(c * 100)} % cpu / {round(m * 100)} % memory free after"
+                          if room else "",
             "reason": (placement.explain(room, 0, 0) if room else
                        f"needs {vm.cpus} cpus / {vm.memory_mb} MB; no host has room"),
         })

@@ -177,11 +177,12 @@ class Pool:
 
     def place(self, cpus: int, memory_mb: int, *, ha: bool, ha_tag: str,
               exclude=frozenset()) -> Room | None:
-        """`best`, then `take` it."""
+        """`best`, then `take` it; returns the pool's room, the VM now counted on it."""
         room = self.best(cpus, memory_mb, ha=ha, ha_tag=ha_tag, exclude=exclude)
-        if room is not None:
-            self.take(room, cpus, memory_mb)
-        return room
+        if room is None:
+            return None
+        self.take(room, cpus, memory_mb)
+        return self.changed[room.id]
 
 
 # --- from the database --------------------------------------------------------------------

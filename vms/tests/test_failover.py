@@ -305,6 +305,8 @@ def test_r24_preview_evacuation_spreads_and_names_what_would_not_fit():
             counts[target] = counts.get(target, 0) + 1
     assert sorted(counts.values()) == [3, 4, 4]
     assert all("most free after placement" in p["reason"] for p in preview if p["target"])
+    # The first VM goes to an empty 16-cpu host: 15 of 16 cpus free after it.
+    assert preview[0]["free_after"] == "94 % cpu / 97 % memory free after"
     assert VMInstance.objects.filter(host__name="h0").count() == 12  # nothing moved
 
 
