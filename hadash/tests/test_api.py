@@ -497,6 +497,21 @@ def test_maintenance_queues_migrations(api):
     assert [w["type"] for w in work] == ["Migration"]
 
 
+@pytest.mark.parametrize("status", [HostStatus.DOWN, HostStatus.ALERT, HostStatus.DISCONNECTED])
+def test_maintenance_of_a_host_that_is_not_up_is_refused(api, status):
+    """R15 / issue 10 item 7: maintenance live-migrates the running VMs, which needs the
+    host Up; a Down, Alert or Disconnected host is refused (409) and nothing changes."""
+    host = make_host(status=status)
+    make_host("kvm-02")
+    make_vm("v1", host)
+    before = state()
+    r = api.post(f"{API}/hosts/kvm-01/maintenance")
+    assert r.status_code == 409
+    assert f"host kvm-01 is {status}" in r.json()["error"] and "needs the host Up" in \
+        r.json()["error"]
+    assert state() == before
+
+
 # --- HA work ------------------------------------------------------------------
 
 
