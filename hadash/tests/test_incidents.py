@@ -301,3 +301,44 @@ def test_r15a_operator_stop_settles_the_vm_of_an_open_incident():
     assert inc.state == "Resolved"
     assert IncidentVm.objects.get(vm_name="vm1").outcome == "settled"
     assert Alert.objects.get().state == "resolved"
+
+
+def test_r18_vm_gone_missing_is_a_vm_incident_from_its_last_confirmation():
+    """R18 (R8): a VM the hypervisor forgets is missing once its power state is older
+    than 2 × ping.interval; its VM incident starts at the last report that named it,
+    and ends when HA has it Running again."""
+    w = world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
+    w.advance_to(25)  # named by the ping at t=20
+    w.fleet.vm_vanish("vm1")
+    w.advance_to(120)
+    [inc] = Incident.objects.all()
+    assert (inc.kind, inc.state) == ("vm", "Resolved")
+    assert inc.title == "vm1 went missing"
+    assert inc.started_at == t(w, 20)
+    assert inc.vms.get().down_since == t(w, 20)
+
+
+def test_r19_lost_engine_loop_alert_resolves_when_a_replacement_registers():
+    """R19: a lost engine loop is one alert (named after it), resolved by itself once
+    as many loops are alive as the installation runs again (a replacement registered)."""
+    import datetime as dt
+
+    from django.utils import timezone
+
+    from hadash.ha import runtime
+    from hadash.models import EngineProcess
+
+    now = timezone.now()
+    EngineProcess.objects.create(id="box:42:abc", host="box", pid=42,
+                                 started=now - dt.timedelta(minutes=5),
+                                 heartbeat=now - dt.timedelta(minutes=1))
+    assert runtime.reap_lost_loops(now) == ["box:42:abc"]
+    alert = Alert.objects.get()
+    assert (alert.kind, alert.subject_name, alert.state) == (
+        "EngineLoopLost", "box:42:abc", "open")
+    assert runtime.loops_back(now) == 0  # nobody alive yet: it stays open
+    EngineProcess.objects.create(id="box:43:def", host="box", pid=43, started=now,
+                                 heartbeat=now)
+    assert runtime.loops_back(now) == 1
+    alert.refresh_from_db()
+    assert alert.state == "resolved"
