@@ -23,9 +23,10 @@ import hmac
 import itertools
 import json
 import logging
+import queue
 import threading
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import httpx
 from django.apps import apps
@@ -144,6 +145,51 @@ def send(channel: Channel, delivery: Delivery) -> None:
 # --- the sender -------------------------------------------------------------------------
 
 
+class DaemonPool:
+    """A fixed pool of daemon threads: like ThreadPoolExecutor, except that a send
+    stuck in a receiver's timeout never holds up the process's exit (an unsent or
+    half-sent delivery is leased and goes out again from another sender)."""
+
+    def __init__(self, size: int, name: str):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                        for i in range(size)]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self.jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = False) -> None:
+        while True:  # cancel what has not started
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job[0].cancel()
+        for _ in self.threads:
+            self.jobs.put(None)
+        if wait:
+            for t in self.threads:
+                t.join()
+
+
 def due_q(now) -> Q:
     return (Q(state=DeliveryState.PENDING, next_attempt__lte=now)
             | Q(state=DeliveryState.SENDING, taken_at__lt=now - LEASE))
@@ -153,7 +199,7 @@ class Sender:
     def __init__(self, loop_id: str, *, threads: int = THREADS, clock=timezone.now):
         self.id = f"{loop_id}/notify"[:80]
         self.clock = clock
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="notify-send")
+        self.pool = DaemonPool(threads, name="notify-send")
         self.busy: set[int] = set()  # channels with a job running here
         self.lock = threading.Lock()
         self.claims = itertools.count(1)
@@ -306,7 +352,7 @@ class Sender:
         return n
 
     def stop(self, wait: bool = False) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=True)
+        self.pool.shutdown(wait=wait)
 
 
 _running_lock = threading.Lock()
