@@ -1,6 +1,8 @@
 """Events: every state change of a host, VM or HA item is written as an event row in
-the same transaction as the change (SPEC §1). Alerts are events that need an
-operator's attention until acknowledged."""
+the same transaction as the change (SPEC §1), linked to its incident (R18) when it is
+part of one. What needs an operator's attention is an alert (R19), kept in the alert
+table by hadash.alerts — one per incident or per (kind, subject) — whose own changes
+are events too (AlertOpened, AlertResolved: the only events flagged ``alert``)."""
 
 from __future__ import annotations
 
