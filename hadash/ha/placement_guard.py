@@ -34,20 +34,34 @@ def no_room(vm, *, ha: bool, cfg, exclude=()) -> str:
                              exclude=tuple(exclude))
 
 
+# Rankings redone when other workers' reservations keep changing the best host; after
+# that many, the locked host is taken if it still fits (never an endless loop).
+RERANKS = 5
+
+
 def reserve(vm, item, *, ha: bool, now, cfg):
     """Pick a host and move the VM to Starting on it and the item to Restarting, in
     one transaction, recording why the host was chosen on the item. Returns the host,
-    or None when no host has room."""
+    or None when no host has room.
+
+    R24 with parallel workers: the best host is locked, then the cluster ranked again
+    — seeing every reservation committed meanwhile, e.g. another restart of the same
+    failed host — and if the locked host is no longer the best, the new best is taken
+    instead. So each placement of a batch sees the ones before it."""
     tag = cfg["ha.tag"]
     found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
-    for room in found:
+    fitting = len(found)
+    for attempt in range(RERANKS + 1):
+        if not found:
+            return None
         with transaction.atomic():
-            locked = Host.objects.select_for_update().get(pk=room.id)
-            fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster,
-                                     only=(locked.pk,))
-            if not fresh:
-                continue  # filled meanwhile; try the next
-            why = placement.explain(fresh[0], vm.cpus, vm.memory_mb, fitting=len(found))
+            locked = Host.objects.select_for_update().get(pk=found[0].id)
+            fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
+            mine = next((r for r in fresh if r.id == locked.pk), None)
+            if mine is None or (fresh[0].id != locked.pk and attempt < RERANKS):
+                found = fresh  # filled or overtaken meanwhile: lock the best now
+                continue
+            why = placement.explain(mine, vm.cpus, vm.memory_mb, fitting=len(fresh) or fitting)
             if not mark_vm(vm, item, VmState.STARTING, now=now, event="HaStarting",
                            message=f"VM {vm.name} starting on {locked.name} (HA): {why}",
                            host=locked, power_state_update_time=now):

@@ -184,6 +184,35 @@ def test_r24_a_hosts_ten_restarts_spread_over_the_cluster():
     assert len(reasons) == 10 and all("most free after placement" in r for r in reasons)
 
 
+def test_r24_a_reservation_committed_meanwhile_moves_the_restart_to_the_next_best(
+        monkeypatch):
+    """R24 with parallel workers: between ranking the hosts and locking the best one,
+    another worker's reservation lands on that host (committed). The restart then sees
+    it and takes the host that is now the most free, instead of piling on."""
+    w = world({"hosts": {"h0": {}, "h1": {}, "h2": {}, "h3": {}},
+               "vms": {"x": {"host": "h0", "ha": True},
+                       "on2": {"host": "h2", "cpus": 2}, "on3": {"host": "h3", "cpus": 3},
+                       "other": {"state": "Stopped", "host": "h1", "cpus": 8}}})
+    real = placement.ranked
+    raced = []
+
+    def ranked_then_race(vm, **kw):
+        found = real(vm, **kw)
+        if vm.name == "x" and not raced:  # the first ranking of x's restart
+            raced.append(found[0].name)
+            VMInstance.objects.filter(name="other").update(
+                state=VmState.STARTING, host=Host.objects.get(name="h1"))
+        return found
+
+    monkeypatch.setattr(placement, "ranked", ranked_then_race)
+    fail_host(w, "h0")
+    assert raced == ["h1"]  # h1 was the best when first ranked
+    v = vm("x")
+    assert (v.state, v.host.name) == (VmState.RUNNING, "h2")  # now the most free
+    [item] = HaWork.objects.filter(instance__name="x", type=WorkType.HA)
+    assert item.placement.startswith("h2: most free after placement")
+
+
 def test_r24_an_evacuation_spreads_over_the_cluster():
     """R24 batch (issue 11: an evacuation sent 8 of 11 VMs to one host): maintenance of a
     host with 11 running VMs migrates them over the three other hosts 4/4/3, and each
