@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from hosts.choices import HostStatus, ResourceState
 
-from .choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES
+from .choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES, VmState
 from .placement import Pool, Room
 
 MAX_CAPACITY = 3
@@ -388,7 +388,8 @@ def preview_evacuation(host) -> list[dict]:
     ha_tag = _cfg(cfg, "ha.tag", "")
     pool = Pool(placement.rooms_for(host.cluster, exclude=(host.pk,)))
     out = []
-    for vm in VMInstance.objects.filter(host=host, state__in=ACTIVE_STATES).order_by("name"):
+    # As prepare-for-maintenance schedules them: every Running VM, by name (R15).
+    for vm in VMInstance.objects.filter(host=host, state=VmState.RUNNING).order_by("name"):
         room = pool.place(vm.cpus, vm.memory_mb, ha=False, ha_tag=ha_tag)
         c, m = room.shares_after(0, 0) if room else (None, None)
         out.append({
