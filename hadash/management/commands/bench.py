@@ -9,6 +9,8 @@
                    server's 401 answer (R21)
     bench plan     failover plan recomputation at 100 / 1,000 / 10,000 hosts × 10 VMs, from
                    the database at 1,000 hosts, and an evacuation's spread (R22, R24)
+    bench notify   notification delay (R20): incident declared → webhook received by a
+                   receiver in the bench process, beside "send test" round trips
 
 Each run builds a fresh database (PostgreSQL: hadash_bench_<random>, dropped at the
 end), starts real processes (daphne, qcluster, the fleet simulator, a load generator)
@@ -142,6 +144,23 @@ class Command(BaseCommand):
         p.add_argument("--evacuation", type=int, default=100,
                        help="VMs of the evacuated host (100)")
 
+        p = sub.add_parser("notify", help="notification delay: incident declared → webhook "
+                           "received (R20)")
+        common(p)
+        p.add_argument("--hosts", type=int, default=20, help="hosts (20)")
+        p.add_argument("--vms", type=int, default=100, help="VMs (100)")
+        p.add_argument("--ha-ratio", type=float, default=0.5)
+        p.add_argument("--clusters", type=int, default=5, help="clusters (5)")
+        p.add_argument("--failures", type=int, default=5,
+                       help="hosts powered off, one at a time (5)")
+        p.add_argument("--tests", type=int, default=1,
+                       help="\"send test\" round trips before each power-off (1)")
+        p.add_argument("--ping-interval", type=int, default=2)
+        p.add_argument("--start-delay", type=float, default=0.5,
+                       help="seconds a simulated VM start takes (0.5)")
+        p.add_argument("--timeout", type=float, default=None,
+                       help="bound on the fleet set-up wait (default 300 s + 0.1 s per VM)")
+
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
         p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
@@ -202,6 +221,13 @@ class Command(BaseCommand):
                 if o["vms_per_host"] < 1 or o["evacuation"] < 1 or o["db_hosts"] < 0:
                     raise CommandError("--vms-per-host and --evacuation must be positive, "
                                        "--db-hosts ≥ 0")
+            elif name == "notify":
+                from bench import notify as mod
+
+                if o["hosts"] < 2 or o["failures"] < 1 or o["failures"] >= o["hosts"] \
+                        or o["tests"] < 1 or o["vms"] < 1:
+                    raise CommandError("need --hosts ≥ 2, 1 ≤ --failures < --hosts, "
+                                       "--tests ≥ 1 and --vms ≥ 1")
             elif name == "detect":
                 from bench import detect as mod
 
