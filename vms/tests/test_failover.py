@@ -334,3 +334,27 @@ def test_r24_maintenance_confirmation_page_shows_the_preview(client):
     html = client.get("/hosts/h0/maintenance").content.decode()
     assert 'id="evacuation-summary">3 VMs → h1 ×2, h2 ×1; all fit' in html
     assert VMInstance.objects.filter(host__name="h0").count() == 3
+
+
+def test_issue11_domain_code_never_imports_the_engine():
+    """Issue 11 item 8 (developer guide): domain code in hosts/ and vms/ (and clusters/)
+    never imports hadash.ha — the engine acts, the domain decides; only admin modules
+    may call the engine's actions."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    offenders = []
+    for app in ("hosts", "vms", "clusters"):
+        for path in (root / app).rglob("*.py"):
+            if {"tests", "migrations"} & set(path.parts) or path.name == "admin.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                if any(n == "hadash.ha" or n.startswith("hadash.ha.") for n in names):
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert offenders == []
