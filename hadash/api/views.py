@@ -840,6 +840,8 @@ RESOURCES = {
                               "list, create, change, delete; send test."),
     "deliveries": ("delivery-list", "Notification deliveries (R20), newest first: state, "
                    "attempts, last error."),
+    "clusters": ("cluster-list", "Clusters with their failover capacity (R22); each "
+                 "cluster's failover plan and what-if."),
     "config": ("config-list", "Configuration keys (SPEC §2): list, show, set."),
     "engine": ("engine-status", "Engine status: sweeper, engine loops, ping ingestion."),
 }

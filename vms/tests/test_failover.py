@@ -202,6 +202,8 @@ def test_r22_api_lists_clusters_and_serves_the_plan(api):
     assert (c1["name"], c1["hosts"], c1["failover_capacity"]) == ("c1", 4, 2)
     assert api.get("/api/v1/clusters/nope/failover-plan").status_code == 404
     assert APIClient().get("/api/v1/clusters").status_code in (401, 403)
+    assert api.get("/api/v1/").json()["resources"]["clusters"]["url"].endswith(
+        "/api/v1/clusters")
 
 
 def test_r22_api_what_if_changes_nothing(api, admin_api):
