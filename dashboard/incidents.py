@@ -28,6 +28,8 @@ from django.utils.dateparse import parse_date, parse_datetime
 from hadash.choices import IncidentKind, IncidentState, VmOutcome
 from hadash.models import Event, HaWork, Incident, IncidentVm
 
+from .templatetags.dash import duration
+
 PAGE_SIZE = 50
 TIMELINE_CAP = 1000  # events shown on a detail page (a story has a few dozen)
 WORK_CAP = 1000
@@ -267,7 +269,7 @@ class Detail:
         if pending:
             parts.append(f"{pending} still pending")
         if self.downtime.max is not None:
-            parts.append(f"longest downtime {self.downtime.max:.0f} s")
+            parts.append(f"longest downtime {duration(self.downtime.max)}")
         return f"{i.state}: " + ", ".join(parts) + "."
 
 

@@ -53,29 +53,29 @@
     var title = L.el(a.url ? "a" : "span", "alert-title", a.title);
     if (a.url) title.href = a.url;
     line.appendChild(title);
-    if (a.count > 1) {
-      var c = L.el("span", "alert-count", "\u00d7" + a.count);
-      c.title = "updated " + a.count + " times";
-      line.appendChild(c);
-    }
+    li.appendChild(line);
+    if (a.message) li.appendChild(L.el("div", "alert-msg", a.message));
+    var meta = L.el("div", "alert-meta");
     var t = L.el("time", null, "since " + L.clock(a.opened_at, true));
     t.setAttribute("datetime", a.opened_at);
     t.title = "open since " + a.opened_at;
-    line.appendChild(t);
-    if (isAdmin && !a.acknowledged_at) {
+    meta.appendChild(t);
+    if (a.count > 1) {
+      var c = L.el("span", "alert-count", "updated \u00d7" + a.count);
+      c.title = "updated " + a.count + " times";
+      meta.appendChild(c);
+    }
+    if (a.acknowledged_at) {
+      meta.appendChild(L.el("span", "alert-ack", "acknowledged by " + (a.acknowledged_by || "?")));
+    } else if (isAdmin) {
       var f = L.el("form", "inline ack-form");
       f.method = "post"; f.action = "/alerts/" + a.id + "/ack";
       var b = L.el("button", "btn btn-small ack-btn", "Acknowledge");
       b.type = "submit"; b.dataset.ack = a.id;
       f.appendChild(b);
-      line.appendChild(f);
+      meta.appendChild(f);
     }
-    li.appendChild(line);
-    if (a.message) li.appendChild(L.el("div", "alert-msg", a.message));
-    if (a.acknowledged_at) {
-      li.appendChild(L.el("div", "alert-ack muted small",
-                          "acknowledged by " + (a.acknowledged_by || "?")));
-    }
+    li.appendChild(meta);
     return li;
   }
 
@@ -185,9 +185,19 @@
   // --- incident page ------------------------------------------------------------------------
   function incident() {
     var regions = L.refresher(["incident-head", "incident-body"], 2000);
+    function open() {
+      var st = $("incident-state");
+      return !st || st.dataset.state === "Open" || st.dataset.state === "Recovering";
+    }
     L.on(function (evs) {
       for (var i = 0; i < evs.length; i++) {
-        if (evs[i].subject !== "config") { regions.request(); return; }
+        var e = evs[i];
+        // While it runs, its story grows with host, VM and HA item events; once it has
+        // ended only its alert can still change (resolved, or a late title).
+        if (e.subject !== "config" && (open() || e.event.indexOf("Alert") === 0)) {
+          regions.request();
+          return;
+        }
       }
     });
     var box = $("incident-body");
