@@ -17,12 +17,18 @@ control API (each in another cluster, the next only after the previous incident'
 * for context, the power-off → ``declared`` received (detection included).
 
 **Floor**, in the same run: "send test" round trips, ``POST
-/api/v1/notification-channels/{id}/test`` → the ``test`` webhook received, one before
-each power-off. Note that a test is queued by the web process, so the engine's sender
-picks it up on its next look (every second: up to 1 s more), whereas a declared
-incident is queued in the engine process itself, which wakes its sender at once —
-the floor is the bound of what a web-queued delivery costs, not a strict lower bound
-of the declared delay.
+/api/v1/notification-channels/{id}/test`` → the ``test`` webhook received, before
+each power-off. A test is queued by the web process, so the engine's sender picks it
+up on its next look (every second: up to 1 s more), whereas a declared incident is
+queued in the engine process itself, which wakes its sender at once: the test round
+trip is what a web-queued delivery costs, not a strict lower bound of the declared
+delay. So beside each test, the HTTP part alone is measured too: the test's body
+POSTed from the bench process with ``httpx.post`` (a new connection, as the sender
+does) → received.
+
+``declared_at`` is the engine's clock just before the HostDown transaction (status
+Down, HA work for every VM, the incident's VMs, the alert and its delivery, one
+commit), so the declared delay includes that transaction.
 """
 
 from __future__ import annotations
@@ -31,9 +37,12 @@ import json
 import os
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from hadash.supervisor import free_port
 
@@ -199,6 +208,7 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
     since_off = [f["declared_since_poweroff_s"] for f in failures]
     floor = [t["round_trip_s"] for t in tests]
     floor_after = [t["after_answer_s"] for t in tests]
+    raw = [t["raw_post_s"] for t in tests]
     return {
         "benchmark": "notify", "machine": info, "command": o["command"],
         "hosts": o["hosts"], "vms": o["vms"], "ha_ratio": o["ha_ratio"],
@@ -216,8 +226,11 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
                                       "best": min(floor)},
             "floor_test_after_answer": {"median": median(floor_after),
                                         "worst": max(floor_after)},
+            "floor_bare_post": {"median": median(raw), "worst": max(raw)},
         },
-        "receiver": {"messages": len(receiver.messages), "duplicates": receiver.duplicates,
+        "receiver": {"messages": sum(1 for m in receiver.messages
+                                     if _transition(m) != "bench-raw"),
+                     "duplicates": receiver.duplicates,
                      "unparsable": receiver.bad},
         "deliveries": {"total": len(deliveries),
                        "retried": sum(1 for d in deliveries if d["attempts"] > 1),
@@ -239,9 +252,25 @@ def send_test(system: System, receiver: Receiver, channel_id: int) -> dict[str, 
                           lambda m: m["delivery"] == delivery and _transition(m) == "test",
                           30, alive=system.alive)
     out = {"delivery": int(delivery), "round_trip_s": round(m["t"] - t0, 3),
-           "after_answer_s": round(m["t"] - t1, 3), "post_s": round(t1 - t0, 3)}
-    say(f"  send test: received {out['round_trip_s']} s after the POST")
+           "after_answer_s": round(m["t"] - t1, 3), "post_s": round(t1 - t0, 3),
+           "raw_post_s": raw_post(receiver, m["payload"])}
+    say(f"  send test: received {out['round_trip_s']} s after the POST (a bare POST of "
+        f"its body from here: {out['raw_post_s'] * 1000:.1f} ms)")
     return out
+
+
+def raw_post(receiver: Receiver, payload: dict[str, Any]) -> float:
+    """The HTTP part alone: the same body POSTed from this process the way the sender
+    does it (``httpx.post``: a new connection) → received, in seconds."""
+    key = f"bench-raw-{uuid.uuid4().hex}"
+    body = json.dumps({**payload, "transition": "bench-raw", "idempotency_key": key})
+    t0 = time.time()
+    r = httpx.post(receiver.url, content=body.encode(), trust_env=False, timeout=10,
+                   headers={"Content-Type": "application/json", "Idempotency-Key": key})
+    r.raise_for_status()
+    m = receiver.wait_for("a bare POST", lambda m: m["payload"].get("idempotency_key")
+                          == key, 10)
+    return round(m["t"] - t0, 4)
 
 
 def one_failure(system: System, receiver: Receiver, victim: str, bound: float, n: int,
@@ -317,7 +346,10 @@ def report(r: dict[str, Any]) -> str:
           fmt(s["opened"]["worst"], 3), "", ""],
          ["power-off → declared received (detection included)",
           fmt(s["declared_since_poweroff"]["median"], 2),
-          fmt(s["declared_since_poweroff"]["worst"], 2), "", ""]]))
+          fmt(s["declared_since_poweroff"]["worst"], 2), "", ""],
+         ["floor: bare POST of the same body from the bench process",
+          fmt(s["floor_bare_post"]["median"], 4), fmt(s["floor_bare_post"]["worst"], 4),
+          "", ""]]))
     lines.append(f"floor: {len(r['tests'])} \"send test\" round trips (POST …/test → "
                  f"received), best {fmt(fl['best'], 3)} s; queued by the web process, so "
                  f"they include the sender's next look (≤ 1 s), which an incident queued "
