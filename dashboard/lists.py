@@ -8,10 +8,10 @@ before Up; VMs: Error, HA work in progress, power disagreeing with state … bef
 Running), then by name. Only the page's rows are read, and the page's extra facts (VMs
 per host, open HA items) cost one aggregate query each.
 
-The HA status column and filter (R17) come from vms.hastatus / hosts.hastatus when
-those modules provide a bulk function; until then the filter offers what the database
-says directly (HA on/off, an HA item in progress, waiting, failed; a host behind on
-ping).
+The HA status column (R17) comes from vms.hastatus / hosts.hastatus (statuses_for, a
+fixed number of queries for the page); the HA filter selects in the database what it
+can say directly (HA on/off, an HA item in progress, waiting, failed; a host behind on
+ping, Down or Alert, in maintenance).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from hadash import config
 from hadash.choices import FINAL_STEPS, Step, WorkType
 from hadash.models import HaWork
 from hosts.choices import HostStatus, ResourceState
+from hosts.hastatus import statuses_for as host_statuses_for
 from hosts.models import Host
 from vms.choices import ACTIVE_STATES, PowerState, VmState
+from vms.hastatus import statuses_for as vm_statuses_for
 from vms.models import VMInstance
 
 PAGE_SIZE = 50
@@ -240,7 +242,6 @@ def host_list(request, now=None) -> dict:
                for k, v in HOST_SORTS.items()],
         filtered=any(p[k] for k in ("q", "status", "rs", "cluster", "tag", "ha")),
         ping_threshold=cfg["ping.interval"] * cfg["ping.timeout"],
-        ha_template=ha_status_template(),
         now=now,
     )
     return out
@@ -346,39 +347,15 @@ def vm_list(request, now=None) -> dict:
         sorts=[Choice(k, v, None, query.link(sort="" if k == "problem" else k), k == sort)
                for k, v in VM_SORTS.items()],
         filtered=any(p[k] for k in ("q", "state", "power", "cluster", "host", "tag", "ha")),
-        ha_template=ha_status_template(),
         now=now,
     )
     return out
 
 
 def ha_statuses(rows: list, kind: str, now, cfg) -> None:
-    """Set ``row.ha_status`` (R17) on a page of rows with helper H4's bulk function
-    (``statuses_for`` in vms.hastatus / hosts.hastatus: a fixed number of queries per
-    page) when it is there; None otherwise (the template then shows what the row
-    itself says)."""
-    import importlib
-
-    result: dict = {}
-    try:
-        mod = importlib.import_module("vms.hastatus" if kind == "vm" else "hosts.hastatus")
-    except ImportError:
-        mod = None
-    fn = getattr(mod, "statuses_for", None)
-    if fn is not None and rows:
-        result = fn(rows, now=now, cfg=cfg) or {}
+    """Set ``row.ha_status`` (R17) on a page of rows with helper H4's bulk functions
+    (vms.hastatus / hosts.hastatus ``statuses_for``: a fixed number of queries)."""
+    fn = vm_statuses_for if kind == "vm" else host_statuses_for
+    result = fn(rows, now=now, cfg=cfg) if rows else {}
     for r in rows:
         r.ha_status = result.get(r.pk)
-
-
-def ha_status_template() -> str:
-    """Helper H4's include for an HA status (R17) once it is there; a plain one of ours
-    until then."""
-    from django.template import TemplateDoesNotExist
-    from django.template.loader import get_template
-
-    try:
-        get_template("dashboard/_ha_status.html")
-    except TemplateDoesNotExist:
-        return "dashboard/_list_ha_status.html"
-    return "dashboard/_ha_status.html"
