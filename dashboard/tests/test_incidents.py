@@ -382,7 +382,8 @@ def test_r19_alert_script_is_served_and_loaded_where_needed(op, story):
 def test_r18_r19_a_host_failure_through_the_engine_is_one_incident_with_vm_downtime(op):
     """h1 powers off at t=5: the engine opens one incident, declares it, restarts vm1
     (HA) elsewhere and leaves vm2 (not HA) Stopped; the incident page shows vm1's
-    downtime (last confirmation → Running again) and the alert resolved by itself."""
+    downtime (last confirmation → Running again) and the alert resolved by itself. vm3
+    crashes at t=120: a VM incident of its own."""
     from fleet.testing import world
 
     w = world({"hosts": {"h1": {}, "h2": {}, "h3": {"cluster": "c2"}},
@@ -390,14 +391,17 @@ def test_r18_r19_a_host_failure_through_the_engine_is_one_incident_with_vm_downt
                        "vm3": {"host": "h2", "ha": True}}})
     w.advance_to(5)
     w.fleet.power_off("h1")
+    w.advance_to(120)
+    w.fleet.vm_crash("vm3")
     w.advance_to(200)
-    (inc,) = Incident.objects.all()
+    inc = Incident.objects.get(kind="host")
     got = rows(html(op.get("/incidents")))
     assert [(r["kind"], r["subject"], r["state"]) for r in got] == [
-        ("host", "h1", "Resolved")]
+        ("vm", "vm3", "Resolved"), ("host", "h1", "Resolved")]
     vm1 = IncidentVm.objects.get(incident=inc, vm_name="vm1")
     assert vm1.downtime and vm1.downtime > 0
-    assert float(got[0]["dt_max"]) == vm1.downtime
+    assert float(got[1]["dt_max"]) == vm1.downtime
+    assert float(got[0]["dt_max"]) > 0  # vm3: its crash to Running again
     page = html(op.get(f"/incidents/{inc.pk}"))
     assert re.search(r'data-vm="vm1" data-outcome="restarted" data-downtime="([\d.]+)"', page)
     assert 'data-vm="vm2" data-outcome="not-ha"' in page
@@ -406,5 +410,6 @@ def test_r18_r19_a_host_failure_through_the_engine_is_one_incident_with_vm_downt
     assert 'data-state="resolved"' in alert
     # One alert for the whole story, and it is gone from the overview.
     assert Alert.objects.filter(incident=inc).count() == 1
+    assert Alert.objects.filter(incident__isnull=False).count() == 2
     assert op.get("/alerts.json").json()["open"] == 0
     assert 'id="no-alerts"' in html(op.get("/"))
