@@ -166,6 +166,20 @@ def _check_tag(value: str) -> None:
         raise ConfigError(f"ha.tag is a single host tag: {problem}")
 
 
+def _one_of(name: str, choices: tuple[str, ...]) -> Callable[[Any], None]:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(choices)}, not {_shown(str(value))}"
+            )
+    return check
+
+
+HA_MODES = ("armed", "observe", "disarmed")
+ADMISSION_MODES = ("off", "warn", "enforce")
+RESTART_ORDERS = ("priority", "strict")
+
+
 DAY = 86400
 KEYS: dict[str, Key] = {
     k.name: k
@@ -207,6 +221,24 @@ KEYS: dict[str, Key] = {
         Key("ha.max.hosts.down.ratio", "float", "0.5", "HA",
             "Mass-failure brake: above this share of a cluster's hosts Down or Alert, "
             "automatic restarts in that cluster pause.", 0, 1),
+        Key("ha.mode", "str", "armed", "HA",
+            "armed, observe or disarmed (R26): observe records what HA would do without "
+            "doing it; disarmed schedules no new HA work. A cluster may override it.",
+            check=_one_of("ha.mode", HA_MODES)),
+        Key("ha.failover.level", "int", "1", "HA",
+            "Host failures each cluster should survive (R22–R23).", 0, 3),
+        Key("ha.admission", "str", "warn", "HA",
+            "off, warn or enforce (R23): what happens when a start would break the "
+            "failover level.", check=_one_of("ha.admission", ADMISSION_MODES)),
+        Key("ha.restart.order", "str", "priority", "HA",
+            "priority, or strict: lower restart priorities wait for higher ones (R25).",
+            check=_one_of("ha.restart.order", RESTART_ORDERS)),
+        Key("ha.restart.order.timeout", "int", "120", "HA",
+            "Longest wait (seconds) of a lower priority under strict restart order (R25).",
+            0, DAY),
+        Key("oob.check.interval", "int", "300", "HA",
+            "How often (seconds) every host's BMC is checked: reachable, credentials "
+            "accepted, power On (R28).", 10, DAY),
     ]
 }
 
