@@ -52,3 +52,9 @@ class Priority(models.TextChoices):
 
 
 PRIORITY_RANK = {Priority.HIGH: 0, Priority.MEDIUM: 1, Priority.LOW: 2}
+
+
+class GroupKind(models.TextChoices):
+    """R25: a VM group's rule."""
+    ANTI_AFFINITY = "anti-affinity"
+    AFFINITY = "affinity"

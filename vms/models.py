@@ -9,7 +9,7 @@ from django.db import models, transaction
 from hadash.choices import Subject
 from hadash.events import record_event
 
-from .choices import ACTIVE_STATES, PowerState, Priority, VmState, VmType
+from .choices import ACTIVE_STATES, GroupKind, PowerState, Priority, VmState, VmType
 
 
 class VMInstanceManager(models.Manager):
@@ -162,3 +162,25 @@ class UnmanagedVm(models.Model):
     @property
     def has_definition(self) -> bool:
         return bool(self.definition_format)
+
+
+class VmGroup(models.Model):
+    """A named group of VMs (R25): `anti-affinity` — strict, never two members on one
+    host (HA restarts, maintenance migrations, operator starts and the failover plan
+    honour it; a placement that cannot waits with its reason) — or `affinity` — soft,
+    a member's host is preferred among the hosts that fit. ``cluster`` is informative
+    (the cluster page lists the groups of its VMs; blank: any)."""
+
+    name = models.CharField(max_length=255, unique=True)
+    kind = models.CharField(max_length=16, choices=GroupKind.choices)
+    members = models.ManyToManyField(VMInstance, related_name="vm_groups", blank=True)
+    cluster = models.CharField(max_length=255, blank=True, default="")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        db_table = "vm_group"
+        verbose_name = "VM group"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind})"
