@@ -1,9 +1,40 @@
-"""Computed failover plans (R22), one row per cluster, kept current by the engine's
-sweep (clusters.plans.refresh, called from Engine.cluster_checks)."""
+"""Clusters' own settings (`Cluster`: the per-cluster HA mode override, R26) and computed
+failover plans (R22), one row per cluster, kept current by the engine's sweep
+(clusters.plans.refresh, called from Engine.cluster_checks)."""
 
 from __future__ import annotations
 
 from django.db import models
+
+HA_MODE_CHOICES = [("armed", "armed"), ("observe", "observe"), ("disarmed", "disarmed")]
+
+
+class ClusterQuerySet(models.QuerySet):
+    def mode_overrides(self) -> dict[str, str]:
+        """{cluster: ha_mode} of the clusters that override the installation's
+        ha.mode (R26), one query."""
+        return dict(self.exclude(ha_mode="").values_list("name", "ha_mode"))
+
+
+class Cluster(models.Model):
+    """A cluster's own settings. Hosts name their cluster as text (Host.cluster); a
+    row exists only for a cluster with a setting of its own."""
+
+    name = models.CharField(max_length=255, primary_key=True)
+    # R26: blank = the installation's ha.mode; else armed, observe or disarmed.
+    ha_mode = models.CharField(
+        "HA mode", max_length=16, blank=True, default="", choices=HA_MODE_CHOICES,
+        help_text="Blank: the installation's ha.mode. observe: HA records what it would "
+                  "do without doing it; disarmed: no new HA work.")
+
+    objects = ClusterQuerySet.as_manager()
+
+    class Meta:
+        db_table = "cluster"
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
 
 
 class FailoverPlanQuerySet(models.QuerySet):

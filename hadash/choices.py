@@ -37,6 +37,8 @@ class Reason(models.TextChoices):
     VM_POWER_OFF = "VmPowerOff"
     VM_REPORT_MISSING = "VmReportMissing"
     OPERATOR = "Operator"
+    # R26 observe mode: the item ended having recorded what it would have done.
+    OBSERVED = "Observed"
 
 
 class Subject(models.TextChoices):
