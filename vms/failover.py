@@ -11,7 +11,10 @@ How a failure is simulated, as the engine would handle it: the failed hosts are 
 longer targets; their HA VMs (R9: ha_enabled or force.ha, and vm.ha.enabled) are placed
 one at a time in the engine's restart order (R10/R11: system VMs, then priority high →
 low, then name) on the cluster's Up, Enabled hosts with `ha=True` (ha.tag), each seeing
-the ones before it; their other VMs are simply gone.
+the ones before it; their other VMs are simply gone. Groups (R25) are honoured as HA
+honours them: a VM never lands where another member of one of its anti-affinity groups
+is (as the plan stands: members already placed in this scenario count where they were
+placed), and prefers a host with a member of one of its affinity groups.
 
 Capacity for k ≥ 2 (the approximation): every combination of k failing hosts is tried
 when there are at most COMBINATIONS of them; otherwise the combinations of the hosts
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 from hosts.choices import HostStatus, ResourceState
 
-from .choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES, VmState
+from .choices import ACTIVE_STATES, PRIORITY_RANK, SYSTEM_VM_TYPES, GroupKind, VmState
 from .placement import Pool, Room
 
 MAX_CAPACITY = 3
@@ -84,7 +87,10 @@ class ClusterState:
     vms: list[VmCopy]   # VMs occupying capacity on the cluster's hosts
     ha_tag: str = ""
     level: int = 1
+    # R25: vm id → [(group name, kind, member ids)] for the VMs in a group.
+    groups: dict = field(default_factory=dict)
     _pool: Pool | None = field(default=None, repr=False)
+    _home: dict | None = field(default=None, repr=False)
     _by_host: dict | None = field(default=None, repr=False)
     _names: dict | None = field(default=None, repr=False)
 
@@ -121,6 +127,28 @@ class ClusterState:
             self._by_host = by
         return self._by_host
 
+    def home(self) -> dict[int, int]:
+        """Where each VM of the copy is: {vm id: host id}."""
+        if self._home is None:
+            self._home = {v.id: v.host_id for v in self.vms}
+        return self._home
+
+    def group_hosts(self, vm_id: int, where: dict) -> tuple[frozenset, frozenset]:
+        """(hosts to avoid, hosts to prefer) for ``vm_id`` by its groups (R25), the
+        other members counted where ``where`` (this scenario's placements; None: did
+        not fit) or else the copy puts them."""
+        avoid, prefer = set(), set()
+        home = self.home()
+        for _name, kind, members in self.groups.get(vm_id, ()):
+            for m in members:
+                if m == vm_id:
+                    continue
+                h = where[m] if m in where else home.get(m)
+                if h is None:
+                    continue
+                (avoid if kind == GroupKind.ANTI_AFFINITY else prefer).add(h)
+        return frozenset(avoid), frozenset(prefer)
+
     def failable(self) -> list[HostCopy]:
         """Hosts that may still fail: every host not already Down or Removed."""
         return [h for h in self.hosts if h.status not in GONE]
@@ -140,7 +168,7 @@ def vm_rank(vm_type: str, priority: str) -> int:
 
 def load(clusters=None, *, cfg=None) -> dict[str, ClusterState]:
     """Copy the state of ``clusters`` (all when None) out of the database: two queries
-    plus the configuration's one."""
+    plus the configuration's one, and two for the VM groups (R25)."""
     from hadash import config
     from hosts.models import Host
 
@@ -176,7 +204,29 @@ def load(clusters=None, *, cfg=None) -> dict[str, ClusterState]:
                                  master and (ha_enabled or force), vm_rank(vtype, prio)))
     for st in states.values():
         st.hosts.sort(key=lambda h: h.name)
+    _load_groups(states)
     return states
+
+
+def _load_groups(states: dict[str, ClusterState]) -> None:
+    """R25: each copied VM's groups, with their members' ids."""
+    from .models import VmGroup
+
+    rows = list(VmGroup.members.through.objects.values_list("vmgroup_id", "vminstance_id"))
+    if not rows:
+        return
+    kinds = {g: (n, k) for g, n, k in VmGroup.objects.values_list("id", "name", "kind")}
+    members: dict[int, list[int]] = {}
+    for gid, vid in rows:
+        members.setdefault(gid, []).append(vid)
+    of_vm: dict[int, list[int]] = {}
+    for gid, vid in rows:
+        of_vm.setdefault(vid, []).append(gid)
+    for st in states.values():
+        for v in st.vms:
+            for gid in of_vm.get(v.id, ()):
+                name, kind = kinds[gid]
+                st.groups.setdefault(v.id, []).append((name, kind, tuple(members[gid])))
 
 
 def fingerprints(*, cfg) -> dict[str, str]:
@@ -198,8 +248,15 @@ def fingerprints(*, cfg) -> dict[str, str]:
             ha=Count("id", filter=Q(ha_enabled=True)), i=Sum("id"),
         )
     }
+    from .models import VmGroup
+
     conf = "|".join(str(_cfg(cfg, k, "")) for k in (
         "ha.tag", "ha.failover.level", "vm.ha.enabled", "force.ha"))
+    # R25: any change of a group's kind or members changes every fingerprint.
+    g = VmGroup.members.through.objects.aggregate(n=Count("id"), i=Sum("id"),
+                                                  v=Sum("vminstance_id"))
+    conf += f"|groups:{g['n']},{g['i']},{g['v']}:" + ",".join(
+        f"{i}{k[0]}" for i, k in VmGroup.objects.order_by("id").values_list("id", "kind"))
     parts: dict[str, list[str]] = {}
     for hid, cluster, status, rstate, cpus, mem, tags in Host.objects.order_by("id").values_list(
             "id", "cluster", "status", "resource_state", "cpus", "memory_mb", "tags"):
@@ -260,9 +317,18 @@ def simulate(state: ClusterState, failed_ids, *, stop_at_unfit: bool = False) ->
     names = state.names()
     placements: dict[str, str | None] = {}
     unfit: list[int] = []
+    where: dict[int, int | None] = {}  # R25: this scenario's placements by VM id
+    grouped = state.groups
     for v in vms:
+        exclude, prefer = failed_ids, frozenset()
+        if grouped and v.id in grouped:
+            avoid, prefer = state.group_hosts(v.id, where)
+            if avoid:
+                exclude = failed_ids | avoid
         room = pool.place(v.cpus, v.memory_mb, ha=True, ha_tag=state.ha_tag,
-                          exclude=failed_ids)
+                          exclude=exclude, prefer=prefer)
+        if grouped:
+            where[v.id] = room.id if room else None
         placements[v.name] = room.name if room else None
         if room is None:
             unfit.append(v.id)
@@ -388,9 +454,13 @@ def preview_evacuation(host) -> list[dict]:
     ha_tag = _cfg(cfg, "ha.tag", "")
     pool = Pool(placement.rooms_for(host.cluster, exclude=(host.pk,)))
     out = []
+    moved: dict[int, int | None] = {}  # R25: this preview's earlier placements
     # As prepare-for-maintenance schedules them: every Running VM, by name (R15).
     for vm in VMInstance.objects.filter(host=host, state=VmState.RUNNING).order_by("name"):
-        room = pool.place(vm.cpus, vm.memory_mb, ha=False, ha_tag=ha_tag)
+        rule = placement.group_rule(vm, moved=moved)
+        room = pool.place(vm.cpus, vm.memory_mb, ha=False, ha_tag=ha_tag,
+                          exclude=frozenset(rule.avoid), prefer=rule.prefer)
+        moved[vm.pk] = room.id if room else None
         c, m = room.shares_after(0, 0) if room else (None, None)
         out.append({
             "vm": vm.name, "vm_id": vm.pk, "cpus": vm.cpus, "memory_mb": vm.memory_mb,

@@ -14,6 +14,13 @@ Batch-awareness: in the database a placed VM occupies its target at once — an 
 is Starting on it, and a migration under way (its item Migrating towards a target) is
 counted on that target too — so the next placement of a batch sees it. In memory
 (`Pool`) every `take` is seen by the next `best`.
+
+Groups (R25): a `GroupRule` says which hosts a VM may not go to — a member of one of
+its anti-affinity groups runs there (strict) — and which it prefers — a member of one of
+its affinity groups runs there (soft: among the hosts that fit, those come first).
+`group_rule` reads it from the database for `ranked` / `candidates` (so HA restarts,
+operator starts and maintenance migrations honour it); the failover plan builds it from
+its copy (vms.failover).
 """
 
 from __future__ import annotations
@@ -66,6 +73,36 @@ class Room:
         return self.share_after(0, 0)
 
 
+@dataclass(frozen=True, slots=True)
+class GroupRule:
+    """What R25 asks of one VM's placement."""
+    avoid: dict            # host id → (group name, member name): anti-affinity forbids it
+    prefer: frozenset      # host ids running a member of one of its affinity groups
+
+    def __bool__(self) -> bool:
+        return bool(self.avoid or self.prefer)
+
+
+NO_RULE = GroupRule({}, frozenset())
+
+
+def build_rule(members) -> GroupRule:
+    """The rule from the other members' positions: ``members`` are (group, kind,
+    member name, host id) of the VM's groups' other members that occupy a host."""
+    from .choices import GroupKind
+
+    avoid: dict = {}
+    prefer = set()
+    for group, kind, name, host_id in members:
+        if host_id is None:
+            continue
+        if kind == GroupKind.ANTI_AFFINITY:
+            avoid.setdefault(host_id, (group, name))
+        else:
+            prefer.add(host_id)
+    return GroupRule(avoid, frozenset(prefer)) if avoid or prefer else NO_RULE
+
+
 def tag_allows(tags, *, ha: bool, ha_tag: str) -> bool:
     """R13/ha.tag: HA restarts only on tagged hosts; ordinary placement avoids them."""
     return not ha_tag or ((ha_tag in tags) == ha)
@@ -77,13 +114,18 @@ def spread_key(room: Room, cpus: int, memory_mb: int):
 
 
 def rank(rooms, cpus: int, memory_mb: int, *, ha: bool, ha_tag: str,
-         exclude=()) -> list[Room]:
+         exclude=(), rule: GroupRule = NO_RULE) -> list[Room]:
     """The rooms that fit a VM of this size (R13 filters on a copy: the rooms are
-    already Up, Enabled and of the cluster), best first (R24)."""
+    already Up, Enabled and of the cluster), best first (R24). ``rule`` (R25): hosts
+    it avoids are left out, hosts it prefers come first."""
+    avoid, prefer = rule.avoid, rule.prefer
     fitting = [r for r in rooms
-               if r.id not in exclude and tag_allows(r.tags, ha=ha, ha_tag=ha_tag)
-               and r.fits(cpus, memory_mb)]
-    fitting.sort(key=lambda r: spread_key(r, cpus, memory_mb))
+               if r.id not in exclude and r.id not in avoid
+               and tag_allows(r.tags, ha=ha, ha_tag=ha_tag) and r.fits(cpus, memory_mb)]
+    if prefer:
+        fitting.sort(key=lambda r: (r.id not in prefer, *spread_key(r, cpus, memory_mb)))
+    else:
+        fitting.sort(key=lambda r: spread_key(r, cpus, memory_mb))
     return fitting
 
 
@@ -142,7 +184,15 @@ class Pool:
             self.take(room, -cpus, -memory_mb)
 
     def best(self, cpus: int, memory_mb: int, *, ha: bool, ha_tag: str,
-             exclude=frozenset()) -> Room | None:
+             exclude=frozenset(), prefer=frozenset()) -> Room | None:
+        """As `rank` would order them; ``exclude`` includes the hosts an anti-affinity
+        group forbids, ``prefer`` the hosts an affinity group prefers (R25)."""
+        if prefer:
+            liked = [r for r in (self.room(h) for h in prefer if h not in exclude)
+                     if r is not None and r.fits(cpus, memory_mb)
+                     and tag_allows(r.tags, ha=ha, ha_tag=ha_tag)]
+            if liked:
+                return min(liked, key=lambda r: spread_key(r, cpus, memory_mb))
         # The same filters and order as `rank` (spread_key), written out: this is the
         # failover plan's inner loop.
         best, best_share = None, 0.0
@@ -176,9 +226,10 @@ class Pool:
         return best
 
     def place(self, cpus: int, memory_mb: int, *, ha: bool, ha_tag: str,
-              exclude=frozenset()) -> Room | None:
+              exclude=frozenset(), prefer=frozenset()) -> Room | None:
         """`best`, then `take` it; returns the pool's room, the VM now counted on it."""
-        room = self.best(cpus, memory_mb, ha=ha, ha_tag=ha_tag, exclude=exclude)
+        room = self.best(cpus, memory_mb, ha=ha, ha_tag=ha_tag, exclude=exclude,
+                         prefer=prefer)
         if room is None:
             return None
         self.take(room, cpus, memory_mb)
@@ -231,11 +282,61 @@ def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:
     return rooms
 
 
+def group_members(vm: VMInstance, *, moved=None) -> list[tuple[str, str, str, int]]:
+    """(group, kind, member name, host id) for every other member of ``vm``'s groups
+    that occupies a host: where it runs (or starts, stops, migrates from), and the
+    target of a migration under way (R25). ``moved`` ({vm id: host id}) overrides
+    positions (a maintenance preview's earlier placements). One query when the VM is
+    in no group, three otherwise."""
+    from hadash.choices import FINAL_STEPS, Step, WorkType
+    from hadash.models import HaWork
+
+    from .models import VmGroup
+
+    Through = VmGroup.members.through
+    groups = {g: (n, k) for g, n, k in
+              VmGroup.objects.filter(members=vm.pk).values_list("id", "name", "kind")}
+    if not groups:
+        return []
+    rows = (Through.objects.filter(vmgroup_id__in=list(groups))
+            .exclude(vminstance_id=vm.pk)
+            .values_list("vmgroup_id", "vminstance_id", "vminstance__name",
+                         "vminstance__state", "vminstance__host_id"))
+    out, ids = [], set()
+    moved = moved or {}
+    for gid, vid, name, state, host_id in rows:
+        name_, kind = groups[gid]
+        ids.add(vid)
+        if vid in moved:
+            out.append((name_, kind, name, moved[vid]))
+        elif state in ACTIVE_STATES and host_id is not None:
+            out.append((name_, kind, name, host_id))
+    targets = dict(HaWork.objects.filter(
+        instance_id__in=ids, type=WorkType.MIGRATION, step=Step.MIGRATING,
+        target_host__isnull=False).exclude(step__in=FINAL_STEPS)
+        .values_list("instance_id", "target_host_id")) if ids else {}
+    if targets:
+        for gid, vid, name, _state, _host in rows:
+            if vid in targets and vid not in moved:
+                name_, kind = groups[gid]
+                out.append((name_, kind, name, targets[vid]))
+    return out
+
+
+def group_rule(vm: VMInstance, *, moved=None) -> GroupRule:
+    """``vm``'s R25 rule from the database (NO_RULE for a VM in no group)."""
+    return build_rule(group_members(vm, moved=moved))
+
+
 def ranked(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
-           exclude: tuple[int, ...] = (), only: tuple[int, ...] = ()) -> list[Room]:
-    """Rooms that fit ``vm``, best first (R13 filters, R24 order)."""
+           exclude: tuple[int, ...] = (), only: tuple[int, ...] = (),
+           rule: GroupRule | None = None) -> list[Room]:
+    """Rooms that fit ``vm``, best first (R13 filters, R24 order), honouring its
+    groups (R25; ``rule`` when the caller read it already)."""
     rooms = rooms_for(cluster, exclude=exclude, only=only)
-    return rank(rooms, vm.cpus, vm.memory_mb, ha=ha, ha_tag=ha_tag)
+    if rule is None:
+        rule = group_rule(vm)
+    return rank(rooms, vm.cpus, vm.memory_mb, ha=ha, ha_tag=ha_tag, rule=rule)
 
 
 def candidates(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
@@ -257,8 +358,28 @@ def pick_with_reason(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | No
     """The chosen host and why (R24), or (None, why none fits)."""
     found = ranked(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)
     if not found:
-        return None, no_room(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)
+        return None, why_none(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)[1]
     return found[0].host, explain(found[0], vm.cpus, vm.memory_mb, fitting=len(found))
+
+
+def why_none(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
+             exclude: tuple[int, ...] = ()) -> tuple[str, str]:
+    """Why no host takes ``vm``: ("anti-affinity", "group db: every fitting host
+    already runs a member (kvm-03, kvm-04)") when hosts fit but each runs a member of
+    one of its anti-affinity groups (R25), else ("no-capacity", `no_room`'s words)."""
+    rule = group_rule(vm)
+    if rule.avoid:
+        fitting = ranked(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude,
+                         rule=NO_RULE)
+        if fitting and all(r.id in rule.avoid for r in fitting):
+            by_group: dict[str, list[str]] = {}
+            for r in fitting:
+                by_group.setdefault(rule.avoid[r.id][0], []).append(r.name)
+            words = "; ".join(
+                f"group {g}: every fitting host already runs a member ({', '.join(sorted(h))})"
+                for g, h in sorted(by_group.items()))
+            return "anti-affinity", words
+    return "no-capacity", no_room(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)
 
 
 def no_room(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,

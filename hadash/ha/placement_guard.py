@@ -2,7 +2,9 @@
 locked and its free capacity re-checked in the transaction that moves the VM to
 Starting there, so two workers never fill the same room twice — and the next placement
 of the batch (the host's other restarts) sees this one, as the VM occupies its target at
-once. Why the host was chosen is recorded on the item (`HaWork.placement`, R24)."""
+once. The ranking honours the VM's groups (R25): two members of an anti-affinity group
+restarted at once never land on one host, as the second, once it holds the host's lock,
+sees the first there. Why the host was chosen is recorded on the item (`HaWork.placement`, R24)."""
 
 from __future__ import annotations
 
@@ -28,10 +30,16 @@ def pick(vm, *, ha: bool, cfg, exclude=()):
 
 
 def no_room(vm, *, ha: bool, cfg, exclude=()) -> str:
-    """Why no host has room (R17 no-capacity words): "needs 4 cpus / 8192 MB; best
-    host kvm-07 has 2 cpus / 16384 MB free"."""
-    return placement.no_room(vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster,
-                             exclude=tuple(exclude))
+    """Why no host takes the VM (R17 words): "needs 4 cpus / 8192 MB; best host
+    kvm-07 has 2 cpus / 16384 MB free", or for an anti-affinity group (R25) "group
+    db: every fitting host already runs a member (kvm-03, kvm-04)"."""
+    return why_none(vm, ha=ha, cfg=cfg, exclude=exclude)[1]
+
+
+def why_none(vm, *, ha: bool, cfg, exclude=()) -> tuple[str, str]:
+    """(WaitCause code, words): `no-capacity` or `anti-affinity` (R17, R25)."""
+    return placement.why_none(vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster,
+                              exclude=tuple(exclude))
 
 
 # Rankings redone when other workers' reservations keep changing the best host; after
