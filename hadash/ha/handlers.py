@@ -173,7 +173,9 @@ def force_stop(engine, item, vm, host, *, now) -> bool:
 
 
 def place_and_start(engine, item, vm, *, now, cfg) -> bool:
-    """R13/R14: choose a host and reserve it; then go on to Restarting."""
+    """R13/R14: choose a host and reserve it; then go on to Restarting. R25: waits
+    for higher priorities under strict restart order, and for a host its
+    anti-affinity groups allow."""
     cluster = vm.cluster
     if brake.is_braked(cluster, now=now, cfg=cfg):
         retry(item, now=now, after=cfg["investigate.retry.interval"],
@@ -181,12 +183,24 @@ def place_and_start(engine, item, vm, *, now, cfg) -> bool:
               message=f"{brake.WAITING} in cluster {cluster}: {brake.ratio_words(cluster, cfg)}"
                       "; restart paused")
         return False
+    # R25: with ha.restart.order = strict, a lower priority waits for the higher ones
+    # of its incident (at most ha.restart.order.timeout).
+    wait = placement_guard.order_wait(item, now=now, cfg=cfg)
+    if wait is not None:
+        words, after = wait
+        retry(item, now=now, after=after, waiting=WaitCause.ORDER,
+              message=f"VM {vm.name} {words}")
+        return False
     target = placement_guard.reserve(vm, item, ha=True, now=now, cfg=cfg)
     if target is None:
-        retry(item, now=now, after=cfg["restart.retry.interval"],
-              waiting=WaitCause.NO_CAPACITY,
-              message=f"no host has room for VM {vm.name} in cluster {cluster}: "
-                      f"{placement_guard.no_room(vm, ha=True, cfg=cfg)}")
+        # R17/R25: no room, or room only where a member of its anti-affinity group runs.
+        cause, words = placement_guard.why_none(vm, ha=True, cfg=cfg)
+        if cause == WaitCause.ANTI_AFFINITY:
+            message = f"VM {vm.name} cannot restart in cluster {cluster}: {words}"
+        else:
+            message = f"no host has room for VM {vm.name} in cluster {cluster}: {words}"
+        retry(item, now=now, after=cfg["restart.retry.interval"], waiting=cause,
+              message=message)
         return False
     return True
 

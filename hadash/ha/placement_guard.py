@@ -8,9 +8,11 @@ sees the first there. Why the host was chosen is recorded on the item (`HaWork.p
 
 from __future__ import annotations
 
+import datetime as dt
+
 from django.db import transaction
 
-from hadash.choices import Step
+from hadash.choices import Step, WorkType
 from hosts.models import Host
 from vms import placement
 from vms.choices import VmState
@@ -78,3 +80,41 @@ def reserve(vm, item, *, ha: bool, now, cfg):
                      message=f"HA work #{item.pk}: starting VM {vm.name} on {locked.name}")
             return locked
     return None
+
+
+# --- restart order (R25) -------------------------------------------------------------------
+
+ORDER_POLL = 5  # seconds between two looks of a VM waiting for higher priorities
+RANK_WORDS = {0: "system", 1: "high-priority", 2: "medium-priority", 3: "low-priority"}
+
+
+def order_wait(item, *, now, cfg) -> tuple[str, float] | None:
+    """R25, ``ha.restart.order`` = strict: whether this HA item must wait for
+    higher-priority VMs of its incident — (words, seconds to wait) — or None. It
+    waits while any of them has an unfinished HA item and is not Running yet (a VM
+    that failed, or that HA gave up on, no longer holds anyone back), until
+    ``ha.restart.order.timeout`` after the incident was declared (detected, for a
+    VM incident that has no declaration)."""
+    from hadash.models import HaWork
+    from vms.choices import VmState
+
+    if cfg["ha.restart.order"] != "strict" or not item.incident_id or item.rank == 0:
+        return None
+    incident = item.incident
+    since = incident.declared_at or incident.detected_at
+    deadline = since + dt.timedelta(seconds=cfg["ha.restart.order.timeout"])
+    if now >= deadline:
+        return None
+    ranks = list(HaWork.objects.unfinished().filter(
+        incident_id=item.incident_id, type=WorkType.HA, rank__lt=item.rank,
+    ).exclude(pk=item.pk).exclude(instance__state=VmState.RUNNING)
+        .values_list("rank", flat=True))
+    if not ranks:
+        return None
+    kinds = {RANK_WORDS.get(r, "higher-priority") for r in ranks}
+    kind = kinds.pop() if len(kinds) == 1 else "higher-priority"
+    n = len(ranks)
+    words = (f"waits for {n} {kind} VM{'s' if n != 1 else ''} of incident #{incident.pk} "
+             f"(strict restart order; at most until {deadline:%H:%M:%S})")
+    left = (deadline - now).total_seconds()
+    return words, max(1.0, min(float(ORDER_POLL), left))
