@@ -2,7 +2,9 @@
 fingerprint (vms.failover.fingerprints — two aggregate queries) with the one its stored
 plan was computed from, and recomputes the clusters that changed (at most every
 MIN_INTERVAL seconds per cluster, so a busy incident does not recompute every second).
-A plan is derived data, not a state change: no event is written for it."""
+A plan is derived data, not a state change: no event is written for it; the R23 alert
+of a cluster below its failover level (clusters.admission.sync_alerts) opens and
+resolves here, with its events."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from django.db import DatabaseError, transaction
 
 from vms import failover
 
+from . import admission
 from .models import FailoverPlan
 
 log = logging.getLogger("hadash.plans")
@@ -68,6 +71,9 @@ def refresh(*, now, cfg, force: bool = False) -> list[str]:
             FailoverPlan.objects.filter(cluster__in=gone).delete()
         if due:
             recompute(due, now=now, cfg=cfg, fingerprints=prints)
+        # R23: the failover-level alert follows the stored capacities (and the level
+        # and admission mode of now).
+        admission.sync_alerts(now=now, cfg=cfg)
         return due
     except DatabaseError:
         raise

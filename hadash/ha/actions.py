@@ -8,10 +8,25 @@ class ActionError(ValueError):
     """An action that cannot be done as asked; the message says why (API: 400/409)."""
 
 
+class AdmissionRefused(ActionError):
+    """R23 enforce: the HA VM would push its cluster's failover capacity below
+    ha.failover.level (API: 409 with the reason)."""
+
+
+def admit(reason: str) -> None:
+    """Raise AdmissionRefused with ``reason`` (clusters.admission's words), if any."""
+    if reason:
+        raise AdmissionRefused(f"refused by admission control (ha.admission enforce): "
+                               f"{reason}")
+
+
 def register_vm(*, name, host_name, cpus, memory_mb, ha_enabled=False, priority="medium",
-                type="User", now, definition=None, message=""):
+                type="User", now, definition=None, message="", admission=True):
     """Register a VM that runs on ``host_name`` (state Running, PowerOn).
-    ``definition``: (format, xml) stored with it, from that host (issue 9 adoption)."""
+    ``definition``: (format, xml) stored with it, from that host (issue 9 adoption).
+    R23: an HA VM that would push the cluster below its failover level is refused
+    under ``ha.admission`` enforce (AdmissionRefused); ``admission=False`` describes
+    the world as it is (a scenario's set-up)."""
     from django.db import IntegrityError, transaction
 
     from hadash.choices import Subject
@@ -32,6 +47,13 @@ def register_vm(*, name, host_name, cpus, memory_mb, ha_enabled=False, priority=
     host = Host.objects.filter(name=host_name).first()
     if host is None:
         raise ActionError(f"unknown host {host_name!r}")
+    if admission and not VMInstance.objects.filter(name=name).exists():
+        from clusters import admission as r23
+        from hadash import config
+
+        admit(r23.refusal(cluster=host.cluster, name=name, host_id=host.pk, cpus=cpus,
+                          memory_mb=memory_mb, ha_enabled=ha_enabled, vm_type=type,
+                          priority=priority, cfg=config.snapshot()))
     try:
         with transaction.atomic():
             vm = VMInstance.objects.create(
@@ -280,8 +302,15 @@ def start_vm(vm, *, engine, by=""):
     if HaWork.objects.filter(instance=vm).exclude(step__in=FINAL_STEPS).exists():
         raise ActionError(f"VM {vm.name} has unfinished HA work; let it finish first")
     now = engine.now()
+    found = placement.candidates(vm, ha=False, ha_tag=cfg["ha.tag"], cluster=vm.cluster)
+    if found:
+        # R23 enforce: an HA VM that would push its cluster below the failover level
+        # is not started (checked where placement would put it).
+        from clusters import admission as r23
+
+        admit(r23.refusal_for_vm(vm, host_id=found[0].pk, cfg=cfg))
     target = None
-    for host in placement.candidates(vm, ha=False, ha_tag=cfg["ha.tag"], cluster=vm.cluster):
+    for host in found:
         with transaction.atomic():
             locked = Host.objects.select_for_update().get(pk=host.pk)
             if placement.candidates(vm, ha=False, ha_tag=cfg["ha.tag"], cluster=vm.cluster,
@@ -294,7 +323,8 @@ def start_vm(vm, *, engine, by=""):
                 target = locked
                 break
     if target is None:
-        raise ActionError(f"no host has room for VM {vm.name}")
+        why = placement.why_none(vm, ha=False, ha_tag=cfg["ha.tag"], cluster=vm.cluster)[1]
+        raise ActionError(f"no host has room for VM {vm.name}: {why}")
     try:
         # PROTOCOL.md v1.1: the stored definition goes with the start (an agent
         # client written before v1.1 is called as before when there is none).
@@ -311,4 +341,20 @@ def start_vm(vm, *, engine, by=""):
                   power_state=PowerState.POWER_ON, power_host=target,
                   power_state_update_time=engine.now(), power_state_update_count=1,
                   message=f"VM {vm.name} Running on {target.name}")
+    return vm
+
+
+def set_vm_ha(vm, enabled: bool, *, now, by=""):
+    """Turn a VM's HA on or off (SettingsChanged event). R23 enforce: making a VM
+    HA-enabled that would push its cluster below the failover level is refused
+    (AdmissionRefused) and nothing changes."""
+    from hadash import config
+    from hadash.api.serializers import apply_settings
+
+    vm.refresh_from_db()
+    if enabled and not vm.ha_enabled:
+        from clusters import admission as r23
+
+        admit(r23.refusal_for_vm(vm, ha_enabled=True, cfg=config.snapshot()))
+    apply_settings(vm, {"ha_enabled": bool(enabled)}, by=by, now=now)
     return vm
