@@ -427,9 +427,11 @@ class VMListView(ApiView):
     @extend_schema(
         summary="Register a VM",
         description="Registers a VM that runs on `host`: state Running, power state PowerOn. "
-        "An unknown host or a name already in use is a 400 and nothing is written.",
+        "An unknown host or a name already in use is a 400 and nothing is written. "
+        "Under `ha.admission` enforce (R23), an HA VM that would push its cluster's "
+        "failover capacity below `ha.failover.level` is refused: 409 with the reason.",
         request=VMCreateSerializer,
-        responses={201: VMSerializer, 400: E400, 401: E401, 403: E403},
+        responses={201: VMSerializer, 400: E400, 401: E401, 403: E403, 409: E409},
     )
     def post(self, request):
         ser = VMCreateSerializer(data=request.data)
@@ -446,6 +448,8 @@ class VMListView(ApiView):
                 type=d["type"],
                 now=timezone.now(),
             )
+        except actions.AdmissionRefused as exc:
+            return error(str(exc), status.HTTP_409_CONFLICT)
         except actions.ActionError as exc:
             return error(str(exc), status.HTTP_400_BAD_REQUEST)
         return Response(VMSerializer(_vm(vm.name)).data, status=status.HTTP_201_CREATED)
@@ -462,15 +466,25 @@ class VMDetailView(ApiView):
     @extend_schema(
         summary="Change a VM's operator-set fields",
         description=f"Settable: {', '.join(VM_SETTINGS)}. Writes a `SettingsChanged` event; "
-        "state changes go through the start and stop actions.",
+        "state changes go through the start and stop actions. Under `ha.admission` "
+        "enforce (R23), turning `ha_enabled` on for a running VM that would push its "
+        "cluster below `ha.failover.level` is refused: 409 with the reason, nothing changes.",
         parameters=[VM_NAME],
         request=VMSettingsSerializer,
-        responses={200: VMSerializer, **WRITE_ERRORS},
+        responses={200: VMSerializer, 409: E409, **WRITE_ERRORS},
     )
     def patch(self, request, name: str):
         vm = _vm(name)
         ser = VMSettingsSerializer(data=request.data, partial=True)
         ser.is_valid(raise_exception=True)
+        if ser.validated_data.get("ha_enabled") and not vm.ha_enabled:
+            from clusters import admission
+
+            try:
+                actions.admit(admission.refusal_for_vm(vm, ha_enabled=True,
+                                                       cfg=config.snapshot()))
+            except actions.AdmissionRefused as exc:
+                return error(str(exc), status.HTTP_409_CONFLICT)
         apply_settings(vm, ser.validated_data, by=self.by(), now=timezone.now())
         return Response(VMSerializer(_vm(name)).data)
 
@@ -505,7 +519,9 @@ class VMStartView(ApiView):
 
     @extend_schema(
         summary="Start a VM",
-        description="Places and starts a stopped VM now (synchronously); answers with the VM.",
+        description="Places and starts a stopped VM now (synchronously); answers with the VM. "
+        "409 with the reason when no host has room, or (R23, `ha.admission` enforce) when "
+        "an HA VM would push its cluster below `ha.failover.level`.",
         parameters=[VM_NAME],
         request=None,
         responses={200: VMSerializer, 409: E409, **WRITE_ERRORS},
@@ -600,6 +616,8 @@ class UnmanagedVmAdoptView(ApiView):
         try:
             vms = actions.adopt_vms([dict(e) for e in ser.validated_data["vms"]],
                                     now=timezone.now(), by=self.by())
+        except actions.AdmissionRefused as exc:
+            return error(str(exc), status.HTTP_409_CONFLICT)
         except actions.ActionError as exc:
             return error(str(exc), status.HTTP_400_BAD_REQUEST)
         rows = vms_queryset().filter(pk__in=[v.pk for v in vms])

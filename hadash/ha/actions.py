@@ -114,8 +114,8 @@ def adopt_vms(entries, *, now, by=""):
                     message=(f"VM {e['name']} adopted{' by ' + by if by else ''}, Running on "
                              f"{e['host']} (HA {'on' if e.get('ha_enabled') else 'off'})"),
                 )
-            except ActionError as exc:
-                raise ActionError(f"{where}: {exc}") from None
+            except ActionError as exc:  # AdmissionRefused stays one (R23: 409)
+                raise type(exc)(f"{where}: {exc}") from None
             if row.power_state != PowerState.POWER_ON:
                 # Powered off there: adopted Stopped (last on that host), so HA does
                 # not "restart" a VM nobody was running.
