@@ -18,7 +18,8 @@ control API (each in another cluster, the next only after the previous incident'
 
 **Floor**, in the same run: "send test" round trips, ``POST
 /api/v1/notification-channels/{id}/test`` → the ``test`` webhook received, before
-each power-off. A test is queued by the web process, so the engine's sender picks it
+each power-off (after a random pause of up to a second, see :func:`send_test`). A
+test is queued by the web process, so the engine's sender picks it
 up on its next look (every second: up to 1 s more), whereas a declared incident is
 queued in the engine process itself, which wakes its sender at once: the test round
 trip is what a web-queued delivery costs, not a strict lower bound of the declared
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import threading
 import time
 import uuid
@@ -45,12 +47,14 @@ from typing import Any
 import httpx
 
 from hadash.supervisor import free_port
+from notify.sender import POLL
 
 from .common import (
     BenchDatabase,
     BenchError,
     fmt,
     interruptible,
+    machine_busy,
     machine_info,
     median,
     say,
@@ -196,10 +200,13 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
         with_ha = {v["host"] for v in system.get("/vms", ha_enabled="true", limit=10000)}
         victims = pick_victims(system.get("/hosts", limit=10000), o["failures"], with_ha)
         bound = interval * float(cfg["ping.timeout"]) + 60
+        rng = random.Random(1)
+        busy0 = machine_busy()
         for n, victim in enumerate(victims, 1):
             for _ in range(o["tests"]):
-                tests.append(send_test(system, receiver, channel["id"]))
+                tests.append(send_test(system, receiver, channel["id"], rng))
             failures.append(one_failure(system, receiver, victim, bound, n, len(victims)))
+        busy1 = machine_busy()
         deliveries = system.get("/deliveries", channel=channel["id"], limit=1000)
         engine = system.get("/engine")
     load_after = os.getloadavg()
@@ -215,7 +222,10 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
         "clusters": o["clusters"], "start_delay": o["start_delay"], "config": cfg,
         "ready_s": round(ready, 1),
         "load": {"before": [round(x, 2) for x in load_before],
-                 "after": [round(x, 2) for x in load_after]},
+                 "after": [round(x, 2) for x in load_after],
+                 # cores busy (whole machine, all users) while the failures ran
+                 "busy_cores": round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-6)
+                                     * (os.cpu_count() or 1), 2)},
         "failures": failures, "tests": tests,
         "summary": {
             "declared": {"median": median(declared), "worst": max(declared)},
@@ -239,8 +249,13 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
     }
 
 
-def send_test(system: System, receiver: Receiver, channel_id: int) -> dict[str, Any]:
-    """One "send test": POST …/test → the test webhook received."""
+def send_test(system: System, receiver: Receiver, channel_id: int,
+              rng: random.Random) -> dict[str, Any]:
+    """One "send test": POST …/test → the test webhook received. It is sent after a
+    random pause of up to one sender poll: the sender last looked when the previous
+    webhook went out, just before, so without the pause every test would wait the
+    poll's full second."""
+    time.sleep(rng.uniform(0, POLL))
     t0 = time.time()
     r = system.api.post(f"/notification-channels/{channel_id}/test", json={})
     t1 = time.time()
@@ -327,7 +342,9 @@ def report(r: dict[str, Any]) -> str:
         f"VMs (HA ratio {r['ha_ratio']}), {r['clusters']} clusters; ping.interval "
         f"{cfg['ping.interval']}, ping.timeout {cfg['ping.timeout']}; fleet ready after "
         f"{r['ready_s']} s; load average before {lb[0]:.2f} {lb[1]:.2f} {lb[2]:.2f}, "
-        f"after {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}",
+        f"after {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}; the machine (all its users) was "
+        f"busy {r['load']['busy_cores']:.2f} of {r['machine']['nproc']} cores while "
+        f"hosts failed",
     ]
     rows = [[f["host"], f["incident"], f["vms_affected"], fmt(f["detected_since_poweroff_s"], 2),
              fmt(f["opened_s"], 3), fmt(f["declared_s"], 3),
@@ -352,8 +369,9 @@ def report(r: dict[str, Any]) -> str:
           "", ""]]))
     lines.append(f"floor: {len(r['tests'])} \"send test\" round trips (POST …/test → "
                  f"received), best {fmt(fl['best'], 3)} s; queued by the web process, so "
-                 f"they include the sender's next look (≤ 1 s), which an incident queued "
-                 f"by the engine does not wait for")
+                 f"they include the sender's next look (≤ {POLL:g} s; each test sent "
+                 f"after a random pause), which an incident queued by the engine does not "
+                 f"wait for")
     d = r["deliveries"]
     lines.append(f"receiver: {r['receiver']['messages']} webhooks, "
                  f"{r['receiver']['duplicates']} duplicates; deliveries: {d['total']}, "
