@@ -8,7 +8,11 @@
   API) ask `refusal`; HA restarts never do: they are never refused.
 - warn: allowed; an alert (kind `failover-level`, subject cluster) is open while a
   cluster's capacity is below the level — opened and resolved where the plans are
-  recomputed (`sync_alerts`, from clusters.plans.refresh).
+  recomputed (`sync_alerts`, from clusters.plans.refresh). It tells of a shortage an
+  operator must fix (too little room, too many HA VMs): it is not opened while a host
+  of the cluster is failed or failing (Down, Alert, Disconnected, Error) — capacity
+  lost to a failure is that failure's incident and its one alert (R19) — but one open
+  already stays open until the capacity is back.
 - off: nothing.
 
 The capacity with the VM is computed with the failover plan's code (vms.failover) on a
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 from vms import failover
 
 ALERT_KIND = "failover-level"
+# Host statuses of a failure under way or just happened (see `sync_alerts`).
+FAILING = ("Down", "Alert", "Disconnected", "Error")
 
 
 def _cfg(cfg, name, default):
@@ -143,7 +149,15 @@ def sync_alerts(*, now, cfg) -> None:
                 below[cluster] = (capacity, worst or {})
     open_now = {a.subject_name: a for a in Alert.objects.filter(
         kind=ALERT_KIND, subject=Subject.CLUSTER, state=AlertState.OPEN)}
+    failing = set()
+    if any(c not in open_now for c in below):
+        from hosts.models import Host
+
+        failing = set(Host.objects.filter(cluster__in=list(below), status__in=FAILING)
+                      .values_list("cluster", flat=True).distinct())
     for cluster, (capacity, worst) in below.items():
+        if cluster in failing and cluster not in open_now:
+            continue  # the failure's incident tells it (R19)
         title = (f"Cluster {cluster} below its failover level: survives {capacity} host "
                  f"failure{'s' if capacity != 1 else ''}, level {level}")
         old = open_now.get(cluster)

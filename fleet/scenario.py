@@ -31,7 +31,9 @@ HOST_EVENT = re.compile(
     r"disable|enable|maintenance|cancel-maintenance|start-fail (\d+))$"
 )
 BMC_EVENT = re.compile(r"^bmc (\S+) (fail|ok)$")
-VM_EVENT = re.compile(r"^vm (\S+) (crash|vanish|stop)$")
+VM_EVENT = re.compile(r"^vm (\S+) (crash|vanish|stop|start|ha on|ha off)$")
+# Operator actions on VMs (the others are faults of the simulated machines).
+OPERATOR_VM_ACTIONS = ("stop", "start", "ha on", "ha off")
 CONFIG_EVENT = re.compile(r"^config (\S+) (.+)$")
 
 HOST_DEFAULTS = {"cluster": "c1", "cpus": 16, "memory_mb": 65536, "tags": []}
@@ -49,6 +51,9 @@ EXPECT_KEYS = {
     # R19: alerts open now / opened so far (incident alerts and the others).
     "alerts_open": set(),
     "alerts": set(),
+    # R22/R23: a cluster's stored failover capacity, and its failover-level alert
+    # (`open`, `resolved`, `no alert`).
+    "cluster": {"failover_capacity", "alert"},
 }
 # Expectations whose value is the expected count itself: `{at: 120, alerts_open: 0}`.
 COUNT_KINDS = ("alerts_open", "alerts")
@@ -74,7 +79,7 @@ def is_operator_action(do: str) -> bool:
     if m := HOST_EVENT.match(do):
         return m.group(2) in OPERATOR_HOST_ACTIONS
     if m := VM_EVENT.match(do):
-        return m.group(2) == "stop"
+        return m.group(2) in OPERATOR_VM_ACTIONS
     return bool(CONFIG_EVENT.match(do))
 
 
@@ -137,6 +142,8 @@ def load(path: Path) -> dict:
     data.setdefault("events", [])
     data.setdefault("expect", [])
     data.setdefault("config", {})
+    data.setdefault("groups", {})
+    _check_groups(path, data)
     for section in ("events", "expect"):
         if not isinstance(data[section], list):
             raise ScenarioError(f"{path}: '{section}' must be a list")
@@ -163,7 +170,7 @@ def load(path: Path) -> dict:
         kind = kind_of(ex)
         if kind is None:
             raise ScenarioError(f"{path}: expect[{i}] names one of vm, host, work, action, "
-                                "incident, alerts_open or alerts")
+                                "incident, cluster, alerts_open or alerts")
         if kind in COUNT_KINDS and (not isinstance(ex[kind], int) or ex[kind] < 0):
             raise ScenarioError(f"{path}: expect[{i}]: '{kind}' is a count ≥ 0")
         if kind == "action" and not isinstance(ex["action"], str):
@@ -180,9 +187,29 @@ def load(path: Path) -> dict:
     return data
 
 
+def _check_groups(path, data: dict) -> None:
+    """R25: `groups: {g1: {kind: anti-affinity, vms: [vm1, vm2]}}` — each a kind
+    (`anti-affinity` or `affinity`) and VMs the scenario declares."""
+    groups = data["groups"]
+    if not isinstance(groups, dict):
+        raise ScenarioError(f"{path}: 'groups' must be a mapping of group name to "
+                            "{kind, vms}")
+    declared = {str(v) for v in data["vms"] or {}}
+    for name, spec in groups.items():
+        if not isinstance(spec, dict) or spec.get("kind") not in ("anti-affinity", "affinity"):
+            raise ScenarioError(f"{path}: groups.{name}: kind must be anti-affinity or affinity")
+        vms = spec.get("vms", [])
+        if not isinstance(vms, list):
+            raise ScenarioError(f"{path}: groups.{name}: vms must be a list")
+        unknown = [str(v) for v in vms if str(v) not in declared]
+        if unknown:
+            raise ScenarioError(f"{path}: groups.{name}: no VM {', '.join(unknown)} in 'vms'")
+
+
 def kind_of(ex: dict) -> str | None:
-    """`vm:` and `work:` name their subject; `host` is then an attribute."""
-    for kind in ("vm", "work", "incident", "host", "action", *COUNT_KINDS):
+    """`vm:` and `work:` name their subject; `host` (and `cluster`) are then
+    attributes."""
+    for kind in ("vm", "work", "incident", "host", "action", "cluster", *COUNT_KINDS):
         if kind in ex:
             return kind
     return None
@@ -226,7 +253,7 @@ class Run:
         from hadash.ha import actions
         from hosts.models import Host
         from vms.choices import VmState
-        from vms.models import VMInstance
+        from vms.models import VmGroup, VMInstance
 
         now = self.clock.now()
         for k, v in (self.data.get("config") or {}).items():
@@ -251,10 +278,12 @@ class Run:
         for name, spec in self.data["vms"].items():
             spec = {**VM_DEFAULTS, **(spec or {})}
             if spec["state"] == "Running":
+                # The world as the scenario describes it: not an operator's
+                # registration, so admission control (R23) is not asked.
                 actions.register_vm(
                     name=str(name), host_name=str(spec["host"]), cpus=int(spec["cpus"]),
                     memory_mb=int(spec["memory_mb"]), ha_enabled=bool(spec["ha"]),
-                    priority=str(spec["priority"]), now=now,
+                    priority=str(spec["priority"]), now=now, admission=False,
                 )
             else:
                 VMInstance.objects.create(
@@ -265,6 +294,10 @@ class Run:
                 )
                 if spec["state"] not in VmState.values:
                     raise ScenarioError(f"vm {name}: unknown state {spec['state']!r}")
+        for name, spec in (self.data.get("groups") or {}).items():
+            group = VmGroup.objects.create(name=str(name), kind=spec["kind"])
+            group.members.set(VMInstance.objects.filter(
+                name__in=[str(v) for v in spec.get("vms", [])]))
 
     def connect(self, name: str) -> None:
         from hosts.agent.service import ConnectData, connect
@@ -360,7 +393,12 @@ class Run:
                 vm = VMInstance.objects.filter(name=name).first()
                 if vm is None:
                     raise Refused(f"unknown VM {name!r}")
-                actions.stop_vm(vm, now=now, by="scenario")
+                if what == "stop":
+                    actions.stop_vm(vm, now=now, by="scenario")
+                elif what == "start":
+                    actions.start_vm(vm, engine=self.engine, by="scenario")
+                else:  # ha on / ha off (R23: admission may refuse "ha on")
+                    actions.set_vm_ha(vm, what == "ha on", now=now, by="scenario")
         elif m := CONFIG_EVENT.match(do):
             config.set_value(m.group(1), m.group(2), now=now, by="scenario")
 
@@ -466,6 +504,20 @@ class Run:
             return alert.state if alert else "no alert"
         return getattr(inc, c.key)
 
+    def found_cluster(self, c: Check):
+        """R22/R23: the stored failover plan's capacity (as the engine keeps it), or
+        the cluster's failover-level alert."""
+        from clusters.admission import ALERT_KIND
+        from clusters.models import FailoverPlan
+        from hadash.models import Alert
+
+        if c.key == "alert":
+            alert = (Alert.objects.filter(kind=ALERT_KIND, subject_name=c.name)
+                     .order_by("-id").first())
+            return alert.state if alert else "no alert"
+        plan = FailoverPlan.objects.filter(cluster=c.name).first()
+        return plan.capacity if plan else "no plan"
+
     def check(self, c: Check) -> None:
         from hadash.models import Event, HaWork
         from hosts.models import Host
@@ -473,6 +525,10 @@ class Run:
 
         if c.kind in COUNT_KINDS or c.kind == "incident":
             c.found = self.found_incident(c)
+            c.ok = c.found == c.expected
+            return
+        if c.kind == "cluster":
+            c.found = self.found_cluster(c)
             c.ok = c.found == c.expected
             return
         if c.kind == "action":
