@@ -26,6 +26,7 @@ class SimHost:
     agent_running: bool = True
     network_on: bool = True
     bmc_ok: bool = True
+    bmc_off: bool = False  # the BMC answers and reports power Off (`host H bmc-off`)
     start_fail: int = 0
     vms: dict[str, str] = field(default_factory=dict)  # name → PowerOn/PowerOff
 
@@ -80,7 +81,16 @@ class SimFleet:
         self.host(name).network_on = on
 
     def bmc(self, name: str, ok: bool) -> None:
-        self.host(name).bmc_ok = ok
+        h = self.host(name)
+        h.bmc_ok = ok
+        if ok:
+            h.bmc_off = False
+
+    def bmc_reports_off(self, name: str) -> None:
+        """`host H bmc-off`: the BMC answers and reports power Off (R27, R28) — the
+        machine itself is not touched (a BMC pointed at the wrong system, or one
+        that reports Off before the machine is really off)."""
+        self.host(name).bmc_off = True
 
     def start_fail(self, name: str, n: int) -> None:
         self.host(name).start_fail = n
@@ -178,12 +188,22 @@ class SimOobClient:
         h = self.fleet.hosts.get(host.name)
         if h is None or not h.bmc_ok:
             return None
-        return "On" if h.powered else "Off"
+        return "On" if h.powered and not h.bmc_off else "Off"
+
+    def check_bmc(self, host):
+        self.fleet.calls.append(("bmc-check", host.name))
+        h = self.fleet.hosts.get(host.name)
+        if h is None or not h.bmc_ok:
+            return "BMC unreachable (simulated)"
+        if self.power_state(host) == "Off":
+            return "BMC reports power Off while the host should run"
+        return None
 
     def power_off(self, host) -> bool:
         self.fleet.calls.append(("fence", host.name))
         h = self.fleet.hosts.get(host.name)
         if h is None or not h.bmc_ok:
             return False
+        h.bmc_off = False  # the ForceOff reaches the machine itself
         self.fleet.power_off(host.name)
         return True

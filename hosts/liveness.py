@@ -205,8 +205,10 @@ def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool
 
     verdict, by = investigate_host(engine, host, now=now, cfg=cfg, health=health)
     if verdict == Verdict.DEAD:
-        # Stamped when the verdict is in, not when the investigation began.
-        return host_down(host, now=engine.now(), cfg=cfg, by=by, seen_ping=seen_ping)
+        # Stamped when the verdict is in, not when the investigation began. R27: the
+        # BMC reporting power Off (the OutOfBand verdict) is proof the host is fenced.
+        return host_down(host, now=engine.now(), cfg=cfg, by=by, seen_ping=seen_ping,
+                         fenced_by_bmc=by == "OutOfBand")
     retry = now + dt.timedelta(seconds=cfg["investigate.retry.interval"])
     if verdict == Verdict.ALIVE:
         # R5: alive but not talking to us — Alert; its VMs may still run, so untouched.
@@ -270,15 +272,26 @@ def _event_severity(host: Host, event: str, now, severity: str) -> None:
     Event.objects.filter(host=host, event=event, time=now).update(severity=severity)
 
 
-def host_down(host: Host, *, now, cfg, by: str, seen_ping=None) -> bool:
+def host_down(host: Host, *, now, cfg, by: str, seen_ping=None,
+              fenced_by_bmc: bool = False) -> bool:
     """R5 Down branch: event HostDown, status Down, every VM on the host scheduled
     for HA (R10), and the host's incident declared (R18: its alert turns critical) —
-    all in one transaction."""
+    all in one transaction. ``fenced_by_bmc`` (R27): its BMC reports power Off, so it
+    counts as fenced (fenced_at, a Fenced event) and no ForceOff is ever sent."""
     with transaction.atomic():
         if seen_ping is not None and not Host.objects.select_for_update().filter(
             pk=host.pk, last_ping=seen_ping
         ).exists():
             return False
+        if fenced_by_bmc:
+            by = "fenced: BMC reports power Off"
+            if host.status != HostStatus.DOWN:
+                incident = incidents.host_fenced(host, now=now, by="its BMC (power Off)")
+                record_event(
+                    Subject.HOST, host, event=HostEvent.FENCED, reason="OutOfBand", now=now,
+                    severity=Severity.WARNING, incident=incident,
+                    message=f"Host {host.name} fenced: BMC reports power Off (no ForceOff "
+                            "needed)")
         if not host.transition(
             HostStatus.DOWN, now=now, event=HostEvent.HOST_DOWN, reason=by,
             expect=(HostStatus.UP, HostStatus.CONNECTING, HostStatus.ALERT,

@@ -1,6 +1,6 @@
 """`OobClient` over Redfish (DMTF): BMC power state and fencing (PROTOCOL.md, SPEC R4/R12).
 
-Only two Redfish resources are used:
+Only two Redfish resources are used (R28's BMC check reads the first):
 
 * ``GET {oobm_address}/redfish/v1/Systems/{oobm_system_id}`` → ``PowerState``;
 * ``POST …/Actions/ComputerSystem.Reset`` with ``{"ResetType": "ForceOff"}`` (or ``"On"``).
@@ -160,6 +160,33 @@ class RedfishClient:
         if not isinstance(data, dict):
             return None
         return normalise_power_state(data.get("PowerState"))
+
+    def check_bmc(self, host: Host) -> str | None:
+        """R28: reachable, credentials accepted, PowerState On → None; else why not."""
+        url = self.system_url(host)
+        if url is None:
+            return "out-of-band management not configured"
+        try:
+            response = self._client.request("GET", url, auth=self._auth(host))
+        except httpx.TimeoutException:
+            return f"BMC unreachable: no answer within {self.read_timeout:g} s"
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            return f"BMC unreachable: {type(exc).__name__}: {str(exc)[:120]}"
+        if response.status_code in (401, 403):
+            return f"BMC refuses the credentials (HTTP {response.status_code})"
+        if not response.is_success:
+            return f"BMC answers HTTP {response.status_code} for {url}"
+        try:
+            data = response.json()
+        except ValueError:
+            return "BMC answers, but not with a Redfish system (not JSON)"
+        raw = data.get("PowerState") if isinstance(data, dict) else None
+        state = normalise_power_state(raw)
+        if state == "Off":
+            return "BMC reports power Off while the host should run"
+        if state != "On":
+            return f"BMC reports no settled power state ({raw!r})"
+        return None
 
     def power_off(self, host: Host) -> bool:
         """Fence: ForceOff, then wait (bounded) until the BMC reports Off."""

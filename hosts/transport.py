@@ -61,3 +61,8 @@ class OobClient(Protocol):
 
     def power_off(self, host: Host) -> bool:
         """Fence: ForceOff, then confirm the BMC reports Off. True only when it does."""
+
+    def check_bmc(self, host: Host) -> str | None:
+        """R28: None when the BMC answers, accepts the credentials and reports power
+        On; else why not, in an operator's words ("unreachable: …", "credentials
+        refused (HTTP 401)", "reports power Off"). Bounded by the client's timeouts."""

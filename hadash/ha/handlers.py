@@ -23,7 +23,7 @@ from vms.choices import PowerState, VmState
 from vms.models import VMInstance
 from vms.powersync import ha_wanted
 
-from . import brake, maintenance, placement_guard
+from . import brake, maintenance, modes, placement_guard
 from .work import (
     backoff_seconds,
     finish,
@@ -54,6 +54,10 @@ def handle_ha(engine, item, cfg) -> None:
         finish(item, Step.DONE, now=now,
                message=f"HA work #{item.pk}: VM {vm.name} changed since scheduling "
                        f"({item.state} → {vm.state}); nothing to do")
+        return
+    # R26: observe records what would be done; disarmed holds items not yet past
+    # Investigating. Both without sending anything.
+    if modes.hold(engine, item, vm, host, now=now, cfg=cfg):
         return
     # An item that reached Restarting before is resumed: its start may have been sent
     # already (the worker then lost its database connection or died).
@@ -119,7 +123,9 @@ def fence(engine, item, host, *, now, cfg) -> bool:
         return True
     if host.status == HostStatus.DOWN:
         return True
-    if engine.oob.power_off(host):
+    # R27: a BMC that reports power Off is proof enough; no ForceOff is sent.
+    off = engine.oob.power_state(host) == "Off"
+    if off or engine.oob.power_off(host):
         from hosts.liveness import host_down
 
         now = engine.now()
@@ -127,12 +133,14 @@ def fence(engine, item, host, *, now, cfg) -> bool:
             # R18: fenced_at on the host's incident (notified "fenced"), then HostDown
             # declares it — one transaction.
             incident = incidents.host_fenced(host, now=now, by=f"VM {item.instance.name}")
+            how = ("fenced: BMC reports power Off, no ForceOff needed" if off
+                   else "fenced (out-of-band power off)")
             record_event(Subject.HOST, host, event=HostEvent.FENCED, reason="HA", now=now,
                          severity=Severity.WARNING, incident=incident,
-                         message=f"Host {host.name} fenced (out-of-band power off)"
-                                 f" for VM {item.instance.name}")
+                         message=f"Host {host.name} {how} for VM {item.instance.name}")
             host.refresh_from_db()
-            host_down(host, now=now, cfg=cfg, by="fenced")
+            host_down(host, now=now, cfg=cfg,
+                      by="fenced: BMC reports power Off" if off else "fenced")
         return True
     now = engine.now()
     why = "its BMC did not power it off (unreachable, or refused)"

@@ -215,6 +215,17 @@ def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = 
         )
 
 
+def wait_quietly(item: HaWork, *, now, after: float, waiting: str, message: str) -> None:
+    """Like `retry`, for an item held by a condition that lasts (R26: HA disarmed):
+    the first wait is an event, later looks at the same condition are not (one
+    WorkRetry event per hold, not one a minute per VM)."""
+    if item.waiting != waiting:
+        retry(item, now=now, after=after, message=message, waiting=waiting)
+        return
+    _update(item, now, taken=None, taken_by="", last_error=message[:2000],
+            time_to_try=now + dt.timedelta(seconds=after))
+
+
 def refresh_snapshot(item: HaWork, vm: VMInstance, now) -> None:
     """R12.1: the engine's own VM changes refresh the item's snapshot."""
     _update(item, now, state=vm.state, update_count=vm.update_count)
