@@ -2,6 +2,7 @@ from django.urls import include, path
 
 from . import alerts, incidents, views
 from . import clusters as cluster_pages  # R22
+from . import modes as ha_modes  # R26
 
 app_name = "dash"
 
@@ -22,6 +23,7 @@ urlpatterns = [
     path("incidents", incidents.incidents_page, name="incidents"),  # R18
     path("incidents/<int:pk>", incidents.incident_view, name="incident"),
     path("config", views.config_page, name="config"),
+    path("ha-mode", ha_modes.ha_mode_page, name="ha-mode"),  # R26
     path("", include("notify.urls")),  # R20: notifications page, send test
     path("unmanaged", views.unmanaged_page, name="unmanaged"),  # issue 9
     path("unmanaged/adopt", views.unmanaged_adopt, name="unmanaged-adopt"),
