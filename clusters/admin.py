@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from .models import FailoverPlan
+from .models import Cluster, FailoverPlan
 
 
 @admin.register(FailoverPlan)
@@ -14,3 +14,30 @@ class FailoverPlanAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(Cluster)
+class ClusterAdmin(admin.ModelAdmin):
+    """A cluster's own settings: its HA mode overrides the installation's (R26). A
+    change goes through hadash.ha.modes (its event, its alert while not armed, and a
+    re-examination of every host and VM when armed again)."""
+    list_display = ("name", "ha_mode")
+    fields = ("name", "ha_mode")
+
+    def get_readonly_fields(self, request, obj=None):
+        return ("name",) if obj is not None else ()
+
+    def save_model(self, request, obj, form, change) -> None:
+        from django.utils import timezone
+
+        from hadash.ha import modes
+
+        new_mode = obj.ha_mode
+        if not change:
+            obj.ha_mode = ""
+            obj.save()
+        modes.set_cluster_mode(obj.name, new_mode, now=timezone.now(),
+                               by=request.user.get_username())
+        modes.reconcile(now=timezone.now())
+        obj.refresh_from_db()
+
