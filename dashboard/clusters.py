@@ -32,6 +32,23 @@ def clusters_page(request):
     return page(request, "dashboard/clusters.html", "clusters", {"rows": rows})
 
 
+def _groups_of(cluster: str) -> list[dict]:
+    """R25: the VM groups of the cluster (named for it, or with a member there), each
+    with its members and where they run."""
+    from django.db.models import Prefetch
+
+    from vms import groups as vm_groups
+    from vms.models import VmGroup, VMInstance
+
+    members = VMInstance.objects.select_related("host").order_by("name")
+    found = (VmGroup.objects.filter(Q(cluster=cluster) | Q(members__host__cluster=cluster)
+                                    | Q(members__last_host__cluster=cluster))
+             .distinct().order_by("name")
+             .prefetch_related(Prefetch("members", queryset=members))[:200])
+    return [{"group": g, "members": list(g.members.all()),
+             "conflicts": vm_groups.conflicts(g)} for g in found]
+
+
 @login_required
 def cluster_page(request, name: str):
     hosts = list(Host.objects.filter(cluster=name).order_by("name")[:PLAN_ROWS])
@@ -57,6 +74,7 @@ def cluster_page(request, name: str):
         except ValueError as exc:
             what_if_error = str(exc)
     return page(request, "dashboard/cluster.html", "clusters", {
+        "groups": _groups_of(name),
         "cluster": name, "plan": plan, "rows": rows, "unfit_count": len(unfit),
         "picked": picked, "what_if": what_if,
         "what_if_rows": sorted(what_if.placements.items()) if what_if else [],

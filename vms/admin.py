@@ -4,6 +4,7 @@ here; operators set ha_enabled and priority (saved column by column with a
 
 from __future__ import annotations
 
+from django import forms
 from django.contrib import admin, messages
 from django.utils import timezone
 
@@ -11,7 +12,8 @@ from hadash.api.serializers import VM_SETTINGS, apply_settings
 from hadash.choices import WorkType
 from hadash.ha import actions
 
-from .models import UnmanagedVm, VMInstance
+from . import groups
+from .models import UnmanagedVm, VmGroup, VMInstance
 
 
 @admin.register(VMInstance)
@@ -33,6 +35,27 @@ class VMInstanceAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+    def get_form(self, request, obj=None, **kwargs):
+        base = super().get_form(request, obj, **kwargs)
+
+        class AdmissionForm(base):
+            def clean(self):
+                """R23 enforce: turning HA on for a VM that would push its cluster
+                below the failover level is refused with the reason."""
+                data = super().clean()
+                if obj is not None and data.get("ha_enabled") and not obj.ha_enabled:
+                    from clusters import admission
+                    from hadash import config
+
+                    why = admission.refusal_for_vm(obj, ha_enabled=True,
+                                                   cfg=config.snapshot())
+                    if why:
+                        raise forms.ValidationError(
+                            f"refused by admission control (ha.admission enforce): {why}")
+                return data
+
+        return AdmissionForm
 
     def save_model(self, request, obj: VMInstance, form, change) -> None:
         current = VMInstance.objects.get(pk=obj.pk)
@@ -83,3 +106,31 @@ class UnmanagedVmAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(VmGroup)
+class VmGroupAdmin(admin.ModelAdmin):
+    """VM groups (R25): anti-affinity (never two members on one host) or affinity (a
+    member's host preferred). Each save and delete is recorded as an event."""
+
+    list_display = ("name", "kind", "cluster", "size")
+    list_filter = ("kind",)
+    search_fields = ("name", "members__name")
+    autocomplete_fields = ("members",)
+    fields = ("name", "kind", "cluster", "members")
+
+    @admin.display(description="VMs")
+    def size(self, obj) -> int:
+        return obj.members.count()
+
+    def save_related(self, request, form, formsets, change) -> None:
+        super().save_related(request, form, formsets, change)
+        groups.record_saved(form.instance, created=not change, now=timezone.now(),
+                            by=request.user.get_username())
+
+    def delete_model(self, request, obj) -> None:
+        groups.delete(obj, now=timezone.now(), by=request.user.get_username())
+
+    def delete_queryset(self, request, queryset) -> None:
+        for obj in queryset:
+            groups.delete(obj, now=timezone.now(), by=request.user.get_username())

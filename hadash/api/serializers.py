@@ -260,6 +260,9 @@ class VMSerializer(HaStatusMixin, serializers.ModelSerializer):
         help_text="Whether a definition is stored (GET /api/v1/vms/{name}/definition).",
     )
     ha_status = serializers.SerializerMethodField()
+    groups = serializers.SlugRelatedField(
+        source="vm_groups", slug_field="name", many=True, read_only=True,
+        help_text="The VM groups it belongs to (R25; /api/v1/vm-groups).")
 
     @staticmethod
     def ha_statuses(rows) -> dict:
@@ -272,7 +275,7 @@ class VMSerializer(HaStatusMixin, serializers.ModelSerializer):
             "cpus", "memory_mb",
             "id", "uuid", "type", "power_host", "power_state_update_time",
             "power_state_update_count", "update_count", "created", "has_definition",
-            "ha_status",
+            "ha_status", "groups",
         ]
         read_only_fields = fields
         list_serializer_class = HaStatusListSerializer

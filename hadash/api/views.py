@@ -395,7 +395,8 @@ class HostReenrolView(ApiView):
 
 
 def vms_queryset():
-    return VMInstance.objects.select_related("host", "last_host", "power_host").order_by("name")
+    return (VMInstance.objects.select_related("host", "last_host", "power_host")
+            .prefetch_related("vm_groups").order_by("name"))
 
 
 def _vm(name: str) -> VMInstance:
