@@ -43,6 +43,7 @@ api_patterns = [
     path("engine", views.EngineStatusView.as_view(), name="engine-status"),
     path("", include("notify.api")),  # R20: notification-channels, deliveries
     path("", include("hadash.api.incidents")),  # R18, R19: incidents, alerts
+    path("", include("hadash.api.groups")),  # R25: vm-groups
     path("", include("hadash.api.modes")),  # R26: ha-mode, clusters/{name}/ha-mode
     path("", include("notify.api")),  # R20: notification-channels, deliveries
     # R22: clusters, their failover plans, "what if hosts X, Y fail now?"
