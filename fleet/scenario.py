@@ -28,13 +28,15 @@ from hadash.clock import VirtualClock
 
 HOST_EVENT = re.compile(
     r"^host (\S+) (power off|power on|agent stop|agent start|network off|network on|"
-    r"disable|enable|maintenance|cancel-maintenance|start-fail (\d+))$"
+    r"disable|enable|maintenance|cancel-maintenance|bmc-off|start-fail (\d+))$"
 )
 BMC_EVENT = re.compile(r"^bmc (\S+) (fail|ok)$")
 VM_EVENT = re.compile(r"^vm (\S+) (crash|vanish|stop|start|ha on|ha off)$")
 # Operator actions on VMs (the others are faults of the simulated machines).
 OPERATOR_VM_ACTIONS = ("stop", "start", "ha on", "ha off")
 CONFIG_EVENT = re.compile(r"^config (\S+) (.+)$")
+# R26: a cluster's own HA mode (`inherit`: the installation's again); an operator action.
+CLUSTER_EVENT = re.compile(r"^cluster (\S+) ha-mode (\S+)$")
 
 HOST_DEFAULTS = {"cluster": "c1", "cpus": 16, "memory_mb": 65536, "tags": []}
 VM_DEFAULTS = {"cpus": 1, "memory_mb": 1024, "ha": False, "state": "Running",
@@ -43,11 +45,16 @@ EXPECT_KEYS = {
     # R17: `ha_status` is the HA status code (vms.hastatus / hosts.hastatus); `cause`
     # the waiting cause of a VM whose code is `waiting` ("" otherwise).
     "vm": {"state", "power_state", "host", "host_not", "restarts", "ha_status", "cause"},
-    "host": {"status", "resource_state", "ha_status"},
-    "work": {"step", "count"},
+    # R28: `bmc_check` is `failing` while the host's bmc-check-failed alert is open,
+    # else `ok`.
+    "host": {"status", "resource_state", "ha_status", "bmc_check"},
+    # R26: `reason` is the latest item's reason (`Observed` in observe mode).
+    "work": {"step", "count", "reason"},
     "action": {"refused"},
     # R18/R19: the latest incident of host or VM N (``count``: how many it had).
-    "incident": {"state", "vms_affected", "vms_restarted", "vms_failed", "alert", "count"},
+    # R26/R27: `vms_observed` (VMs whose outcome is observed), `fenced` (fenced_at set).
+    "incident": {"state", "vms_affected", "vms_restarted", "vms_failed", "alert", "count",
+                 "vms_observed", "fenced"},
     # R19: alerts open now / opened so far (incident alerts and the others).
     "alerts_open": set(),
     "alerts": set(),
@@ -80,7 +87,7 @@ def is_operator_action(do: str) -> bool:
         return m.group(2) in OPERATOR_HOST_ACTIONS
     if m := VM_EVENT.match(do):
         return m.group(2) in OPERATOR_VM_ACTIONS
-    return bool(CONFIG_EVENT.match(do))
+    return bool(CONFIG_EVENT.match(do) or CLUSTER_EVENT.match(do))
 
 
 @dataclass
@@ -155,6 +162,7 @@ def load(path: Path) -> dict:
         if not isinstance(ev.get("do"), str) or not (
             HOST_EVENT.match(ev["do"]) or BMC_EVENT.match(ev["do"])
             or VM_EVENT.match(ev["do"]) or CONFIG_EVENT.match(ev["do"])
+            or CLUSTER_EVENT.match(ev["do"])
         ):
             raise ScenarioError(f"{path}: events[{i}]: unknown event {ev.get('do')!r}")
         if not is_operator_action(ev["do"]):
@@ -373,6 +381,8 @@ class Run:
                 f.network(name, True)
             elif what.startswith("start-fail"):
                 f.start_fail(name, int(m.group(3)))
+            elif what == "bmc-off":
+                f.bmc_reports_off(name)  # R27/R28: the BMC answers and reports Off
             else:
                 host = host_named(name)
                 if what in ("disable", "enable"):
@@ -399,6 +409,11 @@ class Run:
                     actions.start_vm(vm, engine=self.engine, by="scenario")
                 else:  # ha on / ha off (R23: admission may refuse "ha on")
                     actions.set_vm_ha(vm, what == "ha on", now=now, by="scenario")
+        elif m := CLUSTER_EVENT.match(do):
+            from hadash.ha import modes
+
+            mode = "" if m.group(2) == "inherit" else m.group(2)
+            modes.set_mode(mode, cluster=m.group(1), now=now, by="scenario")
         elif m := CONFIG_EVENT.match(do):
             config.set_value(m.group(1), m.group(2), now=now, by="scenario")
 
@@ -502,6 +517,10 @@ class Run:
         if c.key == "alert":
             alert = Alert.objects.filter(incident=inc).first()
             return alert.state if alert else "no alert"
+        if c.key == "fenced":
+            return inc.fenced_at is not None
+        if c.key == "vms_observed":
+            return inc.vms.filter(outcome="observed").count()
         return getattr(inc, c.key)
 
     def found_cluster(self, c: Check):
@@ -565,6 +584,11 @@ class Run:
                 from hosts import hastatus
 
                 c.found = hastatus.status_of(host, now=self.clock.now()).code
+            elif host is not None and c.key == "bmc_check":
+                from hosts import hastatus
+
+                c.found = "failing" if host.name in hastatus.bmc_failures([host.name]) \
+                    else "ok"
             else:
                 c.found = getattr(host, c.key) if host else "no such host"
             c.ok = c.found == c.expected
@@ -574,7 +598,7 @@ class Run:
                 c.found = items.count()
             else:
                 latest = items.order_by("-id").first()
-                c.found = latest.step if latest else None
+                c.found = getattr(latest, c.key) if latest else None
             c.ok = c.found == c.expected
 
 

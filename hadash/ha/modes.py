@@ -7,8 +7,10 @@
   done ("would fence kvm-03, then restart vm-12 on kvm-04", the real placement without
   a reservation) and ends Done with reason Observed; its incident records it
   (IncidentVm outcome ``observed``).
-- ``disarmed``: no new HA work: HA items still Scheduled or Investigating wait
-  (WaitCause.DISARMED, so the VMs' HA status says so); items past Investigating finish.
+- ``disarmed``: no new HA work: HA items not yet past Investigating wait
+  (WaitCause.DISARMED, so the VMs' HA status says so); items past it — fencing,
+  stopping, restarting, or back in Scheduled after a failed start or once HA stopped
+  their VM — finish (`not_started`).
   Hosts are still detected and incidents recorded.
 
 A mode that is not armed is an open alert (kind ``ha-mode``, subject the cluster or
@@ -45,8 +47,6 @@ log = logging.getLogger("hadash.modes")
 ARMED, OBSERVE, DISARMED = HA_MODES
 ALERT_KIND = "ha-mode"
 INSTALLATION = "installation"
-# Items waiting while disarmed look again this often (re-arming makes them due at once).
-HOLD_STEPS = (Step.SCHEDULED, Step.INVESTIGATING)
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -297,9 +297,10 @@ def rearm(*, now, cfg=None) -> dict[str, list[str]]:
                                            why="left Stopped while HA was not armed")
         done["vms"].append(vm.name)
     if any(done.values()):
-        record_event(Subject.CONFIG, None, name=INSTALLATION, event="HaRearmed", now=now,
-                     message="HA armed again: "
-                             + "; ".join(f"{k}: {', '.join(v)}" for k, v in done.items() if v))
+        with transaction.atomic():
+            record_event(Subject.CONFIG, None, name=INSTALLATION, event="HaRearmed", now=now,
+                         message="HA armed again: " + "; ".join(
+                             f"{k}: {', '.join(v)}" for k, v in done.items() if v))
     return done
 
 
@@ -316,7 +317,7 @@ def hold(engine, item, vm, host, *, now, cfg) -> bool:
         return False
     where = scope_words(cluster, cfg, over)
     if mode == DISARMED:
-        if item.step not in HOLD_STEPS:
+        if not not_started(item):
             return False  # past Investigating: it finishes (R26)
         from .work import wait_quietly
 
@@ -327,6 +328,24 @@ def hold(engine, item, vm, host, *, now, cfg) -> bool:
         return True
     observe(engine, item, vm, host, now=now, cfg=cfg, where=where)
     return True
+
+
+def not_started(item) -> bool:
+    """Whether an HA item has not got past Investigating yet (R26: such items wait
+    while disarmed): Investigating, or Scheduled without ever having been further —
+    an item back in Scheduled after a failed start, or after HA stopped its VM, is a
+    recovery under way and finishes."""
+    if item.step == Step.INVESTIGATING:
+        return True
+    if item.step != Step.SCHEDULED:
+        return False
+    if item.tried:
+        return False
+    from hadash.models import Event
+
+    return not Event.objects.filter(
+        subject=Subject.WORK, subject_id=item.pk, field="step",
+        old__in=(Step.FENCING, Step.STOPPING, Step.RESTARTING)).exists()
 
 
 def would_do(engine, item, vm, host, *, now, cfg) -> tuple[list[str], str | None]:
