@@ -159,17 +159,23 @@ def test_r23_r19_a_host_failure_is_its_incident_not_a_failover_level_alert():
 
 
 def test_r23_the_reason_is_computed_on_a_copy_with_the_vm():
-    world(TWO)
+    world({"hosts": {"h1": {"cpus": 8}, "h2": {"cpus": 8}},
+           "vms": {"a": {"host": "h1", "ha": True, "cpus": 2},
+                   "b": {"host": "h2", "ha": True, "cpus": 2}}})
     cfg = {"ha.tag": "", "vm.ha.enabled": True, "force.ha": False,
            "ha.failover.level": 1, "ha.admission": "enforce"}
     h1 = VMInstance.objects.get(name="a").host_id
-    assert admission.refusal(cluster="c1", name="tiny", host_id=h1, cpus=1,
+    # 2 + 3 cpus on h1 still fit in h2's 6 free; 2 + 5 do not.
+    assert admission.refusal(cluster="c1", name="small", host_id=h1, cpus=3,
                              memory_mb=512, ha_enabled=True, cfg=cfg) == ""
-    assert "would survive 0" in admission.refusal(
-        cluster="c1", name="big", host_id=h1, cpus=2, memory_mb=512, ha_enabled=True,
-        cfg=cfg)
+    assert admission.refusal(
+        cluster="c1", name="big", host_id=h1, cpus=5, memory_mb=512, ha_enabled=True,
+        cfg=cfg) == ("cluster c1 would survive 0 host failures with big (level 1): if h1 "
+                     "failed, 1 of its 2 HA VMs would not fit")
     # With a non-HA VM, or vm.ha.enabled off, there is nothing to refuse.
-    assert admission.refusal(cluster="c1", name="big", host_id=h1, cpus=2, memory_mb=512,
+    assert admission.refusal(cluster="c1", name="big", host_id=h1, cpus=5, memory_mb=512,
                              ha_enabled=False, cfg=cfg) == ""
-    assert admission.refusal(cluster="c1", name="big", host_id=h1, cpus=2, memory_mb=512,
+    assert admission.refusal(cluster="c1", name="big", host_id=h1, cpus=5, memory_mb=512,
                              ha_enabled=True, cfg={**cfg, "vm.ha.enabled": False}) == ""
+    # Nothing was written: the copy is the plan code's own.
+    assert VMInstance.objects.count() == 2
