@@ -343,7 +343,8 @@ def test_r4_neighbour_sees_host_dead_host_goes_down():
 
 def test_r4_out_of_band_only_bmc_says_off_host_goes_down():
     """R4: ha.investigators.order = OutOfBand: after the direct health check fails the
-    BMC is asked; it reports Off → Down, decided by OutOfBand; no neighbour is asked."""
+    BMC is asked; it reports Off → Down, decided by OutOfBand — which R27 counts as
+    fenced (no ForceOff); no neighbour is asked."""
     w = world({"config": {"ha.investigators.order": "OutOfBand"},
                "hosts": {"h1": {}, "h2": {}}})
     w.advance_to(5)
@@ -351,7 +352,8 @@ def test_r4_out_of_band_only_bmc_says_off_host_goes_down():
     w.advance_to(26)
     assert host("h1").status == HostStatus.DOWN
     ev = status_events("h1")[-1]
-    assert (ev.event, ev.reason) == ("HostDown", "OutOfBand")
+    assert (ev.event, ev.reason) == ("HostDown", "fenced: BMC reports power Off")
+    assert ("fence", "h1") not in w.fleet.calls
     assert ("check-health", "h1") in w.fleet.calls
     assert neighbour_asks(w, "h1") == []
 
