@@ -378,6 +378,7 @@ SPECTACULAR_SETTINGS = {
         # notify (R20): a delivery's state; severity also names a channel's minimum.
         "DeliveryStateEnum": "notify.models.DeliveryState",
         "SeverityEnum": "hadash.choices.Severity",
+        "GroupKindEnum": "vms.choices.GroupKind",  # R25: a VM group's kind
     },
 }
 
