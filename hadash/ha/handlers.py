@@ -79,7 +79,14 @@ def handle_ha(engine, item, cfg) -> None:
                           message=f"VM {vm.name} is alive ({by}) but {where}: not "
                                   "restarted while it may run")
                 return
-            if verdict == Verdict.DEAD:
+            if verdict == Verdict.DEAD and by == "OutOfBand" and host is not None \
+                    and host.status != HostStatus.DOWN:
+                # R27: its host's BMC reports power Off — proof the host is fenced;
+                # the fencing step records it (and sends no ForceOff).
+                set_step(item, Step.FENCING, now=now,
+                         message=f"VM {vm.name}: the BMC of {host.name} reports power Off; "
+                                 "its host counts as fenced")
+            elif verdict == Verdict.DEAD:
                 set_step(item, Step.STOPPING, now=now,
                          message=f"VM {vm.name} is dead ({by}); stopping it")
             else:

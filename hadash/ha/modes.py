@@ -369,7 +369,10 @@ def would_do(engine, item, vm, host, *, now, cfg) -> tuple[list[str], str | None
                 return [], f"VM {vm.name} is alive on {host.name} ({by}); nothing to do"
             return ([f"leave VM {vm.name} alone: alive ({by}) but {on} is "
                      f"{host.status if host else 'unknown'}"], None)
-        if verdict != Verdict.DEAD and host is not None and host.status != HostStatus.DOWN:
+        if verdict == Verdict.DEAD and by == "OutOfBand" and host is not None \
+                and host.status != HostStatus.DOWN:
+            steps.append(f"count {host.name} as fenced (its BMC reports power Off)")
+        elif verdict != Verdict.DEAD and host is not None and host.status != HostStatus.DOWN:
             if engine.oob.power_state(host) == "Off":
                 steps.append(f"count {host.name} as fenced (its BMC reports power Off)")
             else:
