@@ -92,6 +92,12 @@ def vm_status(vm, *, now, cfg, item=None, host=None, host_since: dt.datetime | N
         return HaStatus("recovering", f"HA work #{item.pk}: {item.step} — {words}{where}",
                         since=item.updated or item.created, next_try=due)
     state = vm.state
+    # R26 observe: HA recorded what it would have done and did nothing; until the VM
+    # is back (or HA, armed again, restarts it) it waits, observed.
+    if item is not None and item.step == Step.DONE and item.reason == Reason.OBSERVED \
+            and (state != VmState.RUNNING or host is None or host.status != HostStatus.UP):
+        words = item.last_error or CAUSE_WORDS[WaitCause.OBSERVED]
+        return HaStatus("waiting", words, since=item.updated, cause=WaitCause.OBSERVED)
     # 2. Its host is in Alert and no item yet: nothing is restarted.
     if ha and host is not None and host.status == HostStatus.ALERT and state in (
             VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING):

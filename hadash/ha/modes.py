@@ -415,7 +415,8 @@ def observe(engine, item, vm, host, *, now, cfg, where: str = "") -> None:
     words = "would " + ", then ".join(steps)
     message = f"Observe mode{' ' + where if where else ''}: {words}; nothing was sent"
     with transaction.atomic():
-        _update(item, now, reason=Reason.OBSERVED, last_error="", waiting="")
+        # The words stay on the item: the VM's HA status (waiting, observed) shows them.
+        _update(item, now, reason=Reason.OBSERVED, last_error=message[:2000], waiting="")
         rows = list(IncidentVm.objects.select_related("incident").filter(
             vm_id=vm.pk, outcome=VmOutcome.PENDING,
             incident__state__in=OPEN_INCIDENT_STATES))

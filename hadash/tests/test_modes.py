@@ -56,6 +56,10 @@ def test_r26_observe_records_what_would_be_done_and_sends_nothing():
     row = IncidentVm.objects.get(incident=inc, vm_name="vm1")
     assert row.outcome == "observed" and "restart vm1 on h2" in row.detail
     assert done.incident == inc
+    # R17: the VM's HA status says it was only observed, and what would have been done.
+    status = hastatus.status_of(vm("vm1"), now=w.clock.now())
+    assert (status.code, status.cause) == ("waiting", WaitCause.OBSERVED)
+    assert "would" in status.reason and "restart vm1 on h2" in status.reason
     # The mode is an alert while not armed, with its event.
     assert mode_alerts() == [("config", "installation")]
     assert Event.objects.filter(event="HaModeChanged", new="observe").exists()
