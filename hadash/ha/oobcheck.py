@@ -35,6 +35,8 @@ from hosts.models import Host
 log = logging.getLogger("hadash.oobcheck")
 
 NOT_CHECKED = (HostStatus.DOWN, HostStatus.REMOVED)
+# The host list (and their BMC settings) is read again this often.
+RELOAD = dt.timedelta(seconds=10)
 # The words of a check that found the BMC reporting power Off (hosts.transport).
 OFF_WORDS = "reports power Off"
 
@@ -57,12 +59,22 @@ class BmcChecker:
         self.due_at: dict[int, dt.datetime] = {}
         self.in_flight: set[int] = set()
         self.off_seen: dict[int, dt.datetime] = {}  # host id → first "power Off"
+        self.hosts: list = []
+        self.loaded_at: dt.datetime | None = None
         self.lock = threading.Lock()
+
+    def _hosts(self, now) -> list:
+        """The hosts to check, read at most every RELOAD (the sweep runs every second;
+        at 1,000 hosts one query a second for nothing is not free)."""
+        if self.loaded_at is None or not (self.loaded_at <= now < self.loaded_at + RELOAD):
+            self.hosts = [h for h in Host.objects.exclude(status__in=NOT_CHECKED)
+                          .order_by("name") if has_bmc(h)]
+            self.loaded_at = now
+        return self.hosts
 
     def due_hosts(self, *, now, cfg) -> list:
         interval = cfg["oob.check.interval"]
-        hosts = [h for h in Host.objects.exclude(status__in=NOT_CHECKED).order_by("name")
-                 if has_bmc(h)]
+        hosts = self._hosts(now)
         out = []
         with self.lock:
             for h in hosts:
@@ -119,6 +131,10 @@ class BmcChecker:
 
     def _check(self, engine, host, *, inline: bool, cfg=None) -> None:
         try:
+            fresh = Host.objects.filter(pk=host.pk).first()  # its settings as they are now
+            if fresh is None or not has_bmc(fresh) or fresh.status in NOT_CHECKED:
+                return
+            host = fresh
             try:
                 problem = engine.oob.check_bmc(host)
             except Exception as exc:  # a broken client never stops the round
