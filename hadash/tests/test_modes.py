@@ -259,3 +259,20 @@ def test_r26_dashboard_changes_the_mode_after_a_confirmation(admin_client):
     assert config.get("ha.mode") == "disarmed"
     r = admin_client.post("/ha-mode", {"mode": "nonsense", "cluster": "", "confirm": "yes"})
     assert r.status_code == 400 and config.get("ha.mode") == "disarmed"
+
+
+def test_r26_cluster_mode_in_django_admin_is_an_event_and_an_alert():
+    """R26: a cluster's mode set in Django admin goes through the same path: its event,
+    its ha-mode alert; cleared, the alert resolves."""
+    world(TWO_HOSTS)
+    c = Client()
+    c.force_login(User.objects.create_superuser("boss", "b@example.org", None))
+    r = c.post("/admin/clusters/cluster/add/", {"name": "c1", "ha_mode": "disarmed"})
+    assert r.status_code == 302, r.content.decode()[:500]
+    assert modes.mode_for("c1", config.snapshot()) == "disarmed"
+    assert mode_alerts() == [("cluster", "c1")]
+    assert Event.objects.filter(event="ClusterChanged", subject_name="c1",
+                                new="disarmed").exists()
+    r = c.post("/admin/clusters/cluster/c1/change/", {"ha_mode": ""})
+    assert r.status_code == 302
+    assert mode_alerts() == [] and mode_alerts("resolved") == [("cluster", "c1")]
