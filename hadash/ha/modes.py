@@ -391,11 +391,9 @@ def would_do(engine, item, vm, host, *, now, cfg) -> tuple[list[str], str | None
     if brake.is_braked(cluster, now=now, cfg=cfg):
         steps.append(f"wait to restart {vm.name}: {brake.WAITING} in cluster {cluster}")
         return steps, None
-    target = placement_guard.pick(vm, ha=True, cfg=cfg,
-                                  exclude=(host.pk,) if host is not None else ())
+    target = placement_guard.pick(vm, ha=True, cfg=cfg)
     if target is None:
-        words = placement_guard.no_room(vm, ha=True, cfg=cfg,
-                                        exclude=(host.pk,) if host is not None else ())
+        words = placement_guard.no_room(vm, ha=True, cfg=cfg)
         steps.append(f"wait to restart {vm.name}: no host has room ({words})")
     else:
         steps.append(f"restart {vm.name} on {target.name}")
@@ -405,7 +403,10 @@ def would_do(engine, item, vm, host, *, now, cfg) -> tuple[list[str], str | None
 def observe(engine, item, vm, host, *, now, cfg, where: str = "") -> None:
     """R26 observe: record what would be done, end the item Done (reason Observed);
     the VM's row in its incident(s) is ``observed`` with those words."""
-    from .work import _update, finish
+    from hosts.choices import HostStatus
+    from vms.choices import POWERED_OFF_STATES, VmState
+
+    from .work import _update, finish, mark_vm, stopped_fields
 
     steps, nothing = would_do(engine, item, vm, host, now=now, cfg=cfg)
     now = engine.now()
@@ -417,6 +418,13 @@ def observe(engine, item, vm, host, *, now, cfg, where: str = "") -> None:
     with transaction.atomic():
         # The words stay on the item: the VM's HA status (waiting, observed) shows them.
         _update(item, now, reason=Reason.OBSERVED, last_error=message[:2000], waiting="")
+        if host is not None and host.status == HostStatus.UP and vm.state == VmState.RUNNING \
+                and vm.power_state in POWERED_OFF_STATES and vm.power_host_id == host.pk:
+            # Its own host reports it off: the record says so (nothing is sent), so the
+            # next report does not make it a new failure; armed again, rearm restarts it.
+            mark_vm(vm, item, VmState.STOPPED, now=now, event="ObservedStopped",
+                    message=f"VM {vm.name} is off ({host.name} reports {vm.power_state}); "
+                            "observe mode leaves it Stopped", **stopped_fields(vm))
         rows = list(IncidentVm.objects.select_related("incident").filter(
             vm_id=vm.pk, outcome=VmOutcome.PENDING,
             incident__state__in=OPEN_INCIDENT_STATES))

@@ -276,3 +276,24 @@ def test_r26_cluster_mode_in_django_admin_is_an_event_and_an_alert():
     r = c.post("/admin/clusters/cluster/c1/change/", {"ha_mode": ""})
     assert r.status_code == 302
     assert mode_alerts() == [] and mode_alerts("resolved") == [("cluster", "c1")]
+
+
+def test_r26_observed_vm_crash_is_one_incident_and_restarted_when_armed():
+    """R26 observe, a VM that crashes on a healthy host: one VM incident, observed —
+    not a new one at every report — the VM recorded Stopped (its host says it is off)
+    and waiting, observed; armed again, it is restarted."""
+    w = world({**TWO_HOSTS, "config": {"ha.mode": "observe"}})
+    w.advance_to(15)
+    w.fleet.vm_crash("vm1")
+    w.advance_to(100)  # eight more reports of it powered off
+    assert sent(w, "start", "stop") == []
+    [inc] = Incident.objects.filter(kind="vm")
+    assert inc.state == "Resolved" and inc.vms.get().outcome == "observed"
+    assert HaWork.objects.filter(instance__name="vm1").count() == 1
+    assert vm("vm1").state == "Stopped"
+    status = hastatus.status_of(vm("vm1"), now=w.clock.now())
+    assert (status.code, status.cause) == ("waiting", WaitCause.OBSERVED)
+    modes.set_mode("armed", now=w.clock.now(), by="test")
+    w.advance_to(105)
+    assert vm("vm1").state == "Running"
+    assert sent(w, "start")
