@@ -22,7 +22,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.validators import UniqueValidator
 
-from hadash.api.filters import ListParams, apply_lookups
+from hadash.api.filters import ListParams, WholeNumberField, apply_lookups
 from hadash.api.views import E400, E401, E403, READ_ERRORS, WRITE_ERRORS, ApiView, _get
 from hadash.choices import Transition
 from hadash.permissions import is_admin
@@ -133,13 +133,13 @@ class DeliveryDetailSerializer(DeliverySerializer):
 
 
 class DeliveryParams(ListParams):
-    limit = serializers.IntegerField(min_value=1, max_value=1000, default=100,
+    limit = WholeNumberField(min_value=1, max_value=1000, default=100,
                                      help_text="At most this many (default 100, max 1000).")
-    channel = serializers.IntegerField(min_value=1, max_value=2**63 - 1, required=False,
+    channel = WholeNumberField(min_value=1, max_value=2**63 - 1, required=False,
                                        help_text="Channel id.")
     state = serializers.ChoiceField(choices=DeliveryState.choices, required=False)
     transition = serializers.ChoiceField(choices=Transition.choices, required=False)
-    alert = serializers.IntegerField(min_value=1, max_value=2**63 - 1, required=False,
+    alert = WholeNumberField(min_value=1, max_value=2**63 - 1, required=False,
                                      help_text="Alert id.")
 
     lookups = {"channel": "channel_id", "state": "state", "transition": "transition",

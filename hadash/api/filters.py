@@ -3,6 +3,8 @@ empty list) and documented in the OpenAPI schema."""
 
 from __future__ import annotations
 
+import re
+
 from rest_framework import serializers
 
 from hadash.choices import Reason, Severity, Step, Subject, WorkType
@@ -19,12 +21,25 @@ MAX_OFFSET = 2**53 - 1
 MAX_ID = 2**63 - 1
 
 
+class WholeNumberField(serializers.IntegerField):
+    """A query parameter that is a whole number written as one: DRF's IntegerField
+    also takes "5.0" and "5.00", which the documented schema (type integer) does not
+    allow — refused here like any other non-integer."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and not re.fullmatch(r"\s*[+-]?\d+\s*", data):
+            self.fail("invalid")
+        if isinstance(data, float):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class ListParams(serializers.Serializer):
-    limit = serializers.IntegerField(
+    limit = WholeNumberField(
         min_value=1, max_value=MAX_LIMIT, default=DEFAULT_LIMIT,
         help_text=f"At most this many rows (default {DEFAULT_LIMIT}, max {MAX_LIMIT}).",
     )
-    offset = serializers.IntegerField(
+    offset = WholeNumberField(
         min_value=0, max_value=MAX_OFFSET, default=0,
         help_text=f"Skip this many rows (for paging; at most {MAX_OFFSET}).",
     )
@@ -67,7 +82,7 @@ class HaWorkParams(ListParams):
 
 
 class UnmanagedParams(ListParams):
-    limit = serializers.IntegerField(
+    limit = WholeNumberField(
         min_value=1, max_value=MAX_LIMIT, default=MAX_LIMIT,
         help_text=f"At most this many rows (default and max {MAX_LIMIT}).",
     )
@@ -77,17 +92,17 @@ NEWEST, OLDEST = "newest", "oldest"
 
 
 class EventParams(serializers.Serializer):
-    after = serializers.IntegerField(
+    after = WholeNumberField(
         min_value=0, max_value=MAX_ID, required=False,
         help_text="Only events with an id greater than this (to follow the feed: the "
         "answer is then oldest first unless `order` says otherwise).",
     )
-    limit = serializers.IntegerField(
+    limit = WholeNumberField(
         min_value=1, max_value=EVENTS_MAX_LIMIT, default=EVENTS_DEFAULT_LIMIT,
         help_text=f"At most this many events (default {EVENTS_DEFAULT_LIMIT}, "
         f"max {EVENTS_MAX_LIMIT}); the Link header names the next page.",
     )
-    offset = serializers.IntegerField(
+    offset = WholeNumberField(
         min_value=0, max_value=MAX_OFFSET, default=0,
         help_text=f"Skip this many events (for paging; at most {MAX_OFFSET}).",
     )

@@ -36,7 +36,7 @@ from hadash.choices import (
 from hadash.models import Alert, Event, HaWork, Incident, IncidentVm
 
 from . import pagination
-from .filters import MAX_ID, ListParams, apply_lookups
+from .filters import MAX_ID, ListParams, WholeNumberField, apply_lookups
 from .serializers import EventSerializer
 from .views import E400, E401, READ_ERRORS, WRITE_ERRORS, ApiView, Response, _get
 
@@ -194,7 +194,7 @@ class AlertParams(ListParams):
     severity = serializers.ChoiceField(choices=Severity.choices, required=False)
     kind = serializers.CharField(required=False, max_length=64)
     acknowledged = serializers.BooleanField(required=False)
-    incident = serializers.IntegerField(required=False, min_value=1, max_value=MAX_ID)
+    incident = WholeNumberField(required=False, min_value=1, max_value=MAX_ID)
 
     lookups = {"state": "state", "severity": "severity", "kind": "kind",
                "incident": "incident_id"}

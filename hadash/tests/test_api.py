@@ -791,7 +791,8 @@ def raw(client: APIClient, method: str, path: str, body: str, **extra):
 
 
 @pytest.mark.parametrize("offset", ["9223372036854775808", "9223372036854775807",
-                                    str(10**30), "-1", "abc", "1e3", ""])
+                                    str(10**30), "-1", "abc", "1e3", "", "5.0",
+                                    "1000000000.0"])
 @pytest.mark.parametrize("path", ["/vms", "/hosts", "/ha-work"])
 def test_list_offset_out_of_range_is_400(api, path, offset):
     """Issue 8: an offset of 2^63 was a 500 (bigint out of range); now a 400 that names
