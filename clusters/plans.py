@@ -82,6 +82,28 @@ def refresh(*, now, cfg, force: bool = False) -> list[str]:
         return []
 
 
+def next_refresh(*, now, cfg):
+    """When the sweep's `refresh` will next recompute a plan (and the R23 alert may
+    follow): ``now`` for a cluster without a stored plan (or a stored plan without a
+    cluster), MIN_INTERVAL after the last computation for a cluster whose state
+    changed since; None when every plan is current. For hadash.ha.due (the scenario
+    runner skips no second in which this happens)."""
+    prints = failover.fingerprints(cfg=cfg)
+    stored = {c: (fp, at) for c, fp, at in
+              FailoverPlan.objects.values_list("cluster", "fingerprint", "computed_at")}
+    if any(c not in prints for c in stored):
+        return now
+    soonest = None
+    for cluster, fp in prints.items():
+        old = stored.get(cluster)
+        if old is None:
+            return now
+        if old[0] != fp:
+            at = old[1] + dt.timedelta(seconds=MIN_INTERVAL)
+            soonest = at if soonest is None else min(soonest, at)
+    return soonest
+
+
 def current(cluster: str, *, now, cfg=None) -> FailoverPlan | None:
     """The stored plan of ``cluster``, computed now when there is none yet (no engine
     ran since the cluster appeared). None for an unknown cluster."""

@@ -60,4 +60,11 @@ def next_due(now, cfg) -> dt.datetime:
     last = Lease.objects.filter(name=LEASE_NAME).values_list("last_run", flat=True).first()
     candidates.append(now if last is None
                       else last + dt.timedelta(seconds=cfg["time.between.cleanup"]))
+    # R22/R23: a changed cluster's plan is recomputed — and its failover-level alert
+    # follows — at the first sweep MIN_INTERVAL after its last computation.
+    from clusters import plans
+
+    refresh = plans.next_refresh(now=now, cfg=cfg)
+    if refresh is not None:
+        candidates.append(refresh)
     return max(now, min(candidates))
