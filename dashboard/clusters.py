@@ -75,6 +75,7 @@ def cluster_page(request, name: str):
             what_if_error = str(exc)
     return page(request, "dashboard/cluster.html", "clusters", {
         "groups": _groups_of(name),
+        "admission": config.snapshot()["ha.admission"],
         "cluster": name, "plan": plan, "rows": rows, "unfit_count": len(unfit),
         "picked": picked, "what_if": what_if,
         "what_if_rows": sorted(what_if.placements.items()) if what_if else [],

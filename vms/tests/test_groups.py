@@ -317,5 +317,6 @@ def test_r25_cluster_and_vm_pages_show_groups(client):
     client.force_login(get_user_model().objects.create_user("viewer"))
     page = client.get("/clusters/c1").content.decode()
     assert 'id="vm-groups"' in page and "db1" in page and "anti-affinity" in page
+    assert 'id="plan-admission">warn' in page  # R23: the admission mode beside the level
     page = client.get("/vms/db1").content.decode()
     assert 'id="vm-groups-line"' in page and "db" in page
