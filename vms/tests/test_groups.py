@@ -131,6 +131,32 @@ def test_r25_two_members_of_one_failed_host_restart_on_different_hosts():
     assert {vm("a1").host.name, vm("a2").host.name} == {"h2", "h3"}
 
 
+def test_r25_a_member_reserved_meanwhile_on_the_best_host_moves_the_restart(monkeypatch):
+    """R25 with parallel workers: between ranking the hosts and locking the best one,
+    another worker reserves that host for another member of the anti-affinity group
+    (committed). The restart then sees the member there and goes elsewhere."""
+    w = world({"config": {"ping.interval": 10},
+               "hosts": {"h0": {}, "h1": {}, "h2": {}},
+               "vms": {"x": {"host": "h0", "ha": True}, "on2": {"host": "h2", "cpus": 2},
+                       "y": {"state": "Stopped", "host": "h1"}}})
+    group("db", "anti-affinity", "x", "y")
+    real = placement.ranked
+    raced = []
+
+    def ranked_then_race(vm, **kw):
+        found = real(vm, **kw)
+        if vm.name == "x" and not raced:  # the first ranking of x's restart
+            raced.append(found[0].name)
+            VMInstance.objects.filter(name="y").update(
+                state=VmState.STARTING, host=Host.objects.get(name="h1"))
+        return found
+
+    monkeypatch.setattr(placement, "ranked", ranked_then_race)
+    fail(w, "h0", until=60)
+    assert raced == ["h1"]  # h1 was the best when first ranked
+    assert (vm("x").state, vm("x").host.name) == (VmState.RUNNING, "h2")
+
+
 def test_r25_affinity_restart_prefers_a_members_host():
     w = world({"config": {"ping.interval": 10},
                "hosts": {"h1": {}, "h2": {}, "h3": {}},
