@@ -482,6 +482,10 @@ class Run:
         marks += [c.at for c in self.checks if c.at > t]
         marks.append((t // interval + 1) * interval)
         due = next_due(self.clock.now(), cfg)
+        # R28: the BMC check round keeps its schedule in the engine, not the database.
+        bmc = self.engine.bmc_checks.next_due(self.clock.now())
+        if bmc is not None:
+            due = min(due, max(bmc, self.clock.now()))
         marks.append(math.ceil((due - self.clock.epoch).total_seconds()))
         return max(t + 1, min(marks))
 

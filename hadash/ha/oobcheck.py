@@ -117,6 +117,18 @@ class BmcChecker:
             return False
         return True
 
+    def next_due(self, now) -> dt.datetime | None:
+        """When this round may next act — a listed host's check, a host not placed in
+        the round yet, or the next reading of the host list — or None (no host has a
+        BMC and the list is not read yet). The scenario runner's idle skipping uses it,
+        so a run that skips idle seconds checks every BMC when a run second by second
+        does."""
+        with self.lock:
+            times = [self.due_at.get(h.pk, now) for h in self.hosts]
+        if self.loaded_at is not None:
+            times.append(self.loaded_at + RELOAD)
+        return min(times) if times else None
+
     def run_due(self, engine, *, now, cfg) -> int:
         """Start the checks that are due; returns how many were started."""
         hosts = self.due_hosts(now=now, cfg=cfg)
