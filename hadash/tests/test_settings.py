@@ -18,7 +18,8 @@ DEV_AGENT_KEY = "hadash-dev-join-key"
 GOOD = {"SECRET_KEY": "k" * 10 + "-a-long-random-looking-secret-key-0123456789-ABCDEFGH",
         "HADASH_AGENT_KEY": "a-join-key-of-our-own-7f3a9c"}
 # What the subprocesses must not inherit from this session.
-INHERITED = ("PYTEST_VERSION", "SECRET_KEY", "HADASH_AGENT_KEY", "HADASH_FLEET_TOKEN", "DEBUG",
+INHERITED = ("PYTEST_VERSION", "SECRET_KEY", "HADASH_AGENT_KEY", "HADASH_FLEET_TOKEN",
+             "HADASH_METRICS_TOKEN", "DEBUG",
              "HADASH_HTTPS", "HADASH_SSL_REDIRECT", "HADASH_SECURE_COOKIES",
              "HADASH_HSTS_SECONDS", "HADASH_HSTS_INCLUDE_SUBDOMAINS", "HADASH_HSTS_PRELOAD",
              "HADASH_PROXY_SSL_HEADER", "HADASH_LOGIN_FAILURES", "HADASH_LOGIN_LOCKOUT_MINUTES",
@@ -91,7 +92,8 @@ def test_scripts_secrets_file_is_used_kept_and_private(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     first = path.read_text()
     values = dict(line.split("=", 1) for line in first.splitlines() if not line.startswith("#"))
-    assert set(values) == {"SECRET_KEY", "HADASH_AGENT_KEY", "HADASH_FLEET_TOKEN"}
+    assert set(values) == {"SECRET_KEY", "HADASH_AGENT_KEY", "HADASH_FLEET_TOKEN",
+                           "HADASH_METRICS_TOKEN"}
     assert all(len(v) >= 50 for v in values.values())
     assert values["SECRET_KEY"] != DEV_SECRET_KEY and values["HADASH_AGENT_KEY"] != DEV_AGENT_KEY
     subprocess.run([str(ROOT / "scripts" / "secrets")], env=env, check=True, timeout=60,
