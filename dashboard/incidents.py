@@ -263,7 +263,10 @@ class Detail:
         restarted = sum(1 for v in self.vms if v.outcome == VmOutcome.RESTARTED)
         failed = sum(1 for v in self.vms if v.outcome == VmOutcome.FAILED)
         pending = sum(1 for v in self.vms if v.outcome == VmOutcome.PENDING)
+        observed = sum(1 for v in self.vms if v.outcome == VmOutcome.OBSERVED)
         parts = [f"{restarted} of {i.vms_affected} HA VM(s) restarted"]
+        if observed:  # R26: not restarted because HA only watched; say so
+            parts.append(f"{observed} only observed (observe mode: nothing was done)")
         if failed:
             parts.append(f"{failed} failed")
         if pending:

@@ -244,6 +244,28 @@ def test_r18_incident_page_shows_timeline_vms_downtime_work_and_alert(op, story)
     assert op.get("/incidents/999999").status_code == 404
 
 
+def test_r18_r26_an_observed_incident_says_nothing_was_done_and_what_would_have_been(op):
+    """R26: in observe mode the items end Done/Observed and the incident resolves with no
+    VM restarted. Its page says the VMs were only observed (not "Resolved: 0 of 2
+    restarted" alone), and an item's note reads as what would have been done, not as a
+    "last error"."""
+    h1, h2 = (Host.objects.create(name=n, cluster="c1") for n in ("h1", "h2"))
+    vms = [VMInstance.objects.create(name=n, host=h1, ha_enabled=True) for n in ("vo1", "vo2")]
+    inc = host_incident(h1, declared=10, resolved=11,
+                        vms=[(v, 0, None, VmOutcome.OBSERVED, "") for v in vms])
+    for v in vms:
+        HaWork.objects.create(
+            instance=v, vm_type="User", type=WorkType.HA, reason=Reason.OBSERVED,
+            step=Step.DONE, host=h1, state="Running", update_count=1, time_to_try=at(10),
+            created=at(10), updated=at(11), incident=inc,
+            last_error=f"Observe mode: would restart {v.name} on h2; nothing was sent")
+    page = unescape(html(op.get(f"/incidents/{inc.pk}")))
+    assert ("Resolved: 0 of 2 HA VM(s) restarted, 2 only observed (observe mode: nothing "
+            "was done).") in page
+    assert "observed: Observe mode: would restart vo1 on h2; nothing was sent" in page
+    assert "last error: Observe mode" not in page
+
+
 def test_r18_incident_pages_have_a_bounded_number_of_queries(op, django_assert_max_num_queries):
     hosts = [Host.objects.create(name=f"kvm-{i:03d}", cluster=f"c{i % 4}") for i in range(60)]
     vms = [VMInstance.objects.create(name=f"vm-{i:03d}", ha_enabled=True) for i in range(600)]
