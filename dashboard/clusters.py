@@ -77,6 +77,7 @@ def cluster_page(request, name: str):
         "groups": _groups_of(name),
         "admission": config.snapshot()["ha.admission"],
         "cluster": name, "plan": plan, "rows": rows, "unfit_count": len(unfit),
+        "ha_hosts": sum(1 for r in rows if r["placements"]),  # hosts running HA VMs now
         "picked": picked, "what_if": what_if,
         "what_if_rows": sorted(what_if.placements.items()) if what_if else [],
         "what_if_error": what_if_error,
