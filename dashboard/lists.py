@@ -251,7 +251,7 @@ def host_list(request, now=None) -> dict:
 
 VM_SORTS = {"problem": "problems first", "name": "name", "host": "host"}
 VM_HA = {"on": "HA enabled", "off": "HA not enabled", "recovering": "HA work in progress",
-         "waiting": "HA work waiting", "failed": "HA gave up (Error)"}
+         "waiting": "waiting (HA work, or host in Alert)", "failed": "HA gave up (Error)"}
 
 
 def open_ha_item():
@@ -259,11 +259,20 @@ def open_ha_item():
         step__in=FINAL_STEPS)
 
 
+def host_unreachable():
+    """HA VMs whose host is in Alert, before any HA item: R17 ``waiting:
+    host-unreachable`` (vms.hastatus, force.ha aside)."""
+    return Q(ha_enabled=True, host__status=HostStatus.ALERT,
+             state__in=(VmState.RUNNING, VmState.STARTING, VmState.STOPPING,
+                        VmState.MIGRATING))
+
+
 def vm_rank():
     """Problem rank for VMs: the lower, the sooner an operator should look."""
     return Case(
         When(state=VmState.ERROR, then=Value(0)),
         When(has_open_ha=True, then=Value(1)),
+        When(host_unreachable(), then=Value(1)),
         When(Q(state=VmState.RUNNING) & ~Q(power_state=PowerState.POWER_ON), then=Value(2)),
         When(state__in=(VmState.STARTING, VmState.STOPPING, VmState.MIGRATING),
              then=Value(3)),
@@ -308,7 +317,8 @@ def vm_list(request, now=None) -> dict:
     elif p["ha"] == "recovering":
         qs = qs.filter(Exists(open_ha_item()))
     elif p["ha"] == "waiting":
-        qs = qs.filter(Exists(open_ha_item().exclude(waiting="")))
+        qs = qs.filter(Exists(open_ha_item().exclude(waiting=""))
+                       | (host_unreachable() & ~Exists(open_ha_item())))
     elif p["ha"] == "failed":
         qs = qs.filter(Exists(HaWork.objects.filter(instance=OuterRef("pk"), type=WorkType.HA,
                                                     step=Step.ERROR)))

@@ -172,6 +172,21 @@ def test_vm_list_puts_problem_vms_first_and_filters(op):
     assert east == [f"kvm-{i:03d}-vm1" for i in range(1, 30, 2)]
 
 
+def test_r17_vms_waiting_on_an_unreachable_host_are_found_by_the_waiting_filter(op):
+    """R17: an HA VM on a host in Alert is 'waiting: host-unreachable' (no HA item yet).
+    Filtering the VM list on "waiting" finds it and problems-first puts it before the
+    healthy VMs; its host's VM without HA is not waiting. (The filter looked only at HA
+    items, so the 'waiting' VMs of the list were not found by 'waiting'.)"""
+    fleet(hosts=30)
+    Host.objects.filter(name="kvm-015").update(status=HostStatus.ALERT)
+    assert row_names(html(op.get("/vms?ha=waiting")), "data-vm") == ["kvm-015-vm0"]
+    page = html(op.get("/vms"))
+    assert row_names(page, "data-vm")[0] == "kvm-015-vm0"
+    row = page[page.index('<tr data-vm="kvm-015-vm0"'):]
+    row = row[:row.index("</tr>")]
+    assert "waiting" in row and "host-unreachable" in row
+
+
 def test_lists_are_in_the_nav_with_a_skip_link_first(op):
     """Issue 10 item 6: Hosts and VMs in the navigation; "Skip to alerts" is the first
     focusable element of every page."""
