@@ -861,6 +861,10 @@ RESOURCES = {
                    "attempts, last error."),
     "clusters": ("cluster-list", "Clusters with their failover capacity (R22); each "
                  "cluster's failover plan and what-if."),
+    "vm-groups": ("vm-group-list", "VM groups (R25): anti-affinity and affinity; list, "
+                  "create, change, delete."),
+    "ha-mode": ("ha-mode", "HA mode (R26): armed, observe or disarmed, for the installation; "
+                "PUT /clusters/{name}/ha-mode for one cluster."),
     "config": ("config-list", "Configuration keys (SPEC §2): list, show, set."),
     "engine": ("engine-status", "Engine status: sweeper, engine loops, ping ingestion."),
 }
