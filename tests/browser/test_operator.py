@@ -453,6 +453,34 @@ def test_list_notification_and_cluster_pages_show_the_fleet(admin, live, story, 
     page.close()
 
 
+def test_new_pages_fit_390_px_and_the_timeline_reads_in_lines(admin, live, story, channel):
+    """Issue 10 item 7 on the pages of issues 10 and 11: at 390 px no page is wider than
+    the screen (wide tables scroll in their panel), and the incident timeline's messages
+    keep a readable width (they were one letter per line)."""
+    page = admin.new_page()
+    page.set_viewport_size({"width": 390, "height": 900})
+    paths = ["/", "/hosts", "/vms", "/clusters", "/clusters/c1", "/ha-mode", "/notifications",
+             "/incidents", "/config"]
+    if story.get("incident"):
+        paths.append(f"/incidents/{story['incident']}")
+    if story.get("victim"):
+        paths.append(f"/hosts/{story['victim']}")
+    wide = {}
+    for path in paths:
+        page.goto(path)
+        page.wait_for_selector("main, .main")
+        width = page.evaluate("document.documentElement.scrollWidth")
+        if width > 390:
+            wide[path] = width
+    assert not wide, f"wider than 390 px: {wide}"
+    if story.get("incident"):
+        page.goto(f"/incidents/{story['incident']}")
+        widths = page.locator("#incident-timeline .ev-msg").evaluate_all(
+            "els => els.map(e => e.getBoundingClientRect().width)")
+        assert widths and min(widths) > 200, widths
+    page.close()
+
+
 def test_no_process_crashed(live, story):
     """Up through all of it, but for the engine process stopped on purpose."""
     for c in live.sup.children:
