@@ -177,16 +177,22 @@ def _investigate_claimed(engine, host: Host, seen_ping, *, now, cfg, first: bool
         # undeterminable host is re-investigated without repeating this).
         behind = int((now - seen_ping).total_seconds()) if seen_ping else None
         with transaction.atomic():
-            # R18: the incident opens with its detection (started at the last ping).
-            incident = incidents.open_host_incident(host, now=now, started_at=seen_ping)
-            record_event(
+            detection = record_event(
                 Subject.HOST, host, event=HostEvent.PING_TIMEOUT, reason="PingTimeout",
-                now=now, severity=Severity.WARNING, incident=incident,
+                now=now, severity=Severity.WARNING,
                 message=f"Host {host.name}: no ping for {behind} s; investigating",
             )
 
     # R4: first a direct health check of the agent.
     health = engine.agents.check_health(host)
+    if not health and first:
+        # R18: the incident — and so its alert and notifications (R19, R20) — opens
+        # once the agent does not answer either, dated from the detection and started
+        # at the last ping. A host that was only late (every host, after the management
+        # server itself was down and pings went unread) answers and pages no one.
+        with transaction.atomic():
+            incident = incidents.open_host_incident(host, now=now, started_at=seen_ping)
+            Event.objects.filter(pk=detection.pk).update(incident=incident)
     if health:
         with transaction.atomic():
             if not Host.objects.filter(pk=host.pk, last_ping=seen_ping).update(

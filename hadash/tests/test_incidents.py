@@ -342,3 +342,28 @@ def test_r19_lost_engine_loop_alert_resolves_when_a_replacement_registers():
     assert runtime.loops_back(now) == 1
     alert.refresh_from_db()
     assert alert.state == "resolved"
+
+
+def test_r18_r20_late_pings_of_a_host_whose_agent_answers_page_no_one():
+    """R18/R20 (operator trial): after the management server itself was down, every
+    host is behind on ping at the first sweep — pings went unread, the hosts are fine.
+    A host whose agent answers the health check is only a PingTimeout event: no
+    incident, no alert, so no notification; one that does not answer opens one."""
+    import datetime as dt
+
+    from hosts.models import Host
+
+    w = world(HOST_FAILS)
+    w.advance_to(15)
+    # Nobody read h1's and h2's pings for two minutes (the server was down).
+    Host.objects.filter(name__in=["h1", "h2"]).update(
+        last_ping=t(w, 15) - dt.timedelta(seconds=120))
+    w.fleet.power_off("h2")  # h2 really is gone
+    w.advance_to(17)
+    assert Event.objects.filter(event="PingTimeout", subject_name="h1").exists()
+    assert not Incident.objects.filter(host_name="h1").exists()
+    assert not Alert.objects.filter(subject_name="h1").exists()
+    [inc] = Incident.objects.filter(host_name="h2")
+    assert inc.detected_at <= t(w, 17)
+    assert Event.objects.get(event="PingTimeout", subject_name="h2").incident == inc
+    assert Alert.objects.filter(incident=inc).count() == 1
