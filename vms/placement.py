@@ -330,10 +330,16 @@ def group_rule(vm: VMInstance, *, moved=None) -> GroupRule:
 
 def ranked(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
            exclude: tuple[int, ...] = (), only: tuple[int, ...] = (),
-           rule: GroupRule | None = None) -> list[Room]:
+           rule: GroupRule | None = None, extra=None) -> list[Room]:
     """Rooms that fit ``vm``, best first (R13 filters, R24 order), honouring its
-    groups (R25; ``rule`` when the caller read it already)."""
+    groups (R25; ``rule`` when the caller read it already). ``extra`` ({host name:
+    (cpus, memory_mb)}) counts placements the database does not hold — an observe-mode
+    batch's earlier "would restart here" (R26) — as allocated."""
     rooms = rooms_for(cluster, exclude=exclude, only=only)
+    for room in rooms:
+        c, m = (extra or {}).get(room.name, (0, 0))
+        room.used_cpus += c
+        room.used_memory_mb += m
     if rule is None:
         rule = group_rule(vm)
     return rank(rooms, vm.cpus, vm.memory_mb, ha=ha, ha_tag=ha_tag, rule=rule)
@@ -354,9 +360,13 @@ def pick_host(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
 
 
 def pick_with_reason(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
-                     exclude: tuple[int, ...] = ()) -> tuple[Host | None, str]:
-    """The chosen host and why (R24), or (None, why none fits)."""
-    found = ranked(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)
+                     exclude: tuple[int, ...] = (), extra=None,
+                     moved=None) -> tuple[Host | None, str]:
+    """The chosen host and why (R24), or (None, why none fits). ``extra`` and
+    ``moved`` ({vm id: host id}, for its groups): placements not in the database."""
+    rule = group_rule(vm, moved=moved) if moved else None
+    found = ranked(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude, rule=rule,
+                   extra=extra)
     if not found:
         return None, why_none(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)[1]
     return found[0].host, explain(found[0], vm.cpus, vm.memory_mb, fitting=len(found))

@@ -391,13 +391,39 @@ def would_do(engine, item, vm, host, *, now, cfg) -> tuple[list[str], str | None
     if brake.is_braked(cluster, now=now, cfg=cfg):
         steps.append(f"wait to restart {vm.name}: {brake.WAITING} in cluster {cluster}")
         return steps, None
-    target = placement_guard.pick(vm, ha=True, cfg=cfg)
+    # The batch (R24): the incident's VMs observed before this one would have been
+    # restarted first; their would-be hosts count as taken, as reservations do when
+    # armed — so observe predicts the spread armed mode makes.
+    extra, moved = observed_placements(vm)
+    target = placement_guard.pick(vm, ha=True, cfg=cfg, extra=extra, moved=moved)
     if target is None:
         words = placement_guard.no_room(vm, ha=True, cfg=cfg)
         steps.append(f"wait to restart {vm.name}: no host has room ({words})")
     else:
+        item.observed_target = target.name
         steps.append(f"restart {vm.name} on {target.name}")
     return steps, None
+
+
+def observed_placements(vm) -> tuple[dict, dict]:
+    """({host name: (cpus, memory_mb)}, {vm id: host id}) of the VMs that observe mode
+    would have restarted, in the open incidents ``vm`` belongs to."""
+    from hosts.models import Host
+
+    rows = list(IncidentVm.objects.filter(
+        incident__in=IncidentVm.objects.filter(
+            vm_id=vm.pk, incident__state__in=OPEN_INCIDENT_STATES).values("incident_id"),
+        outcome=VmOutcome.OBSERVED).exclude(target_host_name="").exclude(vm_id=vm.pk)
+        .values_list("vm_id", "vm__cpus", "vm__memory_mb", "target_host_name"))
+    if not rows:
+        return {}, {}
+    extra: dict[str, tuple[int, int]] = {}
+    for _vm_id, cpus, memory_mb, name in rows:
+        c, m = extra.get(name, (0, 0))
+        extra[name] = (c + (cpus or 0), m + (memory_mb or 0))
+    ids = dict(Host.objects.filter(name__in=extra).values_list("name", "pk"))
+    moved = {vm_id: ids[name] for vm_id, _c, _m, name in rows if name in ids}
+    return extra, moved
 
 
 def observe(engine, item, vm, host, *, now, cfg, where: str = "") -> None:
@@ -431,7 +457,8 @@ def observe(engine, item, vm, host, *, now, cfg, where: str = "") -> None:
         for row in rows:
             row.outcome = VmOutcome.OBSERVED
             row.detail = words[:500]
-            row.save(update_fields=["outcome", "detail"])
+            row.target_host_name = getattr(item, "observed_target", "")
+            row.save(update_fields=["outcome", "detail", "target_host_name"])
         finish(item, Step.DONE, now=now, message=message)
         for row in rows:
             row.incident.refresh_from_db()

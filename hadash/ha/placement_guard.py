@@ -20,11 +20,13 @@ from vms.choices import VmState
 from .work import mark_vm, set_step
 
 
-def pick(vm, *, ha: bool, cfg, exclude=()):
+def pick(vm, *, ha: bool, cfg, exclude=(), extra=None, moved=None):
     """The host to place ``vm`` on (R13, R24), or None. The returned host carries
-    ``placement_reason`` — why it was chosen — for the item (`HaWork.placement`)."""
+    ``placement_reason`` — why it was chosen — for the item (`HaWork.placement`).
+    ``extra``/``moved``: placements not in the database (vms.placement.pick_with_reason)."""
     host, why = placement.pick_with_reason(
-        vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster, exclude=tuple(exclude)
+        vm, ha=ha, ha_tag=cfg["ha.tag"], cluster=vm.cluster, exclude=tuple(exclude),
+        extra=extra, moved=moved,
     )
     if host is not None:
         host.placement_reason = why

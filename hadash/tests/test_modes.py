@@ -297,3 +297,24 @@ def test_r26_observed_vm_crash_is_one_incident_and_restarted_when_armed():
     w.advance_to(105)
     assert vm("vm1").state == "Running"
     assert sent(w, "start")
+
+
+def test_r26_r24_observe_predicts_the_spread_armed_mode_makes():
+    """R26 with R24 (operator trial: every item of a host's failure said "would restart
+    on kvm-012"): observe places a host's HA VMs as a batch, each seeing the ones before
+    it, so what it records is the spread armed mode makes — never all on one host."""
+    spec = {
+        "config": {"ha.mode": "observe"},
+        "hosts": {"h1": {"cpus": 16}, "h2": {"cpus": 8}, "h3": {"cpus": 8},
+                  "h4": {"cpus": 8}},
+        "vms": {f"v{i}": {"host": "h1", "ha": True, "cpus": 2} for i in range(6)},
+    }
+    w = world(spec)
+    w.advance_to(15)
+    w.fleet.power_off("h1")
+    w.advance_to(150)
+    assert sent(w, "start", "stop", "fence", "migrate") == []
+    targets = list(IncidentVm.objects.filter(outcome="observed")
+                   .values_list("target_host_name", flat=True))
+    assert len(targets) == 6
+    assert {t: targets.count(t) for t in set(targets)} == {"h2": 2, "h3": 2, "h4": 2}
