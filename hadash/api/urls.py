@@ -45,7 +45,6 @@ api_patterns = [
     path("", include("hadash.api.incidents")),  # R18, R19: incidents, alerts
     path("", include("hadash.api.groups")),  # R25: vm-groups
     path("", include("hadash.api.modes")),  # R26: ha-mode, clusters/{name}/ha-mode
-    path("", include("notify.api")),  # R20: notification-channels, deliveries
     # R22: clusters, their failover plans, "what if hosts X, Y fail now?"
     path("clusters", plan.ClusterListView.as_view(), name="cluster-list"),
     path("clusters/<str:name>/failover-plan", plan.ClusterPlanView.as_view(),
