@@ -23,7 +23,7 @@ from hadash.choices import AlertState, Step
 from hadash.ha import runtime
 from hadash.ha.work import in_flight
 from hadash.models import Alert, Event, HaWork
-from hosts.choices import HostStatus, ResourceState
+from hosts.choices import SWEPT_STATUSES, HostStatus, ResourceState
 from hosts.models import Host
 from vms.choices import ACTIVE_STATES, VmState
 from vms.models import VMInstance
@@ -58,13 +58,24 @@ def hosts_and_vm_counts() -> tuple[list[tuple], dict[int, int]]:
     hosts = list(
         Host.objects.order_by("cluster", "name")
         .values_list("id", "name", "cluster", "status", "resource_state",
-                     "agent_name", "agent_version")
+                     "agent_name", "agent_version", "last_ping")
     )
     per_host = dict(
         VMInstance.objects.filter(state__in=ACTIVE_STATES, host__isnull=False)
         .order_by().values("host_id").annotate(n=Count("id")).values_list("host_id", "n")
     )
     return hosts, per_host
+
+
+def suspect_ids(hosts: list[tuple], now=None, cfg=None) -> set[int]:
+    """R17 on the map: hosts Up or Connecting but behind on ping (ping.interval ×
+    ping.timeout) — suspect or under investigation, not declared yet — so an operator
+    sees a failure before its verdict."""
+    now = now or timezone.now()
+    cfg = cfg or config.snapshot()
+    cutoff = now - dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
+    return {h[0] for h in hosts
+            if h[3] in SWEPT_STATUSES and h[7] is not None and h[7] < cutoff}
 
 
 def counts(alerts: bool = True) -> dict:
@@ -83,7 +94,7 @@ def counts(alerts: bool = True) -> dict:
     return out
 
 
-def engine_health(now=None) -> dict:
+def engine_health(now=None, cfg=None) -> dict:
     """runtime.status() shaped for the page: healthy iff the sweeper lease is fresh."""
     now = now or timezone.now()
     st = runtime.status(now)
@@ -99,7 +110,7 @@ def engine_health(now=None) -> dict:
         # Issue 10 item 7: installation-wide slots (ha.workers: every loop runs that many
         # threads, but together they hold at most that many items) and the items in
         # progress now (taken, lease unexpired) — not per-loop sums.
-        "workers": config.snapshot()["ha.workers"],
+        "workers": (cfg or config.snapshot())["ha.workers"],
         "busy": in_flight(now),
     }
 
@@ -125,17 +136,21 @@ def summary_json() -> dict:
     alerts_open = (len(alert_ids) if len(alert_ids) < OPEN_ALERTS_SHOWN
                    else Alert.objects.filter(state=AlertState.OPEN).count())
     host_counts = Counter(h[3] for h in hosts)
+    cfg = config.snapshot()
+    late = suspect_ids(hosts, cfg=cfg)
     return {
         "time": timezone.now().isoformat(),
         "top_event": Event.objects.aggregate(m=Max("id"))["m"] or 0,
-        "hosts": [[h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0)] for h in hosts],
+        # [id, name, cluster, status, resource state, VMs, suspect (R17)]
+        "hosts": [[h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0), h[0] in late]
+                  for h in hosts],
         "host_counts": dict(host_counts),
         "vm_counts": c["vms"],
         "work": c["work"],
         "work_in_flight": sum(c["work"].values()),
         "alerts_open": alerts_open,
         "open_alert_ids": alert_ids,
-        "engine": engine_health(),
+        "engine": engine_health(cfg=cfg),
     }
 
 
@@ -146,9 +161,11 @@ def agent_of(name: str, version: str) -> str:
     return f" · {name} {version}".rstrip()
 
 
-def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
+def tiles_html(hosts: list[tuple], per_host: dict[int, int],
+               suspect: set[int] = frozenset()) -> SafeString:
     """The fleet map, built as one string (1,000 tiles through the template engine
-    would cost more than every query of the page together)."""
+    would cost more than every query of the page together). A ``suspect`` host (behind
+    on ping, no verdict yet, R17) gets a dashed outline and says so in its name."""
     href = reverse("dash:host", args=["__HOST__"])
     out: list[str] = []
     cluster = None
@@ -169,7 +186,7 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
         out.extend(members)
         out.append("</div></section>")
 
-    for hid, name, cl, status, rs, agent, version in hosts:
+    for hid, name, cl, status, rs, agent, version, _last_ping in hosts:
         if cl != cluster:
             close()
             cluster, members, tally = cl, [], Counter()
@@ -177,13 +194,17 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int]) -> SafeString:
         tally[status] += 1
         e = escape(name)
         # The tile's accessible name says what its colour does (issue 10 item 6).
-        said = f'{e}: {status}{"" if rs == ResourceState.ENABLED else ", " + rs}, {n} VMs'
+        late = hid in suspect
+        sus = ", suspect: behind on ping" if late else ""
+        said = (f'{e}: {status}{"" if rs == ResourceState.ENABLED else ", " + rs}{sus}, '
+                f'{n} VMs')
         members.append(
-            f'<a class="tile st-{status} rs-{rs} {size_class(n)}" '
+            f'<a class="tile st-{status} rs-{rs} {size_class(n)}{" suspect" if late else ""}" '
             f'href="{href.replace("__HOST__", quote(name, safe=""))}" data-host="{e}" '
             f'data-host-id="{hid}" data-status="{status}" data-rs="{rs}" data-vms="{n}" '
-            f'aria-label="{said}" '
-            f'title="{e} · {status}{"" if rs == ResourceState.ENABLED else " · " + rs} · '
+            f'data-suspect="{"1" if late else ""}" aria-label="{said}" '
+            f'title="{e} · {status}{"" if rs == ResourceState.ENABLED else " · " + rs}'
+            f'{" · suspect (behind on ping)" if late else ""} · '
             f'{n} VMs{escape(agent_of(agent, version))}">{n}</a>'
         )
     close()
@@ -195,6 +216,7 @@ def overview(now=None) -> dict:
     hosts, per_host = hosts_and_vm_counts()
     c = counts(alerts=False)  # the alerts panel counts them (dashboard.alerts.panel)
     host_counts = Counter(h[3] for h in hosts)
+    cfg = config.snapshot()
     return {
         "host_total": len(hosts),
         "host_counts": ordered_counts(host_counts, MAIN_STATUSES, HostStatus.values),
@@ -202,9 +224,9 @@ def overview(now=None) -> dict:
         "vm_counts": ordered_counts(c["vms"], MAIN_VM_STATES, VmState.values),
         "work_counts": [(s, c["work"].get(s, 0)) for s in IN_FLIGHT_STEPS],
         "work_in_flight": sum(c["work"].values()),
-        "tiles": tiles_html(hosts, per_host),
+        "tiles": tiles_html(hosts, per_host, suspect_ids(hosts, now, cfg)),
         "clusters": len({h[2] for h in hosts}),
-        "engine": engine_health(now),
+        "engine": engine_health(now, cfg),
         "maintenance_hosts": sum(1 for h in hosts if h[4] != ResourceState.ENABLED),
     }
 

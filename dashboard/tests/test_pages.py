@@ -289,16 +289,41 @@ def test_overview_shows_counts_map_alerts_feed_and_engine(op, incident_world):
 
 
 def test_summary_json(op, incident_world):
+    # On time by the wall clock summary.json reads (the world's clock is virtual).
+    Host.objects.filter(status="Up").update(last_ping=timezone.now())
     s = op.get("/summary.json").json()
     assert s["host_counts"] == {"Up": 2, "Down": 1}
     assert s["vm_counts"] == {"Running": 3, "Stopped": 1}
     assert s["work_in_flight"] == 0
     rows = {h[1]: h for h in s["hosts"]}
-    assert rows["h1"][2:] == ["c1", "Down", "Enabled", 0]
-    assert rows["h3"][2:] == ["c2", "Up", "Enabled", 1]
+    assert rows["h1"][2:] == ["c1", "Down", "Enabled", 0, False]
+    assert rows["h3"][2:] == ["c2", "Up", "Enabled", 1, False]
     assert s["engine"]["healthy"] is False
     assert s["alerts_open"] == len(s["open_alert_ids"])
     assert s["top_event"] == Event.objects.latest("id").pk
+
+
+def test_r17_fleet_map_shows_a_suspect_host_before_its_verdict(op, incident_world):
+    """R17: a host Up but behind on ping (no verdict yet) is visibly different on the
+    overview's map — a `suspect` tile whose accessible name says so — and flagged in
+    summary.json for the live update; on time again, it is a plain Up tile."""
+    import datetime as dt
+
+    Host.objects.filter(status="Up").update(last_ping=timezone.now())
+    Host.objects.filter(name="h3").update(
+        last_ping=timezone.now() - dt.timedelta(seconds=600))
+    page = html(op.get("/"))
+    tile = re.search(r'<a class="tile ([^"]+)"[^>]*data-host="h3"[^>]*>', page).group(0)
+    assert "suspect" in tile.split('"')[1]
+    assert 'aria-label="h3: Up, suspect: behind on ping, 1 VMs"' in tile
+    rows = {h[1]: h for h in op.get("/summary.json").json()["hosts"]}
+    assert rows["h3"][6] is True and rows["h2"][6] is False
+    Host.objects.filter(name="h3").update(last_ping=timezone.now())
+    rows = {h[1]: h for h in op.get("/summary.json").json()["hosts"]}
+    assert rows["h3"][6] is False
+    tile = re.search(r'<a class="tile ([^"]+)"[^>]*data-host="h3"[^>]*>',
+                     html(op.get("/")))
+    assert "suspect" not in tile.group(1) and "suspect" not in tile.group(0).split("aria")[1]
 
 
 def test_host_page(op, incident_world):

@@ -368,6 +368,12 @@ def test_r17_suspect_host_shown_before_it_is_declared_down(admin, live, story):
     hosts_page.wait_for_selector(f'#host-list tr[data-host="{target}"][data-status="Up"]'
                                  ' [data-ha-status="suspect"]')
     hosts_page.close()
+    # The overview's fleet map: the tile is visibly suspect, and says so in its name.
+    overview = admin.new_page()
+    overview.goto("/")
+    tile = f'#fleet-map .tile[data-host="{target}"]'
+    overview.wait_for_selector(f'{tile}.suspect.st-Up')
+    assert "suspect: behind on ping" in overview.get_attribute(tile, "aria-label")
     assert live.api.get(f"/hosts/{target}").json()["status"] == "Up"
 
     # An engine runs again: investigated, declared Down — on the open page, live.
@@ -378,6 +384,8 @@ def test_r17_suspect_host_shown_before_it_is_declared_down(admin, live, story):
     page.wait_for_selector('#host-ha-status [data-ha-status="down"]', timeout=WAIT)
     assert_not_reloaded(page, origin)
     sim.wait_for_selector(f'tr[data-sim-host="{target}"] [data-ha-status="down"]')
+    overview.wait_for_selector(f'{tile}.st-Down:not(.suspect)', timeout=LONG)
+    overview.close()
     sim.close()
     page.close()
 

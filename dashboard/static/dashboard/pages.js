@@ -62,8 +62,11 @@
       return "v4";
     }
 
-    function paintTile(t, status, rs, vms) {
+    function paintTile(t, status, rs, vms, suspect) {
       var changed = false;
+      if (suspect !== undefined && (t.dataset.suspect === "1") !== !!suspect) {
+        t.dataset.suspect = suspect ? "1" : ""; changed = true;
+      }
       if (status !== undefined && t.dataset.status !== status) { t.dataset.status = status; changed = true; }
       if (rs !== undefined && t.dataset.rs !== rs) { t.dataset.rs = rs; changed = true; }
       if (vms !== undefined && int(t.dataset.vms) !== vms) {
@@ -71,12 +74,17 @@
       }
       if (!changed) return false;
       var n = int(t.dataset.vms);
-      t.className = "tile st-" + t.dataset.status + " rs-" + t.dataset.rs + " " + sizeClass(n) + " flash";
+      var sus = t.dataset.suspect === "1";
+      t.className = "tile st-" + t.dataset.status + " rs-" + t.dataset.rs + " " + sizeClass(n) +
+        (sus ? " suspect" : "") + " flash";
       t.title = t.dataset.host + " · " + t.dataset.status +
-        (t.dataset.rs === "Enabled" ? "" : " · " + t.dataset.rs) + " · " + n + " VMs";
-      // Its accessible name: host, status (and resource state), VM count — not colour only.
+        (t.dataset.rs === "Enabled" ? "" : " · " + t.dataset.rs) +
+        (sus ? " · suspect (behind on ping)" : "") + " · " + n + " VMs";
+      // Its accessible name: host, status (and resource state), VM count — not colour only;
+      // R17: a suspect host (behind on ping, no verdict yet) says so.
       t.setAttribute("aria-label", t.dataset.host + ": " + t.dataset.status +
-        (t.dataset.rs === "Enabled" ? "" : ", " + t.dataset.rs) + ", " + n + " VMs");
+        (t.dataset.rs === "Enabled" ? "" : ", " + t.dataset.rs) +
+        (sus ? ", suspect: behind on ping" : "") + ", " + n + " VMs");
       flashed.push(t);
       return true;
     }
@@ -173,7 +181,7 @@
           clusterSection(h[2]).querySelector(".tiles").appendChild(t);
           tiles[id] = t;
         }
-        paintTile(t, h[3], h[4], h[5]);
+        paintTile(t, h[3], h[4], h[5], h[6]);
       }
       Object.keys(tiles).forEach(function (id) {
         if (!present[id]) { tiles[id].remove(); delete tiles[id]; }
@@ -211,6 +219,7 @@
       var need = false;
       for (var i = 0; i < evs.length; i++) {
         var e = evs[i];
+        if (e.subject === "host" && e.event === "PingTimeout") need = true;  // R17 suspect
         if (e.subject === "host" && (e.field === "status" || e.field === "resource_state")) {
           var c = tileChanges[e.subject_id] || (tileChanges[e.subject_id] = {});
           c[e.field] = e.new;
