@@ -4,7 +4,9 @@
 `host_status(...)` is a pure function of the host row and what is known about it
 (config snapshot, when its status last changed, its latest incident, whether its BMC
 fails its check); `statuses_for(hosts, now=…)` computes the statuses of a page of
-hosts in a fixed number of queries, whatever the page's size.
+hosts in a fixed number of queries, whatever the page's size; `filter_code(qs, code,
+now=…)` selects in the database the hosts whose status has a given code (the same
+rules as a SQL CASE, for the list pages' HA status filter).
 
 Codes, first match wins:
 
@@ -270,3 +272,46 @@ def statuses_for(hosts, *, now, cfg=None, bmc_failing=UNSET) -> dict[int, HaStat
 
 def status_of(host, *, now, cfg=None) -> HaStatus:
     return statuses_for([host], now=now, cfg=cfg)[host.pk]
+
+
+# --- database filter (the list pages' HA status filter) --------------------------------
+
+# Every code host_status can give, in the order an operator reads them.
+CODES = ("down", "alert", "investigating", "suspect", "connecting", "disconnected",
+         "removed", "error", "rebalancing", "error-in-maintenance",
+         "prepare-for-maintenance", "maintenance", "disabled", "up")
+
+
+def code_expression(*, now, cfg):
+    """R17 code of a host as a database expression: the rules of `host_status` in the
+    same order (first match wins), for a queryset of hosts."""
+    from django.db.models import Case, CharField, F, Q, Value, When
+    from django.db.models.functions import Lower
+
+    limit = dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
+    behind = Q(status__in=SWEPT_STATUSES, last_ping__isnull=False, last_ping__lt=now - limit)
+    # _episode_under_way with a last ping: next investigation set, not before it.
+    episode = Q(next_investigation__isnull=False, next_investigation__gte=F("last_ping"))
+    whens = [
+        When(status=HostStatus.DOWN, then=Value("down")),
+        When(status=HostStatus.ALERT, then=Value("alert")),
+        When(behind & episode, then=Value("investigating")),
+        When(behind, then=Value("suspect")),
+        When(status=HostStatus.CREATING, then=Value("connecting")),
+        When(~Q(status=HostStatus.UP), then=Lower("status")),
+    ]
+    whens += [When(resource_state=rs, then=Value(code))
+              for rs, (code, _) in RESOURCE_CODES.items()]
+    return Case(*whens, default=Value("up"), output_field=CharField())
+
+
+def filter_code(qs, code: str, *, now, cfg=None):
+    """The hosts of ``qs`` whose R17 code (`host_status`) is ``code``, selected in the
+    database (a queryset: no status is computed in Python). An unknown code selects
+    nothing."""
+    from hadash import config
+
+    if code not in CODES:
+        return qs.none()
+    cfg = cfg or config.snapshot()
+    return qs.annotate(ha_code=code_expression(now=now, cfg=cfg)).filter(ha_code=code)

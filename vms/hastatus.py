@@ -6,7 +6,9 @@ latest HA item, its host and when that host's status last changed, the config
 snapshot, the failover plan's set of VMs that would not fit if their host failed
 (``unfit``: None while no plan is known) and which hosts' BMCs fail their check.
 `statuses_for(vms, now=…)` computes the statuses of a page of VMs in a fixed number
-of queries, whatever the page's size.
+of queries, whatever the page's size. `filter_code(qs, code, cfg=…)` selects in the
+database the VMs whose status has a given code (the same rules as a SQL CASE, for the
+list pages' HA status filter: no status computed per row).
 
 Codes, first match wins:
 
@@ -265,3 +267,105 @@ def statuses_for(vms, *, now, cfg=None, unfit=UNSET, bmc_failing=UNSET
 
 def status_of(vm, *, now, cfg=None, **kw) -> HaStatus:
     return statuses_for([vm], now=now, cfg=cfg, **kw)[vm.pk]
+
+
+# --- database filter (the list pages' HA status filter) --------------------------------
+
+# Every code vm_status can give, in the order an operator reads them.
+CODES = ("failed", "waiting", "recovering", "at-risk", "unprotected", "stopped",
+         "protected")
+
+_OPEN_STEPS = tuple(s for s in Step.values if s not in FINAL_STEPS)
+_STOPPED_STATES = (VmState.STOPPED, VmState.STOPPING, VmState.DESTROYED, VmState.EXPUNGING)
+_ALERT_WAIT_STATES = (VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING)
+
+
+def _ha_q(cfg):
+    """`ha_wanted` as a Q on VMs (a config snapshot decides which)."""
+    from django.db.models import Q
+
+    if not cfg["vm.ha.enabled"]:
+        return None  # no VM
+    if cfg["force.ha"]:
+        return Q(pk__isnull=False)  # every VM
+    return Q(ha_enabled=True)
+
+
+def _not_fenceable_q():
+    """Not `hosts.hastatus.fenceable(host)` for the VM's host (which it has): no BMC
+    configured, or an open BMC-check alert (R12.2, R28)."""
+    from django.db.models import Exists, OuterRef, Q
+
+    from hadash.choices import AlertState
+    from hadash.models import Alert
+    from hosts.hastatus import BMC_CHECK_ALERT
+
+    failing = Alert.objects.filter(kind=BMC_CHECK_ALERT, subject=Subject.HOST,
+                                   state=AlertState.OPEN, subject_name=OuterRef("host__name"))
+    return Q(host__isnull=False) & (Q(host__oobm_enabled=False) | Q(host__oobm_address="")
+                                    | Exists(failing))
+
+
+def code_expression(*, cfg, unfit: set[int] | None):
+    """R17 code of a VM as a database expression: the rules of `vm_status` in the same
+    order (first match wins), on its latest HA item (annotated by `filter_code`)."""
+    from django.db.models import Case, CharField, Q, Value, When
+
+    ha = _ha_q(cfg)
+    step, waiting, reason = "ha_latest_step", "ha_latest_waiting", "ha_latest_reason"
+    whens = [
+        # 1. an unfinished item: recovering, or waiting with its cause
+        When(Q(**{f"{step}__in": _OPEN_STEPS, waiting: ""}), then=Value("recovering")),
+        When(Q(**{f"{step}__in": _OPEN_STEPS}), then=Value("waiting")),
+        # R26 observe: done, observed, and the VM not back
+        When(Q(**{step: Step.DONE, reason: Reason.OBSERVED})
+             & (Q(state__in=[s for s in VmState.values if s != VmState.RUNNING])
+                | Q(host__isnull=True)
+                | Q(host__status__in=[s for s in HostStatus.values if s != HostStatus.UP])),
+             then=Value("waiting")),
+    ]
+    if ha is not None:  # 2. its host in Alert, no item yet
+        whens.append(When(ha & Q(host__status=HostStatus.ALERT, state__in=_ALERT_WAIT_STATES),
+                          then=Value("waiting")))
+    whens += [
+        # 3. HA gave up and the VM is not back
+        When(state=VmState.ERROR, then=Value("failed")),
+        When(Q(**{step: Step.ERROR})
+             & Q(state__in=[s for s in VmState.values if s != VmState.RUNNING]),
+             then=Value("failed")),
+        # 4. stopped
+        When(state__in=_STOPPED_STATES, then=Value("stopped")),
+    ]
+    # 5. not HA-enabled
+    if ha is None:
+        whens.append(When(pk__isnull=False, then=Value("unprotected")))
+    elif cfg["vm.ha.enabled"] and not cfg["force.ha"]:
+        whens.append(When(ha_enabled=False, then=Value("unprotected")))
+    # 6. would it come back?
+    risk = _not_fenceable_q()
+    if unfit:
+        risk = Q(pk__in=sorted(unfit)) | risk
+    whens.append(When(risk, then=Value("at-risk")))
+    return Case(*whens, default=Value("protected"), output_field=CharField())
+
+
+def filter_code(qs, code: str, *, now=None, cfg=None, unfit=UNSET):
+    """The VMs of ``qs`` whose R17 code (`vm_status`) is ``code``, selected in the
+    database (a queryset: no status is computed in Python; the failover plan's unfit
+    VMs are read once). An unknown code selects nothing. ``now`` is accepted for
+    symmetry with `statuses_for`: a VM's code does not depend on the time."""
+    from django.db.models import OuterRef, Subquery
+
+    from hadash import config
+    from hadash.models import HaWork
+
+    if code not in CODES:
+        return qs.none()
+    cfg = cfg or config.snapshot()
+    if unfit is UNSET:
+        unfit = unfit_vm_ids() if code in ("at-risk", "protected") else None
+    latest = HaWork.objects.filter(type=WorkType.HA, instance=OuterRef("pk")).order_by("-id")
+    qs = qs.annotate(ha_latest_step=Subquery(latest.values("step")[:1]),
+                     ha_latest_waiting=Subquery(latest.values("waiting")[:1]),
+                     ha_latest_reason=Subquery(latest.values("reason")[:1]))
+    return qs.annotate(ha_code=code_expression(cfg=cfg, unfit=unfit)).filter(ha_code=code)

@@ -233,3 +233,67 @@ def test_r17_simulator_panel_hosts_json_carries_ha_status(viewer_client, setting
     [h1] = data["hosts"]
     assert h1["ha_status"]["code"] == "suspect"
     assert h1["ha_status"]["reason"].startswith("behind on ping for 30 s")
+
+
+# --- the list's HA status filter: a queryset per code ----------------------------------
+
+def assert_filter_matches_statuses(w):
+    """For every R17 code, filter_code's rows are exactly the hosts whose computed
+    status has that code (and every host has one of the codes)."""
+    from hadash import config
+
+    now = w.clock.now()
+    cfg = config.snapshot()
+    hosts = list(Host.objects.all())
+    computed = hastatus.statuses_for(hosts, now=now, cfg=cfg)
+    seen = set()
+    for code in hastatus.CODES:
+        rows = set(hastatus.filter_code(Host.objects.all(), code, now=now, cfg=cfg)
+                   .values_list("name", flat=True))
+        want = {h.name for h in hosts if computed[h.pk].code == code}
+        assert rows == want, (code, sorted(rows), sorted(want))
+        seen |= rows
+    assert seen == {h.name for h in hosts}
+    return {h.name: computed[h.pk].code for h in hosts}
+
+
+def test_r17_filter_code_selects_exactly_the_hosts_with_each_code():
+    """R17 (issue 10 item 6): the host list's HA status filter selects in the database
+    exactly the hosts whose status shows that code, second by second through failures:
+    a host powered off (suspect, then Down), one cut off with its BMC failing
+    (investigating, then Alert at alert.wait), one whose agent stops, maintenance
+    (preparing, done, in error), disabled, statuses set by hand (Disconnected,
+    Creating, Error)."""
+    w = world({"hosts": {f"h{i}": {} for i in range(1, 9)},
+               "vms": {"vm1": {"host": "h1", "ha": True}, "vm8": {"host": "h8"}},
+               "config": {"alert.wait": 300,
+                          "ha.investigators.order": "CheckOnAgent,OutOfBand"}})
+    Host.objects.create(name="new", status="Creating")
+    Host.objects.create(name="gone", status="Disconnected", last_ping=timezone.now())
+    Host.objects.create(name="bad", status="Error")
+    w.advance_to(5)
+    w.fleet.power_off("h1")
+    w.apply("host h2 network off")
+    w.apply("bmc h2 fail")
+    w.apply("host h3 agent stop")
+    w.apply("host h4 disable")
+    w.apply("host h8 maintenance")  # a VM it cannot migrate: error-in-maintenance
+    w.apply("host h6 maintenance")
+    seen = set(assert_filter_matches_statuses(w).values())
+    for t in [*range(6, 70, 2), *range(70, 400, 30)]:
+        w.advance_to(t)
+        seen |= set(assert_filter_matches_statuses(w).values())
+    # Behind on ping before the sweep looks (suspect), and with an investigation
+    # planned before its last ping (an episode that is over: suspect again).
+    now = w.clock.now()
+    Host.objects.filter(name="h7").update(last_ping=now - dt.timedelta(seconds=26))
+    Host.objects.filter(name="h5").update(last_ping=now - dt.timedelta(seconds=40),
+                                          next_investigation=now - dt.timedelta(seconds=50))
+    codes = assert_filter_matches_statuses(w)
+    assert codes["h7"] == codes["h5"] == "suspect"
+    seen |= set(codes.values())
+    assert {"up", "suspect", "down", "alert", "investigating", "disabled", "maintenance",
+            "prepare-for-maintenance", "error-in-maintenance", "connecting",
+            "disconnected", "error"} <= seen
+    assert not hastatus.filter_code(Host.objects.all(), "bogus",
+                                    now=w.clock.now()).exists()

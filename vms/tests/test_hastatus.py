@@ -330,3 +330,101 @@ def test_r17_template_tag_renders_a_list_of_vms_in_fixed_queries():
     assert counts[0] == counts[1]
     assert '[v1:<span class="ha-status hs-unprotected"' in out
     assert 'class="hs-reason"' not in out  # compact: the reason is the tooltip
+
+
+# --- the list's HA status filter: a queryset per code ----------------------------------
+
+def assert_filter_matches_statuses(w, *, unfit=hastatus.UNSET):
+    """For every R17 code, filter_code's rows are exactly the VMs whose computed
+    status has that code (and every VM has one of the codes)."""
+    now = w.clock.now()
+    cfg = config.snapshot()
+    vms = list(VMInstance.objects.select_related("host", "last_host"))
+    computed = hastatus.statuses_for(vms, now=now, cfg=cfg, unfit=unfit)
+    seen = set()
+    for code in hastatus.CODES:
+        rows = set(hastatus.filter_code(VMInstance.objects.all(), code, now=now, cfg=cfg,
+                                        unfit=unfit).values_list("name", flat=True))
+        want = {v.name for v in vms if computed[v.pk].code == code}
+        assert rows == want, (code, sorted(rows), sorted(want))
+        seen |= rows
+    assert seen == {v.name for v in vms}
+    return {v.name: computed[v.pk].code for v in vms}
+
+
+def test_r17_filter_code_selects_exactly_the_vms_with_each_code():
+    """R17 (issue 10 item 6): the VM list's HA status filter selects in the database
+    exactly the VMs whose status shows that code, through a failed host's story: VMs
+    restarting, waiting for room, left Stopped without HA, stopped by an operator, on a
+    host without BMC, on a host whose BMC check fails, on a host in Alert, unfit in the
+    failover plan, on no host at all; then force.ha and vm.ha.enabled off."""
+    from django.db import transaction
+
+    from hadash.alerts import open_alert
+    from hosts.hastatus import BMC_CHECK_ALERT
+
+    w = world({"hosts": {"h1": {"cpus": 8}, "h2": {"cpus": 4}, "h3": {"cpus": 4},
+                         "h4": {"cpus": 4}, "h5": {"cpus": 4}},
+               "vms": {"small": {"host": "h1", "ha": True, "cpus": 1},
+                       "huge": {"host": "h1", "ha": True, "cpus": 6},
+                       "plain": {"host": "h1", "cpus": 1},
+                       "idle": {"host": "h2", "ha": True, "cpus": 1},
+                       "fits": {"host": "h2", "ha": True, "cpus": 1},
+                       "tight": {"host": "h2", "ha": True, "cpus": 1},
+                       "nobmc": {"host": "h3", "ha": True, "cpus": 1},
+                       "badbmc": {"host": "h4", "ha": True, "cpus": 1},
+                       "cut": {"host": "h5", "ha": True, "cpus": 1},
+                       "cut-plain": {"host": "h5", "cpus": 1}},
+               "config": {"restart.retry.interval": 300}})
+    Host.objects.filter(name="h3").update(oobm_enabled=False)
+    with transaction.atomic():
+        open_alert(BMC_CHECK_ALERT, "host", "h4", now=w.clock.now(), title="BMC h4: no answer")
+    VMInstance.objects.create(name="homeless", state="Stopped", ha_enabled=True)
+    unfit = {vm("tight").pk}
+    actions.stop_vm(vm("idle"), now=w.clock.now(), by="alice")
+    w.advance_to(2)
+    codes = assert_filter_matches_statuses(w, unfit=unfit)
+    assert {codes["fits"], codes["nobmc"], codes["badbmc"], codes["tight"],
+            codes["plain"], codes["idle"]} == {"protected", "at-risk", "unprotected",
+                                                "stopped"}
+    assert codes["tight"] == codes["nobmc"] == codes["badbmc"] == "at-risk"
+    assert_filter_matches_statuses(w, unfit=None)  # no failover plan stored yet
+    assert_filter_matches_statuses(w)  # read from the (empty) plans
+    w.fleet.power_off("h1")
+    w.apply("host h5 agent stop")
+    seen = set()
+    for t in range(5, 90, 5):
+        w.advance_to(t)
+        seen |= set(assert_filter_matches_statuses(w, unfit=unfit).values())
+    assert {"waiting", "stopped", "at-risk", "protected", "unprotected"} <= seen
+    work.schedule_restart(vm("fits"), investigate=True, reason=Reason.OPERATOR,
+                          now=w.clock.now())
+    assert assert_filter_matches_statuses(w, unfit=unfit)["fits"] == "recovering"
+    config.set_value("force.ha", "true")
+    assert_filter_matches_statuses(w, unfit=unfit)
+    config.set_value("vm.ha.enabled", "false")
+    assert_filter_matches_statuses(w, unfit=unfit)
+
+
+def test_r17_filter_code_finds_failed_and_observed_vms():
+    """R17: HA gave up (latest HA item in Error) → `failed` in the filter as in the
+    column, until the VM runs again; an observe-mode item (R26) → `waiting`; a VM in
+    state Error → `failed`; an unknown code selects nothing."""
+    w = world({**TWO_HOSTS, "config": {"restart.retry.interval": 5,
+                                       "vm.ha.migration.max.retries": 2}})
+    VMInstance.objects.create(name="broken", host=Host.objects.get(name="h2"),
+                              state="Error", ha_enabled=True)
+    w.fleet.start_fail("h2", 10)
+    w.fleet.power_off("h1")
+    w.advance_to(120)
+    assert item_of("vm1").step == Step.ERROR
+    codes = assert_filter_matches_statuses(w, unfit=set())
+    assert codes["vm1"] == codes["broken"] == "failed"
+    now = w.clock.now()
+    v = vm("vm1")
+    HaWork.objects.create(instance=v, vm_type=v.type, type=WorkType.HA,
+                          reason=Reason.OBSERVED, step=Step.DONE, state=v.state,
+                          update_count=v.update_count, time_to_try=now, created=now,
+                          updated=now)
+    assert assert_filter_matches_statuses(w, unfit=set())["vm1"] == "waiting"
+    assert not hastatus.filter_code(VMInstance.objects.all(), "bogus", now=now).exists()
