@@ -9,9 +9,10 @@ Running), then by name. Only the page's rows are read, and the page's extra fact
 per host, open HA items) cost one aggregate query each.
 
 The HA status column (R17) comes from vms.hastatus / hosts.hastatus (statuses_for, a
-fixed number of queries for the page); the HA filter selects in the database what it
-can say directly (HA on/off, an HA item in progress, waiting, failed; a host behind on
-ping, Down or Alert, in maintenance).
+fixed number of queries for the page); the HA status filter offers exactly the codes
+that column shows, each selected in the database by the same modules' filter_code (the
+rule next to the function that computes it), so paging and totals stay a fixed number
+of queries. The VM list also filters on the VM's own HA setting (ha_enabled).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from django.db.models import Case, Count, Exists, IntegerField, OuterRef, Q, Sum
 from django.utils import timezone
 
 from hadash import config
-from hadash.choices import FINAL_STEPS, Step, WorkType
+from hadash.choices import FINAL_STEPS, WorkType
 from hadash.models import HaWork
+from hosts import hastatus as host_hastatus
 from hosts.choices import HostStatus, ResourceState
 from hosts.hastatus import statuses_for as host_statuses_for
 from hosts.models import Host
+from vms import hastatus as vm_hastatus
 from vms.choices import ACTIVE_STATES, PowerState, VmState
 from vms.hastatus import statuses_for as vm_statuses_for
 from vms.models import VMInstance
@@ -128,8 +131,24 @@ def paginate(qs, request, query: ListQuery) -> dict:
 # --- hosts --------------------------------------------------------------------------
 
 HOST_SORTS = {"problem": "problems first", "name": "name", "cluster": "cluster"}
-HOST_HA = {"behind": "behind on ping", "failed": "Down or Alert",
-           "maintenance": "in maintenance", "not-enabled": "not Enabled"}
+# The HA status filter: exactly the R17 codes of the column (hosts.hastatus.CODES).
+HOST_HA_WORDS = {
+    "down": "declared failed",
+    "alert": "unreachable, maybe alive",
+    "investigating": "behind on ping, being investigated",
+    "suspect": "behind on ping, verdict due",
+    "connecting": "agent connecting",
+    "disconnected": "agent disconnected",
+    "removed": "removed",
+    "error": "status Error",
+    "rebalancing": "rebalancing",
+    "error-in-maintenance": "a maintenance migration failed",
+    "prepare-for-maintenance": "VMs moving away",
+    "maintenance": "in maintenance",
+    "disabled": "disabled by an operator",
+    "up": "Up and on time",
+}
+HOST_HA = {c: f"{c} — {HOST_HA_WORDS[c]}" for c in host_hastatus.CODES}
 
 
 def behind_cutoff(now, cfg) -> dt.datetime:
@@ -185,17 +204,8 @@ def host_list(request, now=None) -> dict:
         qs = qs.filter(tag_filter(p["tag"]))
     if p["rs"]:
         qs = qs.filter(resource_state=p["rs"])
-    if p["ha"] == "behind":
-        qs = qs.filter(status__in=(HostStatus.UP, HostStatus.CONNECTING)).filter(
-            Q(last_ping__lt=behind_cutoff(now, cfg)) | Q(last_ping__isnull=True))
-    elif p["ha"] == "failed":
-        qs = qs.filter(status__in=(HostStatus.DOWN, HostStatus.ALERT))
-    elif p["ha"] == "maintenance":
-        qs = qs.filter(resource_state__in=(ResourceState.PREPARE_FOR_MAINTENANCE,
-                                           ResourceState.ERROR_IN_MAINTENANCE,
-                                           ResourceState.MAINTENANCE))
-    elif p["ha"] == "not-enabled":
-        qs = qs.exclude(resource_state=ResourceState.ENABLED)
+    if p["ha"]:
+        qs = host_hastatus.filter_code(qs, p["ha"], now=now, cfg=cfg)
     # Status counts are of the list as filtered by everything but the status itself.
     status_counts = dict(qs.order_by().values("status").annotate(n=Count("id"))
                          .values_list("status", "n"))
@@ -250,8 +260,19 @@ def host_list(request, now=None) -> dict:
 # --- VMs ------------------------------------------------------------------------------
 
 VM_SORTS = {"problem": "problems first", "name": "name", "host": "host"}
-VM_HA = {"on": "HA enabled", "off": "HA not enabled", "recovering": "HA work in progress",
-         "waiting": "waiting (HA work, or host in Alert)", "failed": "HA gave up (Error)"}
+# The HA status filter: exactly the R17 codes of the column (vms.hastatus.CODES), then
+# the VM's own HA setting (force.ha and vm.ha.enabled aside).
+VM_HA_WORDS = {
+    "failed": "HA gave up, or the VM is in Error",
+    "waiting": "HA work waiting, or its host in Alert",
+    "recovering": "HA work in progress",
+    "at-risk": "would not fit, or its host cannot be fenced",
+    "unprotected": "not HA-enabled",
+    "stopped": "Stopped, not by a failure HA handles",
+    "protected": "HA-enabled, fits, host fenceable",
+}
+VM_HA = {c: f"{c} — {VM_HA_WORDS[c]}" for c in vm_hastatus.CODES}
+VM_HA_SETTING = {"on": "setting: ha_enabled on", "off": "setting: ha_enabled off"}
 
 
 def open_ha_item():
@@ -293,7 +314,7 @@ def vm_list(request, now=None) -> dict:
         "cluster": _clean(request, "cluster"),
         "host": _clean(request, "host"),
         "tag": _clean(request, "tag"),
-        "ha": _clean(request, "ha", VM_HA),
+        "ha": _clean(request, "ha", {**VM_HA, **VM_HA_SETTING}),
         "sort": _clean(request, "sort", VM_SORTS),
         "page": _clean(request, "page"),
     }
@@ -314,14 +335,8 @@ def vm_list(request, now=None) -> dict:
         qs = qs.filter(ha_enabled=True)
     elif p["ha"] == "off":
         qs = qs.filter(ha_enabled=False)
-    elif p["ha"] == "recovering":
-        qs = qs.filter(Exists(open_ha_item()))
-    elif p["ha"] == "waiting":
-        qs = qs.filter(Exists(open_ha_item().exclude(waiting=""))
-                       | (host_unreachable() & ~Exists(open_ha_item())))
-    elif p["ha"] == "failed":
-        qs = qs.filter(Exists(HaWork.objects.filter(instance=OuterRef("pk"), type=WorkType.HA,
-                                                    step=Step.ERROR)))
+    elif p["ha"]:
+        qs = vm_hastatus.filter_code(qs, p["ha"], now=now, cfg=cfg)
     state_counts = dict(qs.order_by().values("state").annotate(n=Count("id"))
                         .values_list("state", "n"))
     if p["state"]:
@@ -354,6 +369,7 @@ def vm_list(request, now=None) -> dict:
         power_states=PowerState.values,
         clusters=clusters,
         ha_choices=list(VM_HA.items()),
+        ha_setting_choices=list(VM_HA_SETTING.items()),
         sorts=[Choice(k, v, None, query.link(sort="" if k == "problem" else k), k == sort)
                for k, v in VM_SORTS.items()],
         filtered=any(p[k] for k in ("q", "state", "power", "cluster", "host", "tag", "ha")),

@@ -103,8 +103,9 @@ def test_host_list_puts_problem_hosts_first_and_pages_by_50(op):
 
 
 def test_host_list_search_and_filters(op):
-    """Issue 10 item 6: name substring, status, cluster, tag, HA status (behind on
-    ping); filters combine; page links keep them."""
+    """Issue 10 item 6: name substring, status, cluster, tag, HA status (the R17 codes
+    of the column: suspect, down, alert, error-in-maintenance, disabled, up); filters
+    combine; page links keep them."""
     fleet()
     assert row_names(html(op.get("/hosts?q=-10")), "data-host") == [
         "kvm-100", *[f"kvm-{i}" for i in range(101, 110)]]
@@ -114,7 +115,16 @@ def test_host_list_search_and_filters(op):
     west_gpu = row_names(html(op.get("/hosts?cluster=west&tag=gpu")), "data-host")
     troubled = ["kvm-100", "kvm-050", "kvm-070", "kvm-030", "kvm-020"]  # all west, gpu
     assert west_gpu == troubled + [f"kvm-{i:03d}" for i in (0, 10, 40, 60, 80, 90, 110)]
-    assert row_names(html(op.get("/hosts?ha=behind")), "data-host") == ["kvm-070"]
+    assert row_names(html(op.get("/hosts?ha=suspect")), "data-host") == ["kvm-070"]
+    assert row_names(html(op.get("/hosts?ha=down")), "data-host") == ["kvm-100"]
+    assert row_names(html(op.get("/hosts?ha=alert")), "data-host") == ["kvm-050"]
+    assert row_names(html(op.get("/hosts?ha=error-in-maintenance")), "data-host") == [
+        "kvm-030"]
+    assert row_names(html(op.get("/hosts?ha=disabled&cluster=west")), "data-host") == [
+        "kvm-020"]
+    up = html(op.get("/hosts?ha=up"))
+    assert 'data-total="115"' in up and 'data-ha-status="up"' in up
+    assert 'data-ha-status="suspect"' not in up
     assert row_names(html(op.get("/hosts?rs=Disabled")), "data-host") == ["kvm-020"]
     empty = html(op.get("/hosts?q=nothing-like-this"))
     assert row_names(empty, "data-host") == [] and "No host matches." in empty
@@ -136,6 +146,17 @@ def test_host_list_of_a_big_fleet_costs_a_fixed_number_of_queries(
     with django_assert_max_num_queries(20):  # ~8 ours, the rest R17 statuses (H4)
         page = html(op.get("/vms?page=20"))
     assert len(row_names(page, "data-vm")) == 50 and 'data-total="10000"' in page
+    # R17: the HA status filter is a query, not a status computed for every row.
+    with django_assert_max_num_queries(20):
+        page = html(op.get("/vms?ha=unprotected&page=20"))
+    assert len(row_names(page, "data-vm")) == 50 and 'data-total="9000"' in page
+    # No BMC on the hosts of fleet(): every HA VM is at risk, but kvm-050-vm0 waits.
+    with django_assert_max_num_queries(20):
+        page = html(op.get("/vms?ha=at-risk&page=3"))
+    assert len(row_names(page, "data-vm")) == 50 and 'data-total="999"' in page
+    with django_assert_max_num_queries(20):
+        page = html(op.get("/hosts?ha=up&page=7"))
+    assert len(row_names(page, "data-host")) == 50 and 'data-total="995"' in page
 
 
 # --- VM list -----------------------------------------------------------------------------
@@ -162,8 +183,11 @@ def test_vm_list_puts_problem_vms_first_and_filters(op):
     row = page[page.index('<tr data-vm="kvm-013-vm0"'):page.index('<tr data-vm="kvm-012-vm1"')]
     assert "waiting" in row and "no-capacity" in row and 'data-until="' in row
     assert 'data-total="60"' in page
-    assert row_names(html(op.get("/vms?ha=recovering")), "data-vm") == ["kvm-013-vm0"]
+    # R17: an item that waits is `waiting`, not `recovering` (as in the column).
+    assert row_names(html(op.get("/vms?ha=recovering")), "data-vm") == []
     assert row_names(html(op.get("/vms?ha=waiting")), "data-vm") == ["kvm-013-vm0"]
+    assert row_names(html(op.get("/vms?ha=failed")), "data-vm") == ["kvm-011-vm0"]
+    assert row_names(html(op.get("/vms?ha=stopped")), "data-vm") == ["kvm-014-vm1"]
     assert row_names(html(op.get("/vms?state=Stopped")), "data-vm") == ["kvm-014-vm1"]
     assert row_names(html(op.get("/vms?host=kvm-002")), "data-vm") == [
         "kvm-002-vm0", "kvm-002-vm1"]
@@ -179,12 +203,59 @@ def test_r17_vms_waiting_on_an_unreachable_host_are_found_by_the_waiting_filter(
     items, so the 'waiting' VMs of the list were not found by 'waiting'.)"""
     fleet(hosts=30)
     Host.objects.filter(name="kvm-015").update(status=HostStatus.ALERT)
+    Host.objects.filter(name="kvm-012").update(
+        resource_state=ResourceState.ERROR_IN_MAINTENANCE)
     assert row_names(html(op.get("/vms?ha=waiting")), "data-vm") == ["kvm-015-vm0"]
     page = html(op.get("/vms"))
     assert row_names(page, "data-vm")[0] == "kvm-015-vm0"
     row = page[page.index('<tr data-vm="kvm-015-vm0"'):]
     row = row[:row.index("</tr>")]
     assert "waiting" in row and "host-unreachable" in row
+
+
+def options(page: str, select_id: str) -> list[str]:
+    select = page[page.index(f'id="{select_id}"'):]
+    select = select[:select.index("</select>")]
+    return re.findall(r'<option value="([^"]+)"', select)
+
+
+def test_r17_ha_status_filters_offer_the_codes_of_the_column_and_select_them(op):
+    """R17 (issue 10 item 6): the HA status filter offers exactly the codes the HA
+    status column shows (and, for VMs, the VM's own HA setting); each option lists
+    exactly the rows whose column shows that code."""
+    from hosts import hastatus as host_hastatus
+    from vms import hastatus as vm_hastatus
+
+    fleet(hosts=30)
+    VMInstance.objects.filter(name="kvm-011-vm0").update(state=VmState.ERROR)
+    VMInstance.objects.filter(name="kvm-014-vm1").update(state=VmState.STOPPED)
+    Host.objects.filter(name__in=["kvm-003", "kvm-004"]).update(
+        oobm_enabled=True, oobm_address="https://10.0.0.1")
+    Host.objects.filter(name="kvm-010").update(status=HostStatus.DOWN)
+    Host.objects.filter(name="kvm-015").update(status=HostStatus.ALERT)
+    Host.objects.filter(name="kvm-012").update(
+        resource_state=ResourceState.ERROR_IN_MAINTENANCE)
+    Host.objects.filter(name="kvm-017").update(
+        last_ping=timezone.now() - dt.timedelta(seconds=60))
+    all_vms = html(op.get("/vms"))
+    assert options(all_vms, "vm-ha-filter") == [*vm_hastatus.CODES, "on", "off"]
+    assert "setting: ha_enabled on" in all_vms and "at-risk — would not fit" in all_vms
+    shown = {}
+    for code in vm_hastatus.CODES:
+        page = html(op.get(f"/vms?ha={code}"))
+        names = row_names(page, "data-vm")
+        assert re.findall(r'data-ha-status="([^"]+)"', page) == [code] * len(names)
+        shown.update(dict.fromkeys(names, code))
+    assert len(shown) == 60  # every VM under exactly one option
+    assert shown["kvm-003-vm0"] == "protected" and shown["kvm-005-vm0"] == "at-risk"
+    assert shown["kvm-011-vm0"] == "failed" and shown["kvm-003-vm1"] == "unprotected"
+    assert shown["kvm-015-vm0"] == "waiting" and shown["kvm-014-vm1"] == "stopped"
+    hosts_page = html(op.get("/hosts"))
+    assert options(hosts_page, "host-ha-filter") == list(host_hastatus.CODES)
+    for code in ("down", "alert", "suspect", "error-in-maintenance", "disabled", "up"):
+        page = html(op.get(f"/hosts?ha={code}"))
+        names = row_names(page, "data-host")
+        assert names and re.findall(r'data-ha-status="([^"]+)"', page) == [code] * len(names)
 
 
 def test_lists_are_in_the_nav_with_a_skip_link_first(op):
