@@ -34,3 +34,39 @@ def agent_key():
     from django.conf import settings
 
     return settings.HADASH_AGENT_KEY
+
+
+# --- operator API clients (used by the API tests of several apps) ---------------------
+
+
+@pytest.fixture
+def staff(db):
+    """An admin (staff) user. No password: hashing one takes seconds here, and these
+    users log in by API token or force_login."""
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("ops", is_staff=True)
+
+
+@pytest.fixture
+def reader(db):
+    """A read-only (non-staff) user."""
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.create_user("viewer")
+
+
+@pytest.fixture
+def api(staff):
+    """An operator API client holding an admin's (``staff``) API token."""
+    from hadash.testing import token_client
+
+    return token_client(staff)
+
+
+@pytest.fixture
+def ro_api(reader):
+    """An operator API client holding a read-only user's (``reader``) API token."""
+    from hadash.testing import token_client
+
+    return token_client(reader)

@@ -19,6 +19,7 @@ from hadash import config
 from hadash.choices import Reason, Severity, Step, Subject, WorkType
 from hadash.events import record_event
 from hadash.models import ApiToken, Event, HaWork
+from hadash.testing import token_client
 from hosts.choices import HostStatus, ResourceState
 from hosts.models import Host
 from vms.choices import PowerState, VmState
@@ -36,35 +37,6 @@ EVENT_KEYS = {"id", "time", "subject", "subject_name", "event", "field", "old", 
 
 
 # --- fixtures -----------------------------------------------------------------
-
-
-def token_client(user) -> APIClient:
-    _, key = ApiToken.issue(user)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
-
-
-@pytest.fixture
-def staff():
-    # No password: hashing one takes seconds here, and these users log in by API token
-    # or force_login.
-    return get_user_model().objects.create_user("ops", is_staff=True)
-
-
-@pytest.fixture
-def reader():
-    return get_user_model().objects.create_user("viewer")
-
-
-@pytest.fixture
-def api(staff) -> APIClient:
-    return token_client(staff)
-
-
-@pytest.fixture
-def ro_api(reader) -> APIClient:
-    return token_client(reader)
 
 
 def make_host(name="kvm-01", **kw) -> Host:

@@ -26,7 +26,7 @@ from hadash.choices import (
     WorkType,
 )
 from hadash.events import record_event
-from hadash.models import Alert, ApiToken, Event, HaWork, Incident, IncidentVm
+from hadash.models import Alert, Event, HaWork, Incident, IncidentVm
 from hosts.models import Host
 from vms.models import VMInstance
 
@@ -38,23 +38,6 @@ T0 = dt.datetime(2026, 11, 30, 10, 0, 0, tzinfo=dt.UTC)
 
 def at(s: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=s)
-
-
-def token_client(user) -> APIClient:
-    _, key = ApiToken.issue(user)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return token_client(get_user_model().objects.create_user("ops", is_staff=True))
-
-
-@pytest.fixture
-def ro_api() -> APIClient:
-    return token_client(get_user_model().objects.create_user("viewer"))
 
 
 @pytest.fixture

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
-from hadash.models import ApiToken, Event
+from hadash.models import Event
 from notify import sender
 from notify.models import Channel, Delivery, DeliveryState
 from notify.tests.receivers import Receiver
@@ -20,23 +19,6 @@ from notify.tests.receivers import Receiver
 pytestmark = pytest.mark.django_db
 
 API = "/api/v1"
-
-
-def token_client(user) -> APIClient:
-    _, key = ApiToken.issue(user)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
-
-
-@pytest.fixture
-def api():
-    return token_client(get_user_model().objects.create_user("ops", is_staff=True))
-
-
-@pytest.fixture
-def ro_api():
-    return token_client(get_user_model().objects.create_user("viewer"))
 
 
 HOOK = {"name": "ops-hook", "kind": "webhook",

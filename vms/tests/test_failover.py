@@ -11,7 +11,6 @@ from rest_framework.test import APIClient
 from clusters import plans
 from clusters.models import FailoverPlan
 from fleet.testing import world
-from hadash.models import ApiToken
 from hosts.choices import HostStatus
 from hosts.models import Host
 from vms import failover
@@ -169,60 +168,43 @@ def test_r22_big_clusters_bound_the_combinations_and_say_so():
 
 # --- API ---------------------------------------------------------------------------------
 
-def token_client(user):
-    _, key = ApiToken.issue(user)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
-
-
-@pytest.fixture
-def api():
-    return token_client(get_user_model().objects.create_user("viewer"))  # read-only
-
-
-@pytest.fixture
-def admin_api():
-    return token_client(get_user_model().objects.create_user("ops", is_staff=True))
-
-
-def test_r22_api_lists_clusters_and_serves_the_plan(api):
+def test_r22_api_lists_clusters_and_serves_the_plan(ro_api):
     """R22 in the API: GET /clusters (capacity per cluster) and
     GET /clusters/{name}/failover-plan (computed on demand if the engine has not yet)."""
     world(FOUR)
-    r = api.get("/api/v1/clusters/c1/failover-plan")
+    r = ro_api.get("/api/v1/clusters/c1/failover-plan")
     assert r.status_code == 200
     body = r.json()
     assert body["capacity"] == 2 and body["level"] == 1 and body["below_level"] is False
     assert set(body["plan"]["h1"]) == {"v10", "v11", "v12", "v13"}
     assert body["summaries"]["h2"].endswith("all fit")
-    r = api.get("/api/v1/clusters")
+    r = ro_api.get("/api/v1/clusters")
     assert r.status_code == 200
     [c1] = r.json()["results"]
     assert (c1["name"], c1["hosts"], c1["failover_capacity"]) == ("c1", 4, 2)
-    assert api.get("/api/v1/clusters/nope/failover-plan").status_code == 404
+    assert ro_api.get("/api/v1/clusters/nope/failover-plan").status_code == 404
     assert APIClient().get("/api/v1/clusters").status_code in (401, 403)
-    assert api.get("/api/v1/").json()["resources"]["clusters"]["url"].endswith(
+    assert ro_api.get("/api/v1/").json()["resources"]["clusters"]["url"].endswith(
         "/api/v1/clusters")
 
 
-def test_r22_api_what_if_changes_nothing(api, admin_api):
+def test_r22_api_what_if_changes_nothing(ro_api, api):
     """R22 on demand: POST /clusters/{name}/what-if {"hosts": [...]} (admins, like every
     POST of the API) and GET …/what-if?hosts=a,b (every user) answer where each HA VM of
     those hosts would go and what would not fit, and change nothing."""
     world(FOUR)
     before = list(VMInstance.objects.order_by("name").values_list("name", "state", "host"))
-    r = admin_api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1", "h2"]},
+    r = api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1", "h2"]},
                        format="json")
     assert r.status_code == 200, r.content
     body = r.json()
     assert body["failed"] == ["h1", "h2"] and body["fits"] is True
     assert len(body["placements"]) == 8
     assert set(body["placements"].values()) == {"h3", "h4"}
-    assert api.get("/api/v1/clusters/c1/what-if?hosts=h1,h2").json() == body
-    r = api.get("/api/v1/clusters/c1/what-if?hosts=h1,h2,h3")
+    assert ro_api.get("/api/v1/clusters/c1/what-if?hosts=h1,h2").json() == body
+    r = ro_api.get("/api/v1/clusters/c1/what-if?hosts=h1,h2,h3")
     assert r.json()["fits"] is False and "would not fit" in r.json()["summary"]
-    assert api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1"]},
+    assert ro_api.post("/api/v1/clusters/c1/what-if", {"hosts": ["h1"]},
                     format="json").status_code == 403
     assert list(VMInstance.objects.order_by("name").values_list(
         "name", "state", "host")) == before
@@ -237,14 +219,14 @@ def test_r22_api_what_if_changes_nothing(api, admin_api):
     ({"hosts": ["zz"]}, 400, "not hosts of cluster c1: zz"),
     ([], 400, "body must be"),
 ])
-def test_r22_api_what_if_refuses_bad_input_clearly(admin_api, body, code, words):
+def test_r22_api_what_if_refuses_bad_input_clearly(api, body, code, words):
     """Bad input → a clear JSON error."""
     world(FOUR)
-    r = admin_api.post("/api/v1/clusters/c1/what-if", body, format="json")
+    r = api.post("/api/v1/clusters/c1/what-if", body, format="json")
     assert r.status_code == code
     assert words in r.json()["error"]
-    assert admin_api.get("/api/v1/clusters/c1/what-if?hosts=").status_code == 400
-    assert admin_api.get("/api/v1/clusters/zz/what-if?hosts=h1").status_code == 404
+    assert api.get("/api/v1/clusters/c1/what-if?hosts=").status_code == 400
+    assert api.get("/api/v1/clusters/zz/what-if?hosts=h1").status_code == 404
 
 
 # --- dashboard -------------------------------------------------------------------------

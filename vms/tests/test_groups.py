@@ -6,7 +6,6 @@ through the real engine on a simulated fleet with virtual time (fleet.testing.wo
 
 import pytest
 from django.contrib.auth import get_user_model
-from rest_framework.test import APIClient
 
 from fleet.testing import world
 from hadash.choices import WaitCause, WorkType
@@ -281,44 +280,25 @@ def test_r25_group_changes_are_validated_and_recorded():
         groups.create(name="x", kind="sticky", vms=[], now=g.created)
 
 
-def token_client(user):
-    from hadash.models import ApiToken
-
-    _, key = ApiToken.issue(user)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    return client
-
-
-@pytest.fixture
-def api():
-    return token_client(get_user_model().objects.create_user("viewer"))
-
-
-@pytest.fixture
-def admin_api():
-    return token_client(get_user_model().objects.create_user("ops", is_staff=True))
-
-
-def test_r25_api_vm_groups_crud(api, admin_api):
+def test_r25_api_vm_groups_crud(ro_api, api):
     world({"hosts": {"h1": {}, "h2": {}},
            "vms": {"db1": {"host": "h1"}, "db2": {"host": "h1"}, "db3": {"host": "h2"}}})
-    r = admin_api.post("/api/v1/vm-groups", {"name": "db", "kind": "anti-affinity",
+    r = api.post("/api/v1/vm-groups", {"name": "db", "kind": "anti-affinity",
                                              "vms": ["db1", "db2"]}, format="json")
     assert r.status_code == 201, r.content
     body = r.json()
     assert body["vms"] == ["db1", "db2"] and body["kind"] == "anti-affinity"
     assert body["conflicts"] == ["h1: db1, db2"]  # from before the group: named, not moved
-    assert api.get("/api/v1/vm-groups").json()[0]["name"] == "db"
-    assert api.post("/api/v1/vm-groups", {"name": "x", "kind": "affinity"},
+    assert ro_api.get("/api/v1/vm-groups").json()[0]["name"] == "db"
+    assert ro_api.post("/api/v1/vm-groups", {"name": "x", "kind": "affinity"},
                     format="json").status_code == 403
-    r = admin_api.patch("/api/v1/vm-groups/db", {"vms": ["db1", "db3"]}, format="json")
+    r = api.patch("/api/v1/vm-groups/db", {"vms": ["db1", "db3"]}, format="json")
     assert r.status_code == 200 and r.json()["vms"] == ["db1", "db3"]
     assert r.json()["conflicts"] == []
-    assert api.get("/api/v1/vms/db1").json()["groups"] == ["db"]
-    r = admin_api.delete("/api/v1/vm-groups/db")
+    assert ro_api.get("/api/v1/vms/db1").json()["groups"] == ["db"]
+    r = api.delete("/api/v1/vm-groups/db")
     assert r.status_code == 204 and not VmGroup.objects.exists()
-    assert admin_api.get("/api/v1/vm-groups/db").status_code == 404
+    assert api.get("/api/v1/vm-groups/db").status_code == 404
 
 
 @pytest.mark.parametrize("body,words", [
@@ -329,9 +309,9 @@ def test_r25_api_vm_groups_crud(api, admin_api):
     ({"name": "bad name", "kind": "affinity"}, "name"),
     ({"name": "g", "kind": "affinity", "colour": "red"}, "unknown field"),
 ])
-def test_r25_api_refuses_bad_groups_clearly_and_changes_nothing(admin_api, body, words):
+def test_r25_api_refuses_bad_groups_clearly_and_changes_nothing(api, body, words):
     world({"hosts": {"h1": {}}, "vms": {"db1": {"host": "h1"}}})
-    r = admin_api.post("/api/v1/vm-groups", body, format="json")
+    r = api.post("/api/v1/vm-groups", body, format="json")
     assert r.status_code == 400
     assert words in str(r.json())
     assert not VmGroup.objects.exists()
