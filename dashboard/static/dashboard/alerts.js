@@ -17,28 +17,11 @@
   if (!L) return;
   var body = document.body;
   var $ = function (id) { return document.getElementById(id); };
-  var int = function (v) { var n = parseInt(v, 10); return isNaN(n) ? 0 : n; };
+  var int = L.int;
+  var setText = L.setText;
   var isAdmin = body.dataset.admin === "1";
 
-  function setText(node, text) {
-    if (node && node.textContent !== String(text)) node.textContent = text;
-  }
-
-  function say(text, bad) {
-    var box = $("toast");
-    if (!box) {
-      box = L.el("div", "banner banner-info toast");
-      box.id = "toast";
-      box.setAttribute("role", "status");
-      body.appendChild(box);
-    }
-    box.textContent = text;
-    box.hidden = false;
-    box.classList.toggle("banner-critical", !!bad);
-    box.classList.toggle("banner-info", !bad);
-    clearTimeout(box._t);
-    box._t = setTimeout(function () { box.hidden = true; }, 6000);
-  }
+  function say(text, bad) { L.toast(text, bad); }
 
   /* The same markup as templates/dashboard/_alert_row.html. */
   function alertRow(a) {

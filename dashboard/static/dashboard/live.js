@@ -49,7 +49,10 @@
     clock: clock,
     csrf: csrf,
     post: post,
-    el: el
+    el: el,
+    int: int,
+    setText: setText,
+    toast: toast
   };
   window.hadashLive = api;
 
@@ -217,6 +220,29 @@
     if (cls) e.className = cls;
     if (text !== undefined && text !== null) e.textContent = text;
     return e;
+  }
+
+  // Set a node's text only when it changes (no needless DOM writes).
+  function setText(node, text) {
+    if (node && node.textContent !== String(text)) node.textContent = text;
+  }
+
+  // Show a short message for 6 s: in the element with id `into` if the page has one,
+  // else in a #toast banner (made on first use).
+  function toast(text, bad, into) {
+    var box = (into && document.getElementById(into)) || document.getElementById("toast");
+    if (!box) {
+      box = el("div", "banner banner-info toast");
+      box.id = "toast";
+      box.setAttribute("role", "status");
+      body.appendChild(box);
+    }
+    box.textContent = text;
+    box.hidden = false;
+    box.classList.toggle("banner-critical", !!bad);
+    box.classList.toggle("banner-info", !bad);
+    clearTimeout(box._t);
+    box._t = setTimeout(function () { box.hidden = true; }, 6000);
   }
 
   function clock(iso, withDate) {

@@ -6,28 +6,11 @@
   if (!L) return;
   var body = document.body;
   var $ = function (id) { return document.getElementById(id); };
-  var int = function (v) { var n = parseInt(v, 10); return isNaN(n) ? 0 : n; };
+  var int = L.int;
+  var setText = L.setText;
   var isAdmin = body.dataset.admin === "1";
 
-  function setText(node, text) {
-    if (node && node.textContent !== String(text)) node.textContent = text;
-  }
-
-  function toast(text, bad) {
-    var box = $("fleet-result") || $("toast");
-    if (!box) {
-      box = L.el("div", "banner banner-info toast");
-      box.id = "toast";
-      box.setAttribute("role", "status");
-      document.body.appendChild(box);
-    }
-    box.textContent = text;
-    box.hidden = false;
-    box.classList.toggle("banner-critical", !!bad);
-    box.classList.toggle("banner-info", !bad);
-    clearTimeout(box._t);
-    box._t = setTimeout(function () { box.hidden = true; }, 6000);
-  }
+  function toast(text, bad) { L.toast(text, bad, "fleet-result"); }
 
   /* Events/s over the last few seconds, shown in #feed-rate; #feed-count = received. */
   function rateMeter() {
