@@ -18,7 +18,6 @@ from django.http import Http404, HttpResponseNotAllowed, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from hadash import config, live
@@ -68,14 +67,6 @@ def page(request, template: str, name: str, ctx: dict, *, top_id: int | None = N
 
 def events_values(qs, n: int) -> list[dict]:
     return list(qs.order_by("-id").values(*EV)[:n])
-
-
-def back(request, fallback: str):
-    target = request.POST.get("next") or request.headers.get("Referer") or fallback
-    if not url_has_allowed_host_and_scheme(target, {request.get_host()},
-                                           require_https=request.is_secure()):
-        target = fallback
-    return redirect(target)
 
 
 # --- overview -----------------------------------------------------------------
