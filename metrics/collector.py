@@ -16,6 +16,7 @@ cumulative, and a window would make its counts fall as incidents age out, which
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import platform
 from pathlib import Path
 
@@ -108,6 +109,17 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
     return GaugeMetricFamily(PREFIX + name, doc, labels=labels)
 
 
+def _count_gauge(name: str, doc: str, qs, fields: list[str], *values) -> GaugeMetricFamily:
+    """A gauge of the rows of ``qs`` counted by ``fields`` (also its labels) in one query,
+    with a sample for every combination of ``values`` (one list per field; 0 where no row)."""
+    counts = {tuple(row[:-1]): row[-1]
+              for row in qs.values_list(*fields).annotate(n=Count("id"))}
+    g = _gauge(name, doc, fields)
+    for key in itertools.product(*values):
+        g.add_metric([str(v) for v in key], counts.get(key, 0))
+    return g
+
+
 class HadashCollector(Collector):
     """Reads the database on every ``collect()`` (one scrape)."""
 
@@ -158,35 +170,18 @@ class HadashCollector(Collector):
         yield behind
 
     def _vms(self):
-        counts = dict(VMInstance.objects.values_list("state").annotate(n=Count("id")))
-        vms = _gauge("vms", "VMs by state (every state present).", ["state"])
-        for state in VmState.values:
-            vms.add_metric([state], counts.get(state, 0))
-        return vms
+        return _count_gauge("vms", "VMs by state (every state present).",
+                            VMInstance.objects.all(), ["state"], VmState.values)
 
     def _ha_items(self):
-        counts = {
-            (t, s): n for t, s, n in HaWork.objects.exclude(step__in=FINAL_STEPS)
-            .values_list("type", "step").annotate(n=Count("id"))
-        }
-        items = _gauge("ha_items", "Unfinished HA work items by type and step.",
-                       ["type", "step"])
-        for type_ in WorkType.values:
-            for step in UNFINISHED_STEPS:
-                items.add_metric([type_, step], counts.get((type_, step), 0))
-        return items
+        return _count_gauge("ha_items", "Unfinished HA work items by type and step.",
+                            HaWork.objects.exclude(step__in=FINAL_STEPS), ["type", "step"],
+                            WorkType.values, UNFINISHED_STEPS)
 
     def _incidents(self):
-        counts = {
-            (k, s): n for k, s, n in Incident.objects.filter(state__in=OPEN_INCIDENT_STATES)
-            .values_list("kind", "state").annotate(n=Count("id"))
-        }
-        g = _gauge("open_incidents", "Incidents not ended (R18), by kind and state.",
-                   ["kind", "state"])
-        for kind in IncidentKind.values:
-            for state in OPEN_INCIDENT_STATES:
-                g.add_metric([kind, str(state)], counts.get((kind, state), 0))
-        yield g
+        yield _count_gauge("open_incidents", "Incidents not ended (R18), by kind and state.",
+                           Incident.objects.filter(state__in=OPEN_INCIDENT_STATES),
+                           ["kind", "state"], IncidentKind.values, OPEN_INCIDENT_STATES)
 
     # --- histograms -------------------------------------------------------------------
 
