@@ -15,6 +15,7 @@ from hosts.models import Host
 from vms import failover, groups, placement
 from vms.choices import VmState
 from vms.models import VmGroup, VMInstance
+from vms.tests.racing import race_after_first_ranking
 
 pytestmark = pytest.mark.django_db
 
@@ -139,18 +140,7 @@ def test_r25_a_member_reserved_meanwhile_on_the_best_host_moves_the_restart(monk
                "vms": {"x": {"host": "h0", "ha": True}, "on2": {"host": "h2", "cpus": 2},
                        "y": {"state": "Stopped", "host": "h1"}}})
     group("db", "anti-affinity", "x", "y")
-    real = placement.ranked
-    raced = []
-
-    def ranked_then_race(vm, **kw):
-        found = real(vm, **kw)
-        if vm.name == "x" and not raced:  # the first ranking of x's restart
-            raced.append(found[0].name)
-            VMInstance.objects.filter(name="y").update(
-                state=VmState.STARTING, host=Host.objects.get(name="h1"))
-        return found
-
-    monkeypatch.setattr(placement, "ranked", ranked_then_race)
+    raced = race_after_first_ranking(monkeypatch, vm="x", other="y", onto="h1")
     fail(w, "h0", until=60)
     assert raced == ["h1"]  # h1 was the best when first ranked
     assert (vm("x").state, vm("x").host.name) == (VmState.RUNNING, "h2")

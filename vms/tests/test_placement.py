@@ -16,6 +16,7 @@ from hosts.models import Host
 from vms import placement
 from vms.choices import VmState
 from vms.models import VMInstance
+from vms.tests.racing import race_after_first_ranking
 
 pytestmark = pytest.mark.django_db
 
@@ -193,18 +194,7 @@ def test_r24_a_reservation_committed_meanwhile_moves_the_restart_to_the_next_bes
                "vms": {"x": {"host": "h0", "ha": True},
                        "on2": {"host": "h2", "cpus": 2}, "on3": {"host": "h3", "cpus": 3},
                        "other": {"state": "Stopped", "host": "h1", "cpus": 8}}})
-    real = placement.ranked
-    raced = []
-
-    def ranked_then_race(vm, **kw):
-        found = real(vm, **kw)
-        if vm.name == "x" and not raced:  # the first ranking of x's restart
-            raced.append(found[0].name)
-            VMInstance.objects.filter(name="other").update(
-                state=VmState.STARTING, host=Host.objects.get(name="h1"))
-        return found
-
-    monkeypatch.setattr(placement, "ranked", ranked_then_race)
+    raced = race_after_first_ranking(monkeypatch, vm="x", other="other", onto="h1")
     fail_host(w, "h0")
     assert raced == ["h1"]  # h1 was the best when first ranked
     v = vm("x")
