@@ -170,6 +170,9 @@ class Command(BaseCommand):
                        "(e.g. 0,1.0; default 0: instant starts)")
         p.add_argument("--spare-hosts", type=int, default=4,
                        help="hosts that only receive restarted VMs (4)")
+        p.add_argument("--failed-hosts", type=int, default=1,
+                       help="hosts that fail together per ha.workers value (1; 10 with "
+                       "--vms 100 --start-delay 1: a rack, issue 12 target 3)")
         p.add_argument("--timeout", type=float, default=None,
                        help="bound on each recovery (default 120 s + 2 × VMs × start delay "
                        "÷ workers)")
@@ -238,8 +241,8 @@ class Command(BaseCommand):
 
                 o["workers"] = int_list(o["workers"])
                 o["start_delays"] = float_list(o["start_delay"])
-                if o["vms"] < 1:
-                    raise CommandError("--vms must be at least 1")
+                if o["vms"] < 1 or o["failed_hosts"] < 1:
+                    raise CommandError("--vms and --failed-hosts must be at least 1")
             result = mod.run(o)
         except BenchError as exc:
             raise CommandError(str(exc)) from None
