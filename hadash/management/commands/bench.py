@@ -96,6 +96,15 @@ class Command(BaseCommand):
         p.add_argument("--db-pool", type=int, default=None,
                        help="experiment: run daphne with Django's psycopg pool of at most N "
                        "connections (needs psycopg-pool importable, e.g. via PYTHONPATH)")
+        p.add_argument("--agents", default="",
+                       help="closed loop with these many agents each, one ping in flight per "
+                       "agent (e.g. 200,1000; the first N hosts); default: all hosts, "
+                       "--connections in flight")
+        p.add_argument("--loadgen-processes", type=int, default=1,
+                       help="load generator processes sharing the hosts (1)")
+        p.add_argument("--no-bare", action="store_true",
+                       help="skip the bare Channels consumer measured before and after each "
+                       "websocket run")
 
         p = sub.add_parser("detect", help="detection and recovery latency of a simulated fleet")
         common(p)
@@ -191,6 +200,10 @@ class Command(BaseCommand):
                 if not o["transports"] or set(o["transports"]) - {"ws", "http"}:
                     raise CommandError("--transport: ws, http or ws,http")
                 o["web_processes"] = int_list(o["web_processes"])
+                o["agents"] = int_list(o["agents"]) if o["agents"] else []
+                if any(a > o["hosts"] for a in o["agents"]) or o["loadgen_processes"] < 1:
+                    raise CommandError("--agents must be ≤ --hosts, --loadgen-processes ≥ 1")
+                o["bare"] = not o["no_bare"]
                 if o["hosts"] < 1 or o["connections"] < 1 or o["seconds"] <= 0:
                     raise CommandError("--hosts, --connections and --seconds must be positive")
                 o["experiment"] = [e.strip() for e in o["experiment"].split(",") if e.strip()]
