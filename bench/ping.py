@@ -14,7 +14,6 @@ the raw PostgreSQL update rate of the same rows as the ceiling, in the same run.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -51,10 +50,10 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
         extra["DJANGO_SETTINGS_MODULE"] = "bench.settings_override"
     if o["db_pool"] is not None:
         extra["HADASH_DB_POOL"] = str(o["db_pool"])  # hadash.settings' own pool
-    app = "hadash.asgi:application"
+    # hadash.asgi's application plus the bench-only bare consumer (bench.asgi_experiment)
+    app = "bench.asgi_experiment:application"
     if o["experiment"]:
         extra["HADASH_BENCH_EXPERIMENTS"] = ",".join(o["experiment"])
-        app = "bench.asgi_experiment:application"
     env = bench_env(db.url, str(tmp), **extra)
     say("migrating …")
     manage(env, "migrate", "--noinput", "-v0")
@@ -81,25 +80,42 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
         say(f"daphne × {len(webs)} on ports {', '.join(str(p) for _, p in webs)}")
         for transport in o["transports"]:
             for n_web in o["web_processes"]:
-                used = webs[:n_web]
-                result = load(sup, tmp, o, hosts, transport, used,
-                              db.name if db.vendor == "postgresql" else "")
-                runs.append(result)
-                say(f"  {transport} × {n_web} web: {result['pings_per_s']:.0f} pings/s "
-                    f"(median 1-s bucket {fmt(result['median_bucket_per_s'], 0)}), p50 "
-                    f"{fmt(result['p50_ms'])} ms, p99 {fmt(result['p99_ms'])} ms, "
-                    f"{result['errors']} errors; CPU web {result['cpu'].get('web', 0):.2f}, "
-                    f"postgres {result['cpu'].get('postgres', 0):.2f}, loadgen "
-                    f"{result['cpu'].get('loadgen', 0):.2f} cores")
-                if result["errors"]:
-                    say(f"  errors, e.g.: {result['error_samples']}")
-                if result.get("socket_open_retries"):
-                    say(f"  {result['socket_open_retries']} socket opens had to be retried, "
-                        f"e.g.: {result['socket_open_errors']}")
-                for web, _ in webs:
-                    if web.proc.poll() is not None:
-                        raise BenchError(f"{web.name} exited with {web.proc.returncode}:\n"
-                                         + "\n".join(web.log[-30:]))
+                for agents in (o.get("agents") or [None]):
+                    used = webs[:n_web]
+                    sub = hosts if agents is None else hosts[:agents]
+                    pg_name = db.name if db.vendor == "postgresql" else ""
+                    bare = []
+                    with_bare = transport == "ws" and o.get("bare", True)
+                    if with_bare:
+                        bare.append(load(sup, tmp, o, sub, transport, used, pg_name,
+                                         agents=agents, bare=True, label="bare, before"))
+                    result = load(sup, tmp, o, sub, transport, used, pg_name, agents=agents)
+                    if with_bare:
+                        bare.append(load(sup, tmp, o, sub, transport, used, pg_name,
+                                         agents=agents, bare=True, label="bare, after"))
+                        result["bare"] = bare
+                        result["bare_pings_per_s"] = round(
+                            sum(b["pings_per_s"] for b in bare) / len(bare), 1)
+                        result["real_over_bare"] = round(
+                            result["pings_per_s"] / result["bare_pings_per_s"], 3) \
+                            if result["bare_pings_per_s"] else None
+                    runs.append(result)
+                    say(f"  {transport} × {n_web} web, {result['mode']}: "
+                        f"{result['pings_per_s']:.0f} pings/s "
+                        f"(median 1-s bucket {fmt(result['median_bucket_per_s'], 0)}), p50 "
+                        f"{fmt(result['p50_ms'])} ms, p99 {fmt(result['p99_ms'])} ms, "
+                        f"{result['errors']} errors; CPU {cpu_line(result['cpu'])}"
+                        + (f"; bare {result['bare_pings_per_s']:.0f} pings/s, real ÷ bare "
+                           f"{result['real_over_bare']}" if with_bare else ""))
+                    if result["errors"]:
+                        say(f"  errors, e.g.: {result['error_samples']}")
+                    if result.get("socket_open_retries"):
+                        say(f"  {result['socket_open_retries']} socket opens had to be "
+                            f"retried, e.g.: {result['socket_open_errors']}")
+                    for web, _ in webs:
+                        if web.proc.poll() is not None:
+                            raise BenchError(f"{web.name} exited with {web.proc.returncode}:\n"
+                                             + "\n".join(web.log[-30:]))
     finally:
         codes = sup.stop()
         say(f"stopped {', '.join(codes)}")
@@ -162,45 +178,107 @@ def variant(o: dict) -> str:
     return ", ".join(parts)
 
 
+def cpu_line(cpu: dict) -> str:
+    webs = [k for k in cpu if k.startswith("web") and k != "web"]
+    parts = [f"web {cpu.get('web', 0):.2f}"
+             + (f" ({' + '.join(f'{cpu[k]:.2f}' for k in sorted(webs))})"
+                if len(webs) > 1 else "")]
+    parts += [f"{k} {cpu[k]:.2f}" for k in ("postgres", "loadgen", "other") if k in cpu]
+    return ", ".join(parts) + " cores"
+
+
 def load(sup: Supervisor, tmp: Path, o: dict, hosts: list[dict], transport: str,
-         webs: list, db_name: str) -> dict[str, Any]:
-    out = tmp / f"load-{transport}-{len(webs)}.json"
-    cfg = {
-        "urls": [f"http://127.0.0.1:{port}" for _, port in webs],
-        "transport": transport,
-        "hosts": [{"token": h["token"], "vm_names": h["vm_names"]} for h in hosts],
-        "connections": o["connections"],
-        "rate": o["rate"],
-        "warmup": o["warmup"],
-        "seconds": o["seconds"],
-        "cpu_groups": {"web": [w.proc.pid for w, _ in webs]},
-        "pg_database": db_name,
-        "out": str(out),
-    }
-    cfg_file = tmp / f"load-{transport}-{len(webs)}.cfg.json"
-    cfg_file.write_text(json.dumps(cfg))
-    mode = f"open loop at {o['rate']}/s" if o["rate"] else f"{o['connections']} in flight"
-    say(f"load: {transport} pings, {len(hosts)} hosts, {len(webs)} web process(es), {mode}, "
-        f"{o['warmup']} s warm-up + {o['seconds']} s …")
-    lg = sup.python(f"loadgen-{transport}-{len(webs)}", "-m", "bench.loadgen", str(cfg_file))
-    limit = o["warmup"] + o["seconds"] + 120 + len(hosts) / 50
+         webs: list, db_name: str, *, agents: int | None = None, bare: bool = False,
+         label: str = "") -> dict[str, Any]:
+    """One measurement: ``loadgen_processes`` load generators (each a share of the
+    hosts, the in-flight pings and the rate) started together through a go file; CPU
+    of every web process, PostgreSQL, the load generators and the rest of the machine
+    over the measured window."""
+    from .common import CpuMeter
+    from .loadgen import BARE_PATH, WS_PATH, merge
+
+    n_lg = max(1, min(o.get("loadgen_processes") or 1, len(hosts)))
+    connections = agents or o["connections"]
+    tag = (f"{transport}-{len(webs)}-{agents or 'all'}-{'bare' if bare else 'real'}"
+           f"-{len(sup.children)}")
+    go = tmp / f"go-{tag}.json"
+    go.unlink(missing_ok=True)
+    procs, outs = [], []
+    for i in range(n_lg):
+        out = tmp / f"load-{tag}-{i}.json"
+        outs.append(out)
+        cfg = {
+            "urls": [f"http://127.0.0.1:{port}" for _, port in webs],
+            "transport": transport,
+            "path": BARE_PATH if bare else WS_PATH,
+            # host j keeps urls[j % webs]: a process takes every n_lg-th host
+            "hosts": [{"token": h["token"], "vm_names": h["vm_names"]} for h in hosts[i::n_lg]],
+            "connections": max(1, round(connections * (i + 1) / n_lg)
+                               - round(connections * i / n_lg)),
+            "rate": o["rate"] / n_lg if o["rate"] else 0,
+            "warmup": o["warmup"],
+            "seconds": o["seconds"],
+            "go": str(go),
+            "out": str(out),
+        }
+        if len(webs) > 1 and n_lg > 1:  # keep the hosts spread evenly over the webs
+            cfg["urls"] = [cfg["urls"][(i + k) % len(webs)] for k in range(len(webs))]
+        cfg_file = tmp / f"load-{tag}-{i}.cfg.json"
+        cfg_file.write_text(json.dumps(cfg))
+        procs.append(sup.python(f"loadgen-{tag}-{i}", "-m", "bench.loadgen", str(cfg_file)))
+    mode = f"open loop at {o['rate']:g}/s" if o["rate"] else f"{connections} in flight"
+    say(f"load{' (' + label + ')' if label else ''}: {transport} pings"
+        f"{' to the bare consumer' if bare else ''}, {len(hosts)} hosts, {len(webs)} web "
+        f"process(es), {mode}, {n_lg} load generator(s), {o['warmup']} s warm-up + "
+        f"{o['seconds']} s …")
+    limit = o["warmup"] + o["seconds"] + 180 + len(hosts) / 50
     deadline = time.monotonic() + limit
-    shown = 0
-    while lg.proc.poll() is None:
-        if time.monotonic() > deadline:
-            raise BenchError(f"the load generator did not finish within {limit:.0f} s:\n"
-                             + "\n".join(lg.log[-20:]))
-        try:
-            lg.proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            pass
-        shown = forward(lg.log, shown)
+    shown = [0] * n_lg
+
+    def pump() -> None:
+        for k, lg in enumerate(procs):
+            shown[k] = forward(lg.log, shown[k])
+            if time.monotonic() > deadline:
+                raise BenchError(f"the load generator did not finish within {limit:.0f} s:\n"
+                                 + "\n".join(lg.log[-20:]))
+
+    while not all(any(line == "loadgen: ready" for line in lg.log) for lg in procs):
+        for lg in procs:
+            if lg.proc.poll() is not None:
+                raise BenchError(f"the load generator failed ({lg.proc.returncode}):\n"
+                                 + "\n".join(lg.log[-30:]))
+        pump()
+        time.sleep(0.1)
+    start = time.time() + 0.5
+    part = go.with_suffix(".part")
+    part.write_text(json.dumps({"start": start}))
+    part.rename(go)
+    meter = CpuMeter(groups={**{f"web{k + 1}": [w.proc.pid] for k, (w, _) in enumerate(webs)},
+                             "loadgen": [lg.proc.pid for lg in procs]},
+                     pg_database=db_name)
+    time.sleep(max(0.0, start + o["warmup"] - time.time()))
+    meter.start()
+    time.sleep(max(0.0, start + o["warmup"] + o["seconds"] - time.time()))
+    cpu = meter.stop()
+    cpu["web"] = round(sum(v for k, v in cpu.items() if k.startswith("web")), 3)
+    while any(lg.proc.poll() is None for lg in procs):
+        pump()
+        time.sleep(0.2)
     time.sleep(0.2)  # let the output pump catch up
-    forward(lg.log, shown)
-    if lg.proc.returncode != 0 or not out.exists():
-        raise BenchError(f"the load generator failed ({lg.proc.returncode}):\n"
-                         + "\n".join(lg.log[-30:]))
-    return json.loads(out.read_text())
+    pump()
+    for lg, out in zip(procs, outs, strict=True):
+        if lg.proc.returncode != 0 or not out.exists():
+            raise BenchError(f"the load generator failed ({lg.proc.returncode}):\n"
+                             + "\n".join(lg.log[-30:]))
+    result = merge([json.loads(out.read_text()) for out in outs])
+    result["web_processes"] = len(webs)
+    result["agents"] = agents
+    result["cpu"] = cpu
+    if bare:
+        say(f"  bare ({label}): {result['pings_per_s']:.0f} pings/s, p50 "
+            f"{fmt(result['p50_ms'])} ms, p99 {fmt(result['p99_ms'])} ms, "
+            f"{result['errors']} errors; CPU {cpu_line(cpu)}")
+    return result
 
 
 def forward(log: list[str], shown: int) -> int:
@@ -211,10 +289,17 @@ def forward(log: list[str], shown: int) -> int:
     return len(log)
 
 
+def target_text(r: dict[str, Any]) -> str:
+    rates = {x["rate_target"] for x in r["runs"] if x.get("rate_target")}
+    if len(rates) == 1:
+        return f"{max(rates):,.0f}/s"
+    return f"{TARGET:,.0f}/s"
+
+
 def sustains(x: dict[str, Any]) -> bool:
-    """Closed loop: answers at least TARGET pings/s. Open loop at TARGET/s or more:
-    keeps up — answers ≥ 98% of what the fleet sends and no queue builds up (median
-    latency under a second)."""
+    """Closed loop: answers at least TARGET pings/s. Open loop: keeps up with its rate
+    (at least TARGET/s) — answers ≥ 98% of what the fleet sends and no queue builds
+    up (median latency under a second)."""
     if x.get("rate_target"):
         return (x["rate_target"] >= TARGET and x["pings_per_s"] >= 0.98 * x["rate_target"]
                 and x["p50_ms"] is not None and x["p50_ms"] < 1000)
@@ -227,20 +312,40 @@ def report(r: dict[str, Any]) -> str:
     rows = []
     for x in r["runs"]:
         cpu = x["cpu"]
+        webs = sorted(k for k in cpu if k.startswith("web") and k != "web")
         rows.append([
-            x["transport"], x["web_processes"], x["mode"], fmt(x["pings_per_s"], 0),
-            fmt(x["median_bucket_per_s"], 0), fmt(x["p50_ms"]), fmt(x["p99_ms"]), x["errors"],
-            fmt(cpu.get("web"), 2), fmt(cpu.get("postgres"), 2), fmt(cpu.get("loadgen"), 2),
+            x["transport"], x["web_processes"], x["hosts"], x["mode"],
+            fmt(x["pings_per_s"], 0), fmt(x["median_bucket_per_s"], 0), fmt(x["p50_ms"]),
+            fmt(x["p99_ms"]), x["errors"],
+            fmt(x.get("bare_pings_per_s"), 0),
+            fmt(x.get("real_over_bare"), 2),
+            fmt(cpu.get("web"), 2) + (f" ({' + '.join(fmt(cpu[k], 2) for k in webs)})"
+                                      if len(webs) > 1 else ""),
+            fmt(cpu.get("postgres"), 2), fmt(cpu.get("loadgen"), 2),
             fmt(cpu.get("machine"), 2), fmt(cpu.get("other"), 2),
             "yes" if sustains(x) else "no",
         ])
     lines.append(table(
-        ["transport", "web procs", "load", "pings/s", "median 1-s", "p50 ms", "p99 ms",
-         "errors", "CPU web", "CPU pg", "CPU loadgen", "CPU machine", "CPU other",
-         "sustains 1,000/s"], rows))
+        ["transport", "web procs", "agents", "load", "pings/s", "median 1-s", "p50 ms",
+         "p99 ms", "errors", "bare pings/s", "real ÷ bare", "CPU web", "CPU pg",
+         "CPU loadgen", "CPU machine", "CPU other", f"sustains {target_text(r)}"], rows))
     lines.append("CPU: cores busy during the measured window (2.0 = both cores of this "
                  "machine); 'other' is everything else running on the machine meanwhile. "
-                 "'median 1-s' is the median of the per-second counts.")
+                 "'median 1-s' is the median of the per-second counts. 'bare': the same "
+                 "daphne answering the same sockets' pings from a bare Channels consumer "
+                 "(bench.asgi_experiment), measured right before and after (mean).")
+    bares = [(x, b) for x in r["runs"] for b in x.get("bare", [])]
+    if bares:
+        lines.append("")
+        lines.append("bare Channels consumer, same run:")
+        lines.append(table(
+            ["web procs", "agents", "load", "when", "pings/s", "p50 ms", "p99 ms", "errors",
+             "CPU web", "CPU loadgen", "CPU other"],
+            [[x["web_processes"], b["hosts"], b["mode"], "before" if i % 2 == 0 else "after",
+              fmt(b["pings_per_s"], 0), fmt(b["p50_ms"]), fmt(b["p99_ms"]), b["errors"],
+              fmt(b["cpu"].get("web"), 2), fmt(b["cpu"].get("loadgen"), 2),
+              fmt(b["cpu"].get("other"), 2)]
+             for x in r["runs"] for i, b in enumerate(x.get("bare", []))]))
     if r["ceiling"]:
         lines.append("")
         lines.append("PostgreSQL ceiling (same rows, psycopg, no web server):")
