@@ -149,9 +149,14 @@ class Relay:
         import psycopg
 
         s = connection.settings_dict
+        # OPTIONS too: with several hosts (PostgreSQL HA), target_session_attrs keeps
+        # LISTEN on the primary — a standby cannot LISTEN, and notifies come from it.
+        options = {k: v for k, v in (s.get("OPTIONS") or {}).items() if k not in (
+            "pool", "isolation_level", "assume_role", "server_side_binding",
+            "cursor_factory", "prepare_threshold", "context")}
         conninfo = psycopg.conninfo.make_conninfo(
             dbname=s["NAME"], user=s["USER"] or None, password=s["PASSWORD"] or None,
-            host=s["HOST"] or None, port=s["PORT"] or None,
+            host=s["HOST"] or None, port=s["PORT"] or None, **options,
         )
         async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
             await conn.execute(f"LISTEN {CHANNEL}")

@@ -6,7 +6,9 @@ from ``var/secrets.env`` (random ones, written once by ``scripts/setup``); with 
 off, hadash refuses to start without them or with the development values.
 
 Environment (README.md, "Configuration", has the full table):
-    DATABASE_URL      e.g. postgres://postgres@127.0.0.1:5432/hadash (default: sqlite)
+    DATABASE_URL      e.g. postgres://postgres@127.0.0.1:5432/hadash (default: sqlite);
+                      several servers: postgres://u@db1:5432,db2:5432/hadash
+                      ?target_session_attrs=read-write (hadash/dburl.py)
     REDIS_URL         e.g. redis://127.0.0.1:6379/0 (optional; channel layer)
     HADASH_AGENT_KEY  the join key agents present on connect (a secret)
     SECRET_KEY        Django's secret key (sessions, CSRF, signing)
@@ -29,8 +31,9 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-import dj_database_url
 from csp.constants import NONE, SELF
+
+from hadash import dburl
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("HADASH_VAR_DIR", BASE_DIR / "var"))
@@ -228,7 +231,8 @@ HADASH_REQUEST_TIMEOUT = env_int("HADASH_REQUEST_TIMEOUT", 30, minimum=1)
 
 SQLITE_DEFAULT = f"sqlite:///{VAR_DIR / 'hadash.sqlite3'}"
 DATABASES = {
-    "default": dj_database_url.parse(
+    # hadash.dburl: dj_database_url, plus libpq's several hosts (PostgreSQL HA)
+    "default": dburl.parse(
         os.environ.get("DATABASE_URL") or SQLITE_DEFAULT, conn_max_age=0  # empty = unset
     )
 }
