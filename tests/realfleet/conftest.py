@@ -22,40 +22,34 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 
 import httpx
 import pytest
 
-from hadash.supervisor import Supervisor, free_port, wait_for_port
-from tests.conftest import fresh_database, manage, pg_admin_url, wait_for
-
-from .fleet import (
+from bench.realfleet import (
     BMC,
     SERVER_IP,
     SUBNET,
+    Booting,
     Fleet,
     Guest,
     Reaper,
     become_subreaper,
+    enrol_and_register,
     fleet_lock,
+    guests_plan,
     is_debian,
     requirements_problem,
+    start_hadash,
     subnet_problem,
     sweep,
 )
+from hadash.supervisor import Supervisor, free_port
+from tests.conftest import fresh_database, pg_admin_url
 
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-# The engine's timings, shortened so that detection and recovery take seconds.
-CONFIG = {
-    "ping.interval": "2", "ping.timeout": "2",  # behind on ping after 4 s
-    "investigate.retry.interval": "5", "restart.retry.interval": "5",
-    "migrate.retry.interval": "10",
-    "alert.wait": "10",  # a host nobody can tell about goes Alert after 10 s
-}
 
 # What the stories measure (seconds), shown at the end of the run and kept for
 # docs/benchmarks.md.
@@ -152,34 +146,6 @@ class RealFleet:
         return "\n".join(out)
 
 
-def start_hadash(sup: Supervisor, env: dict[str, str], port: int) -> httpx.Client:
-    """Migrate, then daphne and the django-q engine (as tests/conftest.py does for the
-    e2e suite), the engine's timings shortened; the operator API client."""
-    manage(env, "migrate", "--noinput", "-v0")
-    token = manage(env, "apitoken", "realfleet", "--create").strip().splitlines()[-1]
-    api = httpx.Client(base_url=f"http://{SERVER_IP}:{port}/api/v1", timeout=30,
-                       headers={"Authorization": f"Bearer {token}"}, trust_env=False)
-    web = sup.python("web", "-m", "daphne", "-b", SERVER_IP, "-p", str(port),
-                     "hadash.asgi:application")
-    wait_for_port(port, host=SERVER_IP, proc=web.proc, timeout=90)
-    for key, value in CONFIG.items():
-        r = api.put(f"/config/{key}", json={"value": value})
-        assert r.status_code == 200, f"config {key}: {r.text}"
-    manage(env, "engine", "start")
-    sup.manage("engine", "qcluster")
-    return api
-
-
-def guests_plan() -> dict[str, Guest]:
-    """Two HA guests and a plain one on host 1, one HA guest on each of the others.
-    Every host has 2 cpus in hadash's eyes (this machine's): after host 1 fails, its
-    two HA guests fit one on each of the others."""
-    plan = [Guest("vm-a", "hdrf-h1", priority="high"), Guest("vm-b", "hdrf-h1"),
-            Guest("vm-c", "hdrf-h1", ha=False), Guest("vm-d", "hdrf-h2"),
-            Guest("vm-e", "hdrf-h3")]
-    return {g.name: g for g in plan}
-
-
 @pytest.fixture(scope="module")
 def realfleet(tmp_path_factory):
     if os.environ.get("HADASH_REALFLEET", "").strip().lower() in {"0", "false", "no", "off"}:
@@ -239,7 +205,7 @@ def realfleet(tmp_path_factory):
                     booting.join()
                     if booting.error:
                         not_possible(f"cannot boot the hosts: {booting.error}")
-                    enrol_and_register(rf)
+                    enrol_and_register(api, fleet, bmc, guests)
                     MEASURED["set-up (hadash, 3 hosts, 5 guests)"] = time.monotonic() - started
                     # The monitor's two views must see what runs where, or its silence
                     # through the run would prove nothing.
@@ -267,88 +233,6 @@ def realfleet(tmp_path_factory):
             become_subreaper(False)
     MEASURED["the tier's run (set-up to teardown)"] = time.monotonic() - started
     assert problems == [], f"left behind: {problems}"
-
-
-class Booting(threading.Thread):
-    """The hosts' side of the set-up, which needs no hadash: power every host on
-    (libvirtd probes qemu once; the others get its cache), then define each guest on
-    its home host and start it there."""
-
-    def __init__(self, fleet: Fleet, guests: dict[str, Guest]):
-        super().__init__(name="realfleet-boot", daemon=True)
-        self.fleet, self.guests = fleet, guests
-        self.error = ""
-
-    def run(self) -> None:
-        try:
-            fleet = self.fleet
-            first, others = fleet.hosts[0], fleet.hosts[1:]
-            first.power_on()
-            first.warm_up()
-            for h in others:
-                first.copy_capabilities_to(h)
-            errors: list[str] = []
-
-            def boot(h):
-                try:
-                    h.power_on()
-                except Exception as exc:
-                    errors.append(f"{h.name}: {exc}")
-
-            threads = [threading.Thread(target=boot, args=(h,)) for h in others]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if errors:
-                raise RuntimeError("; ".join(errors))
-            for g in self.guests.values():
-                home = fleet.host(g.home)
-                home.define(g)
-                home.start(g)
-        except Exception as exc:
-            self.error = str(exc) or repr(exc)
-
-
-def enrol_and_register(rf: RealFleet) -> None:
-    """hadash's side, as an operator does it: every agent enrolled and Up, the BMC
-    settings on every host row, the guests — listed as unmanaged, with the definitions
-    their agents sent — adopted in one call (HA on or off, priority), each Running on its
-    host with its definition stored."""
-    fleet, api = rf.fleet, rf.api
-    names = [h.name for h in fleet.hosts]
-
-    def status(name):
-        r = api.get(f"/hosts/{name}")
-        return r.json()["status"] if r.status_code == 200 else None
-
-    wait_for("every host Up", lambda: all(status(n) == "Up" for n in names), 60)
-    for h in fleet.hosts:
-        r = api.patch(f"/hosts/{h.name}", json={
-            "oobm_enabled": True, "oobm_address": rf.bmc.url, "oobm_system_id": h.name,
-            "oobm_username": rf.bmc.username, "oobm_password": rf.bmc.password})
-        assert r.status_code == 200, f"BMC settings of {h.name}: {r.text}"
-    want = {(g.name, g.home) for g in rf.guests.values()}
-
-    def listed():
-        rows = api.get("/unmanaged-vms").json()
-        ready = {(r["name"], r["host"]) for r in rows
-                 if r["has_definition"] and r["power_state"] == "PowerOn"}
-        return want <= ready
-
-    wait_for("the guests listed as unmanaged, running, with definitions", listed, 60)
-    r = api.post("/unmanaged-vms/adopt", json={"vms": [
-        {"name": g.name, "host": g.home, "ha_enabled": g.ha, "priority": g.priority}
-        for g in rf.guests.values()]})
-    assert r.status_code == 201, f"adopting the guests: {r.text}"
-    wait_for("every guest Running, PowerOn on its host", lambda: all(
-        (v := rf.vm(g.name))["state"] == "Running" and v["power_state"] == "PowerOn"
-        and v["host"] == g.home for g in rf.guests.values()), 30)
-    for g in rf.guests.values():
-        vm = rf.vm(g.name)
-        assert (vm["cpus"], vm["memory_mb"]) == (1, 64), vm  # from the definition
-        d = api.get(f"/vms/{g.name}/definition").json()
-        assert d["format"] == "libvirt-xml" and g.uuid in d["xml"], d
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ import time
 
 import pytest
 
+from bench.realfleet import qemu_processes
 from tests.conftest import wait_for
 
 from .conftest import MEASURED
-from .fleet import qemu_processes
 
 pytestmark = [pytest.mark.realfleet, pytest.mark.e2e, pytest.mark.slow]
 

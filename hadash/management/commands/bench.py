@@ -5,6 +5,8 @@
     bench detect   detection (host powered off → Down) and recovery (→ its HA VMs Running
                    elsewhere) latency for a simulated fleet, in real time
     bench restart  HA restart throughput of one failed host's VMs per ha.workers value
+                   (--failed-hosts 10: a rack)
+    bench agent-crash  a VM crash on a real host (root, libvirt) → Running again
     bench metrics  GET /metrics served time at 1,000 hosts / 10,000 VMs beside the same
                    server's 401 answer (R21)
     bench plan     failover plan recomputation at 100 / 1,000 / 10,000 hosts × 10 VMs, from
@@ -170,6 +172,15 @@ class Command(BaseCommand):
         p.add_argument("--timeout", type=float, default=None,
                        help="bound on the fleet set-up wait (default 300 s + 0.1 s per VM)")
 
+        p = sub.add_parser("agent-crash", help="a VM crash on a real host (kill -9 of its "
+                           "qemu) → Running again (root, libvirt: the real fleet)")
+        common(p)
+        p.add_argument("--kills", type=int, default=5, help="crashes, guests in turn (5)")
+        p.add_argument("--hosts", type=int, default=3,
+                       help="real hosts, one HA guest each (3; at most 9)")
+        p.add_argument("--settle", type=float, default=3.0,
+                       help="seconds before each crash (3)")
+
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
         p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
@@ -244,6 +255,11 @@ class Command(BaseCommand):
                         or o["tests"] < 1 or o["vms"] < 1:
                     raise CommandError("need --hosts ≥ 2, 1 ≤ --failures < --hosts, "
                                        "--tests ≥ 1 and --vms ≥ 1")
+            elif name == "agent-crash":
+                from bench import agentcrash as mod
+
+                if o["kills"] < 1 or not 1 <= o["hosts"] <= 9 or o["settle"] < 0:
+                    raise CommandError("need --kills ≥ 1, 1 ≤ --hosts ≤ 9, --settle ≥ 0")
             elif name == "detect":
                 from bench import detect as mod
 

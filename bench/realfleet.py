@@ -817,3 +817,164 @@ class Fleet:
                 problems.append(f"{h.ns}: pids {left} still running")
         sweep()
         return problems
+
+
+# --- hadash on the fleet: the set-up shared by tests/realfleet and `bench agent-crash` ---------
+
+# The engine's timings, shortened so that detection and recovery take seconds.
+CONFIG = {
+    "ping.interval": "2", "ping.timeout": "2",  # behind on ping after 4 s
+    "investigate.retry.interval": "5", "restart.retry.interval": "5",
+    "migrate.retry.interval": "10",
+    "alert.wait": "10",  # a host nobody can tell about goes Alert after 10 s
+}
+
+
+def wait_for(what: str, cond, timeout: float, every: float = 0.5):
+    """Until ``cond()`` is true (HTTP errors count as not yet); its value. TimeoutError
+    after ``timeout`` seconds, naming ``what`` and the last value seen."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def _check(ok: object, what: str) -> None:
+    if not ok:
+        raise RuntimeError(what)
+
+
+def manage(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "manage.py"), *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    _check(proc.returncode == 0,
+           f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def start_hadash(sup: Supervisor, env: dict[str, str], port: int,
+                 config: dict[str, str] | None = None):
+    """Migrate, then daphne (on the bridge's address) and the django-q engine, the
+    engine's timings shortened (``CONFIG``, then ``config``); the operator API client."""
+    import httpx
+
+    manage(env, "migrate", "--noinput", "-v0")
+    token = manage(env, "apitoken", "realfleet", "--create").strip().splitlines()[-1]
+    api = httpx.Client(base_url=f"http://{SERVER_IP}:{port}/api/v1", timeout=30,
+                       headers={"Authorization": f"Bearer {token}"}, trust_env=False)
+    web = sup.python("web", "-m", "daphne", "-b", SERVER_IP, "-p", str(port),
+                     "hadash.asgi:application")
+    wait_for_port(port, host=SERVER_IP, proc=web.proc, timeout=90)
+    for key, value in {**CONFIG, **(config or {})}.items():
+        r = api.put(f"/config/{key}", json={"value": value})
+        _check(r.status_code == 200, f"config {key}: {r.text}")
+    manage(env, "engine", "start")
+    sup.manage("engine", "qcluster")
+    return api
+
+
+def guests_plan() -> dict[str, Guest]:
+    """Two HA guests and a plain one on host 1, one HA guest on each of the others.
+    Every host has 2 cpus in hadash's eyes (this machine's): after host 1 fails, its
+    two HA guests fit one on each of the others."""
+    plan = [Guest("vm-a", "hdrf-h1", priority="high"), Guest("vm-b", "hdrf-h1"),
+            Guest("vm-c", "hdrf-h1", ha=False), Guest("vm-d", "hdrf-h2"),
+            Guest("vm-e", "hdrf-h3")]
+    return {g.name: g for g in plan}
+
+
+class Booting(threading.Thread):
+    """The hosts' side of the set-up, which needs no hadash: power every host on
+    (libvirtd probes qemu once; the others get its cache), then define each guest on
+    its home host and start it there."""
+
+    def __init__(self, fleet: Fleet, guests: dict[str, Guest]):
+        super().__init__(name="realfleet-boot", daemon=True)
+        self.fleet, self.guests = fleet, guests
+        self.error = ""
+
+    def run(self) -> None:
+        try:
+            fleet = self.fleet
+            first, others = fleet.hosts[0], fleet.hosts[1:]
+            first.power_on()
+            first.warm_up()
+            for h in others:
+                first.copy_capabilities_to(h)
+            errors: list[str] = []
+
+            def boot(h):
+                try:
+                    h.power_on()
+                except Exception as exc:
+                    errors.append(f"{h.name}: {exc}")
+
+            threads = [threading.Thread(target=boot, args=(h,)) for h in others]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            for g in self.guests.values():
+                home = fleet.host(g.home)
+                home.define(g)
+                home.start(g)
+        except Exception as exc:
+            self.error = str(exc) or repr(exc)
+
+
+def enrol_and_register(api, fleet: Fleet, bmc: BMC, guests: dict[str, Guest]) -> None:
+    """hadash's side, as an operator does it: every agent enrolled and Up, the BMC
+    settings on every host row, the guests — listed as unmanaged, with the definitions
+    their agents sent — adopted in one call (HA on or off, priority), each Running on its
+    host with its definition stored."""
+    names = [h.name for h in fleet.hosts]
+
+    def status(name):
+        r = api.get(f"/hosts/{name}")
+        return r.json()["status"] if r.status_code == 200 else None
+
+    def vm(name):
+        r = api.get(f"/vms/{name}")
+        _check(r.status_code == 200, r.text)
+        return r.json()
+
+    wait_for("every host Up", lambda: all(status(n) == "Up" for n in names), 60)
+    for h in fleet.hosts:
+        r = api.patch(f"/hosts/{h.name}", json={
+            "oobm_enabled": True, "oobm_address": bmc.url, "oobm_system_id": h.name,
+            "oobm_username": bmc.username, "oobm_password": bmc.password})
+        _check(r.status_code == 200, f"BMC settings of {h.name}: {r.text}")
+    want = {(g.name, g.home) for g in guests.values()}
+
+    def listed():
+        rows = api.get("/unmanaged-vms").json()
+        ready = {(r["name"], r["host"]) for r in rows
+                 if r["has_definition"] and r["power_state"] == "PowerOn"}
+        return want <= ready
+
+    wait_for("the guests listed as unmanaged, running, with definitions", listed, 60)
+    r = api.post("/unmanaged-vms/adopt", json={"vms": [
+        {"name": g.name, "host": g.home, "ha_enabled": g.ha, "priority": g.priority}
+        for g in guests.values()]})
+    _check(r.status_code == 201, f"adopting the guests: {r.text}")
+    wait_for("every guest Running, PowerOn on its host", lambda: all(
+        (v := vm(g.name))["state"] == "Running" and v["power_state"] == "PowerOn"
+        and v["host"] == g.home for g in guests.values()), 30)
+    for g in guests.values():
+        v = vm(g.name)
+        _check((v["cpus"], v["memory_mb"]) == (1, 64), f"{g.name}: size from the "
+               f"definition expected (1 cpu, 64 MiB): {v}")
+        d = api.get(f"/vms/{g.name}/definition").json()
+        _check(d["format"] == "libvirt-xml" and g.uuid in d["xml"],
+               f"{g.name}: stored definition {d}")
