@@ -328,6 +328,73 @@ class CpuMeter:
         return self.result
 
 
+# --- memory ------------------------------------------------------------------------------------
+
+def _status_kb(pid: int, *fields: str) -> dict[str, int]:
+    """Fields of /proc/<pid>/status given in kB (VmHWM, VmRSS …); {} when gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[key] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def _pss_kb(pid: int) -> int:
+    """The process's proportional set size (shared pages split among their users)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def group_memory(pgid: int) -> dict[str, Any]:
+    """Memory of the live processes of a process group (a supervised child and its own
+    children, e.g. qcluster's sentinel, monitor and workers), in MB:
+
+    * ``peak_rss_mb`` — the sum of each process's peak RSS (``VmHWM``): what the group
+      needed at most if every process peaked at once (an upper bound; pages shared by
+      forked processes count once per process). A process that already exited
+      (a recycled django-q worker) is not counted;
+    * ``rss_mb`` — the sum of the current RSS (``VmRSS``), same caveat;
+    * ``pss_mb`` — the current proportional set size: shared pages counted once;
+    * ``peak_rss_max_mb`` — the largest single process's peak, ``processes`` how many.
+    """
+    from hadash.supervisor import live_members
+
+    peak = rss = pss = biggest = 0
+    pids = live_members(pgid)
+    n = 0
+    for pid in pids:
+        kb = _status_kb(pid, "VmHWM", "VmRSS")
+        if not kb:
+            continue
+        n += 1
+        peak += kb.get("VmHWM", 0)
+        rss += kb.get("VmRSS", 0)
+        biggest = max(biggest, kb.get("VmHWM", 0))
+        pss += _pss_kb(pid)
+    return {"peak_rss_mb": round(peak / 1024, 1), "rss_mb": round(rss / 1024, 1),
+            "pss_mb": round(pss / 1024, 1), "peak_rss_max_mb": round(biggest / 1024, 1),
+            "processes": n}
+
+
+def memory_table(memory: dict[str, dict[str, Any]]) -> str:
+    """The processes' memory (System.memory) as a table."""
+    rows = [[name, m["processes"], fmt(m["peak_rss_mb"]), fmt(m["peak_rss_max_mb"]),
+             fmt(m["rss_mb"]), fmt(m["pss_mb"])] for name, m in memory.items()]
+    return table(["process (group)", "processes", "peak RSS MB (Σ VmHWM)",
+                  "largest process peak MB", "RSS now MB", "PSS now MB"], rows)
+
+
 # --- numbers --------------------------------------------------------------------------------
 
 def percentile(values: Sequence[float], p: float) -> float | None:

@@ -18,7 +18,15 @@ import httpx
 
 from hadash.supervisor import Child, Supervisor, daphne_argv, free_port, wait_for_port
 
-from .common import BenchDatabase, BenchError, bench_env, manage, say, wait_until
+from .common import (
+    BenchDatabase,
+    BenchError,
+    bench_env,
+    group_memory,
+    manage,
+    say,
+    wait_until,
+)
 
 
 def parse_time(value: str) -> float:
@@ -49,6 +57,9 @@ class System:
         self.fleet_port = 0
         self.hosts = 0
         self.vms = 0
+        # Peak memory of each process (group), by name: taken by memory() and, at the
+        # latest, by stop() (bench.common.group_memory).
+        self.memory: dict[str, dict[str, Any]] = {}
 
     # --- start / stop ------------------------------------------------------------------
     def start(self, *, hosts: int, vms: int, ha_ratio: float, clusters: int,
@@ -102,7 +113,33 @@ class System:
         say(f"qcluster started; simulator: {hosts} hosts, {vms} VMs (HA ratio {ha_ratio}), "
             f"{clusters} cluster(s), VM start {start_delay} s, control port {self.fleet_port}")
 
+    def sample_memory(self) -> dict[str, dict[str, Any]]:
+        """Each running process group's memory now (peak RSS so far, RSS, PSS), by the
+        child's name (web, engine, fleet …); kept in ``self.memory``, the larger peak
+        winning for a process group sampled before. A benchmark's report shows it."""
+        for child in self.sup.children:
+            if child.proc is None or child.proc.poll() is not None:
+                continue
+            m = group_memory(child.proc.pid)
+            if not m["processes"]:
+                continue
+            before = self.memory.get(child.name)
+            if before and before["peak_rss_mb"] > m["peak_rss_mb"]:
+                # a process of the group exited since (a recycled worker): keep its peak
+                m = {**m, "peak_rss_mb": before["peak_rss_mb"],
+                     "peak_rss_max_mb": max(before["peak_rss_max_mb"], m["peak_rss_max_mb"])}
+            self.memory[child.name] = m
+        return self.memory
+
     def stop(self) -> None:
+        try:
+            self.sample_memory()
+        except Exception as exc:  # noqa: BLE001 - never lose the run over a statistic
+            say(f"could not read the processes' memory: {exc}")
+        if self.memory:
+            say("peak RSS (Σ VmHWM over each process group): " + ", ".join(
+                f"{k} {v['peak_rss_mb']:.0f} MB ({v['processes']} processes)"
+                for k, v in self.memory.items()))
         for client in (self.api, self.control):
             if client is not None:
                 client.close()

@@ -134,7 +134,8 @@ def test_detect_smoke():
     proc = bench("detect", "--hosts", "4", "--vms", "8", "--failures", "1", "--clusters", "1",
                  "--start-delay", "0.1", timeout=900)
     out = proc.stdout
-    assert "detection since last ping" in out and "recovery" in out, out
+    assert "HostDown since last ping" in out and "downtime R18" in out, out
+    assert "peak RSS" in out, out
     assert re.search(r"^\| kvm-00\d ", out, re.M), out
     assert_cleaned_up(proc.stderr)
 
