@@ -514,7 +514,7 @@ class Watch:
 @dataclass
 class Step:
     at: float  # seconds after the chaos began
-    kind: str  # fault | kill | db-cut | pg-restart
+    kind: str  # fault | kill | db-cut | pg-restart | pg-failover
     what: str  # the fault (scenario vocabulary), or the process: web1, engine:sweeper …
     after: float = 0.0  # kill: restart the process this many seconds later
 
@@ -523,6 +523,8 @@ class Step:
             return f"kill -9 {self.what} (restart after {self.after:.0f} s)"
         if self.kind == "pg-restart":
             return "restart PostgreSQL"
+        if self.kind == "pg-failover":
+            return "kill the PostgreSQL primary, promote the standby"
         if self.kind == "db-cut":
             return "cut every connection to the database"
         return self.what
@@ -543,14 +545,15 @@ MACHINE_FAULTS = {
 def make_plan(seed: int, *, duration: float, hosts: list[str], vms: list[str],
               fault_every: float, kill_every: float, pg_restarts: int,
               webs: list[str], engines: list[str], clusters: int = 1,
-              db_cut_every: float = 0.0) -> list[Step]:
+              db_cut_every: float = 0.0, pg_failovers: int = 0) -> list[Step]:
     """The whole run's faults, from ``seed`` alone: machine faults about every
     ``fault_every`` s (exponential gaps); at once at most a fifth of the hosts (at
     least 2) and a third of a cluster's (at least 1) down, cut off or without agent,
     so the mass-failure brake (R14: more than half of a cluster) is not what the run
     measures; a web and an engine kill about every ``kill_every`` s each; every
     connection to the database cut about every ``db_cut_every`` s; and
-    ``pg_restarts`` PostgreSQL restarts spread over the run. ``hosts`` in the
+    ``pg_restarts`` PostgreSQL restarts and ``pg_failovers`` failovers (the primary
+    killed, the standby promoted: ``--pg-failovers``) spread over the run. ``hosts`` in the
     simulator's order: it deals them round-robin to ``clusters`` clusters."""
     rng = random.Random(seed)
     steps: list[Step] = []
@@ -604,6 +607,10 @@ def make_plan(seed: int, *, duration: float, hosts: list[str], vms: list[str],
     for k in range(pg_restarts):
         at = duration * (k + 1) / (pg_restarts + 1) + rng.uniform(-10, 10)
         steps.append(Step(round(min(max(at, 5.0), duration - 5), 2), "pg-restart", "postgresql"))
+    for k in range(pg_failovers):  # evenly: each needs its new standby before the next
+        at = duration * (k + 1) / (pg_failovers + 1)
+        steps.append(Step(round(min(max(at, 5.0), duration - 5), 2), "pg-failover",
+                          "postgresql"))
     return sorted(steps, key=lambda s: s.at)
 
 
@@ -614,7 +621,15 @@ def run(o: dict[str, Any]) -> dict[str, Any]:
     if o["long"] and not os.path.isdir("/etc/postgresql"):
         raise BenchError("--long restarts PostgreSQL with pg_ctlcluster: /etc/postgresql "
                          "is missing (PostgreSQL must run on this machine)")
-    with interruptible(), throwaway_database({**o, "allow_sqlite": False}) as (db, tmp):
+    if o.get("pg_failovers"):
+        from .pgha import ha_database
+
+        if o["long"]:
+            raise BenchError("--pg-failovers runs its own PostgreSQL pair: no --long")
+        database = ha_database(o)
+    else:
+        database = throwaway_database({**o, "allow_sqlite": False})
+    with interruptible(), database as (db, tmp):
         return Chaos(o, db, tmp).run()
 
 
@@ -646,6 +661,9 @@ class Chaos:
         self.kills: list[dict] = []
         self.pg_restarts: list[dict] = []
         self.db_cuts: list[dict] = []
+        self.failovers: list[dict] = []  # --pg-failovers
+        self.canary = None  # bench.pgha.Canary, with --pg-failovers
+        self.ping_counts: dict = {}
         self.unexpected: list[dict] = []
         self.faults: list[dict] = []
         self.fault_errors: list[str] = []
@@ -668,7 +686,8 @@ class Chaos:
                 return self._run(info)
             finally:
                 for stop in (self.live and self.live.stop, self.watch and self.watch.stop,
-                             self.front and self.front.close):
+                             self.front and self.front.close,
+                             self.canary and self.canary.stop):
                     if stop:
                         with contextlib.suppress(Exception):
                             stop()
@@ -694,6 +713,10 @@ class Chaos:
         start_id = system.last_event_id()
         self.live = LiveClient(base, login(base, "chaos-watch", password), start_id).start()
         self.watch.start()
+        if o.get("pg_failovers"):
+            from .pgha import Canary
+
+            self.canary = Canary(self.db).start()
         hosts = sorted(h["name"] for h in system.get("/hosts", limit=10000))
         vms = sorted(v["name"] for v in system.get("/vms", limit=10000))
         engines = [c.name for c in system.sup.children if c.name.startswith("engine")]
@@ -702,17 +725,21 @@ class Chaos:
         plan = make_plan(self.seed, duration=o["duration"], hosts=hosts, vms=vms,
                          fault_every=o["fault_every"], kill_every=o["kill_every"],
                          pg_restarts=pg, webs=webs, engines=engines,
-                         clusters=o["clusters"], db_cut_every=o["db_cut_every"])
+                         clusters=o["clusters"], db_cut_every=o["db_cut_every"],
+                         pg_failovers=o.get("pg_failovers") or 0)
         say(f"plan: {sum(s.kind == 'fault' for s in plan)} machine faults and heals, "
             f"{sum(s.kind == 'kill' for s in plan)} kills, "
-            f"{sum(s.kind == 'db-cut' for s in plan)} database cuts, {pg} PostgreSQL "
-            "restart(s) over "
+            f"{sum(s.kind == 'db-cut' for s in plan)} database cuts, "
+            f"{sum(s.kind == 'pg-failover' for s in plan)} PostgreSQL failovers, {pg} "
+            "PostgreSQL restart(s) over "
             f"{o['duration']:.0f} s")
         time.sleep(2)  # the live client connects
         self.t0, self.t0_wall = time.monotonic(), time.time()
+        self.ping_counts["start"] = self._pings()
         self._play(plan)
         say("chaos over: healing every fault, restarting what is down, settling …")
         settle = self._settle()
+        self.ping_counts["end"] = self._pings()
         events = self._catch_up(start_id)
         return self._figures(info, plan, events, settle)
 
@@ -740,6 +767,8 @@ class Chaos:
                 self._db_cut()
             elif step.kind == "pg-restart":
                 self._pg_restart()
+            elif step.kind == "pg-failover":
+                self._pg_failover()
 
     def _since(self) -> float:
         return round(time.monotonic() - self.t0, 1)
@@ -828,6 +857,155 @@ class Chaos:
                                  "output": (proc.stdout + proc.stderr).strip()[-300:]})
         say(f"  t={self._since():.0f}s PostgreSQL restarted in {took} s"
             f"{'' if proc.returncode == 0 else ' — FAILED: ' + proc.stderr.strip()[-200:]}")
+
+    def _pings(self) -> dict:
+        """The simulator's ping counters: sent, answered, refused (HTTP/ws errors)."""
+        try:
+            h = self.system.health()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        return {k: h.get(k) for k in ("pings", "ping_acks", "ping_errors")}
+
+    def _pg_failover(self) -> None:
+        """``--pg-failovers``: kill the primary (SIGKILL of every one of its processes),
+        promote the synchronous standby, and while a new standby is made from the new
+        primary (where the old one was), time how long hadash takes to write again:
+        its first ingested ping, sweeper renewal, event, and every engine loop's
+        heartbeat on the promoted server. Every commit the canary had acknowledged
+        must be there."""
+        pair = self.db.pair
+        rec: dict[str, Any] = {"at": self._since(), "from": pair.primary.name,
+                               "to": pair.standby.name}
+        try:
+            rec["replication_before"] = pair.replication()
+        except Exception as exc:  # noqa: BLE001 — reported, and a violation below
+            rec["replication_before"] = f"{type(exc).__name__}: {exc}"
+        pings_before = self._pings()
+        before = self._write_marks()
+        kill_wall, t0 = time.time(), time.monotonic()
+        rec.update(pair.kill_primary())
+        try:
+            rec["promote_s"] = round(pair.promote(), 2)
+        except BenchError as exc:
+            rec["error"] = str(exc)
+            self.failovers.append(rec)
+            say(f"  t={rec['at']:.0f}s PostgreSQL failover FAILED: {exc}")
+            return
+        rec["writable_after_s"] = round(time.monotonic() - t0, 2)
+        rebuilt: dict[str, Any] = {}
+
+        def rebuild() -> None:
+            try:
+                rebuilt.update(pair.rebuild_standby())
+            except BenchError as exc:
+                rebuilt["error"] = str(exc)
+
+        worker = threading.Thread(target=rebuild, daemon=True, name="chaos-pg-rebuild")
+        worker.start()
+        rec["hadash"] = self._hadash_writes_again(before, kill_wall, t0, timeout=120)
+        worker.join(300)
+        rec["rebuild"] = rebuilt
+        rec["rebuilt_after_s"] = round(time.monotonic() - t0, 2)
+        if self.canary is not None:
+            try:
+                rec["canary_missing"] = self.canary.missing()
+            except Exception as exc:  # noqa: BLE001
+                rec["canary_missing_error"] = str(exc)
+            rec["canary_acked"] = len(self.canary.acked)
+        after = self._pings()
+        rec["ping_errors"] = (after.get("ping_errors") or 0) - (pings_before.get(
+            "ping_errors") or 0)
+        self.failovers.append(rec)
+        h = rec["hadash"]
+        say(f"  t={rec['at']:.0f}s PostgreSQL failover {rec['from']} → {rec['to']}: "
+            f"promoted in {rec['promote_s']} s ({rec['writable_after_s']} s after the kill); "
+            f"hadash wrote again after {h.get('all_s')} s (pings {h.get('ping_s')} s, "
+            f"sweeper {h.get('sweeper_s')} s, engine loops {h.get('engine_loops_s')} s); "
+            f"new standby in sync {rec['rebuilt_after_s']} s after the kill"
+            f"{' — ' + rebuilt['error'] if rebuilt.get('error') else ''}")
+
+    def _failover_figures(self, violations: list[str], w: Watch) -> dict:
+        return _failover_figures_impl(self, violations, w)
+
+    def _write_marks(self) -> dict:
+        """What hadash had written last, read on the primary: the newest ping, the
+        sweeper lease's expiry, every engine loop's heartbeat, the newest event id."""
+        import psycopg
+
+        with psycopg.connect(**self.db.conninfo(self.db.name), autocommit=True) as conn:
+            ping = conn.execute("SELECT max(last_ping) FROM host").fetchone()[0]
+            lease = conn.execute("SELECT expires FROM op_lease WHERE name = 'sweeper'"
+                                 ).fetchone()
+            loops = dict(conn.execute("SELECT id, heartbeat FROM op_engine_process"
+                                      ).fetchall())
+            event = conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0]
+        return {"ping": ping, "sweeper": lease[0] if lease else None, "loops": loops,
+                "event": event}
+
+    def _hadash_writes_again(self, before: dict, kill_wall: float, t0: float,
+                             timeout: float) -> dict:
+        """Poll the new primary (every 0.1 s) until hadash has written each kind of
+        row again since the kill; seconds after the kill each was first seen."""
+        import datetime as dt
+
+        import psycopg
+
+        from hadash.ha.runtime import SWEEPER_TTL
+
+        kill = dt.datetime.fromtimestamp(kill_wall, dt.UTC)
+        seen: dict[str, float] = {}
+        loops_seen: dict[str, float] = {}
+        # the loops alive at the kill (a loop killed earlier may still have its row)
+        loops = {i for i, beat in before["loops"].items()
+                 if beat > kill - dt.timedelta(seconds=5)}
+        deadline = t0 + timeout
+        conn = None
+        errors = 0
+        while time.monotonic() < deadline:
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(**self.db.conninfo(self.db.name),
+                                           autocommit=True)
+                now = round(time.monotonic() - t0, 2)
+                marks = {
+                    "ping_s": conn.execute("SELECT max(last_ping) > %s FROM host",
+                                           (kill,)).fetchone()[0],
+                    # the sweeper renews (expires = now + TTL) before every sweep
+                    "sweeper_s": conn.execute(
+                        "SELECT expires > %s FROM op_lease WHERE name = 'sweeper'",
+                        (kill + SWEEPER_TTL,)).fetchone()[0],
+                    "event_s": conn.execute("SELECT coalesce(max(id), 0) > %s FROM event",
+                                            (before["event"],)).fetchone()[0],
+                }
+                for key, done in marks.items():
+                    if done and key not in seen:
+                        seen[key] = now
+                for i, beat in conn.execute("SELECT id, heartbeat FROM op_engine_process"
+                                            ).fetchall():
+                    if beat > kill and i not in loops_seen:
+                        loops_seen[i] = now
+            except psycopg.Error:
+                errors += 1
+                if conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        conn.close()
+                conn = None
+            if {"ping_s", "sweeper_s"} <= set(seen) and loops <= set(loops_seen):
+                break
+            time.sleep(0.1)
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+        out: dict[str, Any] = dict(seen)
+        missing = sorted(loops - set(loops_seen))
+        out["engine_loops_s"] = max((loops_seen[i] for i in loops if i in loops_seen),
+                                    default=None)
+        out["engine_loops"] = len(loops)
+        out["engine_loops_not_back"] = missing
+        waited = [seen.get("ping_s"), seen.get("sweeper_s"), out["engine_loops_s"]]
+        out["all_s"] = None if None in waited or missing else max(waited)
+        out["probe_errors"] = errors
+        return out
 
     def _housekeeping(self, *, all_restarts: bool = False) -> None:
         """Restart killed processes when due; note (and restart) any process that
@@ -1046,12 +1224,17 @@ class Chaos:
         # LISTEN connection goes with it).
         upsets = [(k["at"], k["at"]) for k in self.kills if k["process"].startswith("web")] \
             + [(c["at"], c["at"]) for c in self.db_cuts] \
-            + [(p["at"] - p["seconds"], p["at"]) for p in self.pg_restarts]
+            + [(p["at"] - p["seconds"], p["at"]) for p in self.pg_restarts] \
+            + [(f["at"], f["at"] + (f.get("rebuilt_after_s") or 0)) for f in self.failovers]
         late = [{"id": i, "event": by_id[i]["event"], "subject": by_id[i]["subject_name"],
                  "seconds": round(x, 2), "committed_s": round(visible[i] - self.t0_wall, 1)}
                 for x, i in latency if x > 1.0]
         for e in late:
             e["after_upset"] = any(a - 1.0 <= e["committed_s"] <= b + 5.0 for a, b in upsets)
+
+        # PostgreSQL failovers (--pg-failovers): nothing committed may be missing
+        failover = self._failover_figures(violations, w) if self.failovers or \
+            o.get("pg_failovers") else None
 
         # the sweeper
         gaps = w.sweeper_gaps(self.t0_wall)
@@ -1074,6 +1257,7 @@ class Chaos:
                        "refused": self.fault_errors},
             "events_by_kind": dict(kinds.most_common()),
             "kills": self.kills, "db_cuts": self.db_cuts, "pg_restarts": self.pg_restarts,
+            "pg_failover": failover, "pings": self.ping_counts,
             "unexpected_exits": self.unexpected,
             "double_runs": {"vms": vms_twice, "sampled": sampled, "simulator_log": logged,
                             "overlapping_starts": overlapping,
@@ -1118,6 +1302,76 @@ class Chaos:
             "violations": violations,
         }
         return result
+
+
+def _failover_figures_impl(chaos: Chaos, violations: list[str], w: Watch) -> dict:
+    import psycopg
+
+    fo = chaos.failovers
+    db = chaos.db
+    if len(fo) < (chaos.o.get("pg_failovers") or 0):
+        violations.append(f"only {len(fo)} of {chaos.o['pg_failovers']} PostgreSQL "
+                          "failovers were carried out (the run was shorter than planned?)")
+    for f in fo:
+        if f.get("error"):
+            violations.append(f"failover at t={f['at']} s failed: {f['error'][:300]}")
+        rep = f.get("replication_before")
+        if not (isinstance(rep, list) and any(r["sync_state"] == "sync" for r in rep)):
+            violations.append(f"failover at t={f['at']} s: no synchronous standby before "
+                              f"the kill ({rep})")
+        if f.get("canary_missing"):
+            violations.append(f"failover at t={f['at']} s: {len(f['canary_missing'])} "
+                              "acknowledged commit(s) of the canary missing on the promoted "
+                              "server")
+        h = f.get("hadash") or {}
+        if not f.get("error") and h.get("all_s") is None:
+            violations.append(f"failover at t={f['at']} s: hadash did not write again on "
+                              f"the promoted server within the wait ({h})")
+        if (f.get("rebuild") or {}).get("error"):
+            violations.append(f"failover at t={f['at']} s: the new standby failed: "
+                              f"{f['rebuild']['error'][:300]}")
+    # Every event seen committed (on whichever primary) is in the final table.
+    with w.lock:
+        seen = set(w.visible)
+    lost: list[int] = []
+    final_missing: list[int] = []
+    if seen:
+        with psycopg.connect(**db.conninfo(db.name), autocommit=True) as conn:
+            have = {r[0] for r in conn.execute("SELECT id FROM event WHERE id >= %s",
+                                               (min(seen),)).fetchall()}
+        lost = sorted(seen - have)
+    if lost:
+        violations.append(f"{len(lost)} event(s) seen committed before a failover are "
+                          f"missing after it (ids {', '.join(map(str, lost[:10]))})")
+    canary = chaos.canary
+    if canary is not None:
+        canary.stop()
+        final_missing = canary.missing()
+        if final_missing:
+            violations.append(f"{len(final_missing)} acknowledged canary commit(s) missing "
+                              "at the end")
+
+    def worst(key: str) -> float | None:
+        vals = [(f.get("hadash") or {}).get(key) for f in fo]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else None
+
+    return {
+        "failovers": fo, "mode": db.pair.describe(),
+        "events_seen_committed": len(seen), "events_lost": lost,
+        "canary": None if canary is None else {
+            "acked": len(canary.acked), "failures": canary.failures,
+            "missing": final_missing,
+            "longest_gap_s": round(max((b - a for a, b in canary.gaps), default=0.0), 2)},
+        "worst": {"promote_s": max((f.get("promote_s") or 0 for f in fo), default=None),
+                  "writable_s": max((f.get("writable_after_s") or 0 for f in fo),
+                                    default=None),
+                  "hadash_all_s": worst("all_s"), "ping_s": worst("ping_s"),
+                  "sweeper_s": worst("sweeper_s"), "engine_loops_s": worst("engine_loops_s"),
+                  "event_s": worst("event_s"),
+                  "rebuilt_s": max((f.get("rebuilt_after_s") or 0 for f in fo), default=None),
+                  "ping_errors": max((f.get("ping_errors") or 0 for f in fo), default=None)},
+    }
 
 
 def _r(x: float | None) -> float | None:
@@ -1232,6 +1486,8 @@ def report(r: dict[str, Any]) -> str:
         "kills: " + (", ".join(f"{v} {k}" for k, v in sorted(kills.items())) or "none")
         + f"; database cuts: {len(r['db_cuts'])}"
         + f"; PostgreSQL restarts: {len(r['pg_restarts'])}"
+        + (f"; PostgreSQL failovers: {len(r['pg_failover']['failovers'])}"
+           if r.get("pg_failover") else "")
         + (f" ({', '.join(str(p['seconds']) + ' s' for p in r['pg_restarts'])})"
            if r["pg_restarts"] else "")
         + f"; processes that exited by themselves: {len(r['unexpected_exits'])}",
@@ -1244,6 +1500,8 @@ def report(r: dict[str, Any]) -> str:
         table(["check", "result", "detail"], rows),
         "",
     ]
+    if r.get("pg_failover"):
+        lines += failover_report(r["pg_failover"], r.get("pings") or {}) + [""]
     if longest:
         lines.append(f"longest sweeper gap: {longest['seconds']} s at t={longest['after_s']} s "
                      f"({longest['from'] or '-'} → {longest['to'] or '-'})")
@@ -1259,6 +1517,35 @@ def report(r: dict[str, Any]) -> str:
         lines.append("SPEC §6 held: no VM ran twice, no HA item was lost or processed twice, "
                      "the dashboard missed no event, every HA VM runs exactly once.")
     return "\n".join(lines)
+
+
+def failover_report(f: dict[str, Any], pings: dict) -> list[str]:
+    """The PostgreSQL failovers (--pg-failovers): one row each, seconds after the
+    kill of the primary."""
+    rows = []
+    for x in f["failovers"]:
+        h = x.get("hadash") or {}
+        rows.append([f"t={x['at']:.0f}s {x['from']}→{x['to']}", fmt(x.get("promote_s"), 2),
+                     fmt(x.get("writable_after_s"), 2), fmt(h.get("ping_s"), 1),
+                     fmt(h.get("sweeper_s"), 1), fmt(h.get("engine_loops_s"), 1),
+                     fmt(h.get("event_s"), 1), fmt(x.get("rebuilt_after_s"), 1),
+                     x.get("ping_errors", ""), len(x.get("canary_missing") or [])])
+    c = f.get("canary") or {}
+    sent = (pings.get("end") or {}).get("pings", 0) - (pings.get("start") or {}).get("pings", 0)
+    refused = (pings.get("end") or {}).get("ping_errors", 0) \
+        - (pings.get("start") or {}).get("ping_errors", 0)
+    return [
+        f"PostgreSQL: {f['mode']}",
+        table(["failover", "promote s", "writable s", "ping s", "sweeper s", "engine s",
+               "event s", "new standby s", "pings refused", "acked lost"], rows),
+        "(seconds after the kill of the primary: promoted, hadash's first ingested ping, "
+        "sweeper renewal, every engine loop's heartbeat, event on the promoted server; "
+        "the new standby in sync)",
+        f"acknowledged commits lost: canary {len(c.get('missing') or [])} of "
+        f"{c.get('acked')} (longest write gap {c.get('longest_gap_s')} s); events seen "
+        f"committed then missing: {len(f['events_lost'])} of {f['events_seen_committed']}; "
+        f"pings refused over the run: {refused} of {sent}",
+    ]
 
 
 def as_json(r: dict[str, Any]) -> str:

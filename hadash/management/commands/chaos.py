@@ -7,7 +7,11 @@ seeded plan injects machine faults through the simulator, kill -9 of a web proce
 of an engine process group (each restarted), cuts of every connection to the run's
 database (``pg_terminate_backend``), and with ``--long`` PostgreSQL restarts
 (``pg_ctlcluster … restart``: it restarts the machine's shared server — never in the
-test suite). Then every fault is healed and the fleet settles.
+test suite). With ``--pg-failovers N`` the run has a PostgreSQL of its own instead — a
+primary and a synchronous standby in a temporary directory, reached by a multi-host URL
+— and N times the primary is killed and the standby promoted (bench/pgha.py): nothing
+acknowledged may be lost, and hadash must write again on the promoted server. Then
+every fault is healed and the fleet settles.
 
 Printed at the end (``--json``: as JSON on stdout; progress goes to stderr): double
 runs, HA items lost or processed twice, events the dashboard missed and their delivery
@@ -41,6 +45,18 @@ class Command(BaseCommand):
         parser.add_argument("--long", action="store_true",
                             help="also restart PostgreSQL (pg_ctlcluster), about every "
                             "200 s: affects everything else using this machine's server")
+        parser.add_argument("--pg-failovers", type=int, default=0,
+                            help="run on a PostgreSQL pair of its own (primary + "
+                            "synchronous standby, initdb'd in a temporary directory with "
+                            "the machine's binaries, reached by a multi-host URL with "
+                            "target_session_attrs=read-write) and this many times kill "
+                            "the primary, promote the standby and make a new standby "
+                            "(0: the run's database on --database, no failover)")
+        parser.add_argument("--pg-strict", action="store_true",
+                            help="with --pg-failovers: commits wait for a standby even "
+                            "right after a promotion (Patroni's synchronous_mode_strict); "
+                            "default: the new primary commits alone until its new standby "
+                            "is in sync (synchronous_mode)")
         parser.add_argument("--json", action="store_true", help="print the results as JSON")
         parser.add_argument("--fault-every", type=float, default=6.0,
                             help="mean seconds between machine faults (6)")
@@ -85,9 +101,17 @@ class Command(BaseCommand):
             raise CommandError("need --hosts ≥ 4, --vms ≥ 2 and 1 ≤ --clusters ≤ --hosts",
                                returncode=2)
         if o["duration"] <= 0 or o["fault_every"] <= 0 or o["kill_every"] < 0 \
-                or o["db_cut_every"] < 0:
+                or o["db_cut_every"] < 0 or o["pg_failovers"] < 0:
             raise CommandError("--duration and --fault-every must be positive, "
-                               "--kill-every and --db-cut-every ≥ 0", returncode=2)
+                               "--kill-every, --db-cut-every and --pg-failovers ≥ 0",
+                               returncode=2)
+        if o["pg_failovers"] and o["long"]:
+            raise CommandError("--pg-failovers runs on a PostgreSQL pair of its own: "
+                               "--long (restarting this machine's server) does not apply",
+                               returncode=2)
+        if o["pg_failovers"] and o["duration"] < 30 * o["pg_failovers"]:
+            raise CommandError("--pg-failovers N needs --duration ≥ 30·N s (each failover "
+                               "makes a new standby before the next)", returncode=2)
         try:
             result = chaos.run(o)
         except BenchError as exc:
