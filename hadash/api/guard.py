@@ -35,10 +35,17 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_DEFINITION_BODY_BYTES = 2 * 1024 * 1024
 
 
+# And a list of VMs to register or adopt (issue 12: up to 20,000 VMs in one request).
+MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
+BULK_PATHS = (API_PREFIX + "vms/bulk", API_PREFIX + "unmanaged-vms/adopt")
+
+
 def body_limit(path: str) -> int:
     """The largest body the operator API takes at ``path``."""
     if path.startswith(API_PREFIX + "vms/") and path.rstrip("/").endswith("/definition"):
         return MAX_DEFINITION_BODY_BYTES
+    if path in BULK_PATHS:
+        return MAX_BULK_BODY_BYTES
     return MAX_BODY_BYTES
 
 

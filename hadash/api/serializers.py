@@ -401,7 +401,9 @@ class UnmanagedVmSerializer(serializers.Serializer):
     last_seen = serializers.DateTimeField(read_only=True)
 
 
-MAX_ADOPT = 1000
+# One request adopts (or registers, POST /api/v1/vms/bulk) at most this many VMs.
+MAX_ADOPT = 20_000
+MAX_BULK = 20_000
 
 
 class AdoptEntrySerializer(serializers.Serializer):
@@ -422,6 +424,34 @@ class AdoptSerializer(serializers.Serializer):
     """`POST /api/v1/unmanaged-vms/adopt`: all entries are adopted or none."""
 
     vms = AdoptEntrySerializer(many=True, allow_empty=False, max_length=MAX_ADOPT)
+
+
+class VMBulkCreateSerializer(serializers.Serializer):
+    """`POST /api/v1/vms/bulk`: register many VMs at once, all or none (the OpenAPI
+    shape; hadash.api.bulk validates the list as a whole)."""
+
+    vms = VMCreateSerializer(
+        many=True, allow_empty=False, max_length=MAX_BULK,
+        help_text=f"The VMs to register, each as for POST /api/v1/vms (at most {MAX_BULK}).",
+    )
+
+
+class VMBulkResultSerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="How many VMs were registered.")
+    names = serializers.ListField(child=serializers.CharField(),
+                                  help_text="Their names, in the order of the request.")
+
+
+class BulkItemErrorSerializer(serializers.Serializer):
+    index = serializers.IntegerField(help_text="Position of the item in `vms` (from 0).")
+    name = serializers.CharField(allow_null=True, help_text="The item's name, if it has one.")
+    error = serializers.CharField()
+
+
+class BulkErrorSerializer(ErrorSerializer):
+    """A refused bulk request: `error` sums it up, `errors` lists every bad item."""
+
+    errors = BulkItemErrorSerializer(many=True, required=False)
 
 
 # --- HA work ------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from django.urls import include, path, re_path
 from rest_framework.permissions import AllowAny
 
-from . import plan, views
+from . import bulk, plan, views
 
 api_patterns = [
     path("hosts", views.HostListView.as_view(), name="host-list"),
@@ -22,6 +22,8 @@ api_patterns = [
     ),
     path("hosts/<str:name>/reenrol", views.HostReenrolView.as_view(), name="host-reenrol"),
     path("vms", views.VMListView.as_view(), name="vm-list"),
+    # Before vms/<name>: "bulk" is not a VM's name here (issue 12).
+    path("vms/bulk", bulk.VMBulkView.as_view(), name="vm-bulk"),
     path("vms/<str:name>", views.VMDetailView.as_view(), name="vm-detail"),
     path("vms/<str:name>/stop", views.VMStopView.as_view(), name="vm-stop"),
     path("vms/<str:name>/start", views.VMStartView.as_view(), name="vm-start"),

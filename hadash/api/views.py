@@ -45,6 +45,7 @@ from . import filters, guard, pagination
 from . import schema as _schema  # noqa: F401  (registers the BearerAuth scheme)
 from .serializers import (
     HOST_SETTINGS,
+    MAX_ADOPT,
     VM_SETTINGS,
     AdoptSerializer,
     ConfigSerializer,
@@ -603,24 +604,26 @@ class UnmanagedVmAdoptView(ApiView):
 
     @extend_schema(
         summary="Adopt unmanaged VMs",
-        description="Registers each listed VM Running on the host that reports it (Stopped, "
-        "last on that host, if it is powered off there), with HA on or off and a priority, "
-        "and the definition that host sent; cpus and memory_mb come from the definition "
-        "when it says, else from the entry. All or nothing: one entry that cannot be "
-        "adopted refuses the request (400 naming it) and nothing is written. Admins only.",
+        description="`{\"vms\": [ ... ]}`, one entry or many (at most "
+        f"{MAX_ADOPT}). Registers each listed VM Running on the host that reports it "
+        "(Stopped, last on that host, if it is powered off there), with HA on or off and a "
+        "priority, and the definition that host sent; cpus and memory_mb come from the "
+        "definition when it says, else from the entry. All or nothing, in one "
+        "transaction: the list is validated as a whole and any entry that cannot be "
+        "adopted refuses the request with a 400 whose `errors` lists every bad entry "
+        "(index, name, reason); under `ha.admission` enforce (R23) the request is judged "
+        "as a whole (409 with the reason). Nothing is written then. Admins only.",
         request=AdoptSerializer,
-        responses={201: VMSerializer(many=True), 400: E400, 401: E401, 403: E403},
+        responses={201: VMSerializer(many=True), 400: E400, 401: E401, 403: E403,
+                   409: E409},
     )
     def post(self, request):
-        ser = AdoptSerializer(data=request.data)
-        ser.is_valid(raise_exception=True)
+        from . import bulk
+
         try:
-            vms = actions.adopt_vms([dict(e) for e in ser.validated_data["vms"]],
-                                    now=timezone.now(), by=self.by())
-        except actions.AdmissionRefused as exc:
-            return error(str(exc), status.HTTP_409_CONFLICT)
-        except actions.ActionError as exc:
-            return error(str(exc), status.HTTP_400_BAD_REQUEST)
+            vms = bulk.adopt(request.data, now=timezone.now(), by=self.by())
+        except bulk.Refused as exc:
+            return exc.response()
         rows = vms_queryset().filter(pk__in=[v.pk for v in vms])
         return Response(VMSerializer(rows, many=True).data, status=status.HTTP_201_CREATED)
 
