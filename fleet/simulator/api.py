@@ -6,9 +6,12 @@
   restarted simulator reports what the database expects instead of its initial
   placement (which would look like VMs vanishing and appearing).
 * :func:`register`, once the hosts have connected: ``PATCH /api/v1/hosts/{name}`` with
-  each host's BMC settings, then ``POST /api/v1/vms`` for each demo VM the server does
-  not know yet (a 400 "already exists" counts as known), ``api_concurrency`` requests
-  at a time, with a progress line every couple of seconds.
+  each host's BMC settings (``api_concurrency`` requests at a time, a progress line
+  every couple of seconds), then the demo VMs the server does not know yet with
+  ``POST /api/v1/vms/bulk``, ``BULK_CHUNK`` VMs per request, one request after the
+  other, a progress line per request. A VM the server refuses as "already exists"
+  counts as known; the other VMs of that request are sent again without the refused
+  ones (the server writes nothing of a refused request).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ TIMEOUT = aiohttp.ClientTimeout(total=60)
 PAGE = 10_000  # hadash.api.filters.MAX_LIMIT
 ON_HOST = ("Running", "Starting", "Stopping", "Migrating")
 PROGRESS_EVERY = 2.0  # seconds
+BULK_CHUNK = 2000  # VMs per POST /api/v1/vms/bulk (the server takes up to 20,000)
+BULK_TIMEOUT = aiohttp.ClientTimeout(total=300)
 
 
 class ApiError(Exception):
@@ -41,12 +46,13 @@ def _headers(sim: Simulator) -> dict[str, str]:
 
 
 async def call(sim: Simulator, method: str, path: str, body: Any = None,
-               params: dict | None = None) -> tuple[int, Any]:
+               params: dict | None = None,
+               timeout: aiohttp.ClientTimeout = TIMEOUT) -> tuple[int, Any]:
     """One operator API call: (status, decoded JSON or None)."""
     assert sim.session is not None
     async with sim.session.request(
         method, f"{sim.server_url}{path}", json=body, params=params, headers=_headers(sim),
-        timeout=TIMEOUT,
+        timeout=timeout,
     ) as response:
         try:
             data = await response.json(content_type=None)
@@ -226,12 +232,10 @@ async def register(sim: Simulator) -> None:
 
     known = sim.server_known_vms
 
-    async def post_vm(name: str) -> str:
+    def vm_body(name: str) -> dict:
         spec = fleet.vm_specs[name]
-        if name in known:
-            return "already known"
         where = [h.name for h in fleet.hosts.values() if name in h.vms]
-        body = {
+        return {
             "name": name,
             "host": where[0] if where else spec.home,
             "cpus": spec.cpus,
@@ -239,24 +243,71 @@ async def register(sim: Simulator) -> None:
             "ha_enabled": spec.ha_enabled,
             "priority": spec.priority,
         }
-        try:
-            status, data = await call(sim, "POST", "/api/v1/vms", body)
-        except ApiError:
-            raise
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            failures.append(f"VM {name}: {exc or type(exc).__name__}")
-            return "failed"
-        if status == 201:
-            return "registered"
-        message = _error(data, status)
-        if status == 400 and "already exists" in message:
-            return "already known"
-        failures.append(f"VM {name}: {message}")
-        return "failed"
+
+    async def post_chunk(names: list[str], counts: dict[str, int]) -> None:
+        """One POST /api/v1/vms/bulk for ``names``; a refused request is sent again
+        without its refused items (once)."""
+        for attempt in (1, 2):
+            if not names:
+                return
+            try:
+                status, data = await call(sim, "POST", "/api/v1/vms/bulk",
+                                          {"vms": [vm_body(n) for n in names]},
+                                          timeout=BULK_TIMEOUT)
+            except ApiError:
+                raise
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                failures.append(f"{len(names)} VMs ({names[0]} …): "
+                                f"{exc or type(exc).__name__}")
+                counts["failed"] = counts.get("failed", 0) + len(names)
+                return
+            if status == 201:
+                counts["registered"] = counts.get("registered", 0) + len(names)
+                return
+            errors = data.get("errors") if isinstance(data, dict) else None
+            if status != 400 or not isinstance(errors, list) or attempt == 2:
+                failures.append(f"{len(names)} VMs ({names[0]} …): {_error(data, status)}")
+                counts["failed"] = counts.get("failed", 0) + len(names)
+                return
+            refused = set()
+            for e in errors:
+                i = e.get("index") if isinstance(e, dict) else None
+                if not isinstance(i, int) or not 0 <= i < len(names):
+                    continue
+                refused.add(i)
+                if "already exists" in str(e.get("error", "")):
+                    counts["already known"] = counts.get("already known", 0) + 1
+                else:
+                    failures.append(f"VM {names[i]}: {e.get('error')}")
+                    counts["failed"] = counts.get("failed", 0) + 1
+            if not refused:  # nothing to leave out: it would be refused again
+                failures.append(f"{len(names)} VMs ({names[0]} …): {_error(data, status)}")
+                counts["failed"] = counts.get("failed", 0) + len(names)
+                return
+            names = [n for i, n in enumerate(names) if i not in refused]
+
+    async def register_vms() -> dict[str, int]:
+        todo = [n for n in fleet.vm_specs if n not in known]
+        counts: dict[str, int] = {}
+        if len(todo) < len(fleet.vm_specs):
+            counts["already known"] = len(fleet.vm_specs) - len(todo)
+        began = loop.time()
+        total = len(fleet.vm_specs)
+        done = total - len(todo)
+        reg["vms"] = {"done": done, "of": total, **counts}
+        for start in range(0, len(todo), BULK_CHUNK):
+            chunk = todo[start:start + BULK_CHUNK]
+            await post_chunk(chunk, counts)
+            done += len(chunk)
+            reg["vms"] = {"done": done, "of": total, **counts}
+            log.info("registering vms: %d/%d (%s), %.0f/s", done, total,
+                     ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+                     (start + len(chunk)) / max(loop.time() - began, 1e-6))
+        return counts
 
     try:
         hosts = await _run_all(sim, "hosts", list(fleet.hosts), patch_host)
-        vms = await _run_all(sim, "vms", list(fleet.vm_specs), post_vm)
+        vms = await register_vms()
     except ApiError as exc:
         reg["state"] = "failed"
         reg["error"] = str(exc)
