@@ -13,14 +13,19 @@ embedding.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import random
+import socket
+import subprocess
+import sys
 import threading
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -67,6 +72,12 @@ class Options:
     # None → $HADASH_SIM_STATE_FILE, else <settings.VAR_DIR>/simulator/agents.jsonl;
     # "" → in memory only.
     state_file: str | None = None
+    # Ping processes (fleet.simulator.pinger): 0 runs the agents in this process's loop
+    # (tests, embedding); N ≥ 1 runs them in N processes of their own, so that nothing
+    # this process does (registration, the control API, agent calls, faults, GC) can
+    # hold back a ping.
+    processes: int = 0
+    log_level: int = logging.INFO  # the ping processes' log level
 
 
 def default_state_file() -> str:
@@ -86,7 +97,7 @@ def default_state_file() -> str:
 class Stats:
     """Ping counters and schedule lateness (a ring of the last ``ring`` pings)."""
 
-    def __init__(self, ring: int = 20_000):
+    def __init__(self, ring: int = 100_000):
         self.pings = 0
         self.acks = 0
         self.ping_errors = 0
@@ -98,6 +109,17 @@ class Stats:
         self.pings += 1
         self._late[self._n % len(self._late)] = late if late > 0 else 0.0
         self._n += 1
+
+    def merge(self, pings: int, acks: int, errors: int, late: list[float]) -> None:
+        """Counters and lateness samples from a ping process."""
+        self.acks += acks
+        self.ping_errors += errors
+        ring, n, size = self._late, self._n, len(self._late)
+        for value in late:
+            ring[n % size] = value if value > 0 else 0.0
+            n += 1
+        self._n = n
+        self.pings += pings
 
     def sample(self, now: float) -> None:
         self._samples.append((now, self.pings))
@@ -123,14 +145,106 @@ class Stats:
                 "samples": n}
 
 
-def rss_mb() -> float | None:
-    """This process's resident memory (Linux), in MB."""
+def rss_mb(pid: int | str = "self") -> float | None:
+    """A process's resident memory (Linux), in MB (default: this one's)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid}/statm") as f:
             pages = int(f.read().split()[1])
     except (OSError, ValueError, IndexError):
         return None
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the project: `python -m fleet.simulator.pinger`
+LINE_LIMIT = 2**28
+
+
+class PingProcess:
+    """One ping process (:mod:`.pinger`) running the agents of a shard of the hosts,
+    and the socket to it. Started again if it dies while the simulator runs."""
+
+    def __init__(self, sim: Simulator, index: int, hosts: list[Host]):
+        self.sim = sim
+        self.index = index
+        self.hosts = hosts
+        self.proc: subprocess.Popen | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task | None = None
+        self.restarts = 0
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def start(self) -> None:
+        parent, child = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH"))
+                                            if p)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fleet.simulator.pinger", str(child.fileno())],
+                pass_fds=(child.fileno(),), cwd=str(ROOT), env=env,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        reader, self.writer = await asyncio.open_unix_connection(sock=parent,
+                                                                 limit=LINE_LIMIT)
+        sim = self.sim
+        self.send({
+            "op": "start",
+            "options": {"server": sim.server_url, "transport": sim.opts.transport,
+                        "agent_key": sim.opts.agent_key,
+                        "connect_concurrency": max(
+                            1, sim.opts.connect_concurrency // max(1, len(sim.pingers))),
+                        "seed": None if sim.opts.seed is None else sim.opts.seed + self.index,
+                        "log_level": sim.opts.log_level},
+            "hosts": [sim.host_message(h, must_connect=True) for h in self.hosts],
+        })
+        for h in self.hosts:  # a new ping process connects every host first anyway
+            h.must_connect = False
+        self.task = asyncio.get_running_loop().create_task(self._read(reader))
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                self.sim.on_pinger_message(json.loads(line))
+        except (ConnectionError, OSError, ValueError) as exc:
+            log.error("ping process %d: %s", self.index + 1, exc)
+        if self.sim._stopping:  # noqa: SLF001
+            return
+        code = self.proc.wait() if self.proc is not None else None
+        for h in self.hosts:
+            h.linked = False
+        self.restarts += 1
+        log.error("ping process %d exited (%s); starting it again for its %d hosts",
+                  self.index + 1, code, len(self.hosts))
+        await asyncio.sleep(1.0)
+        if not self.sim._stopping:  # noqa: SLF001
+            await self.start()
+
+    async def stop(self, goodbye: bool) -> None:
+        self.send({"op": "stop", "goodbye": goodbye})
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (7.0 if goodbye else 3.0)
+        while self.alive and loop.time() < end:
+            await asyncio.sleep(0.05)
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            await loop.run_in_executor(None, self.proc.wait)
+        if self.task is not None:
+            try:
+                await asyncio.wait_for(self.task, 1.0)
+            except (TimeoutError, asyncio.CancelledError):
+                pass
+        if self.writer is not None:
+            self.writer.close()
 
 
 class Simulator:
@@ -162,6 +276,10 @@ class Simulator:
         self._rng = random.Random(opts.seed)
         self._stopping = False
         self.connect_slots: asyncio.Semaphore | None = None
+        # Agents in ping processes (Options.processes ≥ 1) rather than in this loop.
+        self.use_pingers = opts.agents and opts.processes > 0
+        self.pingers: list[PingProcess] = []
+        self._shard: dict[str, PingProcess] = {}
 
     # --- URLs ---------------------------------------------------------------------
     def agent_url(self, name: str) -> str:
@@ -216,8 +334,11 @@ class Simulator:
         if self.opts.agents:
             if self.opts.api_token:
                 await api.adopt(self)
-            for h in self.fleet.hosts.values():
-                self.sync_agent(h)
+            if self.use_pingers:
+                await self._start_pingers()
+            else:
+                for h in self.fleet.hosts.values():
+                    self.sync_agent(h)
             if self.opts.api_token:
                 self.spawn(api.register(self))
             else:
@@ -231,7 +352,9 @@ class Simulator:
         if self._stopping:
             return
         self._stopping = True
-        if self.opts.goodbye and self.session is not None:
+        if self.pingers:
+            await asyncio.gather(*(p.stop(self.opts.goodbye) for p in self.pingers))
+        elif self.opts.goodbye and self.session is not None:
             await agents.goodbye_all(self)
         tasks = [h.task for h in self.fleet.hosts.values() if h.task is not None]
         tasks += list(self._background)
@@ -255,9 +378,73 @@ class Simulator:
         return task
 
     # --- agents -------------------------------------------------------------------
+    async def _start_pingers(self) -> None:
+        hosts = list(self.fleet.hosts.values())
+        n = max(1, min(self.opts.processes, len(hosts)))
+        self.pingers = [PingProcess(self, i, hosts[i::n]) for i in range(n)]
+        for p in self.pingers:
+            for h in p.hosts:
+                self._shard[h.name] = p
+        await asyncio.gather(*(p.start() for p in self.pingers))
+        log.info("pinging from %d process(es) (pids %s), %d hosts each at most", n,
+                 ", ".join(str(p.proc.pid) for p in self.pingers if p.proc),
+                 max(len(p.hosts) for p in self.pingers))
+
+    def host_message(self, h: Host, must_connect: bool) -> dict[str, Any]:
+        """A host as a ping process needs it (fleet.simulator.pinger)."""
+        return {"name": h.name, "type": h.type, "cluster": h.cluster, "cpus": h.cpus,
+                "memory_mb": h.memory_mb, "address": h.address,
+                "agent_url": self.agent_url(h.name), "vms": h.vms,
+                "reachable": h.reachable, "must_connect": must_connect,
+                "token": h.token, "server_token": h.server_token, "host_id": h.host_id,
+                "ping_interval": h.ping_interval}
+
+    def changed(self, h: Host) -> None:
+        """The host's VMs, reachability or must-connect changed: tell its ping
+        process (nothing to do when the agents run in this loop)."""
+        p = self._shard.get(h.name)
+        if p is None:
+            return
+        p.send({"op": "host", "host": {"name": h.name, "vms": h.vms,
+                                       "reachable": h.reachable,
+                                       "must_connect": h.must_connect}})
+        h.must_connect = False
+
+    def on_pinger_message(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        hosts = self.fleet.hosts
+        if op == "stats":
+            self.stats.merge(message.get("pings", 0), message.get("acks", 0),
+                             message.get("errors", 0), message.get("late") or ())
+            for name, linked, last_ack, interval in message.get("hosts") or ():
+                h = hosts.get(name)
+                if h is None:
+                    continue
+                h.linked = bool(linked) and h.reachable
+                h.last_ack = max(h.last_ack, float(last_ack))
+                h.ping_interval = float(interval)
+        elif op == "cred":
+            h = hosts.get(message.get("name"))
+            if h is None:
+                return
+            h.token, h.server_token = message.get("token"), message.get("server_token")
+            h.host_id = message.get("host_id")
+            try:
+                self.credentials.save(h)
+            except OSError as exc:
+                log.error("%s: cannot store its credentials in %s (%s): a restarted "
+                          "simulator will need an operator to re-enrol it", h.name,
+                          self.credentials.path, exc)
+
     def sync_agent(self, h: Host) -> None:
         """Run the host's agent task exactly while the server could reach it."""
         if not self.opts.agents or self._stopping:
+            return
+        if self.use_pingers:
+            if not h.reachable and h.linked:
+                h.linked = False
+                log.info("%s disconnected (%s)", h.name, self.why_unreachable(h))
+            self.changed(h)
             return
         running = h.task is not None and not h.task.done()
         if h.reachable and not running:
@@ -340,18 +527,26 @@ class Simulator:
             "faults": self.fleet.fault_count,
             "registration": dict(self.registration),
             "rss_mb": rss_mb(),
+            # The agents' ping processes (0: the agents run in this process's loop).
+            "processes": len(self.pingers),
+            "processes_alive": sum(p.alive for p in self.pingers),
+            "processes_restarted": sum(p.restarts for p in self.pingers),
+            "rss_mb_processes": [rss_mb(p.proc.pid) if p.alive and p.proc else None
+                                 for p in self.pingers],
         }
 
     def status_line(self) -> str:
         hl = self.health()
         late = hl["ping_late_ms"]
-        lateness = (f"late p50 {late['p50']} ms p99 {late['p99']} ms"
+        lateness = (f"late p50 {late['p50']} ms p99 {late['p99']} ms max {late['max']} ms"
                     if late["samples"] else "no pings yet")
         return (
             f"status: {hl['hosts_connected']}/{hl['hosts']} hosts connected "
             f"({hl['hosts'] - hl['hosts_reachable']} unreachable); "
             f"{hl['vms_running']} VMs running, {hl['vms_starting']} starting; "
             f"{hl['pings_per_s']} pings/s, {lateness}; RSS {hl['rss_mb']} MB"
+            + (f" (+ {len(self.pingers)} ping processes "
+               f"{sum(r or 0 for r in hl['rss_mb_processes']):.0f} MB)" if self.pingers else "")
         )
 
     async def _status_lines(self) -> None:

@@ -168,6 +168,7 @@ async def start_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamR
         log.warning("%s: VM %s started here while it runs on %s (double run!)", h.name, name,
                     ", ".join(others))
     h.vms[name] = "PowerOn"
+    sim.changed(h)
     return json_response({"power_state": "PowerOn"})
 
 
@@ -177,6 +178,7 @@ async def stop_vm(sim: Simulator, h: Host, request: web.Request) -> web.StreamRe
     await read_json(request)
     if h.vms.pop(name, None) is None:
         return error(f"{h.name} does not know VM {name}", 404)
+    sim.changed(h)
     return json_response({"power_state": "PowerOff"})
 
 
@@ -214,6 +216,8 @@ async def migrate_vm(sim: Simulator, h: Host, request: web.Request) -> web.Strea
         return error(f"migration of {name} failed: {target.name} went away", 409)
     del h.vms[name]
     target.vms[name] = "PowerOn"
+    sim.changed(h)
+    sim.changed(target)
     log.info("%s: migrated %s to %s", h.name, name, target.name)
     return json_response({"power_state": "PowerOn", "host": target.name})
 

@@ -581,12 +581,14 @@ class FakeHadash:
         return [p for p in list(self.pings) if p[0] == name and p[1] >= since]
 
 
-@pytest.mark.parametrize("transport", ["ws", "http"])
-def test_agents_connect_and_ping_on_a_grid(transport, tmp_path):
+@pytest.mark.parametrize(("transport", "processes"), [("ws", 0), ("http", 0), ("ws", 2),
+                                                      ("http", 1)])
+def test_agents_connect_and_ping_on_a_grid(transport, processes, tmp_path):
+    """The agents in the simulator's own loop (processes 0) and in ping processes."""
     with FakeHadash(interval=0.2) as server:
         opts = Options(server=server.url, listen_port=0, hosts=3, vms=6, transport=transport,
                        agent_key=FakeHadash.JOIN_KEY, status_interval=0, seed=2,
-                       state_file=str(tmp_path / "agents.jsonl"))
+                       state_file=str(tmp_path / "agents.jsonl"), processes=processes)
         with SimulatorThread(opts) as st:
             wait_for(lambda: all(len(server.pings_of(h)) >= 6 for h in st.sim.fleet.hosts),
                      what="pings from every host")
@@ -657,7 +659,8 @@ def test_agents_connect_and_ping_on_a_grid(transport, tmp_path):
             assert server.joins("kvm-003") == 1
 
 
-def test_simulator_keeps_its_credentials_across_a_restart(tmp_path):
+@pytest.mark.parametrize("processes", [0, 1])
+def test_simulator_keeps_its_credentials_across_a_restart(processes, tmp_path):
     """R29/R30: like a real agent, the simulator keeps each host's token and
     server_token on disk (owner-only); restarted, its hosts reconnect with their own
     tokens (no join key) and its agents accept the server's stored server_token. A
@@ -667,7 +670,7 @@ def test_simulator_keeps_its_credentials_across_a_restart(tmp_path):
     with FakeHadash(interval=0.2) as server:
         opts = Options(server=server.url, listen_port=0, hosts=2, vms=2,
                        agent_key=FakeHadash.JOIN_KEY, status_interval=0, seed=3,
-                       state_file=str(state))
+                       state_file=str(state), processes=processes)
         with SimulatorThread(opts) as st:
             wait_for(lambda: all(server.pings_of(h) for h in ("kvm-001", "kvm-002")),
                      what="both hosts pinging")

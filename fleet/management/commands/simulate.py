@@ -13,6 +13,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -124,6 +125,12 @@ class Command(BaseCommand):
                        "just stop; the hosts then fall behind on ping)")
         g.add_argument("--seed", type=int, default=None,
                        help="random seed (VM sizes, ping phases)")
+        g.add_argument("--processes", default=os.environ.get("HADASH_SIM_PROCESSES", "auto"),
+                       help="ping processes running the hosts' agents, apart from the "
+                       "process serving the agent/BMC endpoints, the control API and "
+                       "registration (default auto: one per 2,500 hosts, at most one "
+                       "per CPU, at least one; 0: the agents run in the main process; "
+                       "default from $HADASH_SIM_PROCESSES)")
 
     def handle(self, *args, **opts):
         action = opts["action"]
@@ -194,6 +201,7 @@ class Command(BaseCommand):
             raise CommandError(f"--server {opts['server']!r}: expected http://HOST:PORT")
         if not 0 <= opts["ha_ratio"] <= 1:
             raise CommandError("--ha-ratio must be between 0 and 1")
+        processes = self.processes(opts["processes"], opts["hosts"])
         agent_key = opts["agent_key"] or os.environ.get("HADASH_AGENT_KEY") or getattr(
             settings, "HADASH_AGENT_KEY", "")
         options = Options(
@@ -208,6 +216,9 @@ class Command(BaseCommand):
             connect_concurrency=opts["connect_concurrency"],
             api_concurrency=opts["api_concurrency"],
             status_interval=opts["status_interval"], goodbye=opts["goodbye"], seed=opts["seed"],
+            processes=processes,
+            log_level={0: logging.WARNING, 1: logging.INFO}.get(opts["verbosity"],
+                                                                logging.DEBUG),
         )
         self.configure_logging(opts["verbosity"])
         try:
@@ -220,6 +231,20 @@ class Command(BaseCommand):
             asyncio.run(self.main(sim))
         except OSError as exc:
             raise CommandError(f"cannot serve on {opts['listen']}: {exc}") from None
+
+    @staticmethod
+    def processes(value: str, hosts: int) -> int:
+        """``--processes``: a number, or auto (one per 2,500 hosts, at most one per CPU,
+        at least one)."""
+        if value.strip().lower() == "auto":
+            return max(1, min(os.cpu_count() or 1, math.ceil(hosts / 2500)))
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise CommandError(f"--processes {value!r}: expected auto or a number ≥ 0")
+        return n
 
     async def main(self, sim) -> None:
         loop = asyncio.get_running_loop()
