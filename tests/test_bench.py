@@ -210,3 +210,16 @@ def test_plan_smoke():
     assert "From the database: 10 hosts, 100 VMs" in out, out
     assert "Evacuation of 10 VMs over 10 hosts" in out, out
     assert_cleaned_up(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_register_smoke():
+    """bench register (issue 12): one POST each, bulk in chunks and in one request."""
+    proc = bench("register", "--hosts", "5", "--vms", "40", "--chunk", "15", "--single", "3")
+    out = proc.stdout
+    assert re.search(r"^\| single \(POST /vms each\) +\| 3 +\| 3 ", out, re.M), out
+    assert re.search(r"^\| chunks of 15 +\| 40 +\| 3 ", out, re.M), out
+    assert re.search(r"^\| one request +\| 40 +\| 1 ", out, re.M), out
+    assert "VMs in the database at the end: 85" in out, out  # 2 warm-up VMs too
+    assert_cleaned_up(proc.stderr)

@@ -13,6 +13,8 @@
                    the database at 1,000 hosts, and an evacuation's spread (R22, R24)
     bench notify   notification delay (R20): incident declared → webhook received by a
                    receiver in the bench process, beside "send test" round trips
+    bench register VM registration through the operator API: one POST /api/v1/vms each
+                   vs POST /api/v1/vms/bulk in chunks and in one request (issue 12)
 
 Each run builds a fresh database (PostgreSQL: hadash_bench_<random>, dropped at the
 end), starts real processes (daphne, qcluster, the fleet simulator, a load generator)
@@ -181,6 +183,19 @@ class Command(BaseCommand):
         p.add_argument("--settle", type=float, default=3.0,
                        help="seconds before each crash (3)")
 
+        p = sub.add_parser("register", help="VM registration through the operator API: "
+                           "one POST each vs POST /api/v1/vms/bulk (issue 12)")
+        common(p)
+        p.add_argument("--hosts", type=int, default=1000, help="hosts (1000)")
+        p.add_argument("--vms", type=int, default=10000,
+                       help="VMs registered in chunks, then in one request (10000)")
+        p.add_argument("--chunk", type=int, default=2000,
+                       help="VMs per bulk request in the chunked run (2000; 0: skip it)")
+        p.add_argument("--single", type=int, default=200,
+                       help="VMs registered one POST /api/v1/vms each first (200; 0: skip)")
+        p.add_argument("--no-one-request", action="store_true",
+                       help="skip registering all --vms in one request")
+
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
         p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
@@ -260,6 +275,12 @@ class Command(BaseCommand):
 
                 if o["kills"] < 1 or not 1 <= o["hosts"] <= 9 or o["settle"] < 0:
                     raise CommandError("need --kills ≥ 1, 1 ≤ --hosts ≤ 9, --settle ≥ 0")
+            elif name == "register":
+                from bench import register as mod
+
+                if o["hosts"] < 1 or min(o["vms"], o["chunk"], o["single"]) < 0:
+                    raise CommandError("--hosts must be positive; --vms, --chunk and "
+                                       "--single ≥ 0")
             elif name == "detect":
                 from bench import detect as mod
 
