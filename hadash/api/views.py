@@ -849,8 +849,8 @@ class OpenApiDocumentView(SpectacularJSONAPIView):
 RESOURCES = {
     "hosts": ("host-list", "Hosts: list, show, change settings; enable, disable, "
               "maintenance, cancel-maintenance."),
-    "vms": ("vm-list", "VMs: list, register, show, change settings; start, stop; "
-            "definition (show, set)."),
+    "vms": ("vm-list", "VMs: list, register (one, or many with POST /vms/bulk), show, "
+            "change settings; start, stop; definition (show, set)."),
     "unmanaged-vms": ("unmanaged-vm-list", "VMs hosts report that hadash does not manage; "
                       "adopt them (one or many)."),
     "ha-work": ("ha-work-list", "HA work items (op_ha_work), newest first."),
