@@ -73,6 +73,7 @@ class Agent:
         self._unreachable_since: float | None = None
         self._libvirt_down = False
         self._connecting = False
+        self._event_at: float | None = None  # the first libvirt event not reported yet
 
     # --- helpers ---------------------------------------------------------------------
     async def call(self, fn, *args, **kwargs):
@@ -93,6 +94,8 @@ class Agent:
         log.info("libvirt: %s %s", name, text)
         with self._dirty_lock:
             self._dirty.add(name)
+            if self._event_at is None:
+                self._event_at = time.monotonic()
         if self.loop is not None and self.wake is not None:
             self.loop.call_soon_threadsafe(self.wake.set)
 
@@ -367,7 +370,11 @@ class Agent:
     # --- report ----------------------------------------------------------------------------
     async def _report(self) -> None:
         full = time.monotonic() >= self._next_definition_check
+        with self._dirty_lock:
+            event_at, self._event_at = self._event_at, None
+        t0 = time.monotonic()
         domains = await self.call(self._collect, full)
+        t1 = time.monotonic()
         if full:
             self._next_definition_check = time.monotonic() + self.cfg.definition_check_interval
         sent = self.defs.pending()
@@ -388,6 +395,12 @@ class Agent:
         if self.link.transport != transport:
             log.info("reporting over %s", self.link.transport)
         self._set_interval(interval)
+        if event_at is not None:
+            # How fast a change reaches the server (issue 12: a crash → running again).
+            now = time.monotonic()
+            log.info("reported %d domain(s) %.3f s after libvirt's event (waited %.3f s, "
+                     "read libvirt %.3f s, server answered in %.3f s)", len(domains),
+                     now - event_at, t0 - event_at, t1 - t0, now - t1)
 
     def identity(self) -> dict:
         return {"name": self.cfg.name, "agent": AGENT_NAME, "version": __version__,

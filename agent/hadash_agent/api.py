@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import re
+import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -147,6 +148,7 @@ async def start_vm(request: web.Request) -> web.Response:
         xml = definition.get("xml")
         if not isinstance(xml, str) or not xml.strip():
             raise BadRequest("definition.xml must be a non-empty string")
+    t0 = time.monotonic()
     async with agent.vm_lock(name):
         try:
             what = await agent.call(agent.hv.start, name, xml)
@@ -158,7 +160,7 @@ async def start_vm(request: web.Request) -> web.Response:
     if state != POWER_ON:
         log.warning("server: start %s: %s, but it is %s right after", name, what, state)
         return error(f"{name} is not running right after the start ({state or 'gone'})", 500)
-    log.info("server: start %s → PowerOn (%s)", name, what)
+    log.info("server: start %s → PowerOn (%s, %.2f s)", name, what, time.monotonic() - t0)
     return web.json_response({"power_state": POWER_ON})
 
 
