@@ -663,6 +663,7 @@ class Chaos:
         self.db_cuts: list[dict] = []
         self.failovers: list[dict] = []  # --pg-failovers
         self.canary = None  # bench.pgha.Canary, with --pg-failovers
+        self._rebuilding: threading.Thread | None = None
         self.ping_counts: dict = {}
         self.unexpected: list[dict] = []
         self.faults: list[dict] = []
@@ -733,10 +734,13 @@ class Chaos:
             f"{sum(s.kind == 'pg-failover' for s in plan)} PostgreSQL failovers, {pg} "
             "PostgreSQL restart(s) over "
             f"{o['duration']:.0f} s")
+        if o.get("pg_failovers"):
+            self.db.pair.standby_ready()
         time.sleep(2)  # the live client connects
         self.t0, self.t0_wall = time.monotonic(), time.time()
         self.ping_counts["start"] = self._pings()
         self._play(plan)
+        self._rebuilt()
         say("chaos over: healing every fault, restarting what is down, settling …")
         settle = self._settle()
         self.ping_counts["end"] = self._pings()
@@ -874,6 +878,7 @@ class Chaos:
         heartbeat on the promoted server. Every commit the canary had acknowledged
         must be there."""
         pair = self.db.pair
+        self._rebuilt()  # the previous failover's new standby must be there first
         rec: dict[str, Any] = {"at": self._since(), "from": pair.primary.name,
                                "to": pair.standby.name}
         try:
@@ -892,20 +897,20 @@ class Chaos:
             say(f"  t={rec['at']:.0f}s PostgreSQL failover FAILED: {exc}")
             return
         rec["writable_after_s"] = round(time.monotonic() - t0, 2)
-        rebuilt: dict[str, Any] = {}
+        rec["rebuild"] = {}
 
         def rebuild() -> None:
             try:
-                rebuilt.update(pair.rebuild_standby())
+                rec["rebuild"].update(pair.rebuild_standby())
             except BenchError as exc:
-                rebuilt["error"] = str(exc)
+                rec["rebuild"]["error"] = str(exc)
+            rec["rebuilt_after_s"] = round(time.monotonic() - t0, 2)
 
-        worker = threading.Thread(target=rebuild, daemon=True, name="chaos-pg-rebuild")
-        worker.start()
+        # The new standby is made while the run goes on (its faults, kills, restarts).
+        self._rebuilding = threading.Thread(target=rebuild, daemon=True,
+                                            name="chaos-pg-rebuild")
+        self._rebuilding.start()
         rec["hadash"] = self._hadash_writes_again(before, kill_wall, t0, timeout=120)
-        worker.join(300)
-        rec["rebuild"] = rebuilt
-        rec["rebuilt_after_s"] = round(time.monotonic() - t0, 2)
         if self.canary is not None:
             try:
                 rec["canary_missing"] = self.canary.missing()
@@ -921,8 +926,18 @@ class Chaos:
             f"promoted in {rec['promote_s']} s ({rec['writable_after_s']} s after the kill); "
             f"hadash wrote again after {h.get('all_s')} s (pings {h.get('ping_s')} s, "
             f"sweeper {h.get('sweeper_s')} s, engine loops {h.get('engine_loops_s')} s); "
-            f"new standby in sync {rec['rebuilt_after_s']} s after the kill"
-            f"{' — ' + rebuilt['error'] if rebuilt.get('error') else ''}")
+            "making a new standby")
+
+    def _rebuilt(self) -> None:
+        """Wait for the new standby of the last failover (if one is being made)."""
+        if self._rebuilding is None:
+            return
+        self._rebuilding.join(300)
+        self._rebuilding = None
+        rec = self.failovers[-1]
+        say(f"  t={self._since():.0f}s new standby {rec['rebuild'].get('standby')} in sync, "
+            f"{rec.get('rebuilt_after_s')} s after the kill at t={rec['at']:.0f}s"
+            f"{' — ' + rec['rebuild']['error'] if rec['rebuild'].get('error') else ''}")
 
     def _failover_figures(self, violations: list[str], w: Watch) -> dict:
         return _failover_figures_impl(self, violations, w)

@@ -128,6 +128,8 @@ class Pair:
     primary: Node | None = None
     standby: Node | None = None
     generation: int = 0
+    _first: threading.Thread | None = None
+    _first_error: str = ""
 
     # --- tools ---------------------------------------------------------------------------
     def _run(self, tool: str, *args: str, timeout: float = 120) -> str:
@@ -190,11 +192,30 @@ class Pair:
                     "host replication all 127.0.0.1/32 trust\n")
         self._start(first)
         self.primary = first
-        self._make_standby(self.nodes[1])
-        self.wait_sync(60)
-        say(f"PostgreSQL pair: primary {first.name} on {first.port}, synchronous standby "
-            f"{self.standby.name} on {self.standby.port} ({self.bin})")
+        # Alone until its standby is there (made while hadash migrates: see standby())
+        self.sql(first, "ALTER SYSTEM SET synchronous_standby_names = ''")
+        self.sql(first, "SELECT pg_reload_conf()")
+        say(f"PostgreSQL primary {first.name} on {first.port} ({self.bin}); making its "
+            f"synchronous standby on {self.nodes[1].port}")
+        self._first = threading.Thread(target=self._first_standby, daemon=True,
+                                       name="pg-first-standby")
+        self._first.start()
         return self
+
+    def _first_standby(self) -> None:
+        try:
+            self.rebuild_standby(always_reset=True)
+        except BenchError as exc:
+            self._first_error = str(exc)
+
+    def standby_ready(self, timeout: float = 300) -> None:
+        """Wait for the first standby (made in the background by :meth:`start`, in
+        parallel with the database's set-up) to stream synchronously."""
+        self._first.join(timeout)
+        if self._first.is_alive() or self._first_error:
+            raise BenchError(f"the first standby is not ready: {self._first_error or 'timeout'}")
+        say(f"PostgreSQL pair ready: primary {self.primary.name} on {self.primary.port}, "
+            f"synchronous standby {self.standby.name} on {self.standby.port}")
 
     def _start(self, node: Node) -> None:
         log = self.root / f"{node.name}.log"
@@ -270,12 +291,12 @@ class Pair:
         self.generation += 1
         return time.monotonic() - t
 
-    def rebuild_standby(self) -> dict:
+    def rebuild_standby(self, always_reset: bool = False) -> dict:
         """A new standby from the new primary where the old primary was; in the default
         mode the primary waits for it again (synchronous_standby_names back to '*')."""
         old = next(n for n in self.nodes if n is not self.primary)
         took = self._make_standby(old)
-        if not self.strict:
+        if always_reset or not self.strict:
             self.sql(self.primary, "ALTER SYSTEM RESET synchronous_standby_names")
             self.sql(self.primary, "SELECT pg_reload_conf()")
         synced = self.wait_sync(120)

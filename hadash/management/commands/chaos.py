@@ -109,8 +109,8 @@ class Command(BaseCommand):
             raise CommandError("--pg-failovers runs on a PostgreSQL pair of its own: "
                                "--long (restarting this machine's server) does not apply",
                                returncode=2)
-        if o["pg_failovers"] and o["duration"] < 30 * o["pg_failovers"]:
-            raise CommandError("--pg-failovers N needs --duration ≥ 30·N s (each failover "
+        if o["pg_failovers"] and o["duration"] < 20 * o["pg_failovers"]:
+            raise CommandError("--pg-failovers N needs --duration ≥ 20·N s (each failover "
                                "makes a new standby before the next)", returncode=2)
         try:
             result = chaos.run(o)
