@@ -269,8 +269,7 @@ async def ping_ws(sim: Simulator, h: Host) -> None:
             late = await grid.wait()
             if reader.done():
                 break
-            message = json.dumps({"type": "ping", "vms": h.power_report()})
-            await ws.send_str(message)
+            await ws.send_str(h.ping_message())
             sim.stats.ping(late)
             grid.interval = h.ping_interval
         if reader.result() == "token":

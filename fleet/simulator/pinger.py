@@ -20,10 +20,11 @@ main → pinger
 pinger → main
   ``{"op": "cred", "name", "token", "server_token", "host_id"}`` as soon as a connect
   gave new credentials (the main process stores them and checks the server's calls
-  with them), and every 0.25 s ``{"op": "stats", "pings", "acks", "errors", "late":
-  [seconds, …], "hosts": [[name, linked, last_ack, ping_interval], …]}`` (counters
-  since the last message; hosts whose link or interval changed, and every second those
-  whose last acknowledgement did). Times are ``time.monotonic()``, the same clock in
+  with them), and every 0.25 s ``{"op": "stats", "pings", "acks", "errors", "late",
+  "hosts": [[name, linked, last_ack, ping_interval], …]}``: counters since the last
+  message, ``late`` the lateness samples since then (base64 of native doubles, in
+  seconds), the hosts whose link or interval changed, and every second those
+  whose last acknowledgement did. Times are ``time.monotonic()``, the same clock in
   every process.
 
 A pinger ignores SIGINT and SIGTERM (its main process stops it) and exits when its
@@ -33,6 +34,7 @@ socket closes (the main process died).
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
 import logging
@@ -68,6 +70,7 @@ class Host:
         self.address: str = d.get("address", "")
         self.agent_url: str = d.get("agent_url", "")
         self.vms: dict[str, str] = dict(d.get("vms") or {})
+        self._ping: str | None = None
         self.reachable: bool = bool(d.get("reachable", True))
         self.must_connect: bool = bool(d.get("must_connect", True))
         self.token: str | None = d.get("token")
@@ -81,12 +84,20 @@ class Host:
 
     def update(self, d: dict[str, Any]) -> None:
         self.vms = dict(d.get("vms") or {})
+        self._ping = None
         self.reachable = bool(d.get("reachable", True))
         if d.get("must_connect"):
             self.must_connect = True
 
     def power_report(self) -> list[dict[str, str]]:
         return [{"name": n, "power_state": s} for n, s in self.vms.items()]
+
+    def ping_message(self) -> str:
+        """The ping's JSON text, made again only when the VMs changed (here they
+        change only by :meth:`update`)."""
+        if self._ping is None:
+            self._ping = json.dumps({"type": "ping", "vms": self.power_report()})
+        return self._ping
 
 
 class Stats:
@@ -104,7 +115,7 @@ class Stats:
 
     def take(self) -> dict[str, Any]:
         out = {"pings": self.pings, "acks": self.acks, "errors": self.ping_errors,
-               "late": [round(x, 5) for x in self.late]}
+               "late": base64.b64encode(self.late.tobytes()).decode()}
         self.pings = self.acks = self.ping_errors = 0
         self.late = array("d")
         return out
@@ -240,6 +251,15 @@ async def serve(fd: int) -> None:
     logging.basicConfig(stream=sys.stdout, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S")
     log.setLevel(int(start["options"].get("log_level", logging.INFO)))
+    nice = int(start["options"].get("nice", 0))
+    if nice:
+        # Simulated hosts are machines of their own: on a shared, busy box the agents
+        # run ahead of the server, the database and other work, and use little CPU.
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+        except OSError as exc:
+            log.info("ping process %d: cannot set its priority to %d (%s); pinging at "
+                     "the default priority", os.getpid(), nice, exc)
     pinger = Pinger(start["options"], start["hosts"], writer)
     await pinger.start()
     # Everything built so far lives as long as the process: keep it out of the

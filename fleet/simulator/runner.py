@@ -13,6 +13,7 @@ embedding.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -78,6 +79,9 @@ class Options:
     # hold back a ping.
     processes: int = 0
     log_level: int = logging.INFO  # the ping processes' log level
+    # The ping processes' nice value: negative (when allowed) runs them ahead of the
+    # server and the database on a shared machine, as if each host had its own CPU.
+    ping_nice: int = 0
 
 
 def default_state_file() -> str:
@@ -110,8 +114,10 @@ class Stats:
         self._late[self._n % len(self._late)] = late if late > 0 else 0.0
         self._n += 1
 
-    def merge(self, pings: int, acks: int, errors: int, late: list[float]) -> None:
-        """Counters and lateness samples from a ping process."""
+    def merge(self, pings: int, acks: int, errors: int, late: str) -> None:
+        """Counters and lateness samples (base64 of native doubles) from a ping
+        process."""
+        late = array("d", base64.b64decode(late)) if late else array("d")
         self.acks += acks
         self.ping_errors += errors
         ring, n, size = self._late, self._n, len(self._late)
@@ -199,7 +205,7 @@ class PingProcess:
                         "connect_concurrency": max(
                             1, sim.opts.connect_concurrency // max(1, len(sim.pingers))),
                         "seed": None if sim.opts.seed is None else sim.opts.seed + self.index,
-                        "log_level": sim.opts.log_level},
+                        "log_level": sim.opts.log_level, "nice": sim.opts.ping_nice},
             "hosts": [sim.host_message(h, must_connect=True) for h in self.hosts],
         })
         for h in self.hosts:  # a new ping process connects every host first anyway
@@ -415,7 +421,7 @@ class Simulator:
         hosts = self.fleet.hosts
         if op == "stats":
             self.stats.merge(message.get("pings", 0), message.get("acks", 0),
-                             message.get("errors", 0), message.get("late") or ())
+                             message.get("errors", 0), message.get("late") or "")
             for name, linked, last_ack, interval in message.get("hosts") or ():
                 h = hosts.get(name)
                 if h is None:

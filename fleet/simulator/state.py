@@ -61,6 +61,10 @@ class Host(SimHost):
     def power_report(self) -> list[dict[str, str]]:
         return [{"name": n, "power_state": s} for n, s in self.vms.items()]
 
+    def ping_message(self) -> str:
+        """A websocket ping's JSON text (the VMs change in place here: made afresh)."""
+        return json.dumps({"type": "ping", "vms": self.power_report()})
+
 
 class CredentialStore:
     """Each host's credentials on disk, as a real agent keeps them (PROTOCOL.md v1.1):

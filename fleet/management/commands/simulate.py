@@ -131,6 +131,10 @@ class Command(BaseCommand):
                        "registration (default auto: one per 2,500 hosts, at most one "
                        "per CPU, at least one; 0: the agents run in the main process; "
                        "default from $HADASH_SIM_PROCESSES)")
+        g.add_argument("--ping-nice", type=int, default=-10,
+                       help="nice value of the ping processes (default -10: ahead of the "
+                       "server and the database on a shared machine, where allowed; 0: "
+                       "leave it)")
 
     def handle(self, *args, **opts):
         action = opts["action"]
@@ -216,7 +220,7 @@ class Command(BaseCommand):
             connect_concurrency=opts["connect_concurrency"],
             api_concurrency=opts["api_concurrency"],
             status_interval=opts["status_interval"], goodbye=opts["goodbye"], seed=opts["seed"],
-            processes=processes,
+            processes=processes, ping_nice=opts["ping_nice"],
             log_level={0: logging.WARNING, 1: logging.INFO}.get(opts["verbosity"],
                                                                 logging.DEBUG),
         )
