@@ -170,6 +170,12 @@ def test_the_plan_comes_from_the_seed_and_heals_what_it_breaks():
     assert plan(5) == plan(5) and plan(5) != plan(6)
     steps = plan(5)
     assert sum(s.kind == "pg-restart" for s in steps) == 1
+    assert not any(s.kind == "pg-failover" for s in steps)
+    failovers = [s.at for s in make_plan(5, duration=300, hosts=hosts, vms=vms,
+                                         fault_every=3, kill_every=0, pg_restarts=0,
+                                         webs=["web1"], engines=["engine1"],
+                                         pg_failovers=3) if s.kind == "pg-failover"]
+    assert failovers == [75.0, 150.0, 225.0]  # evenly, each with time for its new standby
     assert 3 <= sum(s.kind == "db-cut" for s in steps) <= 6
     assert {s.what.rstrip("12") for s in steps if s.kind == "kill"} >= {"web", "engine"}
     # At most 6 hosts (a fifth) and 5 of a 15-host cluster down, cut off or without
