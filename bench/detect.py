@@ -103,7 +103,8 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
         say(f"simulator: {health.get('pings_per_s')} pings/s, ping lateness "
             f"{health.get('ping_late_ms')}, RSS {health.get('rss_mb')} MB")
         with_ha = {v["host"] for v in system.get("/vms", ha_enabled="true", limit=10000)}
-        victims = pick_victims(system.get("/hosts", limit=10000), o["failures"], with_ha)
+        victims = pick_victims(system.get("/hosts", status="Up", limit=10000),
+                               o["failures"], with_ha)
         meter = CpuMeter(groups={c.name: [c.proc.pid] for c in system.sup.children},
                          pg_database=db.name if db.vendor == "postgresql" else "")
         meter.start()
