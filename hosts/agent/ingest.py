@@ -22,8 +22,12 @@ counters of this process are in ``snapshot()`` (``GET /api/v1/engine``, "ingesti
 
 On PostgreSQL the steady path's statements take one array parameter per column
 (``= ANY(%s)``, ``unnest``) instead of Django ``__in`` lookups, which cost more Python
-than the database work at 1,000 pings/s (docs/benchmarks.md, P1); other databases
-(SQLite) take the same steps through the ORM.
+than the database work at 1,000 pings/s (docs/benchmarks.md, P1), each array written as
+one literal; a batch reads in one round trip (the interval, the hosts, their VMs) and
+writes in one (the counter and both UPDATEs, one implicit transaction), so a batch
+costs two wake-ups of the database, not seven — what bounds a web process sharing
+its cores with PostgreSQL and everything else (issue 12). Other databases (SQLite)
+take the same steps through the ORM.
 """
 
 from __future__ import annotations
@@ -86,13 +90,38 @@ STATS = Stats()
 Report = list[tuple[str, str]]
 
 
-def _consistent(vm: dict, host_id: int, ps: str) -> bool:
-    if vm["host_id"] != host_id or vm["power_host_id"] != host_id or vm["power_state"] != ps:
+class Digest(str):
+    """A host token already hashed (``Host.hash_token``): the websocket consumer hashes
+    its token once per connection and queues its pings under the digest."""
+
+    __slots__ = ()
+
+
+def _digest(token: str) -> str:
+    return token if type(token) is Digest else Host.hash_token(token)
+
+
+class _HostRef:
+    """The columns of a host the steady path reads (no model instance per ping)."""
+
+    __slots__ = ("pk", "status", "name")
+
+    def __init__(self, pk: int, status: str, name: str):
+        self.pk, self.status, self.name = pk, status, name
+
+
+# Rows of _vm_rows: tuples in this order.
+VM_COLUMNS = ("id", "name", "host_id", "state", "power_state", "power_host_id")
+_UNSETTLED = (VmState.RUNNING, VmState.STARTING, VmState.STOPPING, VmState.MIGRATING)
+
+
+def _consistent(vm: tuple, host_id: int, ps: str) -> bool:
+    _, _, vm_host, state, power_state, power_host = vm
+    if vm_host != host_id or power_host != host_id or power_state != ps:
         return False
     if ps == PowerState.POWER_ON:
-        return vm["state"] == VmState.RUNNING
-    return vm["state"] not in (VmState.RUNNING, VmState.STARTING, VmState.STOPPING,
-                               VmState.MIGRATING)
+        return state == VmState.RUNNING
+    return state not in _UNSETTLED
 
 
 def apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) -> list[object]:
@@ -136,65 +165,71 @@ def _savepoint():
 
 def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) -> list[object]:
     now = now or timezone.now()
-    items = [(it[0], it[1], it[2] if len(it) > 2 and it[2] is not None else now)
-             for it in items]
     pg = connection.vendor == "postgresql" if arrays is None else arrays
-    interval = config.get("ping.interval")
-    hashes = [Host.hash_token(tok) for tok, _, _ in items]
-    hosts = {h.token_hash: h for h in _hosts_by_hash(set(hashes), pg)}
+    hashes = [_digest(it[0]) for it in items]
+    names = {name for it in items for name, _ in it[1]}
+    if pg:
+        interval, hosts, vm_rows = _read_pg(set(hashes), names)
+    else:
+        interval = config.get("ping.interval")
+        hosts = _hosts_by_hash(set(hashes))
+        vm_rows = _vm_rows({h.pk for h in hosts.values()}, names)
     results: list[object] = [interval] * len(items)
     ids = {h.pk for h in hosts.values()}
-    names = {name for _, vms, _ in items for name, _ in vms}
-    by_name = {r["name"]: r for r in _vm_rows(ids, names, pg)}
+    by_name = {r[1]: r for r in vm_rows}
     on_host: dict[int, set[str]] = {}
     for r in by_name.values():
-        if r["host_id"] in ids and r["state"] in REPORTED_STATES:
-            on_host.setdefault(r["host_id"], set()).add(r["name"])
+        if r[2] in ids and r[3] in REPORTED_STATES:
+            on_host.setdefault(r[2], set()).add(r[1])
 
-    steady_hosts: list[tuple[int, dt.datetime]] = []
-    confirmed: list[tuple[int, dt.datetime]] = []
-    slow: list[tuple[int, Host, Report, dt.datetime]] = []
-    discover: list[tuple[Host, Report, dt.datetime]] = []
+    steady_hosts: list[tuple[int, object]] = []  # (pk, arrival): as text on PostgreSQL
+    confirmed: list[tuple[int, object]] = []
+    slow: list[tuple[int, _HostRef, Report, dt.datetime]] = []
+    discover: list[tuple[_HostRef, Report, dt.datetime]] = []
     seen: set[int] = set()
-    for i, ((_, vms, at), digest) in enumerate(zip(items, hashes, strict=True)):
+    up = HostStatus.UP
+    for i, (it, digest) in enumerate(zip(items, hashes, strict=True)):
+        vms = it[1]
+        at = it[2] if len(it) > 2 and it[2] is not None else now
         host = hosts.get(digest)
         if host is None:
             results[i] = TokenRevoked()
             continue
+        pk = host.pk
         # A report carrying definitions (v1.1, rare) is taken by service.ping.
-        steady = (host.status == HostStatus.UP and host.pk not in seen
-                  and not service.definitions_of(vms))
-        seen.add(host.pk)
+        steady = host.status == up and pk not in seen and not service.definitions_of(vms)
+        seen.add(pk)
         mine = []
         if steady:
             for name, ps in vms:
                 vm = by_name.get(name)
                 if vm is None:
                     continue  # unknown names are ignored (R8)
-                if not _consistent(vm, host.pk, ps):
+                if not _consistent(vm, pk, ps):
                     steady = False
                     break
-                mine.append(vm["id"])
-        if steady and not on_host.get(host.pk, set()) <= {n for n, _ in vms}:
-            steady = False  # a VM is missing from the report: R8 decides
+                mine.append(vm[0])
         if steady:
-            steady_hosts.append((host.pk, at))
-            confirmed.extend((pk, at) for pk in mine)
+            expected = on_host.get(pk)
+            if expected and len(expected) > len(mine) or (
+                    expected and not expected <= {n for n, _ in vms}):
+                steady = False  # a VM is missing from the report: R8 decides
+        if steady:
+            stamp = at.isoformat() if pg else at
+            steady_hosts.append((pk, stamp))
+            confirmed.extend([(vm_pk, stamp) for vm_pk in mine])
             discover.append((host, vms, at))
         else:
             slow.append((i, host, vms, at))
-    if steady_hosts:
+    if steady_hosts and pg:
+        _write_pg(steady_hosts, confirmed)
+    elif steady_hosts:
         with transaction.atomic():
             # R21: pings ingested, counted with the batch that stamps them.
             count("pings_ingested", len(steady_hosts))
-            if pg:
-                _stamp_pg(Host._meta.db_table, "last_ping", steady_hosts)
-                _stamp_pg(VMInstance._meta.db_table, "power_state_update_time", confirmed,
-                          count="power_state_update_count")
-            else:
-                _stamp_orm(Host.objects, "last_ping", steady_hosts)
-                _stamp_orm(VMInstance.objects, "power_state_update_time", confirmed,
-                           count="power_state_update_count")
+            _stamp_orm(Host.objects, "last_ping", steady_hosts)
+            _stamp_orm(VMInstance.objects, "power_state_update_time", confirmed,
+                       count="power_state_update_count")
     if discover:
         # Issue 9: unknown names → vms.discovery (a hash per report; writes only when
         # a host's unknown names change). by_name holds every reported managed name.
@@ -203,8 +238,13 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
                 discovery.note_batch(discover, known=by_name)
         except Exception:
             log.exception("discovery of a batch of %d reports failed", len(discover))
-    for i, host, vms, at in slow:
+    if slow:
+        full = Host.objects.in_bulk([h.pk for _, h, _, _ in slow])
+    for i, ref, vms, at in slow:
+        host = full.get(ref.pk)
         try:
+            if host is None:
+                raise Host.DoesNotExist(f"host {ref.name} was deleted")
             with transaction.atomic():
                 service.ping(host, vms, now=at)
                 count("pings_ingested")
@@ -212,7 +252,7 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
             if isinstance(exc, outage.DB_ERRORS):  # an outage: one line, not a traceback
                 outage.failed("ping ingestion", exc, drop_connection=False)
             else:
-                log.exception("ping from %s failed", host.name)
+                log.exception("ping from %s failed", ref.name)
             results[i] = exc
     STATS.batches += 1
     STATS.pings += len(items)
@@ -220,50 +260,117 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
     return results
 
 
-def _hosts_by_hash(hashes: set[str], pg: bool):
-    if not pg:
-        return Host.objects.filter(token_hash__in=hashes)
-    return Host.objects.raw(
-        f'SELECT * FROM "{Host._meta.db_table}" WHERE "token_hash" = ANY(%s::text[])',
-        [sorted(hashes)])
+def _array(values, quote: bool = False) -> str:
+    """A PostgreSQL array literal, one text parameter for the whole list (psycopg's
+    client-side binding would escape every element of a list with regular
+    expressions: more Python than the database work at thousands of pings/s)."""
+    if quote:
+        values = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(values) + "}"
 
 
-VM_COLUMNS = ("id", "name", "host_id", "state", "power_state", "power_host_id")
+def _hosts_by_hash(hashes: set[str]) -> dict[str, _HostRef]:
+    rows = Host.objects.filter(token_hash__in=hashes) \
+        .values_list("token_hash", "id", "status", "name")
+    return {digest: _HostRef(pk, status, name) for digest, pk, status, name in rows}
 
 
-def _vm_rows(ids: set[int], names: set[str], pg: bool):
-    if not pg:
-        return VMInstance.objects.filter(models.Q(host_id__in=ids) | models.Q(name__in=names)) \
-            .values(*VM_COLUMNS)
-    meta = VMInstance._meta
-    cols = ", ".join(f'"{meta.get_field(c.removesuffix("_id")).column}"' for c in VM_COLUMNS)
+def _vm_rows(ids: set[int], names: set[str]) -> list[tuple]:
+    return list(VMInstance.objects.filter(models.Q(host_id__in=ids) | models.Q(name__in=names))
+                .values_list(*VM_COLUMNS))
+
+
+def _read_pg(hashes: set[str], names: set[str]) -> tuple[object, dict[str, _HostRef], list]:
+    """What a batch reads, in one round trip (three statements in one query string):
+    the ping interval in force (hadash.config.get), the hosts of these token hashes,
+    and the VMs on those hosts or of these names (rows in VM_COLUMNS order)."""
+    from hadash.models import Configuration
+
+    host_t, vm = Host._meta.db_table, VMInstance._meta
+    cols = ", ".join(f'"{vm.get_field(c.removesuffix("_id")).column}"' for c in VM_COLUMNS)
+    hash_array = _array(sorted(hashes), quote=True)
     with connection.cursor() as cur:
         cur.execute(
-            f'SELECT {cols} FROM "{meta.db_table}" '
-            f'WHERE "{meta.get_field("host").column}" = ANY(%s::bigint[]) '
-            f'OR "name" = ANY(%s::text[])', [sorted(ids), sorted(names)])
-        return [dict(zip(VM_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+            f'SELECT "value" FROM "{Configuration._meta.db_table}" WHERE "name" = %s; '
+            f'SELECT "token_hash", "id", "status", "name" FROM "{host_t}" '
+            f'WHERE "token_hash" = ANY(%s::text[]); '
+            f'SELECT {cols} FROM "{vm.db_table}" '
+            f'WHERE "{vm.get_field("host").column}" IN (SELECT "id" FROM "{host_t}" '
+            f'WHERE "token_hash" = ANY(%s::text[])) OR "name" = ANY(%s::text[])',
+            [INTERVAL_KEY, hash_array, hash_array, _array(sorted(names), quote=True)])
+        found = cur.fetchone()
+        cur.nextset()
+        hosts = {digest: _HostRef(pk, status, name) for digest, pk, status, name in cur.fetchall()}
+        cur.nextset()
+        vm_rows = cur.fetchall()
+    return _interval(found[0] if found else None), hosts, vm_rows
 
 
-def _stamp_pg(table: str, column: str, rows: list[tuple[int, dt.datetime]], *,
-              count: str | None = None) -> None:
-    """One UPDATE: each row's ``column`` becomes its own time unless it is already
-    later (GREATEST ignores a NULL); ``count`` (if given) goes up by one."""
-    if not rows:
-        return
-    rows = sorted(rows)  # the same lock order in every process
-    bump = f', "{count}" = "{table}"."{count}" + 1' if count else ""
-    with connection.cursor() as cur:
-        cur.execute(
-            f'UPDATE "{table}" SET "{column}" = GREATEST("{table}"."{column}", s.at){bump} '
+INTERVAL_KEY = "ping.interval"
+
+
+def _interval(raw: str | None):
+    """hadash.config.get("ping.interval") from the stored value ``raw``."""
+    k = config.key(INTERVAL_KEY)
+    if raw is not None:
+        try:
+            return k.parse(raw)
+        except config.ConfigError:
+            pass  # a value written around the validation: the default, as config.get
+    return k.parse(k.default)
+
+
+def _write_pg(hosts: list[tuple[int, str]], vms: list[tuple[int, str]]) -> None:
+    """The steady path's writes in one round trip: the R21 counter, then each host's
+    last_ping and each confirmed VM's power_state_update_time become the ping's
+    arrival (ISO text) unless already later (GREATEST ignores a NULL), and the VMs'
+    power_state_update_count goes up by one. Several statements in one query string
+    run as one transaction (PostgreSQL's implicit transaction block), or inside the
+    caller's."""
+    statements, params = [], []
+    counter = _counter_sql(len(hosts))
+    if counter is not None:
+        statements.append(counter[0])
+        params += counter[1]
+    for table, column, rows, bump in (
+            (Host._meta.db_table, "last_ping", hosts, None),
+            (VMInstance._meta.db_table, "power_state_update_time", vms,
+             "power_state_update_count")):
+        if not rows:
+            continue
+        rows = sorted(rows)  # the same lock order in every process
+        extra = f', "{bump}" = "{table}"."{bump}" + 1' if bump else ""
+        statements.append(
+            f'UPDATE "{table}" SET "{column}" = GREATEST("{table}"."{column}", s.at){extra} '
             f'FROM unnest(%s::bigint[], %s::timestamptz[]) AS s(id, at) '
-            f'WHERE "{table}"."id" = s.id',
-            [[pk for pk, _ in rows], [at for _, at in rows]])
+            f'WHERE "{table}"."id" = s.id')
+        params += [_array([str(pk) for pk, _ in rows]), _array([at for _, at in rows])]
+    if connection.in_atomic_block or counter is None:
+        with transaction.atomic():
+            if counter is None:
+                count("pings_ingested", len(hosts))
+            with connection.cursor() as cur:
+                cur.execute("; ".join(statements), params)
+        return
+    with connection.cursor() as cur:
+        cur.execute("; ".join(statements), params)
+
+
+def _counter_sql(n: int) -> tuple[str, list] | None:
+    """R21's ``pings_ingested`` += n as SQL (metrics.counters.inc's statement), or None
+    when the metrics app is not installed."""
+    from django.apps import apps
+
+    if not apps.is_installed("metrics"):
+        return None
+    from metrics import counters
+
+    return counters._SQL, ["pings_ingested", "", os.getpid() % counters.SHARDS, n]
 
 
 def _stamp_orm(manager, column: str, rows: list[tuple[int, dt.datetime]], *,
                count: str | None = None) -> None:
-    """What _stamp_pg does, as one UPDATE per distinct time."""
+    """What _write_pg does to one table, as one UPDATE per distinct time."""
     by_time: dict[dt.datetime, list[int]] = defaultdict(list)
     for pk, at in rows:
         by_time[at].append(pk)
