@@ -600,10 +600,11 @@ def _with_definitions(kept: Report, dropped: Report) -> Report:
     older = service.definitions_of(dropped)
     if not older:
         return kept
-    if not isinstance(kept, service.VmReport):
-        kept = service.VmReport(kept)
-    kept.definitions = {**older, **kept.definitions}
-    return kept
+    # A new report: ``kept`` may be a socket's cached one (hosts.agent.consumers), never
+    # to be changed.
+    merged = service.VmReport(kept, {**older, **service.definitions_of(kept)})
+    merged.refused = dict(getattr(kept, "refused", None) or {})
+    return merged
 
 
 _batchers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

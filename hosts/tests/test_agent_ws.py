@@ -8,7 +8,7 @@ import datetime as dt
 import json
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from hadash import config
@@ -136,6 +136,43 @@ def test_many_pings_on_one_socket(host):
     """One socket carries ping after ping."""
     result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])] * 3)
     assert [a["type"] for a in result["answers"]] == ["pong"] * 3
+
+
+def test_a_repeated_message_is_taken_like_the_first(host):
+    """A socket reuses the validated report of an unchanged message (issue 12): the
+    same text again is a ping like the first (last_ping moves on), a malformed message
+    in between is still answered with an error and changes nothing, and a changed
+    report is parsed and applied afresh."""
+    same = json.dumps(ping([("i-2-10-VM", "PowerOn")]))
+    before = {}
+
+    async def run():
+        comm = communicator(host.token)
+        assert (await comm.connect(timeout=TIMEOUT))[0]
+        answers = []
+
+        async def send(text):
+            await comm.send_to(text_data=text)
+            answers.append(json.loads((await comm.receive_output(timeout=TIMEOUT))["text"]))
+
+        await send(same)
+        before["last_ping"] = await Host.objects.values_list("last_ping", flat=True) \
+            .aget(pk=host.pk)
+        await send(same)
+        after_repeat = await Host.objects.values_list("last_ping", flat=True).aget(pk=host.pk)
+        state = await sync_to_async(db_state)()
+        await send('{"type": "ping", "vms": [{"name": "i-2-10-VM"}]}')
+        assert await sync_to_async(db_state)() == state  # the error changed nothing
+        await send(json.dumps(ping([("i-2-10-VM", "PowerOff")])))
+        await comm.disconnect()
+        return answers, after_repeat
+
+    answers, after_repeat = async_to_sync(run)()
+    assert [a["type"] for a in answers] == ["pong", "pong", "error", "pong"]
+    assert "power_state" in answers[2]["error"]
+    assert after_repeat > before["last_ping"]
+    vm = VMInstance.objects.get(name="i-2-10-VM")
+    assert vm.power_state == PowerState.POWER_OFF  # the changed report was applied
 
 
 @pytest.mark.parametrize(
