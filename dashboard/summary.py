@@ -9,13 +9,15 @@ most about once a second) while events arrive.
 from __future__ import annotations
 
 import datetime as dt
+import html
+import os
+import re
 from collections import Counter
 from urllib.parse import quote
 
 from django.db.models import Count, Max
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
 from hadash import config
@@ -55,16 +57,27 @@ def hosts_and_vm_counts() -> tuple[list[tuple], dict[int, int]]:
     """Every host as (id, name, cluster, status, resource_state, agent_name,
     agent_version) ordered by cluster and name, and the number of VMs on each (VMs that
     occupy it: Starting … Migrating)."""
+    hosts, per_host, _ = fleet()
+    return hosts, per_host
+
+
+def fleet() -> tuple[list[tuple], dict[int, int], dict[str, int]]:
+    """`hosts_and_vm_counts`, and the VMs by state — the VM table read once (one
+    aggregate by host and state) for both: at 100,000 VMs each pass over it counts."""
     hosts = list(
         Host.objects.order_by("cluster", "name")
         .values_list("id", "name", "cluster", "status", "resource_state",
                      "agent_name", "agent_version", "last_ping")
     )
-    per_host = dict(
-        VMInstance.objects.filter(state__in=ACTIVE_STATES, host__isnull=False)
-        .order_by().values("host_id").annotate(n=Count("id")).values_list("host_id", "n")
-    )
-    return hosts, per_host
+    per_host: dict[int, int] = {}
+    by_state: dict[str, int] = {}
+    active = set(ACTIVE_STATES)
+    for host_id, state, n in (VMInstance.objects.order_by().values("host_id", "state")
+                              .annotate(n=Count("id")).values_list("host_id", "state", "n")):
+        by_state[state] = by_state.get(state, 0) + n
+        if host_id is not None and state in active:
+            per_host[host_id] = per_host.get(host_id, 0) + n
+    return hosts, per_host, by_state
 
 
 def suspect_ids(hosts: list[tuple], now=None, cfg=None) -> set[int]:
@@ -78,12 +91,14 @@ def suspect_ids(hosts: list[tuple], now=None, cfg=None) -> set[int]:
             if h[3] in SWEPT_STATUSES and h[7] is not None and h[7] < cutoff}
 
 
-def counts(alerts: bool = True) -> dict:
-    """VMs by state, unfinished HA work by step, and (``alerts``) the open alerts."""
-    vm_counts = dict(
-        VMInstance.objects.order_by().values("state").annotate(n=Count("id"))
-        .values_list("state", "n")
-    )
+def counts(alerts: bool = True, vm_counts: dict[str, int] | None = None) -> dict:
+    """VMs by state (``vm_counts`` when read already), unfinished HA work by step, and
+    (``alerts``) the open alerts."""
+    if vm_counts is None:
+        vm_counts = dict(
+            VMInstance.objects.order_by().values("state").annotate(n=Count("id"))
+            .values_list("state", "n")
+        )
     work = dict(
         HaWork.objects.unfinished().order_by().values("step").annotate(n=Count("id"))
         .values_list("step", "n")
@@ -128,22 +143,32 @@ def open_alert_ids() -> list[int]:
     )
 
 
-def summary_json() -> dict:
-    """``summary.json``: everything the overview updates in place."""
-    hosts, per_host = hosts_and_vm_counts()
-    c = counts(alerts=False)
+def summary_json(hosts_version: str = "") -> dict:
+    """``summary.json``: everything the overview updates in place. ``hosts`` (one row
+    per host for the fleet map) is left out (null) when it is exactly what the page
+    painted last — ``hosts_version``, the ``hosts_version`` of that answer — so a page
+    refetching once a second while events arrive does not re-read 10,000 tiles that did
+    not change (issue 12). ``host_total`` is always there."""
+    hosts, per_host, by_state = fleet()
+    c = counts(alerts=False, vm_counts=by_state)
     alert_ids = open_alert_ids()
     alerts_open = (len(alert_ids) if len(alert_ids) < OPEN_ALERTS_SHOWN
                    else Alert.objects.filter(state=AlertState.OPEN).count())
     host_counts = Counter(h[3] for h in hosts)
     cfg = config.snapshot()
     late = suspect_ids(hosts, cfg=cfg)
+    # [id, name, cluster, status, resource state, VMs, suspect (R17)]
+    rows = tuple((h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0), h[0] in late)
+                 for h in hosts)
+    # Python's hash of the rows: cheap, and per process (another web process answers
+    # with its own version, and so the whole list once).
+    version = f"{os.getpid()}.{hash(rows) & 0xFFFFFFFFFFFF:x}"
     return {
         "time": timezone.now().isoformat(),
         "top_event": Event.objects.aggregate(m=Max("id"))["m"] or 0,
-        # [id, name, cluster, status, resource state, VMs, suspect (R17)]
-        "hosts": [[h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0), h[0] in late]
-                  for h in hosts],
+        "hosts": None if hosts_version == version else rows,
+        "hosts_version": version,
+        "host_total": len(rows),
         "host_counts": dict(host_counts),
         "vm_counts": c["vms"],
         "work": c["work"],
@@ -164,18 +189,23 @@ def agent_of(name: str, version: str) -> str:
 def tiles_html(hosts: list[tuple], per_host: dict[int, int],
                suspect: set[int] = frozenset()) -> SafeString:
     """The fleet map, built as one string (1,000 tiles through the template engine
-    would cost more than every query of the page together). A ``suspect`` host (behind
-    on ping, no verdict yet, R17) gets a dashed outline and says so in its name."""
+    would cost more than every query of the page together; at 10,000 each tile's
+    constant parts are made once per status and resource state). A ``suspect`` host
+    (behind on ping, no verdict yet, R17) gets a dashed outline and says so in its
+    name."""
     href = reverse("dash:host", args=["__HOST__"])
+    head, tail = href.split("__HOST__", 1)
     out: list[str] = []
     cluster = None
     members: list[str] = []
     tally: Counter = Counter()
+    plain = _PLAIN_NAME.fullmatch
+    parts: dict[tuple, tuple[str, str, str]] = {}
 
     def close():
         if cluster is None:
             return
-        c = escape(cluster)
+        c = _esc(cluster)
         bad = tally[HostStatus.DOWN] + tally[HostStatus.ALERT]
         out.append(
             f'<section class="cluster" data-cluster="{c}"><h3 class="cluster-head">'
@@ -192,29 +222,48 @@ def tiles_html(hosts: list[tuple], per_host: dict[int, int],
             cluster, members, tally = cl, [], Counter()
         n = per_host.get(hid, 0)
         tally[status] += 1
-        e = escape(name)
-        # The tile's accessible name says what its colour does (issue 10 item 6).
+        e = name if plain(name) else _esc(name)
+        url = name if plain(name) else quote(name, safe="")
         late = hid in suspect
-        sus = ", suspect: behind on ping" if late else ""
-        said = (f'{e}: {status}{"" if rs == ResourceState.ENABLED else ", " + rs}{sus}, '
-                f'{n} VMs')
+        key = (status, rs, late)
+        p = parts.get(key)
+        if p is None:
+            # The tile's accessible name says what its colour does (issue 10 item 6).
+            sus = ", suspect: behind on ping" if late else ""
+            p = parts[key] = (
+                f'{status}{"" if rs == ResourceState.ENABLED else ", " + rs}{sus}',
+                f'{status}{"" if rs == ResourceState.ENABLED else " · " + rs}'
+                f'{" · suspect (behind on ping)" if late else ""}',
+                f'data-status="{status}" data-rs="{rs}" ',
+            )
+        said, title, data = p
         members.append(
             f'<a class="tile st-{status} rs-{rs} {size_class(n)}{" suspect" if late else ""}" '
-            f'href="{href.replace("__HOST__", quote(name, safe=""))}" data-host="{e}" '
-            f'data-host-id="{hid}" data-status="{status}" data-rs="{rs}" data-vms="{n}" '
-            f'data-suspect="{"1" if late else ""}" aria-label="{said}" '
-            f'title="{e} · {status}{"" if rs == ResourceState.ENABLED else " · " + rs}'
-            f'{" · suspect (behind on ping)" if late else ""} · '
-            f'{n} VMs{escape(agent_of(agent, version))}">{n}</a>'
+            f'href="{head}{url}{tail}" data-host="{e}" '
+            f'data-host-id="{hid}" {data}data-vms="{n}" '
+            f'data-suspect="{"1" if late else ""}" aria-label="{e}: {said}, {n} VMs" '
+            f'title="{e} · {title} · '
+            f'{n} VMs{_esc(agent_of(agent, version)) if agent else ""}">{n}</a>'
         )
     close()
     return mark_safe("".join(out))
 
 
+# Names that escaping and URL quoting leave as they are (the usual host names).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]*")
+
+
+def _esc(text) -> str:
+    """django.utils.html.escape's text (html.escape, quotes too) without its SafeString
+    wrapper — ten thousand times per overview."""
+    return html.escape(str(text))
+
+
 def overview(now=None) -> dict:
     now = now or timezone.now()
-    hosts, per_host = hosts_and_vm_counts()
-    c = counts(alerts=False)  # the alerts panel counts them (dashboard.alerts.panel)
+    hosts, per_host, by_state = fleet()
+    # The alerts panel counts the alerts (dashboard.alerts.panel).
+    c = counts(alerts=False, vm_counts=by_state)
     host_counts = Counter(h[3] for h in hosts)
     cfg = config.snapshot()
     return {

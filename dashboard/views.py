@@ -85,7 +85,7 @@ def overview(request):
 
 @login_required
 def summary_json(request):
-    return JsonResponse(summary.summary_json())
+    return JsonResponse(summary.summary_json(request.GET.get("hosts", "")[:64]))
 
 
 # --- hosts --------------------------------------------------------------------

@@ -303,6 +303,25 @@ def test_summary_json(op, incident_world):
     assert s["top_event"] == Event.objects.latest("id").pk
 
 
+def test_summary_json_leaves_out_the_host_rows_the_page_has(op, incident_world):
+    """Issue 12: a page refetching summary.json while events arrive sends the
+    hosts_version of the rows it painted; unchanged, the rows are left out (the counts
+    are not); a host that changes brings every row back."""
+    Host.objects.filter(status="Up").update(last_ping=timezone.now())
+    first = op.get("/summary.json").json()
+    assert len(first["hosts"]) == first["host_total"] == 3
+    again = op.get(f"/summary.json?hosts={first['hosts_version']}").json()
+    assert again["hosts"] is None and again["host_total"] == 3
+    assert again["hosts_version"] == first["hosts_version"]
+    assert again["host_counts"] == first["host_counts"]
+    assert again["vm_counts"] == first["vm_counts"]
+    Host.objects.filter(name="h3").update(resource_state="Disabled")
+    changed = op.get(f"/summary.json?hosts={first['hosts_version']}").json()
+    assert changed["hosts_version"] != first["hosts_version"]
+    assert {h[1]: h[4] for h in changed["hosts"]}["h3"] == "Disabled"
+    assert op.get("/summary.json?hosts=bogus").json()["hosts"] is not None
+
+
 def test_r17_fleet_map_shows_a_suspect_host_before_its_verdict(op, incident_world):
     """R17: a host Up but behind on ping (no verdict yet) is visibly different on the
     overview's map — a `suspect` tile whose accessible name says so — and flagged in

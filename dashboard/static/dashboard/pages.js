@@ -85,6 +85,7 @@
         if (t) paintTile(t, c.status, c.resource_state, undefined);
       }
       tileChanges = {};
+      hostsVersion = "";  // painted from events: the next summary sends every row again
       clusterCounts();
     }
 
@@ -128,7 +129,7 @@
         setText(chip.querySelector(".n"), n);
         chip.classList.toggle("zero", !n);
       });
-      setText($("host-total"), s.hosts.length);
+      setText($("host-total"), s.host_total != null ? s.host_total : s.hosts.length);
       var vt = 0; Object.keys(vc).forEach(function (k) { vt += vc[k]; });
       setText($("vm-total"), vt);
       setText($("work-in-flight"), s.work_in_flight);
@@ -145,7 +146,10 @@
       }
       var banner = $("engine-alert");
       if (banner) banner.hidden = !!eng.healthy;
-      // Tiles: update in place; add new hosts, drop removed ones.
+      // Tiles: update in place; add new hosts, drop removed ones. No rows: the same
+      // as those painted last (hostsVersion), nothing to do.
+      if (!s.hosts) return;
+      hostsVersion = s.hosts_version || "";
       var present = {};
       var notEnabled = 0;
       var clusters = {};
@@ -176,12 +180,15 @@
       clusterCounts();
     }
 
+    var hostsVersion = "";  // summary.json's hosts_version of the tiles painted
     var summary = (function () {
       var inFlight = false, dirty = false, last = 0, timer = null;
       var url = body.dataset.summaryUrl;
       function go() {
         timer = null; inFlight = true; dirty = false; last = Date.now();
-        fetch(url, { credentials: "same-origin", headers: { "Accept": "application/json" } })
+        var q = hostsVersion ? (url.indexOf("?") < 0 ? "?" : "&") + "hosts=" +
+          encodeURIComponent(hostsVersion) : "";
+        fetch(url + q, { credentials: "same-origin", headers: { "Accept": "application/json" } })
           .then(function (r) { if (!r.ok) throw new Error(r.status); return r.json(); })
           .then(function (s) { L.frame("summary", function () { applySummary(s); }); })
           .catch(function () {})
