@@ -8,8 +8,10 @@ back change is not counted and every process's /metrics reads the same totals::
 
 One statement per call: ``INSERT … ON CONFLICT (name, labels, shard) DO UPDATE SET
 value = value + n`` (PostgreSQL and SQLite ≥ 3.24), race-safe without a read. The row
-is picked by the process id (``shard``), so concurrent processes counting the same
-thing do not wait on each other's row lock until commit; /metrics sums the shards.
+is picked by the thread's native id (``shard``), so concurrent processes — and the HA
+worker threads of one engine process — counting the same thing do not wait on each
+other's row lock until commit (one shard per process made 50 workers restarting a
+rack queue on one row: issue 12); /metrics sums the shards.
 
 Known names (exposed with the ``hadash_`` prefix and ``_total`` suffix):
 
@@ -29,8 +31,8 @@ silently exporting a metric nobody reads. Label values must not contain ``,`` or
 
 from __future__ import annotations
 
-import os
 import re
+import threading
 
 from django.db import connection
 
@@ -48,7 +50,7 @@ KNOWN_VALUES: dict[str, dict[str, tuple[str, ...]]] = {
     "restarts": {"outcome": ("ok", "failed")},
     "notifications": {"outcome": ("sent", "failed", "retried")},
 }
-SHARDS = 8
+SHARDS = 32
 _LABEL_VALUE = re.compile(r"^[^,=]*$")
 
 _SQL = (
@@ -83,7 +85,8 @@ def inc(name: str, n: int = 1, **labels) -> None:
     if n == 0:
         return
     with connection.cursor() as cursor:
-        cursor.execute(_SQL, [name, label_string(labels), os.getpid() % SHARDS, n])
+        cursor.execute(_SQL, [name, label_string(labels),
+                              threading.get_native_id() % SHARDS, n])
 
 
 def totals() -> dict[tuple[str, str], int]:
