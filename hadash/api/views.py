@@ -621,10 +621,10 @@ class UnmanagedVmAdoptView(ApiView):
         from . import bulk
 
         try:
-            vms = bulk.adopt(request.data, now=timezone.now(), by=self.by())
+            ids = bulk.adopt(request.data, now=timezone.now(), by=self.by())
         except bulk.Refused as exc:
             return exc.response()
-        rows = vms_queryset().filter(pk__in=[v.pk for v in vms])
+        rows = vms_queryset().filter(pk__in=ids)
         return Response(VMSerializer(rows, many=True).data, status=status.HTTP_201_CREATED)
 
 

@@ -266,3 +266,16 @@ def test_single_adoption_still_works(api):
     assert r.status_code == 201
     assert [v["name"] for v in r.json()] == ["legacy-1"]
     assert Host.objects.get(name="kvm-01").vms.get().name == "legacy-1"
+
+
+def test_items_in_any_form_post_vms_takes_are_taken(api):
+    """Plain JSON items take the quick check; others (a boolean as "true", a number as
+    "2") go through the same validation as POST /api/v1/vms, and register the same."""
+    make_host("kvm-01")
+    r = bulk(api, [vm("plain", ha_enabled=True, priority="low", type="User"),
+                   vm("texty", cpus="2", ha_enabled="true")])
+    assert r.status_code == 201, r.content
+    got = {v.name: (v.cpus, v.ha_enabled, v.priority, v.type)
+           for v in VMInstance.objects.all()}
+    assert got == {"plain": (1, True, "low", "User"), "texty": (2, True, "medium", "User")}
+    assert all(len(str(v.uuid)) == 36 for v in VMInstance.objects.all())
