@@ -12,10 +12,10 @@ Running and power PowerOn on its host, a `Registered` event each) and
 * judge admission (R23, `ha.admission` enforce) for the request as a whole: every VM of
   the request placed in its cluster's copy at once; a cluster left below
   `ha.failover.level` refuses the request (409 with the reason), nothing written;
-* write everything in one transaction with `bulk_create`: the VMs, then their events
-  (every state change committed with its event). The number of queries does not grow
-  with the list (a few per 3,000 rows on PostgreSQL; SQLite caps a statement at 999
-  parameters, so there it is one INSERT per ~50 rows).
+* write everything in one transaction: the VMs, then their events (every state change
+  committed with its event). The number of queries does not grow with the list on
+  PostgreSQL (one INSERT for the VMs, one for the events: `insert`); on SQLite it is
+  the ORM's `bulk_create`, one INSERT per ~50 rows (999 parameters per statement).
 
 Live dashboards are not flooded: the relay (hadash.live) reads committed events in
 batches of up to 2,000 and sends each batch as one websocket message, and the NOTIFY
