@@ -349,9 +349,14 @@ class EngineLoop:
 
     def start_side_loops(self) -> None:
         """R20: notification deliveries are sent beside HA work, in a thread of their
-        own, so a slow or dead receiver never delays HA (notify.sender)."""
+        own, so a slow or dead receiver never delays HA (notify.sender). On PostgreSQL
+        a listener wakes the workers when another process schedules HA work
+        (hadash.ha.wakeup)."""
         from django.apps import apps
 
+        from hadash.ha import wakeup
+
+        wakeup.start(self.stopping, self.pool.notify, name=f"ha-wakeup-{self.id}")
         if not apps.is_installed("notify"):
             return
         from notify.sender import run_sender
