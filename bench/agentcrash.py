@@ -40,6 +40,7 @@ from .common import BenchError, fmt, interruptible, machine_busy, machine_info, 
 from .common import throwaway_database as _throwaway
 
 TARGET_SECONDS = 2.0
+START_LINE = re.compile(r"server: start (\S+) → PowerOn \(.*, ([\d.]+) s\)")
 LOG_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
 
@@ -51,12 +52,12 @@ def problem() -> str | None:
 
 
 def run(o: dict[str, Any]) -> dict[str, Any]:
+    if not o["database"].startswith(("postgres://", "postgresql://")):
+        raise BenchError("bench agent-crash runs on PostgreSQL (--database postgres://…)")
     why = problem()
     if why:
         raise BenchError(f"bench agent-crash needs a real fleet (root, libvirt, qemu; "
                          f"docs/testing.md, 'The real-fleet tier'): {why}")
-    if not o["database"].startswith(("postgres://", "postgresql://")):
-        raise BenchError("bench agent-crash runs on PostgreSQL (--database postgres://…)")
     from .realfleet import (
         SUBNET,
         Reaper,
@@ -185,6 +186,7 @@ def one_round(api, fleet, name: str, n: int) -> dict:
     after = rows[-1]["id"] if rows else 0
     agent = fleet.host(host).agent
     log_from = len(agent.log) if agent else 0
+    logs_from = {h.name: len(h.agent.log) for h in fleet.hosts if h.agent is not None}
     busy0 = machine_busy()
     t_kill = time.time()
     os.kill(pid, signal.SIGKILL)
@@ -226,6 +228,18 @@ def one_round(api, fleet, name: str, n: int) -> dict:
                 stamps["agent_event"] = dt.datetime.strptime(
                     m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 break
+    start_s = None  # the target agent's own account of the start (libvirt)
+    for h in fleet.hosts:
+        if h.agent is None:
+            continue
+        for line in h.agent.log[logs_from.get(h.name, 0):]:
+            m = START_LINE.search(line)
+            if m and m.group(1) == name:
+                start_s = float(m.group(2))
+                stamp = LOG_STAMP.search(line)
+                if stamp:
+                    stamps["agent_started"] = dt.datetime.strptime(
+                        stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
     downtime = None
     incidents = _get(api, "/incidents", kind="vm", limit=5)
     for inc in incidents:
@@ -238,6 +252,7 @@ def one_round(api, fleet, name: str, n: int) -> dict:
     cpus = os.cpu_count() or 1
     load = round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-6) * cpus, 2)
     result = {"round": n, "vm": name, "from": host, "to": where, "since_kill": since,
+              "agent_start_s": start_s,
               "running_by": running_by, "incident_downtime_s": downtime,
               "machine_cores_busy": load}
     run_s = since.get("running")
@@ -264,8 +279,10 @@ def report(r: dict[str, Any]) -> str:
         rows.append([x["round"], x["vm"], f"{x['from']} → {x['to']}",
                      *[fmt(s.get(k), 2) for k in keys],
                      fmt(_diff(s.get("running"), s.get("agent_event")), 2),
+                     fmt(x.get("agent_start_s"), 2),
                      fmt(x["incident_downtime_s"], 2), fmt(x["machine_cores_busy"], 2)])
     lines.append(table(["#", "VM", "host", *heads, "agent event → Running",
+                        "start in the agent (libvirt)",
                         "incident downtime", "machine busy (cores)"], rows))
     kill = [x["since_kill"]["running"] for x in r["rounds"] if "running" in x["since_kill"]]
     agent = [d for x in r["rounds"] if (d := _diff(x["since_kill"].get("running"),

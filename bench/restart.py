@@ -192,7 +192,12 @@ def rack_run(o: dict, system: System, db: BenchDatabase, victims: list[str], wor
              if e["subject_name"] in victims}
     if len(downs) != len(victims):
         raise BenchError(f"HostDown events for {sorted(downs)} only, of {victims}")
-    by_vm = {x["name"]: x["host"] for x in system.get("/vms", limit=100000)}
+    by_vm: dict[str, str | None] = {}
+    while True:
+        page = system.get("/vms", limit=10000, offset=len(by_vm))
+        by_vm.update((x["name"], x["host"]) for x in page)
+        if len(page) < 10000:
+            break
     wrong = [n for n in ha if by_vm.get(n) in (*victims, None)]
     if wrong:
         raise BenchError(f"{len(wrong)} VMs of the rack are not Running elsewhere: "

@@ -82,6 +82,24 @@ def test_rejects_bad_options():
         call_command("bench", "ping", "--transport", "carrier-pigeon")
     with pytest.raises(CommandError):
         call_command("bench", "restart", "--workers", "0")
+    with pytest.raises(CommandError):
+        call_command("bench", "restart", "--failed-hosts", "0")
+    with pytest.raises(CommandError):
+        call_command("bench", "agent-crash", "--kills", "0")
+
+
+def test_agent_crash_refuses_clearly_what_it_cannot_run():
+    """`bench agent-crash` needs the real fleet (root, libvirt, qemu: the tier's smoke
+    is tests/realfleet) and PostgreSQL; without them it says so and starts nothing."""
+    from bench.realfleet import requirements_problem
+
+    with pytest.raises(CommandError, match="runs on PostgreSQL"):
+        call_command("bench", "agent-crash", "--database", "sqlite:///x.sqlite3",
+                     "--allow-sqlite")
+    if requirements_problem() is not None:
+        with pytest.raises(CommandError, match="needs a real fleet"):
+            call_command("bench", "agent-crash", "--database",
+                         "postgres://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.mark.slow
@@ -125,6 +143,17 @@ def test_restart_smoke():
     assert "HA restart throughput" in out and "| VM start s" in out, out
     assert re.search(r"^\| 0\.0 +\| 1 +\| 3 ", out, re.M), out
     assert re.search(r"^\| 0\.0 +\| 2 +\| 3 ", out, re.M), out
+    assert_cleaned_up(proc.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres_only
+def test_restart_rack_smoke():
+    proc = bench("restart", "--failed-hosts", "2", "--vms", "2", "--workers", "2",
+                 "--spare-hosts", "1", "--start-delay", "0.1", timeout=900)
+    out = proc.stdout
+    assert "A rack fails: 2 hosts" in out and "busy slots" in out, out
+    assert re.search(r"^\| 0\.1 +\| 2 +\| 4 ", out, re.M), out
     assert_cleaned_up(proc.stderr)
 
 
