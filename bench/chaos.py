@@ -911,6 +911,10 @@ class Chaos:
                                             name="chaos-pg-rebuild")
         self._rebuilding.start()
         rec["hadash"] = self._hadash_writes_again(before, kill_wall, t0, timeout=120)
+        rec["connections_before"] = before["connections"]
+        with contextlib.suppress(Exception):
+            time.sleep(2)  # the stragglers reconnect
+            rec["connections_after"] = self._write_marks()["connections"]
         if self.canary is not None:
             try:
                 rec["canary_missing"] = self.canary.missing()
@@ -954,8 +958,10 @@ class Chaos:
             loops = dict(conn.execute("SELECT id, heartbeat FROM op_engine_process"
                                       ).fetchall())
             event = conn.execute("SELECT coalesce(max(id), 0) FROM event").fetchone()[0]
+            clients = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                   "current_database()").fetchone()[0]
         return {"ping": ping, "sweeper": lease[0] if lease else None, "loops": loops,
-                "event": event}
+                "event": event, "connections": clients}
 
     def _hadash_writes_again(self, before: dict, kill_wall: float, t0: float,
                              timeout: float) -> dict:
