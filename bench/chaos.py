@@ -1550,7 +1550,8 @@ def failover_report(f: dict[str, Any], pings: dict) -> list[str]:
                      fmt(x.get("writable_after_s"), 2), fmt(h.get("ping_s"), 1),
                      fmt(h.get("sweeper_s"), 1), fmt(h.get("engine_loops_s"), 1),
                      fmt(h.get("event_s"), 1), fmt(x.get("rebuilt_after_s"), 1),
-                     x.get("ping_errors", ""), len(x.get("canary_missing") or [])])
+                     x.get("ping_errors", ""), len(x.get("canary_missing") or []),
+                     f"{x.get('connections_before', '–')} / {x.get('connections_after', '–')}"])
     c = f.get("canary") or {}
     sent = (pings.get("end") or {}).get("pings", 0) - (pings.get("start") or {}).get("pings", 0)
     refused = (pings.get("end") or {}).get("ping_errors", 0) \
@@ -1558,7 +1559,8 @@ def failover_report(f: dict[str, Any], pings: dict) -> list[str]:
     return [
         f"PostgreSQL: {f['mode']}",
         table(["failover", "promote s", "writable s", "ping s", "sweeper s", "engine s",
-               "event s", "new standby s", "pings refused", "acked lost"], rows),
+               "event s", "new standby s", "pings refused", "acked lost",
+               "connections before / after"], rows),
         "(seconds after the kill of the primary: promoted, hadash's first ingested ping, "
         "sweeper renewal, every engine loop's heartbeat, event on the promoted server; "
         "the new standby in sync)",
