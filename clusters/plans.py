@@ -24,15 +24,20 @@ MIN_INTERVAL = 2.0  # seconds between two recomputations of one cluster
 
 
 def store(plan: failover.Plan, *, now, fingerprint: str = "") -> FailoverPlan:
-    row, _ = FailoverPlan.objects.update_or_create(
-        cluster=plan.cluster,
-        defaults=dict(
-            computed_at=now, capacity=plan.capacity, level=plan.level, plan=plan.per_host,
-            summaries=plan.summaries, unfit=plan.unfit_ids, worst=plan.worst,
-            exhaustive=plan.exhaustive, hosts=plan.hosts, ha_vms=plan.ha_vms,
-            took_ms=plan.took_ms, fingerprint=fingerprint,
-        ),
+    fields = dict(
+        computed_at=now, capacity=plan.capacity, level=plan.level, plan=plan.per_host,
+        summaries=plan.summaries, unfit=plan.unfit_ids, worst=plan.worst,
+        exhaustive=plan.exhaustive, hosts=plan.hosts, ha_vms=plan.ha_vms,
+        took_ms=plan.took_ms, fingerprint=fingerprint,
     )
+    # The usual case, a cluster planned before: one UPDATE … RETURNING id — not
+    # update_or_create's SELECT … FOR UPDATE, which reads back the old plan (a JSON of
+    # every HA VM of a 1,000-host cluster) only to overwrite it.
+    pk = (FailoverPlan.objects.filter(cluster=plan.cluster)
+          .values_list("pk", flat=True).first())
+    if pk is not None and FailoverPlan.objects.filter(pk=pk).update(**fields):
+        return FailoverPlan(pk=pk, cluster=plan.cluster, **fields)
+    row, _ = FailoverPlan.objects.update_or_create(cluster=plan.cluster, defaults=fields)
     return row
 
 

@@ -93,6 +93,7 @@ class ClusterState:
     _home: dict | None = field(default=None, repr=False)
     _by_host: dict | None = field(default=None, repr=False)
     _names: dict | None = field(default=None, repr=False)
+    _ha_load: dict | None = field(default=None, repr=False)
 
     def names(self) -> dict[int, str]:
         if self._names is None:
@@ -364,6 +365,14 @@ class Plan:
 
 
 def _ha_load(state: ClusterState) -> dict[int, float]:
+    """Each host's share of the cluster's HA cpus or memory (the larger), computed once
+    per copy (k = 2 and k = 3 both rank hosts by it)."""
+    if state._ha_load is None:
+        state._ha_load = _ha_load_of(state)
+    return state._ha_load
+
+
+def _ha_load_of(state: ClusterState) -> dict[int, float]:
     by_host = state.ha_vms_by_host()
     total_c = sum(v.cpus for lst in by_host.values() for v in lst) or 1
     total_m = sum(v.memory_mb for lst in by_host.values() for v in lst) or 1
