@@ -13,6 +13,7 @@ import datetime as dt
 from django.db import transaction
 
 from hadash.choices import Step, WorkType
+from hosts.choices import HostStatus
 from hosts.models import Host
 from vms import placement
 from vms.choices import VmState
@@ -51,6 +52,20 @@ def why_none(vm, *, ha: bool, cfg, exclude=()) -> tuple[str, str]:
 RERANKS = 5
 
 
+# A host whose last ping is older than ping.interval and this much is late.
+LATE_SLACK = 0.2
+
+
+def late_hosts(cluster, *, now, cfg) -> tuple[int, ...]:
+    """Up hosts of ``cluster`` that missed their last ping (not behind on ping yet:
+    nobody investigates them, but they may be failing)."""
+    cutoff = now - dt.timedelta(seconds=cfg["ping.interval"] + LATE_SLACK)
+    hosts = Host.objects.filter(status=HostStatus.UP, last_ping__lt=cutoff)
+    if cluster:
+        hosts = hosts.filter(cluster=cluster)
+    return tuple(hosts.values_list("pk", flat=True))
+
+
 def reserve(vm, item, *, ha: bool, now, cfg):
     """Pick a host and move the VM to Starting on it and the item to Restarting, in
     one transaction, recording why the host was chosen on the item. Returns the host,
@@ -61,14 +76,21 @@ def reserve(vm, item, *, ha: bool, now, cfg):
     failed host — and if the locked host is no longer the best, the new best is taken
     instead. So each placement of a batch sees the ones before it."""
     tag = cfg["ha.tag"]
-    found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
+    # Hosts late with their pings come last: when a rack fails its hosts go Down one
+    # after the other, and a restart placed on a fellow host that is failing too would
+    # fail and wait out restart.retry.interval. Taken only when nothing else fits.
+    late = late_hosts(vm.cluster, now=now, cfg=cfg)
+    found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster, exclude=late)
+    if not found and late:
+        late = ()
+        found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
     fitting = len(found)
     for attempt in range(RERANKS + 1):
         if not found:
             return None
         with transaction.atomic():
             locked = Host.objects.select_for_update().get(pk=found[0].id)
-            fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
+            fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster, exclude=late)
             mine = next((r for r in fresh if r.id == locked.pk), None)
             if mine is None or (fresh[0].id != locked.pk and attempt < RERANKS):
                 found = fresh  # filled or overtaken meanwhile: lock the best now
