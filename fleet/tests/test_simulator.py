@@ -450,6 +450,22 @@ def test_scheduled_faults_are_checked_up_front():
         call_command("simulate", fault=["soon:host kvm-001 power off"], hosts=1)
 
 
+def test_processes_option():
+    """--processes: auto is one ping process per 2,500 hosts, at most one per CPU,
+    at least one; a number as given; anything else refused before anything runs."""
+    from fleet.management.commands.simulate import Command
+
+    cpus = os.cpu_count() or 1
+    assert Command.processes("auto", 20) == 1
+    assert Command.processes("auto", 10_000) == min(cpus, 4)
+    assert Command.processes("0", 10_000) == 0
+    assert Command.processes("3", 20) == 3
+    with pytest.raises(CommandError, match="--processes"):
+        call_command("simulate", processes="many", hosts=1)
+    with pytest.raises(CommandError, match="--processes"):
+        call_command("simulate", processes="-1", hosts=1)
+
+
 def test_scheduled_fault_applies(sim):
     opts = Options(listen_port=0, agents=False, hosts=2, vms=2, status_interval=0,
                    faults=[(0.2, "host kvm-002 power off")])
@@ -704,6 +720,31 @@ def test_simulator_keeps_its_credentials_across_a_restart(processes, tmp_path):
         with SimulatorThread(opts) as st:
             wait_for(lambda: server.reconnects("kvm-002") == 2, what="reconnect, new token")
             assert server.tokens["kvm-002"] == new_token and server.joins("kvm-002") == 2
+
+
+def test_a_ping_process_that_dies_is_started_again(tmp_path):
+    """The hosts of a ping process that died ping again from a new one, reconnecting
+    with their own tokens (no second enrolment); VM changes made meanwhile in the main
+    process reach the reports; /control/health counts the restart."""
+    with FakeHadash(interval=0.2) as server:
+        opts = Options(server=server.url, listen_port=0, hosts=2, vms=2, processes=1,
+                       agent_key=FakeHadash.JOIN_KEY, status_interval=0, seed=4,
+                       state_file=str(tmp_path / "agents.jsonl"))
+        with SimulatorThread(opts) as st:
+            wait_for(lambda: all(server.pings_of(h) for h in ("kvm-001", "kvm-002")),
+                     what="both hosts pinging")
+            os.kill(st.sim.pingers[0].proc.pid, signal.SIGKILL)
+            fault(st, "vm vm-0001 crash")
+            wait_for(lambda: all(server.reconnects(h) == 1 for h in ("kvm-001", "kvm-002")),
+                     what="reconnects from the new ping process")
+            now = time.monotonic()
+            wait_for(lambda: any(p[2] == [{"name": "vm-0001", "power_state": "PowerOff"}]
+                                 for p in server.pings_of("kvm-001", now)),
+                     what="the crash in a report from the new process")
+            assert [server.joins(h) for h in ("kvm-001", "kvm-002")] == [1, 1]
+            health = httpx.get(f"{st.url}/control/health", headers=CTL).json()
+            assert health["processes"] == 1 and health["processes_alive"] == 1
+            assert health["processes_restarted"] == 1
 
 
 def test_agents_back_off_while_the_server_is_down():
