@@ -13,7 +13,7 @@ import functools
 import logging
 
 from django.db import DataError
-from django.db.models import BigIntegerField, Count, Q, Sum
+from django.db.models import BigIntegerField, Count, OuterRef, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -258,15 +258,19 @@ WRITE_ERRORS = {400: E400, 401: E401, 403: E403, 404: E404}
 
 
 def hosts_queryset():
-    active = Q(vms__state__in=ACTIVE_STATES)
+    # Per-host subqueries, not a join of every host to its VMs grouped before paging:
+    # only the page's hosts are summed, and the COUNT of a page needs no VM (issue 12).
+    active = VMInstance.objects.filter(host=OuterRef("pk"), state__in=ACTIVE_STATES) \
+        .order_by().values("host")
+
+    def total(agg):
+        return Coalesce(Subquery(active.annotate(v=agg).values("v")), 0,
+                        output_field=BigIntegerField())
+
     return Host.objects.annotate(
-        allocated_cpus=Coalesce(
-            Sum("vms__cpus", filter=active), 0, output_field=BigIntegerField()
-        ),
-        allocated_memory_mb=Coalesce(
-            Sum("vms__memory_mb", filter=active), 0, output_field=BigIntegerField()
-        ),
-        vm_count=Count("vms", filter=active),
+        allocated_cpus=total(Sum("cpus")),
+        allocated_memory_mb=total(Sum("memory_mb")),
+        vm_count=total(Count("id")),
     ).order_by("name")
 
 
