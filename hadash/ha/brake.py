@@ -19,11 +19,13 @@ from hosts.models import Host
 WAITING = "mass-failure brake engaged"
 
 
-def cluster_counts() -> dict[str, tuple[int, int]]:
-    """(failed, total) Routing hosts per cluster."""
+def cluster_counts(cluster: str | None = None) -> dict[str, tuple[int, int]]:
+    """(failed, total) Routing hosts per cluster (only ``cluster``'s when given)."""
+    hosts = Host.objects.filter(type=HostType.ROUTING)
+    if cluster is not None:
+        hosts = hosts.filter(cluster=cluster)
     rows = (
-        Host.objects.filter(type=HostType.ROUTING)
-        .exclude(status=HostStatus.REMOVED)
+        hosts.exclude(status=HostStatus.REMOVED)
         .values("cluster", "status")
         .annotate(n=Count("id"))
     )
@@ -41,16 +43,19 @@ def over_ratio(failed: int, total: int, cfg) -> bool:
 
 def ratio_words(cluster: str, cfg) -> str:
     """R17 braked words: "3 of 5 hosts Down or Alert, limit 0.5"."""
-    failed, total = cluster_counts().get(cluster, (0, 0))
+    failed, total = cluster_counts(cluster).get(cluster, (0, 0))
     return f"{failed} of {total} hosts Down or Alert, limit {cfg['ha.max.hosts.down.ratio']}"
 
 
 def is_braked(cluster: str | None, *, now, cfg) -> bool:
     if not cluster:
         return False
-    failed, total = cluster_counts().get(cluster, (0, 0))
+    # Every HA restart asks: one cluster's hosts counted, and a write only when the
+    # brake changes (the sweep's update_all normally got there first).
+    failed, total = cluster_counts(cluster).get(cluster, (0, 0))
     braked = over_ratio(failed, total, cfg)
-    _announce(cluster, braked, failed, total, now=now, cfg=cfg)
+    if not ClusterBrake.objects.filter(cluster=cluster, engaged=braked).exists():
+        _announce(cluster, braked, failed, total, now=now, cfg=cfg)
     return braked
 
 
