@@ -19,8 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import AGENT_NAME, __version__
-from .config import Config
-from .hypervisor import Hypervisor, Unavailable
+from .config import NAME_RE, Config
+from .hypervisor import POWER_OFF, Domain, Hypervisor, Unavailable
 from .link import ReportRejected, ServerLink, TokenRejected, Unreachable, error_text
 from .report import Definitions, entries
 from .state import Credentials, StateStore
@@ -28,6 +28,11 @@ from .state import Credentials, StateStore
 log = logging.getLogger("hadash_agent")
 
 EVENT_DEBOUNCE = 0.05  # a burst of libvirt events (destroy + undefine) makes one report
+# A domain libvirt said stopped (not migrated away) that no longer exists — a transient
+# domain, as HA restarts are — is reported PowerOff this long: the server learns of the
+# crash from the report it triggers, instead of finding the VM missing two ping
+# intervals later (R8).
+GONE_REPORTED = 30.0
 
 
 class Refused(Exception):
@@ -74,6 +79,7 @@ class Agent:
         self._libvirt_down = False
         self._connecting = False
         self._event_at: float | None = None  # the first libvirt event not reported yet
+        self._stopped: dict[str, float] = {}  # domain → when libvirt said it stopped
 
     # --- helpers ---------------------------------------------------------------------
     async def call(self, fn, *args, **kwargs):
@@ -96,6 +102,11 @@ class Agent:
             self._dirty.add(name)
             if self._event_at is None:
                 self._event_at = time.monotonic()
+            if text.startswith("stopped") and "migrated" not in text \
+                    and NAME_RE.fullmatch(name):
+                self._stopped[name] = time.monotonic()
+            elif text == "started":
+                self._stopped.pop(name, None)
         if self.loop is not None and self.wake is not None:
             self.loop.call_soon_threadsafe(self.wake.set)
 
@@ -247,6 +258,7 @@ class Agent:
         try:
             domains = self.hv.domains()
             names = {d.name for d in domains}
+            domains += self._gone(names)
             wanted = names - self.defs.known()
             wanted |= names if all_definitions else (dirty & names)
             if wanted:
@@ -258,6 +270,15 @@ class Agent:
             with self._dirty_lock:
                 self._dirty |= dirty
             raise
+
+    def _gone(self, names: set[str]) -> list[Domain]:
+        """Domains that stopped lately and no longer exist (transient ones): PowerOff."""
+        now = time.monotonic()
+        with self._dirty_lock:
+            for name, at in list(self._stopped.items()):
+                if name in names or now - at > GONE_REPORTED:
+                    del self._stopped[name]
+            return [Domain(name, POWER_OFF) for name in sorted(self._stopped)]
 
     # --- connect ---------------------------------------------------------------------------
     async def _connect(self) -> None:

@@ -241,3 +241,30 @@ def test_backoff_doubles_with_jitter_up_to_the_cap():
     b.reset()
     assert b.next() <= 1
     assert len({round(Backoff(cap=30).next(), 6) for _ in range(20)}) > 1  # jittered
+
+
+def test_a_transient_domain_that_stopped_is_reported_power_off_for_a_while(tmp_path):
+    """libvirt forgets a transient domain once it stops (HA restarts are transient): the
+    report its lifecycle event triggers still says PowerOff, so the server learns of the
+    crash at once instead of finding the VM missing two ping intervals later (R8). A
+    domain that migrated away is not reported (it runs elsewhere)."""
+    from hadash_agent.agent import Agent
+    from hadash_agent.config import Config
+
+    uri = write_node(tmp_path / "node.xml", [Dom("web-1")])
+    agent = Agent(Config(server_url="http://127.0.0.1:9", libvirt_uri=uri,
+                         state_dir=str(tmp_path / "state")))
+    try:
+        agent.hv.conn().createXML(Dom("tmp-1").xml(test_ns=False), 0)
+        assert {d.name: d.power_state for d in agent._collect(True)} == {
+            "web-1": "PowerOn", "tmp-1": "PowerOn"}
+        agent.hv.conn().lookupByName("tmp-1").destroy()
+        deadline = time.monotonic() + 10
+        while "tmp-1" not in agent._stopped and time.monotonic() < deadline:
+            time.sleep(0.05)  # the lifecycle event comes on libvirt's event thread
+        assert {d.name: d.power_state for d in agent._collect(False)} == {
+            "web-1": "PowerOn", "tmp-1": "PowerOff"}
+        agent._stopped["tmp-1"] -= 3600  # long ago: no longer reported
+        assert {d.name for d in agent._collect(False)} == {"web-1"}
+    finally:
+        agent.hv.close()
