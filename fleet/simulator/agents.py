@@ -63,15 +63,17 @@ class NeedsOperator(ServerRefused):
 class Grid:
     """A fixed schedule ``first + k × interval``."""
 
-    __slots__ = ("interval", "next")
+    __slots__ = ("interval", "missed", "next")
 
     def __init__(self, interval: float, first: float):
         self.interval = interval
         self.next = first
+        self.missed: list[float] = []  # how late the slots skipped by the last wait were
 
     async def wait(self) -> float:
         """Sleep until the next slot; returns how late we woke (seconds). Slots that
-        passed altogether are skipped."""
+        passed altogether are skipped; ``missed`` says how late each of them was by
+        now (no coordinated omission: a stall counts once per slot it swallowed)."""
         loop = asyncio.get_running_loop()
         delay = self.next - loop.time()
         if delay > 0:
@@ -79,8 +81,11 @@ class Grid:
         now = loop.time()
         slot = self.next
         nxt = slot + self.interval
+        self.missed = []
         if nxt <= now:
-            nxt += (math.floor((now - nxt) / self.interval) + 1) * self.interval
+            skipped = math.floor((now - nxt) / self.interval) + 1
+            self.missed = [now - (nxt + i * self.interval) for i in range(min(skipped, 1000))]
+            nxt += skipped * self.interval
         self.next = nxt
         return now - slot
 
@@ -271,6 +276,8 @@ async def ping_ws(sim: Simulator, h: Host) -> None:
                 break
             await ws.send_str(h.ping_message())
             sim.stats.ping(late)
+            for missed in grid.missed:
+                sim.stats.missed(missed)
             grid.interval = h.ping_interval
         if reader.result() == "token":
             raise TokenRefused
@@ -316,6 +323,8 @@ async def ping_http(sim: Simulator, h: Host) -> None:
         late = await grid.wait()
         body = json.dumps({"vms": h.power_report()}).encode()
         sim.stats.ping(late)
+        for missed in grid.missed:
+            sim.stats.missed(missed)
         timeout = aiohttp.ClientTimeout(total=max(1.0, min(h.ping_interval, 10.0)))
         async with sim.session.post(url, data=body, headers=headers,
                                     timeout=timeout) as response:

@@ -107,16 +107,23 @@ class Stats:
         self.pings = 0
         self.acks = 0
         self.ping_errors = 0
+        self.slots_missed = 0
         self.late = array("d")
 
     def ping(self, late: float) -> None:
         self.pings += 1
         self.late.append(late if late > 0 else 0.0)
 
+    def missed(self, late: float) -> None:
+        """A slot skipped after a stall: a lateness sample, not a ping."""
+        self.slots_missed += 1
+        self.late.append(late if late > 0 else 0.0)
+
     def take(self) -> dict[str, Any]:
         out = {"pings": self.pings, "acks": self.acks, "errors": self.ping_errors,
+               "missed": self.slots_missed,
                "late": base64.b64encode(self.late.tobytes()).decode()}
-        self.pings = self.acks = self.ping_errors = 0
+        self.pings = self.acks = self.ping_errors = self.slots_missed = 0
         self.late = array("d")
         return out
 

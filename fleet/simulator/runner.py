@@ -105,6 +105,7 @@ class Stats:
         self.pings = 0
         self.acks = 0
         self.ping_errors = 0
+        self.slots_missed = 0  # slots skipped after a stall (each also a lateness sample)
         self._late = array("d", bytes(8 * ring))
         self._n = 0
         self._samples: deque[tuple[float, int]] = deque(maxlen=11)
@@ -114,12 +115,19 @@ class Stats:
         self._late[self._n % len(self._late)] = late if late > 0 else 0.0
         self._n += 1
 
-    def merge(self, pings: int, acks: int, errors: int, late: str) -> None:
+    def missed(self, late: float) -> None:
+        """A slot skipped after a stall: a lateness sample, not a ping."""
+        self.slots_missed += 1
+        self._late[self._n % len(self._late)] = late if late > 0 else 0.0
+        self._n += 1
+
+    def merge(self, pings: int, acks: int, errors: int, late: str, missed: int = 0) -> None:
         """Counters and lateness samples (base64 of native doubles) from a ping
         process."""
         late = array("d", base64.b64decode(late)) if late else array("d")
         self.acks += acks
         self.ping_errors += errors
+        self.slots_missed += missed
         ring, n, size = self._late, self._n, len(self._late)
         for value in late:
             ring[n % size] = value if value > 0 else 0.0
@@ -421,7 +429,8 @@ class Simulator:
         hosts = self.fleet.hosts
         if op == "stats":
             self.stats.merge(message.get("pings", 0), message.get("acks", 0),
-                             message.get("errors", 0), message.get("late") or "")
+                             message.get("errors", 0), message.get("late") or "",
+                             message.get("missed", 0))
             for name, linked, last_ack, interval in message.get("hosts") or ():
                 h = hosts.get(name)
                 if h is None:
@@ -530,6 +539,7 @@ class Simulator:
             "ping_acks": self.stats.acks,
             "ping_errors": self.stats.ping_errors,
             "ping_late_ms": self.stats.lateness_ms(),
+            "ping_slots_missed": self.stats.slots_missed,
             "faults": self.fleet.fault_count,
             "registration": dict(self.registration),
             "rss_mb": rss_mb(),
