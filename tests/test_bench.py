@@ -107,9 +107,14 @@ def test_agent_crash_refuses_clearly_what_it_cannot_run():
 def test_ping_smoke():
     proc = bench("ping", "--hosts", "5", "--seconds", "2", "--warmup", "0.5",
                  "--connections", "4", "--web-processes", "1,2", "--ceiling-seconds", "0.5",
-                 "--ceiling-warmup", "0", "--batch", "5")
+                 "--ceiling-warmup", "0", "--batch", "5", "--agents", "4",
+                 "--loadgen-processes", "2")
     out = proc.stdout
     assert "| transport" in out and "PostgreSQL ceiling" in out, out
+    # websocket runs: the bare Channels consumer before and after, and real ÷ bare
+    assert "bare Channels consumer, same run" in out and "real ÷ bare" in out, out
+    assert len(re.findall(r"^\| [12] +\| 4 +\| closed loop.*\| (before|after) ", out, re.M)) \
+        == 4, out
     for transport in ("ws", "http"):
         assert re.search(rf"^\| {transport} +\| 1 ", out, re.M), out
         assert re.search(rf"^\| {transport} +\| 2 ", out, re.M), out
