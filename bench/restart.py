@@ -181,7 +181,7 @@ def rack_run(o: dict, system: System, db: BenchDatabase, victims: list[str], wor
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        started = system.wait_started(ha, after, timeout=limit, every=0.5, victim="")
+        started = _wait_running(system, ha, after, limit)
     finally:
         stop.set()
         sampler.join(2)
@@ -226,6 +226,26 @@ def rack_run(o: dict, system: System, db: BenchDatabase, victims: list[str], wor
         f"(first {result['first_start_s']:.2f} s, {fmt(result['vms_per_s'])} VMs/s; "
         f"busy slots mean {busy['mean']} max {busy['max']}; CPU {cpu})")
     return result
+
+
+def _wait_running(system: System, names: set[str], after: int, timeout: float) -> dict:
+    """Until every VM of ``names`` has a HaStarted (or OutOfBandStart: its host's report
+    won the race) event after event ``after``; the earliest, by VM name. Reads all of
+    them again each time: with many workers, events commit out of id order, so a
+    cursor would skip some (System.wait_started then asks VM by VM)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = [e for kind in ("HaStarted", "OutOfBandStart")
+                  for e in system.events(after, event=kind)]
+        events.sort(key=lambda e: (e["time"], e["id"]), reverse=True)
+        seen = {e["subject_name"]: e for e in events if e["subject_name"] in names}
+        if len(seen) == len(names):
+            return seen
+        if time.monotonic() > deadline:
+            raise BenchError(f"only {len(seen)}/{len(names)} VMs of the rack Running "
+                             f"elsewhere after {timeout:.0f} s")
+        system.alive()
+        time.sleep(1.0)
 
 
 def _in_flight(conn) -> int:
