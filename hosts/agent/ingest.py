@@ -264,9 +264,12 @@ def _array(values, quote: bool = False) -> str:
     """A PostgreSQL array literal, one text parameter for the whole list (psycopg's
     client-side binding would escape every element of a list with regular
     expressions: more Python than the database work at thousands of pings/s)."""
-    if quote:
-        values = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
-    return "{" + ",".join(values) + "}"
+    if not quote:
+        return "{" + ",".join(values) + "}"
+    values = list(values)
+    if '"' in "".join(values) or "\\" in "".join(values):  # rare: escape each element
+        values = [v.replace("\\", "\\\\").replace('"', '\\"') for v in values]
+    return '{"' + '","'.join(values) + '"}' if values else "{}"
 
 
 def _hosts_by_hash(hashes: set[str]) -> dict[str, _HostRef]:
