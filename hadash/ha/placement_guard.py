@@ -50,6 +50,8 @@ def why_none(vm, *, ha: bool, cfg, exclude=()) -> tuple[str, str]:
 # Rankings redone when other workers' reservations keep changing the best host; after
 # that many, the locked host is taken if it still fits (never an endless loop).
 RERANKS = 5
+# How far down the ranking a worker looks for a host no other worker is placing on.
+SKIP_AMONG = 8
 
 
 # A host whose last ping is older than ping.interval and this much is late.
@@ -89,10 +91,13 @@ def reserve(vm, item, *, ha: bool, now, cfg):
         if not found:
             return None
         with transaction.atomic():
-            locked = Host.objects.select_for_update().get(pk=found[0].id)
+            locked, busy = lock_best(found)
             fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster, exclude=late)
             mine = next((r for r in fresh if r.id == locked.pk), None)
-            if mine is None or (fresh[0].id != locked.pk and attempt < RERANKS):
+            # Hosts ranked ahead of ours that other workers are placing on now count
+            # as taken: they get a VM each before any of us could.
+            ahead = [r.id for r in fresh[:fresh.index(mine)]] if mine is not None else []
+            if mine is None or (set(ahead) - busy and attempt < RERANKS):
                 found = fresh  # filled or overtaken meanwhile: lock the best now
                 continue
             why = placement.explain(mine, vm.cpus, vm.memory_mb, fitting=len(fresh) or fitting)
@@ -104,6 +109,20 @@ def reserve(vm, item, *, ha: bool, now, cfg):
                      message=f"HA work #{item.pk}: starting VM {vm.name} on {locked.name}")
             return locked
     return None
+
+
+def lock_best(found) -> tuple[Host, set[int]]:
+    """Lock the best host of ``found`` that no other worker holds (they are placing a
+    VM there now; skipped: ``busy``), among the first ``SKIP_AMONG``; when all of
+    those are held, wait for the best. Many workers restarting a rack used to queue
+    on the one best host's row lock, taking turns (issue 12)."""
+    busy: set[int] = set()
+    for room in found[:SKIP_AMONG]:
+        host = Host.objects.select_for_update(skip_locked=True).filter(pk=room.id).first()
+        if host is not None:
+            return host, busy
+        busy.add(room.id)
+    return Host.objects.select_for_update().get(pk=found[0].id), set()
 
 
 # --- restart order (R25) -------------------------------------------------------------------
