@@ -14,8 +14,9 @@ together used to land in one cluster, leaving no standby when it died). Each loo
   claim lock in hadash.ha.work, so several loops never exceed it together);
 - competes for the `sweeper` lease: exactly one loop holds it and runs the monitor
   sweep every second (investigations go to a small thread pool so one slow host
-  never delays the others) and, between sweeps, wakes at the moment the next host
-  falls behind on ping, so detection does not wait for the next tick; the loops of
+  never delays the others), while a detector thread beside it wakes at the moment
+  the next host falls behind on ping, so detection waits neither for the next tick
+  nor for a slow sweep; the loops of
   the other engine processes stand by and take over within the lease's TTL when
   the holder stops renewing it (a dead or wedged process loses it);
 - lives through database outages: a broken connection costs one warning line per
@@ -63,6 +64,8 @@ LOST_AFTER = 2 * HEARTBEAT_TTL
 SWEEP_EVERY = 1.0
 # Between sweeps the sweeper wakes when the next host falls behind, this much after.
 DETECT_SLACK = 0.01
+# How often the detector thread looks whether its loop became the sweeper.
+DETECT_IDLE = 0.2
 INVESTIGATORS = 16
 # How many engine processes (qclusters, one loop each) the installation runs: shown as
 # "alive of wanted" in the status (API, dashboard, `manage.py engine status`).
@@ -198,6 +201,8 @@ class EngineLoop:
         self.in_progress: set[int] = set()
         self.in_progress_lock = threading.Lock()
         self.is_sweeper = False
+        self.cfg = None  # the configuration of the loop's last step (the detector's)
+        self.ended = threading.Event()  # run() is over: the detector thread ends too
         self.registered = False
         self.stopping = stopping or threading.Event()
         # When this loop last could not reach the database (or started): it reaps
@@ -308,25 +313,37 @@ class EngineLoop:
                 self.stopping.wait(wait)
                 wait *= 2
 
-    def wait_detecting(self, due, until: float, cfg) -> None:
-        """Wait until the monotonic time `until`; while sweeping, wake whenever the
-        next host falls behind on ping and look for it at once."""
-        while self.is_sweeper and due is not None and not self.stopping.is_set():
-            delay = (due - self.engine.now()).total_seconds() + DETECT_SLACK
-            if time.monotonic() + delay >= until:
-                break
-            if self.stopping.wait(max(0.0, delay)):
-                return
-            try:
-                due = self.detect(cfg)
-            except outage.DB_ERRORS as exc:
-                outage.failed(f"engine loop {self.id}", exc)
-                break
-            except Exception:
-                log.exception("engine loop %s detection pass failed", self.id)
-                close_old_connections()
-                break
-        self.stopping.wait(max(0.0, until - time.monotonic()))
+    def detect_loop(self) -> None:
+        """The detector thread (R2): while this loop holds the sweeper lease, wake the
+        moment the next host falls behind on ping and investigate it at once. It runs
+        beside the sweep, so a slow sweep (failover plans recomputed after a failure,
+        cleanup, a loaded database) never delays detection — when the sweep's own
+        thread did this between sweeps, a host that fell behind during a long sweep
+        was found only after it (0.8 s late in bench detect). It looks again at least
+        every SWEEP_EVERY (new hosts, a changed ping.interval)."""
+        try:
+            while not (self.stopping.is_set() or self.ended.is_set()):
+                cfg = self.cfg
+                if not self.is_sweeper or cfg is None:
+                    self.stopping.wait(DETECT_IDLE)
+                    continue
+                try:
+                    due = self._next_due(cfg)
+                    delay = SWEEP_EVERY if due is None else min(
+                        SWEEP_EVERY, (due - self.engine.now()).total_seconds() + DETECT_SLACK)
+                    if self.stopping.wait(max(0.0, delay)):
+                        return
+                    if self.is_sweeper:
+                        self.detect(self.cfg or cfg)
+                except outage.DB_ERRORS as exc:
+                    outage.failed(f"engine loop {self.id} detection", exc)
+                    self.stopping.wait(DETECT_IDLE * 5)
+                except Exception:
+                    log.exception("engine loop %s detection pass failed", self.id)
+                    close_old_connections()
+                    self.stopping.wait(DETECT_IDLE * 5)
+        finally:
+            connection.close()
 
     def take_sweeper(self) -> None:
         with transaction.atomic():  # a takeover is committed with its alert
@@ -368,20 +385,21 @@ class EngineLoop:
         """Run until stopped (or `lifetime` seconds); then hand over."""
         deadline = time.monotonic() + self.lifetime
         self.start_side_loops()
+        threading.Thread(target=self.detect_loop, name=f"detect-{self.id}",
+                         daemon=True).start()
         try:
             while (time.monotonic() < deadline and not self.stopping.is_set()
                    and self.keep_running()):
                 started = time.monotonic()
-                cfg, due = None, None
                 try:
                     if not self.registered:
                         self.register()
-                    cfg = config.snapshot()
+                    cfg = self.cfg = config.snapshot()
                     workers = cfg["ha.workers"]
                     self.pool.resize(workers)
                     self.take_sweeper()
                     if self.is_sweeper:
-                        due = self.sweep(cfg)
+                        self.sweep(cfg)
                     self.pool.notify()
                     self.heartbeat(workers)
                     outage.ok()
@@ -391,7 +409,7 @@ class EngineLoop:
                 except Exception:
                     log.exception("engine loop %s step failed", self.id)
                     close_old_connections()
-                self.wait_detecting(due, started + SWEEP_EVERY, cfg)
+                self.stopping.wait(max(0.0, started + SWEEP_EVERY - time.monotonic()))
             return "stopped" if self.stopping.is_set() else "lifetime over"
         finally:
             self.leave()
@@ -406,6 +424,7 @@ class EngineLoop:
         except Exception:
             log.exception("engine loop %s could not hand over", self.id)
         self.is_sweeper = False
+        self.ended.set()
         self.pool.stop()
         self.investigations.shutdown(wait=False, cancel_futures=True)
         try:
