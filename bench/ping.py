@@ -4,8 +4,12 @@ the raw PostgreSQL update rate of the same rows as the ceiling, in the same run.
 1. a fresh database, migrated; ``hosts`` Up hosts with 10 Running VMs each, seeded
    through the ORM (:mod:`bench.seed`);
 2. daphne web process(es) on free ports (``hadash.asgi``, as in production);
-3. for each transport and web-process count, the load generator (:mod:`bench.loadgen`,
-   its own process) sends steady 10-VM pings for a warm-up and then ``seconds``;
+3. for each transport, web-process count and ``--agents`` count, the load generator
+   (:mod:`bench.loadgen`, ``--loadgen-processes`` processes of its own) sends steady
+   10-VM pings for a warm-up and then ``seconds``; a websocket run is bracketed by the
+   bare ceiling: the same sockets' pings answered by a bare Channels consumer on the
+   same daphne (:mod:`bench.asgi_experiment`, ``/bench/bare/ws``), right before and
+   after, and the table shows real ÷ bare;
 4. the ceiling (:mod:`bench.pgceiling`): the same UPDATEs from psycopg, one transaction
    per ping and batched, over 1 and 2 connections;
 5. everything stopped, the database dropped (also on Ctrl-C or an error).
