@@ -204,7 +204,7 @@ class Pair:
 
     def _first_standby(self) -> None:
         try:
-            self.rebuild_standby(always_reset=True)
+            self.rebuild_standby()
         except BenchError as exc:
             self._first_error = str(exc)
 
@@ -285,20 +285,20 @@ class Pair:
         node = self.standby
         self._run("pg_ctl", "promote", "-w", "-t", "60", "-D", str(node.data))
         self.primary, self.standby = node, None
-        if not self.strict:
-            self.sql(node, "ALTER SYSTEM SET synchronous_standby_names = ''")
-            self.sql(node, "SELECT pg_reload_conf()")
+        # strict: '*' (postgresql.conf) whatever its copy of postgresql.auto.conf says
+        self.sql(node, "ALTER SYSTEM RESET synchronous_standby_names" if self.strict
+                 else "ALTER SYSTEM SET synchronous_standby_names = ''")
+        self.sql(node, "SELECT pg_reload_conf()")
         self.generation += 1
         return time.monotonic() - t
 
-    def rebuild_standby(self, always_reset: bool = False) -> dict:
-        """A new standby from the new primary where the old primary was; in the default
-        mode the primary waits for it again (synchronous_standby_names back to '*')."""
+    def rebuild_standby(self) -> dict:
+        """A new standby from the new primary where the old primary was; the primary
+        waits for it again (synchronous_standby_names back to '*')."""
         old = next(n for n in self.nodes if n is not self.primary)
         took = self._make_standby(old)
-        if always_reset or not self.strict:
-            self.sql(self.primary, "ALTER SYSTEM RESET synchronous_standby_names")
-            self.sql(self.primary, "SELECT pg_reload_conf()")
+        self.sql(self.primary, "ALTER SYSTEM RESET synchronous_standby_names")
+        self.sql(self.primary, "SELECT pg_reload_conf()")
         synced = self.wait_sync(120)
         return {"standby": old.name, "basebackup_s": round(took, 2),
                 "sync_after_s": round(synced, 2)}
