@@ -192,13 +192,14 @@ def rack_run(o: dict, system: System, db: BenchDatabase, victims: list[str], wor
              if e["subject_name"] in victims}
     if len(downs) != len(victims):
         raise BenchError(f"HostDown events for {sorted(downs)} only, of {victims}")
+    done = set(started)
     by_vm: dict[str, str | None] = {}
     while True:
         page = system.get("/vms", limit=10000, offset=len(by_vm))
         by_vm.update((x["name"], x["host"]) for x in page)
         if len(page) < 10000:
             break
-    wrong = [n for n in ha if by_vm.get(n) in (*victims, None)]
+    wrong = [n for n in done if by_vm.get(n) in (*victims, None)]
     if wrong:
         raise BenchError(f"{len(wrong)} VMs of the rack are not Running elsewhere: "
                          f"{wrong[:5]}")
@@ -211,18 +212,19 @@ def rack_run(o: dict, system: System, db: BenchDatabase, victims: list[str], wor
             "mean": round(sum(window) / len(window), 1) if window else None}
     result = {
         "start_delay": delay, "workers": workers, "hosts": victims, "vms": len(ha),
+        "running": len(done), "timeout_s": round(limit),
         "seconds": round(total, 2),
         "first_start_s": round(times[0] - first_down, 2),
         "last_down_s": round(last_down - first_down, 2),
         "fault_to_first_down_s": round(first_down - t_fault, 2),
-        "vms_per_s": round(len(ha) / total, 1) if total > 0 else None,
-        "steady_vms_per_s": round((len(ha) - 1) / span, 1) if span > 0 else None,
+        "vms_per_s": round(len(done) / total, 1) if total > 0 else None,
+        "steady_vms_per_s": round((len(done) - 1) / span, 1) if span > 0 else None,
         "busy_slots": busy,
         "cpu": cpu, "cpu_window_s": round(t_seen - t_fault, 1),
         "running_by": {ev: sum(e["event"] == ev for e in started.values())
                        for ev in sorted({e["event"] for e in started.values()})},
     }
-    say(f"  {len(ha)} VMs Running elsewhere {total:.2f} s after the first HostDown "
+    say(f"  {len(done)} VMs Running elsewhere {total:.2f} s after the first HostDown "
         f"(first {result['first_start_s']:.2f} s, {fmt(result['vms_per_s'])} VMs/s; "
         f"busy slots mean {busy['mean']} max {busy['max']}; CPU {cpu})")
     return result
@@ -242,8 +244,10 @@ def _wait_running(system: System, names: set[str], after: int, timeout: float) -
         if len(seen) == len(names):
             return seen
         if time.monotonic() > deadline:
-            raise BenchError(f"only {len(seen)}/{len(names)} VMs of the rack Running "
-                             f"elsewhere after {timeout:.0f} s")
+            # Reported as such (the other ha.workers values still run), not an error.
+            say(f"  only {len(seen)}/{len(names)} VMs of the rack Running elsewhere after "
+                f"{timeout:.0f} s")
+            return seen
         system.alive()
         time.sleep(1.0)
 
@@ -270,7 +274,11 @@ def rack_report(r: dict[str, Any]) -> str:
             ok = x["seconds"] <= RACK_SECONDS
             target = f"≤ {RACK_SECONDS:.0f} s: {'met' if ok else 'NOT met'}"
         c = x["cpu"]
-        rows.append([fmt(x["start_delay"], 1), x["workers"], x["vms"], fmt(x["seconds"], 2),
+        vms = x["vms"] if x.get("running", x["vms"]) == x["vms"] else \
+            f"{x['running']} of {x['vms']} (gave up at {x['timeout_s']} s)"
+        if x.get("running", x["vms"]) < x["vms"]:
+            target = f"≤ {RACK_SECONDS:.0f} s: NOT met"
+        rows.append([fmt(x["start_delay"], 1), x["workers"], vms, fmt(x["seconds"], 2),
                      fmt(x["first_start_s"], 2), fmt(x["last_down_s"], 2),
                      fmt(x["vms_per_s"], 1), fmt(x["steady_vms_per_s"], 1),
                      f"{x['busy_slots']['mean']} / {x['busy_slots']['max']}",
