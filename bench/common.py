@@ -315,7 +315,8 @@ class CpuMeter:
         wall = max(time.monotonic() - self._t0, 1e-6)
         after = self._sample()
         busy1, total1 = machine_busy()
-        self.result = {k: round((after[k] - self._before.get(k, 0.0)) / wall, 3)
+        # max(0, …): a backend that exited within the window takes its CPU with it
+        self.result = {k: round(max(0.0, after[k] - self._before.get(k, 0.0)) / wall, 3)
                        for k in after}
         cores = os.cpu_count() or 1
         dt_total = max(total1 - self._machine0[1], 1e-6)
