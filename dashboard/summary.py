@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from urllib.parse import quote
 
-from django.db.models import Count, Max
+from django.db.models import BooleanField, Count, ExpressionWrapper, Max, Q
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.safestring import SafeString, mark_safe
@@ -55,19 +55,25 @@ def size_class(vms: int) -> str:
 
 def hosts_and_vm_counts() -> tuple[list[tuple], dict[int, int]]:
     """Every host as (id, name, cluster, status, resource_state, agent_name,
-    agent_version) ordered by cluster and name, and the number of VMs on each (VMs that
-    occupy it: Starting … Migrating)."""
+    agent_version, behind on ping now) ordered by cluster and name, and the number of
+    VMs on each (VMs that occupy it: Starting … Migrating)."""
     hosts, per_host, _ = fleet()
     return hosts, per_host
 
 
-def fleet() -> tuple[list[tuple], dict[int, int], dict[str, int]]:
+def fleet(now=None, cfg=None) -> tuple[list[tuple], dict[int, int], dict[str, int]]:
     """`hosts_and_vm_counts`, and the VMs by state — the VM table read once (one
-    aggregate by host and state) for both: at 100,000 VMs each pass over it counts."""
+    aggregate by host and state) for both: at 100,000 VMs each pass over it counts.
+    Each host's last field is whether its last ping is older than ping.interval ×
+    ping.timeout at ``now`` (compared in the database: 10,000 timestamps are not worth
+    reading to compare them here), None when it never pinged."""
+    cutoff = behind_cutoff(now, cfg)
     hosts = list(
         Host.objects.order_by("cluster", "name")
+        .annotate(ping_late=ExpressionWrapper(Q(last_ping__lt=cutoff),
+                                              output_field=BooleanField()))
         .values_list("id", "name", "cluster", "status", "resource_state",
-                     "agent_name", "agent_version", "last_ping")
+                     "agent_name", "agent_version", "ping_late")
     )
     per_host: dict[int, int] = {}
     by_state: dict[str, int] = {}
@@ -80,15 +86,30 @@ def fleet() -> tuple[list[tuple], dict[int, int], dict[str, int]]:
     return hosts, per_host, by_state
 
 
+def behind_cutoff(now=None, cfg=None) -> dt.datetime:
+    now = now or timezone.now()
+    cfg = cfg or config.snapshot()
+    return now - dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
+
+
 def suspect_ids(hosts: list[tuple], now=None, cfg=None) -> set[int]:
     """R17 on the map: hosts Up or Connecting but behind on ping (ping.interval ×
     ping.timeout) — suspect or under investigation, not declared yet — so an operator
-    sees a failure before its verdict."""
-    now = now or timezone.now()
-    cfg = cfg or config.snapshot()
-    cutoff = now - dt.timedelta(seconds=cfg["ping.interval"] * cfg["ping.timeout"])
-    return {h[0] for h in hosts
-            if h[3] in SWEPT_STATUSES and h[7] is not None and h[7] < cutoff}
+    sees a failure before its verdict. A host's last field: its last ping, or (from
+    `fleet`) whether that is older than the limit already."""
+    cutoff = None
+    out = set()
+    for h in hosts:
+        if h[3] not in SWEPT_STATUSES or h[7] is None:
+            continue
+        if isinstance(h[7], dt.datetime):
+            cutoff = cutoff or behind_cutoff(now, cfg)
+            late = h[7] < cutoff
+        else:
+            late = h[7]
+        if late:
+            out.add(h[0])
+    return out
 
 
 def counts(alerts: bool = True, vm_counts: dict[str, int] | None = None) -> dict:
@@ -149,13 +170,13 @@ def summary_json(hosts_version: str = "") -> dict:
     painted last — ``hosts_version``, the ``hosts_version`` of that answer — so a page
     refetching once a second while events arrive does not re-read 10,000 tiles that did
     not change (issue 12). ``host_total`` is always there."""
-    hosts, per_host, by_state = fleet()
+    cfg = config.snapshot()
+    hosts, per_host, by_state = fleet(cfg=cfg)
     c = counts(alerts=False, vm_counts=by_state)
     alert_ids = open_alert_ids()
     alerts_open = (len(alert_ids) if len(alert_ids) < OPEN_ALERTS_SHOWN
                    else Alert.objects.filter(state=AlertState.OPEN).count())
     host_counts = Counter(h[3] for h in hosts)
-    cfg = config.snapshot()
     late = suspect_ids(hosts, cfg=cfg)
     # [id, name, cluster, status, resource state, VMs, suspect (R17)]
     rows = tuple((h[0], h[1], h[2], h[3], h[4], per_host.get(h[0], 0), h[0] in late)
@@ -261,11 +282,11 @@ def _esc(text) -> str:
 
 def overview(now=None) -> dict:
     now = now or timezone.now()
-    hosts, per_host, by_state = fleet()
+    cfg = config.snapshot()
+    hosts, per_host, by_state = fleet(now, cfg)
     # The alerts panel counts the alerts (dashboard.alerts.panel).
     c = counts(alerts=False, vm_counts=by_state)
     host_counts = Counter(h[3] for h in hosts)
-    cfg = config.snapshot()
     return {
         "host_total": len(hosts),
         "host_counts": ordered_counts(host_counts, MAIN_STATUSES, HostStatus.values),
