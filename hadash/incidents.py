@@ -151,17 +151,25 @@ def host_declared_down(host, *, now, by: str, vms, items, ha) -> Incident:
     inc.title = f"{host.name} down"
     confirmed = host.last_ping
     ha_names = []
+    # One row per VM not in the incident yet: two queries for the host's VMs, not two
+    # each (this runs in the HostDown transaction the HA workers wait for).
+    known = set(IncidentVm.objects.filter(incident=inc).values_list("vm_name", flat=True))
+    rows = []
     for vm in vms:
         wanted = bool(ha(vm))
-        down_since = max([t for t in (confirmed, vm.power_state_update_time) if t],
-                         default=None)
-        row, created = IncidentVm.objects.get_or_create(
-            incident=inc, vm_name=vm.name,
-            defaults=dict(vm=vm, ha=wanted, down_since=down_since,
-                          outcome=VmOutcome.PENDING if wanted else VmOutcome.NOT_HA,
-                          detail="" if wanted else "not HA-enabled: stays Stopped"))
         if wanted:
             ha_names.append(vm.name)
+        if vm.name in known:
+            continue
+        known.add(vm.name)
+        down_since = max([t for t in (confirmed, vm.power_state_update_time) if t],
+                         default=None)
+        rows.append(IncidentVm(
+            incident=inc, vm_name=vm.name, vm=vm, ha=wanted, down_since=down_since,
+            outcome=VmOutcome.PENDING if wanted else VmOutcome.NOT_HA,
+            detail="" if wanted else "not HA-enabled: stays Stopped"))
+    if rows:
+        IncidentVm.objects.bulk_create(rows)
     inc.vms_affected = IncidentVm.objects.filter(incident=inc, ha=True).count()
     inc.updated = now
     inc.save(update_fields=["declared_at", "state", "title", "vms_affected", "updated"])
@@ -295,7 +303,9 @@ def vm_restarted(item, vm, target, *, now) -> None:
         row.target_host_name = target.name if target else ""
         row.detail = f"restarted on {row.target_host_name}"
         row.save(update_fields=["outcome", "running_at", "target_host_name", "detail"])
-        inc = row.incident
+        # Read under the row lock: concurrent workers restarting VMs of one incident
+        # (a failed host's) otherwise lost each other's counts (10 of 100 "restarted").
+        inc = Incident.objects.select_for_update().get(pk=row.incident_id)
         inc.first_restart_at = inc.first_restart_at or now
         inc.last_restart_at = now
         inc.vms_restarted += 1
@@ -334,7 +344,7 @@ def item_ended(item, step: str, *, now, message: str = "") -> None:
                 row.target_host_name = vm.host.name if vm.host_id else ""
         row.detail = message[:500]
         row.save(update_fields=["outcome", "running_at", "target_host_name", "detail"])
-        inc = row.incident
+        inc = Incident.objects.select_for_update().get(pk=row.incident_id)
         if row.outcome == VmOutcome.FAILED:
             inc.vms_failed += 1
             _touch(inc, now, "vms_failed")
