@@ -1,6 +1,7 @@
 """The real-fleet tier (issue 9 part 4): hadash against real hosts — network namespaces,
 one libvirtd each with tiny diskless qemu guests, hadash-agent, a Redfish BMC — on this
-machine. See fleet.py for how a host is built and docs/testing.md for what it needs.
+machine. See bench/realfleet.py (shared with `bench agent-crash`) for how a host is
+built and docs/testing.md for what it needs.
 
 Runs on the PostgreSQL pass of the suite only (``DATABASE_URL=postgres://…``): a real
 daphne and django-q engine on a fresh PostgreSQL database. Elsewhere it is skipped with
