@@ -132,11 +132,18 @@ class WorkerPool:
                                      name=f"ha-worker-{i}")
                 self.threads[i], self.stops[i] = t, stop
                 t.start()
-        self.notify()
+        self.notify(everyone=True)
 
-    def notify(self) -> None:
+    def notify(self, everyone: bool = False) -> None:
+        """Wake one idle worker (``everyone``: all of them, to stop or resize). A worker
+        that claims an item wakes the next one at once (worker_step's on_claim), so a
+        failed host's items are claimed one after another by as many workers as there
+        are items, without the rest of the pool queueing on the claim lock each time."""
         with self.wake:
-            self.wake.notify_all()
+            if everyone:
+                self.wake.notify_all()
+            else:
+                self.wake.notify()
 
     def _run(self, i: int, stop: threading.Event) -> None:
         from hadash.ha.work import release_held_by
@@ -155,7 +162,7 @@ class WorkerPool:
                     with self._lock:
                         self.busy += 1
                     try:
-                        did = worker_step(engine)
+                        did = worker_step(engine, on_claim=self.notify)
                     finally:
                         with self._lock:
                             self.busy -= 1
@@ -176,7 +183,7 @@ class WorkerPool:
     def stop(self, timeout: float = 30.0) -> None:
         for s in self.stops.values():
             s.set()
-        self.notify()
+        self.notify(everyone=True)
         deadline = time.monotonic() + timeout
         for t in self.threads.values():
             t.join(max(0.0, deadline - time.monotonic()))
