@@ -132,18 +132,11 @@ class WorkerPool:
                                      name=f"ha-worker-{i}")
                 self.threads[i], self.stops[i] = t, stop
                 t.start()
-        self.notify(everyone=True)
+        self.notify()
 
-    def notify(self, everyone: bool = False) -> None:
-        """Wake one idle worker (``everyone``: all of them, to stop or resize). A worker
-        that claims an item wakes the next one at once (worker_step's on_claim), so a
-        failed host's items are claimed one after another by as many workers as there
-        are items, without the rest of the pool queueing on the claim lock each time."""
+    def notify(self) -> None:
         with self.wake:
-            if everyone:
-                self.wake.notify_all()
-            else:
-                self.wake.notify()
+            self.wake.notify_all()
 
     def _run(self, i: int, stop: threading.Event) -> None:
         from hadash.ha.work import release_held_by
@@ -162,7 +155,7 @@ class WorkerPool:
                     with self._lock:
                         self.busy += 1
                     try:
-                        did = worker_step(engine, on_claim=self.notify)
+                        did = worker_step(engine)
                     finally:
                         with self._lock:
                             self.busy -= 1
@@ -183,7 +176,7 @@ class WorkerPool:
     def stop(self, timeout: float = 30.0) -> None:
         for s in self.stops.values():
             s.set()
-        self.notify(everyone=True)
+        self.notify()
         deadline = time.monotonic() + timeout
         for t in self.threads.values():
             t.join(max(0.0, deadline - time.monotonic()))

@@ -17,16 +17,13 @@ from .work import LostItem, claim, release_after_db_error, release_claim
 log = logging.getLogger("hadash.work")
 
 
-def worker_step(engine, cfg=None, on_claim=None) -> bool:
+def worker_step(engine, cfg=None) -> bool:
     """Claim and process one due item. Returns True when an item was processed (more
-    may be due), False when there was nothing to take. ``on_claim()`` runs once the
-    item is claimed, before it is processed (the pool wakes the next worker)."""
+    may be due), False when there was nothing to take."""
     cfg = cfg or config.snapshot()
     item = claim(engine, cfg)
     if item is None:
         return False
-    if on_claim is not None:
-        on_claim()
     process(engine, item, cfg)
     return True
 
