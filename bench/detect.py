@@ -88,7 +88,8 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
     failures: list[dict] = []
     with system:
         system.start(hosts=o["hosts"], vms=o["vms"], ha_ratio=o["ha_ratio"],
-                     clusters=o["clusters"], start_delay=o["start_delay"])
+                     clusters=o["clusters"], start_delay=o["start_delay"],
+                     engine_processes=o.get("engine_processes") or 1)
         cfg = {c["name"]: c["value"] for c in system.get("/config")}
         interval = float(cfg["ping.interval"])
         timeout_factor = float(cfg["ping.timeout"])
@@ -120,6 +121,7 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path) -> dict[str, Any]:
         "benchmark": "detect", "machine": info, "command": o["command"],
         "hosts": o["hosts"], "vms": o["vms"], "ha_ratio": o["ha_ratio"],
         "clusters": o["clusters"], "start_delay": o["start_delay"], "config": cfg,
+        "engine_processes": o.get("engine_processes") or 1,
         "ready_s": round(ready, 1), "target_detect_s": detect_target,
         "failures": failures,
         "summary": summarize(failures, downtime_target, detect_target),
@@ -303,7 +305,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"VM downtime after a host power loss: {r['hosts']} hosts, {r['vms']} VMs (HA ratio "
         f"{r['ha_ratio']}), {r['clusters']} clusters; ping.interval {cfg['ping.interval']}, "
-        f"ping.timeout {cfg['ping.timeout']}, ha.workers {cfg['ha.workers']}, VM start "
+        f"ping.timeout {cfg['ping.timeout']}, ha.workers {cfg['ha.workers']}, engine "
+        f"processes {r.get('engine_processes', 1)}, VM start "
         f"{r['start_delay']} s (simulated: the agent answers the start after that long); "
         f"fleet ready after {r['ready_s']} s",
         "Every time below is an event stamp or the incident's (R18), none from polling: "

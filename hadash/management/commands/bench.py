@@ -127,6 +127,8 @@ class Command(BaseCommand):
         p.add_argument("--settle", type=float, default=None,
                        help="seconds to wait after the fleet is ready (default 2 × ping "
                        "interval)")
+        p.add_argument("--engine-processes", type=int, default=1,
+                       help="engine processes (qclusters, one engine loop each; default 1)")
         p.add_argument("--timeout", type=float, default=None,
                        help="bound on the fleet set-up wait (default 300 s + 0.1 s per VM)")
 
