@@ -977,8 +977,12 @@ class Chaos:
         seen: dict[str, float] = {}
         loops_seen: dict[str, float] = {}
         # the loops alive at the kill (a loop killed earlier may still have its row)
+        def killed(loop: str) -> bool:
+            pid = loop.split(":")[1] if loop.count(":") >= 2 else ""
+            return pid.isdigit() and int(pid) in self.killed
+
         loops = {i for i, beat in before["loops"].items()
-                 if beat > kill - dt.timedelta(seconds=5)}
+                 if beat > kill - dt.timedelta(seconds=5) and not killed(i)}
         deadline = t0 + timeout
         conn = None
         errors = 0

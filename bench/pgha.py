@@ -178,7 +178,9 @@ class Pair:
         self._run("initdb", "-D", str(first.data), "-U", "postgres", "--auth=trust",
                   "--no-sync", "-E", "UTF8", "--locale=C")
         conf = [
-            "listen_addresses = '127.0.0.1'", f"unix_socket_directories = '{self.root}'",
+            # TCP only: a socket lock file would name the killed postmaster, which may
+            # linger as a zombie and make the new standby on its port refuse to start
+            "listen_addresses = '127.0.0.1'", "unix_socket_directories = ''",
             "wal_level = replica", "max_wal_senders = 10", "max_replication_slots = 10",
             "hot_standby = on", "synchronous_commit = on",
             "synchronous_standby_names = '*'", "wal_keep_size = '256MB'",
