@@ -879,6 +879,10 @@ class Chaos:
         must be there."""
         pair = self.db.pair
         self._rebuilt()  # the previous failover's new standby must be there first
+        if pair.standby is None:  # its making failed (reported): no failover without one
+            self.failovers.append({"at": self._since(), "from": pair.primary.name, "to": "",
+                                   "error": "no standby to promote (the last one failed)"})
+            return
         rec: dict[str, Any] = {"at": self._since(), "from": pair.primary.name,
                                "to": pair.standby.name}
         try:
