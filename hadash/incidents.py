@@ -292,27 +292,42 @@ def _pending_rows(vm_id):
                     incident__state__in=OPEN_INCIDENT_STATES))
 
 
-def vm_restarted(item, vm, target, *, now) -> None:
+def vm_restarted(item, vm, target, *, now):
     """An HA start succeeded (R12.5): the VM's downtime ends now; its incident(s)
-    count the restart, and end when every HA VM is settled."""
+    count the restart, and end when every HA VM is settled.
+
+    The VM's own rows are written at once; the incident rows are counted by the
+    returned function, which the caller runs as the last statement of its
+    transaction: the incident row is locked until commit, and every HA worker
+    restarting a VM of one failed host (a rack: 100 at a time) needs it, so it is held
+    for the commit only, not for the rest of the step."""
     count("restarts", outcome="ok")
     link = item.incident_id if item is not None else None
+    touched: list[int] = []
     for row in _pending_rows(vm.pk):
         link = link or row.incident_id
         row.outcome, row.running_at = VmOutcome.RESTARTED, now
         row.target_host_name = target.name if target else ""
         row.detail = f"restarted on {row.target_host_name}"
         row.save(update_fields=["outcome", "running_at", "target_host_name", "detail"])
-        # Read under the row lock: concurrent workers restarting VMs of one incident
-        # (a failed host's) otherwise lost each other's counts (10 of 100 "restarted").
-        inc = Incident.objects.select_for_update().get(pk=row.incident_id)
-        inc.first_restart_at = inc.first_restart_at or now
-        inc.last_restart_at = now
-        inc.vms_restarted += 1
-        _touch(inc, now, "first_restart_at", "last_restart_at", "vms_restarted")
-        complete(inc, now=now)
+        touched.append(row.incident_id)
     if link:
         Event.objects.filter(vm=vm, time=now, incident__isnull=True).update(incident=link)
+
+    def count_restarts() -> None:
+        for incident_id in sorted(set(touched)):
+            # Read under the row lock: concurrent workers restarting VMs of one
+            # incident (a failed host's) otherwise lost each other's counts. FOR NO KEY
+            # UPDATE: the deferred foreign-key checks of other workers' commits take
+            # FOR KEY SHARE on this row; with FOR UPDATE taken this late they deadlock.
+            inc = Incident.objects.select_for_update(no_key=True).get(pk=incident_id)
+            inc.first_restart_at = inc.first_restart_at or now
+            inc.last_restart_at = now
+            inc.vms_restarted += touched.count(incident_id)
+            _touch(inc, now, "first_restart_at", "last_restart_at", "vms_restarted")
+            complete(inc, now=now)
+
+    return count_restarts
 
 
 def restart_failed(item, vm, *, now, error: str) -> None:
