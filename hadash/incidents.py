@@ -64,7 +64,7 @@ def open_host_incident(host, *, now, started_at=None, why: str = "") -> Incident
     """The host's open incident, or a new one (Open; its alert, warning) — ``why``
     when it was not found behind on ping (fenced for a VM). Idempotent: one open
     incident per host, by the database (incident_one_open_per_host)."""
-    inc = Incident.objects.select_for_update().filter(
+    inc = Incident.objects.select_for_update(no_key=True).filter(
         kind=IncidentKind.HOST, host=host, state__in=OPEN_INCIDENT_STATES).first()
     if inc is not None:
         return inc
@@ -77,7 +77,7 @@ def open_host_incident(host, *, now, started_at=None, why: str = "") -> Incident
                 started_at=started, detected_at=now, updated=now,
             )
     except IntegrityError:  # opened by another process meanwhile
-        return Incident.objects.select_for_update().get(
+        return Incident.objects.select_for_update(no_key=True).get(
             kind=IncidentKind.HOST, host=host, state__in=OPEN_INCIDENT_STATES)
     behind = f"no ping for {_secs(now, started)}" if started else "no ping yet"
     open_alert(HOST_ALERT, "host", host.name, now=now, incident=inc, host=host,
@@ -199,7 +199,7 @@ def link_host_events(inc: Incident, host, now) -> None:
 def host_back(host, *, now, how: str) -> Incident | None:
     """The host is Up and on time again. An incident not yet declared is Dismissed
     (nothing was done); a declared one goes on until its VMs are settled."""
-    inc = Incident.objects.select_for_update().filter(
+    inc = Incident.objects.select_for_update(no_key=True).filter(
         kind=IncidentKind.HOST, host=host, state=IncidentState.OPEN).first()
     if inc is None:
         return None
@@ -241,7 +241,7 @@ def returned_pending(*, cutoff) -> bool:
 def open_vm_incident(vm, item, *, now, started_at, why: str) -> Incident:
     """A VM powered off or went missing while Running and HA scheduled ``item`` for
     it: a VM incident (Open), its one IncidentVm, the item linked, its alert."""
-    inc = Incident.objects.select_for_update().filter(
+    inc = Incident.objects.select_for_update(no_key=True).filter(
         kind=IncidentKind.VM, vm=vm, state__in=OPEN_INCIDENT_STATES).first()
     if inc is None:
         host = vm.host
@@ -254,7 +254,7 @@ def open_vm_incident(vm, item, *, now, started_at, why: str) -> Incident:
                     vms_affected=1, updated=now,
                 )
         except IntegrityError:
-            inc = Incident.objects.select_for_update().get(
+            inc = Incident.objects.select_for_update(no_key=True).get(
                 kind=IncidentKind.VM, vm=vm, state__in=OPEN_INCIDENT_STATES)
         else:
             IncidentVm.objects.create(incident=inc, vm=vm, vm_name=vm.name, ha=True,
@@ -359,7 +359,7 @@ def item_ended(item, step: str, *, now, message: str = "") -> None:
                 row.target_host_name = vm.host.name if vm.host_id else ""
         row.detail = message[:500]
         row.save(update_fields=["outcome", "running_at", "target_host_name", "detail"])
-        inc = Incident.objects.select_for_update().get(pk=row.incident_id)
+        inc = Incident.objects.select_for_update(no_key=True).get(pk=row.incident_id)
         if row.outcome == VmOutcome.FAILED:
             inc.vms_failed += 1
             _touch(inc, now, "vms_failed")

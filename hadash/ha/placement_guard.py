@@ -116,13 +116,17 @@ def lock_best(found) -> tuple[Host, set[int]]:
     VM there now; skipped: ``busy``), among the first ``SKIP_AMONG``; when all of
     those are held, wait for the best. Many workers restarting a rack used to queue
     on the one best host's row lock, taking turns (issue 12)."""
+    # FOR NO KEY UPDATE, not FOR UPDATE: other workers' commits check their VMs' host
+    # foreign keys (deferred, FOR KEY SHARE) against this row; FOR UPDATE blocked them,
+    # and with the incident row held too the workers deadlocked (R11 racing test).
     busy: set[int] = set()
     for room in found[:SKIP_AMONG]:
-        host = Host.objects.select_for_update(skip_locked=True).filter(pk=room.id).first()
+        host = (Host.objects.select_for_update(skip_locked=True, no_key=True)
+                .filter(pk=room.id).first())
         if host is not None:
             return host, busy
         busy.add(room.id)
-    return Host.objects.select_for_update().get(pk=found[0].id), set()
+    return Host.objects.select_for_update(no_key=True).get(pk=found[0].id), set()
 
 
 # --- restart order (R25) -------------------------------------------------------------------
