@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from hadash.supervisor import ROOT, Supervisor, wait_for_port
+from hadash.supervisor import ROOT, Supervisor, wait_for, wait_for_port
 
 PREFIX = "hdrf-"
 BRIDGE = "hdrf-br0"
@@ -828,24 +828,6 @@ CONFIG = {
     "migrate.retry.interval": "10",
     "alert.wait": "10",  # a host nobody can tell about goes Alert after 10 s
 }
-
-
-def wait_for(what: str, cond, timeout: float, every: float = 0.5):
-    """Until ``cond()`` is true (HTTP errors count as not yet); its value. TimeoutError
-    after ``timeout`` seconds, naming ``what`` and the last value seen."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 def _check(ok: object, what: str) -> None:

@@ -53,6 +53,24 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+def wait_for(what: str, cond, timeout: float, every: float = 0.5):
+    """Until ``cond()`` is true (HTTP errors count as not yet); its value. TimeoutError
+    after ``timeout`` seconds, naming ``what`` and the last value seen."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = cond()
+            if last:
+                return last
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0,
                   proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout

@@ -21,7 +21,6 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +29,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hadash.supervisor import ROOT, Supervisor, daphne_argv, free_port, wait_for_port
+from hadash.supervisor import (  # noqa: F401 (wait_for: used by the suites)
+    ROOT,
+    Supervisor,
+    daphne_argv,
+    free_port,
+    wait_for,
+    wait_for_port,
+)
 
 # The engine's timings, shortened so that detection and recovery take seconds.
 FAST_CONFIG = {"ping.interval": "2", "ping.timeout": "2",
@@ -95,20 +101,6 @@ def manage(env, *args, timeout=120) -> str:
     assert proc.returncode == 0, f"manage.py {' '.join(args)} failed:\n{proc.stdout}\n" \
                                  f"{proc.stderr}"
     return proc.stdout
-
-
-def wait_for(what: str, cond, timeout: float, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = cond()
-            if last:
-                return last
-        except httpx.HTTPError as exc:
-            last = exc
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
 
 
 @dataclass
