@@ -111,6 +111,20 @@ def _interval(data: object, default: float) -> float:
     return default
 
 
+def sync_task(sim, h: Host) -> bool:
+    """Run the host's agent task exactly while the server could reach it: start one
+    when it can and none runs, cancel the running one when it cannot. True when a
+    running task was cancelled (the host's link is gone)."""
+    running = h.task is not None and not h.task.done()
+    if h.reachable and not running:
+        h.task = asyncio.get_running_loop().create_task(run_agent(sim, h))
+    elif not h.reachable and running:
+        h.task.cancel()
+        h.task = None
+        return True
+    return False
+
+
 async def run_agent(sim: Simulator, h: Host) -> None:
     """The host's agent, until cancelled (the host became unreachable, or shutdown)."""
     backoff = BACKOFF_MIN

@@ -187,12 +187,7 @@ class Pinger:
         """Run the host's agent task exactly while the server could reach it."""
         if self._stopping:
             return
-        running = h.task is not None and not h.task.done()
-        if h.reachable and not running:
-            h.task = asyncio.get_running_loop().create_task(agents.run_agent(self, h))
-        elif not h.reachable and running:
-            h.task.cancel()
-            h.task = None
+        if agents.sync_task(self, h):
             h.linked = False
 
     def on_message(self, message: dict[str, Any]) -> bool:

@@ -461,15 +461,9 @@ class Simulator:
                 log.info("%s disconnected (%s)", h.name, self.why_unreachable(h))
             self.changed(h)
             return
-        running = h.task is not None and not h.task.done()
-        if h.reachable and not running:
-            h.task = asyncio.get_running_loop().create_task(agents.run_agent(self, h))
-        elif not h.reachable and running:
-            h.task.cancel()
-            h.task = None
-            if h.linked:
-                h.linked = False
-                log.info("%s disconnected (%s)", h.name, self.why_unreachable(h))
+        if agents.sync_task(self, h) and h.linked:
+            h.linked = False
+            log.info("%s disconnected (%s)", h.name, self.why_unreachable(h))
 
     @staticmethod
     def why_unreachable(h: Host) -> str:
