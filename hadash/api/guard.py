@@ -40,8 +40,17 @@ MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
 BULK_PATHS = (API_PREFIX + "vms/bulk", API_PREFIX + "unmanaged-vms/adopt")
 
 
+# And a VM group (R25): up to vms.groups.MAX_MEMBERS (1,000) member names of up to 255
+# characters each, which JSON may escape to 12 bytes a character — a body the API's own
+# description calls valid must not be refused for its size.
+MAX_GROUP_BODY_BYTES = 4 * 1024 * 1024
+GROUP_PATHS = API_PREFIX + "vm-groups"
+
+
 def body_limit(path: str) -> int:
     """The largest body the operator API takes at ``path``."""
+    if path == GROUP_PATHS or path.startswith(GROUP_PATHS + "/"):
+        return MAX_GROUP_BODY_BYTES
     if path.startswith(API_PREFIX + "vms/") and path.rstrip("/").endswith("/definition"):
         return MAX_DEFINITION_BODY_BYTES
     if path in BULK_PATHS:

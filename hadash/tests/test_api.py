@@ -1054,6 +1054,11 @@ def test_early_refusal_rules():
     assert early_refusal("/api/v1/vms", [("Content-Length", "-1"), *auth])[0] == 400
     assert early_refusal("/api/v1/vms", [("Transfer-Encoding", "chunked"), *auth])[0] == 411
     assert early_refusal("/admin/login/", [("Content-Length", "10")]) is None
+    # R25: a group of 1,000 member names is a valid body well above 64 KiB.
+    group = [("Content-Length", str(1000 * 257 + 20)), *auth]
+    assert early_refusal("/api/v1/vm-groups/db", group) is None
+    assert early_refusal("/api/v1/vm-groups", group) is None
+    assert early_refusal("/api/v1/vm-groupsX", group)[0] == 413
 
 
 def test_a_value_the_database_refuses_is_a_400_not_a_500():
