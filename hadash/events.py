@@ -32,12 +32,40 @@ def record_event(
 ):
     """Write one event. Must run inside the transaction that makes the change
     (it refuses to run in autocommit, so a change can never lose its event)."""
-    from .choices import Severity
     from .models import Event
 
     conn = transaction.get_connection()
     if not conn.in_atomic_block:
         raise RuntimeError("record_event must run inside the transaction of its change")
+    return Event.objects.create(**event_values(
+        subject, obj, event=event, field=field, old=old, new=new, reason=reason,
+        message=message, alert=alert, severity=severity, now=now, name=name,
+        related_host=related_host, related_vm=related_vm, incident=incident))
+
+
+def event_values(
+    subject: str,
+    obj: Any = None,
+    *,
+    event: str,
+    field: str = "",
+    old: Any = "",
+    new: Any = "",
+    reason: str = "",
+    message: str = "",
+    alert: bool = False,
+    severity: str | None = None,
+    now=None,
+    name: str | None = None,
+    related_host=None,
+    related_vm=None,
+    incident=None,
+) -> dict[str, Any]:
+    """The fields of the event ``record_event`` writes (relations as model objects),
+    for writers of many events at once (hadash.api.hostbulk), which must insert them in
+    the transaction of their changes too."""
+    from .choices import Severity
+
     subject_id = getattr(obj, "pk", None)
     subject_name = name if name is not None else (getattr(obj, "name", "") or str(obj or ""))
     if related_host is None and subject == "host":
@@ -46,7 +74,7 @@ def record_event(
         related_vm = obj
     if related_host is None and subject == "vm" and obj is not None:
         related_host = getattr(obj, "host", None) or getattr(obj, "last_host", None)
-    return Event.objects.create(
+    return dict(
         time=now or timezone.now(),
         subject=subject,
         subject_id=subject_id,

@@ -92,17 +92,19 @@ class NewVm:
 # --- reading and checking the list ---------------------------------------------------
 
 
-def read_list(data, *, limit: int) -> list:
-    """The `vms` list of the body, or Refused (400) with why not."""
-    if not isinstance(data, dict) or "vms" not in data:
-        raise Refused(400, 'the body must be {"vms": [ ... ]}: a list of VMs under "vms"')
-    items = data["vms"]
+def read_list(data, *, limit: int, key: str = "vms", noun: str = "VM") -> list:
+    """The ``key`` list of the body (``noun``: what its items are), or Refused (400)
+    with why not."""
+    if not isinstance(data, dict) or key not in data:
+        raise Refused(400, f'the body must be {{"{key}": [ ... ]}}: a list of {noun}s under '
+                           f'"{key}"')
+    items = data[key]
     if not isinstance(items, list):
-        raise Refused(400, f'"vms" must be a list, not {type(items).__name__}')
+        raise Refused(400, f'"{key}" must be a list, not {type(items).__name__}')
     if not items:
-        raise Refused(400, '"vms" is empty: give at least one VM')
+        raise Refused(400, f'"{key}" is empty: give at least one {noun}')
     if len(items) > limit:
-        raise Refused(400, f"too many VMs in one request: {len(items)}; at most {limit} — "
+        raise Refused(400, f"too many {noun}s in one request: {len(items)}; at most {limit} — "
                            "send them in several requests")
     return items
 
@@ -196,16 +198,17 @@ def duplicates(named: dict[int, str]) -> dict[int, str]:
     return out
 
 
-def refuse_items(bad: dict[int, str], items: list, *, what: str) -> None:
+def refuse_items(bad: dict[int, str], items: list, *, what: str, key: str = "vms",
+                 noun: str = "VM") -> None:
     """Refused (400) listing every bad item, if any."""
     if not bad:
         return
     errors = [{"index": i, "name": _name(items[i]), "error": bad[i]} for i in sorted(bad)]
     shown = "; ".join(
-        f"vms[{e['index']}]{' (' + e['name'] + ')' if e['name'] else ''}: {e['error']}"
+        f"{key}[{e['index']}]{' (' + e['name'] + ')' if e['name'] else ''}: {e['error']}"
         for e in errors[:SHOWN])
     more = f"; … and {len(errors) - SHOWN} more (see errors)" if len(errors) > SHOWN else ""
-    raise Refused(400, f"{len(errors)} of {len(items)} VMs cannot be {what}, nothing was "
+    raise Refused(400, f"{len(errors)} of {len(items)} {noun}s cannot be {what}, nothing was "
                        f"written: {shown}{more}", errors)
 
 

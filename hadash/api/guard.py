@@ -35,9 +35,11 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_DEFINITION_BODY_BYTES = 2 * 1024 * 1024
 
 
-# And a list of VMs to register or adopt (issue 12: up to 20,000 VMs in one request).
+# And a list of VMs to register or adopt, or of hosts' settings (issue 12: up to 20,000
+# VMs or hosts in one request; 20,000 hosts' BMC settings are about 5 MB).
 MAX_BULK_BODY_BYTES = 16 * 1024 * 1024
-BULK_PATHS = (API_PREFIX + "vms/bulk", API_PREFIX + "unmanaged-vms/adopt")
+BULK_PATHS = (API_PREFIX + "vms/bulk", API_PREFIX + "unmanaged-vms/adopt",
+              API_PREFIX + "hosts/bulk")
 
 
 # And a VM group (R25): up to vms.groups.MAX_MEMBERS (1,000) member names of up to 255

@@ -443,7 +443,8 @@ class VMBulkResultSerializer(serializers.Serializer):
 
 
 class BulkItemErrorSerializer(serializers.Serializer):
-    index = serializers.IntegerField(help_text="Position of the item in `vms` (from 0).")
+    index = serializers.IntegerField(
+        help_text="Position of the item in the list (`vms`, `hosts`), from 0.")
     name = serializers.CharField(allow_null=True, help_text="The item's name, if it has one.")
     error = serializers.CharField()
 
@@ -452,6 +453,36 @@ class BulkErrorSerializer(ErrorSerializer):
     """A refused bulk request: `error` sums it up, `errors` lists every bad item."""
 
     errors = BulkItemErrorSerializer(many=True, required=False)
+
+
+MAX_HOST_BULK = 20_000
+
+
+class HostBulkItemSerializer(HostSettingsSerializer):
+    """One host of `POST /api/v1/hosts/bulk`: its name and the fields to set, as for
+    `PATCH /api/v1/hosts/{name}` (the OpenAPI shape; hadash.api.hostbulk checks each
+    item's fields with HostSettingsSerializer itself)."""
+
+    name = serializers.CharField(max_length=255, help_text="The host's name.")
+
+
+class HostBulkSettingsSerializer(serializers.Serializer):
+    """`POST /api/v1/hosts/bulk`: change many hosts' operator-set fields at once, all
+    or none."""
+
+    hosts = HostBulkItemSerializer(
+        many=True, allow_empty=False, max_length=MAX_HOST_BULK,
+        help_text="The hosts to change, each with the fields PATCH /api/v1/hosts/{name} "
+                  f"takes (at most {MAX_HOST_BULK}).",
+    )
+
+
+class HostBulkResultSerializer(serializers.Serializer):
+    count = serializers.IntegerField(help_text="How many hosts the request named.")
+    changed = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The hosts whose settings changed (each with a `SettingsChanged` "
+                  "event), in the order of the request; a host already so is not.")
 
 
 # --- HA work ------------------------------------------------------------------
@@ -536,16 +567,15 @@ class ConfigUpdateSerializer(serializers.Serializer):
 SECRET_FIELDS = {"oobm_password"}
 
 
-def apply_settings(obj: Host | VMInstance, changes: dict[str, Any], *, by: str = "",
-                   now=None) -> list[str]:
-    """Store operator-set fields of a host or VM and write one `SettingsChanged`
-    event in the same transaction. Only the given fields are written (an UPDATE of
-    those columns), so a concurrent status change by the engine is never overwritten.
-    Returns the names of the fields that changed."""
+def settings_change(obj: Host | VMInstance, changes: dict[str, Any], *,
+                    by: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """What storing ``changes`` (validated operator-set fields) on ``obj`` changes:
+    (the fields whose value differs, the `SettingsChanged` event's fields for
+    hadash.events.record_event — subject and obj aside); ({}, {}) when nothing does. A
+    secret's value is never in the event."""
     changed = {f: v for f, v in changes.items() if getattr(obj, f) != v}
     if not changed:
-        return []
-    subject = Subject.HOST if isinstance(obj, Host) else Subject.VM
+        return {}, {}
     parts = []
     for f, v in changed.items():
         if f in SECRET_FIELDS:
@@ -556,20 +586,31 @@ def apply_settings(obj: Host | VMInstance, changes: dict[str, Any], *, by: str =
     old = getattr(obj, single) if single and single not in SECRET_FIELDS else ""
     new = changed[single] if single and single not in SECRET_FIELDS else ""
     who = f" by {by}" if by else ""
-    kind = "Host" if subject == Subject.HOST else "VM"
+    kind = "Host" if isinstance(obj, Host) else "VM"
+    return changed, dict(
+        event="SettingsChanged",
+        field=",".join(changed)[:64],
+        old=old,
+        new=new,
+        reason=by,
+        message=f"{kind} {obj.name}: {'; '.join(parts)}{who}",
+    )
+
+
+def apply_settings(obj: Host | VMInstance, changes: dict[str, Any], *, by: str = "",
+                   now=None) -> list[str]:
+    """Store operator-set fields of a host or VM and write one `SettingsChanged`
+    event in the same transaction. Only the given fields are written (an UPDATE of
+    those columns), so a concurrent status change by the engine is never overwritten.
+    Returns the names of the fields that changed. (Many hosts at once:
+    hadash.api.hostbulk, with the same `settings_change`.)"""
+    changed, event = settings_change(obj, changes, by=by)
+    if not changed:
+        return []
+    subject = Subject.HOST if isinstance(obj, Host) else Subject.VM
     with transaction.atomic():
         type(obj).objects.filter(pk=obj.pk).update(**changed)
         for f, v in changed.items():
             setattr(obj, f, v)
-        record_event(
-            subject,
-            obj,
-            event="SettingsChanged",
-            field=",".join(changed)[:64],
-            old=old,
-            new=new,
-            reason=by,
-            message=f"{kind} {obj.name}: {'; '.join(parts)}{who}",
-            now=now or timezone.now(),
-        )
+        record_event(subject, obj, now=now or timezone.now(), **event)
     return list(changed)

@@ -3,10 +3,13 @@
 from django.urls import include, path, re_path
 from rest_framework.permissions import AllowAny
 
-from . import bulk, plan, views
+from . import bulk, hostbulk, plan, views
 
 api_patterns = [
     path("hosts", views.HostListView.as_view(), name="host-list"),
+    # Before hosts/<name>: POST there is many hosts' settings; GET and PATCH still reach
+    # a host named "bulk" (issue 12).
+    path("hosts/bulk", hostbulk.HostBulkView.as_view(), name="host-bulk"),
     path("hosts/<str:name>", views.HostDetailView.as_view(), name="host-detail"),
     path("hosts/<str:name>/enable", views.HostEnableView.as_view(), name="host-enable"),
     path("hosts/<str:name>/disable", views.HostDisableView.as_view(), name="host-disable"),

@@ -851,8 +851,8 @@ class OpenApiDocumentView(SpectacularJSONAPIView):
 # nothing that /api/v1/openapi.json does not already publish.
 
 RESOURCES = {
-    "hosts": ("host-list", "Hosts: list, show, change settings; enable, disable, "
-              "maintenance, cancel-maintenance."),
+    "hosts": ("host-list", "Hosts: list, show, change settings (one, or many with POST "
+              "/hosts/bulk); enable, disable, maintenance, cancel-maintenance."),
     "vms": ("vm-list", "VMs: list, register (one, or many with POST /vms/bulk), show, "
             "change settings; start, stop; definition (show, set)."),
     "unmanaged-vms": ("unmanaged-vm-list", "VMs hosts report that hadash does not manage; "
