@@ -5,13 +5,15 @@
   there; one of our demo VMs the server has in any other state runs nowhere. So a
   restarted simulator reports what the database expects instead of its initial
   placement (which would look like VMs vanishing and appearing).
-* :func:`register`, once the hosts have connected: ``PATCH /api/v1/hosts/{name}`` with
-  each host's BMC settings (``api_concurrency`` requests at a time, a progress line
-  every couple of seconds), then the demo VMs the server does not know yet with
-  ``POST /api/v1/vms/bulk``, ``BULK_CHUNK`` VMs per request, one request after the
-  other, a progress line per request. A VM the server refuses as "already exists"
-  counts as known; the other VMs of that request are sent again without the refused
-  ones (the server writes nothing of a refused request).
+* :func:`register`, once the hosts have connected: every host's BMC settings with
+  ``POST /api/v1/hosts/bulk``, ``HOST_CHUNK`` hosts per request, then the demo VMs the
+  server does not know yet with ``POST /api/v1/vms/bulk``, ``BULK_CHUNK`` VMs per
+  request; one request after the other, a progress line per request. A VM the server
+  refuses as "already exists" counts as known; the other items of a refused request are
+  sent again without the refused ones (the server writes nothing of a refused request).
+  A server without ``hosts/bulk`` (it answers 404 or 405) gets one
+  ``PATCH /api/v1/hosts/{name}`` per host instead (``api_concurrency`` requests at a
+  time, a progress line every couple of seconds).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ PAGE = 10_000  # hadash.api.filters.MAX_LIMIT
 ON_HOST = ("Running", "Starting", "Stopping", "Migrating")
 PROGRESS_EVERY = 2.0  # seconds
 BULK_CHUNK = 2000  # VMs per POST /api/v1/vms/bulk (the server takes up to 20,000)
+HOST_CHUNK = 2000  # hosts per POST /api/v1/hosts/bulk (the server takes up to 20,000)
 BULK_TIMEOUT = aiohttp.ClientTimeout(total=300)
 
 
@@ -210,16 +213,18 @@ async def register(sim: Simulator) -> None:
     reg["state"] = "running"
     failures: list[str] = []
 
-    async def patch_host(name: str) -> str:
-        body = {
+    def bmc_body(name: str) -> dict:
+        return {
             "oobm_enabled": True,
             "oobm_address": sim.bmc_url(name),
             "oobm_system_id": name,
             "oobm_username": sim.opts.bmc_username,
             "oobm_password": sim.opts.bmc_password,
         }
+
+    async def patch_host(name: str) -> str:
         try:
-            status, data = await call(sim, "PATCH", f"/api/v1/hosts/{name}", body)
+            status, data = await call(sim, "PATCH", f"/api/v1/hosts/{name}", bmc_body(name))
         except ApiError:
             raise
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -244,47 +249,81 @@ async def register(sim: Simulator) -> None:
             "priority": spec.priority,
         }
 
-    async def post_chunk(names: list[str], counts: dict[str, int]) -> None:
-        """One POST /api/v1/vms/bulk for ``names``; a refused request is sent again
-        without its refused items (once)."""
+    async def post_chunk(what: str, names: list[str], counts: dict[str, int]) -> bool:
+        """One POST of ``names`` to ``what``'s bulk call (``vms``: register them,
+        ``hosts``: their BMC settings); a refused request is sent again without its
+        refused items (once). False: the server has no such call (404, 405)."""
+        path, noun = f"/api/v1/{what}/bulk", "VM" if what == "vms" else "host"
+        body_of = vm_body if what == "vms" else (lambda n: {"name": n, **bmc_body(n)})
+        outcome = "registered" if what == "vms" else "set"
         for attempt in (1, 2):
             if not names:
-                return
+                return True
             try:
-                status, data = await call(sim, "POST", "/api/v1/vms/bulk",
-                                          {"vms": [vm_body(n) for n in names]},
+                status, data = await call(sim, "POST", path,
+                                          {what: [body_of(n) for n in names]},
                                           timeout=BULK_TIMEOUT)
             except ApiError:
                 raise
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                failures.append(f"{len(names)} VMs ({names[0]} …): "
+                failures.append(f"{len(names)} {noun}s ({names[0]} …): "
                                 f"{exc or type(exc).__name__}")
                 counts["failed"] = counts.get("failed", 0) + len(names)
-                return
-            if status == 201:
-                counts["registered"] = counts.get("registered", 0) + len(names)
-                return
+                return True
+            if what == "hosts" and status in (404, 405) and attempt == 1:
+                return False  # an older server: no hosts/bulk
+            if 200 <= status < 300:  # 201 registered, 200 set
+                counts[outcome] = counts.get(outcome, 0) + len(names)
+                return True
             errors = data.get("errors") if isinstance(data, dict) else None
             if status != 400 or not isinstance(errors, list) or attempt == 2:
-                failures.append(f"{len(names)} VMs ({names[0]} …): {_error(data, status)}")
+                failures.append(f"{len(names)} {noun}s ({names[0]} …): "
+                                f"{_error(data, status)}")
                 counts["failed"] = counts.get("failed", 0) + len(names)
-                return
+                return True
             refused = set()
             for e in errors:
                 i = e.get("index") if isinstance(e, dict) else None
                 if not isinstance(i, int) or not 0 <= i < len(names):
                     continue
                 refused.add(i)
-                if "already exists" in str(e.get("error", "")):
+                if what == "vms" and "already exists" in str(e.get("error", "")):
                     counts["already known"] = counts.get("already known", 0) + 1
                 else:
-                    failures.append(f"VM {names[i]}: {e.get('error')}")
+                    failures.append(f"{noun} {names[i]}: {e.get('error')}")
                     counts["failed"] = counts.get("failed", 0) + 1
             if not refused:  # nothing to leave out: it would be refused again
-                failures.append(f"{len(names)} VMs ({names[0]} …): {_error(data, status)}")
+                failures.append(f"{len(names)} {noun}s ({names[0]} …): "
+                                f"{_error(data, status)}")
                 counts["failed"] = counts.get("failed", 0) + len(names)
-                return
+                return True
             names = [n for i, n in enumerate(names) if i not in refused]
+        return True
+
+    async def set_hosts() -> dict[str, int]:
+        names = list(fleet.hosts)
+        counts: dict[str, int] = {}
+        began = loop.time()
+        done = 0
+        via = {"via": "POST /api/v1/hosts/bulk"}
+        reg["hosts"] = {"done": 0, "of": len(names), **via}
+        for start in range(0, len(names), HOST_CHUNK):
+            chunk = names[start:start + HOST_CHUNK]
+            if not await post_chunk("hosts", chunk, counts):
+                log.info("the server has no POST /api/v1/hosts/bulk (an older hadash): "
+                         "one PATCH /api/v1/hosts/{name} per host")
+                rest = await _run_all(sim, "hosts", names[start:], patch_host)
+                for k, v in rest.items():
+                    counts[k] = counts.get(k, 0) + v
+                reg["hosts"] = {"done": len(names), "of": len(names), **counts,
+                                "via": "PATCH /api/v1/hosts/{name}"}
+                return counts
+            done += len(chunk)
+            reg["hosts"] = {"done": done, "of": len(names), **counts, **via}
+            log.info("registering hosts: %d/%d (%s), %.0f/s", done, len(names),
+                     ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+                     done / max(loop.time() - began, 1e-6))
+        return counts
 
     async def register_vms() -> dict[str, int]:
         todo = [n for n in fleet.vm_specs if n not in known]
@@ -297,7 +336,7 @@ async def register(sim: Simulator) -> None:
         reg["vms"] = {"done": done, "of": total, **counts}
         for start in range(0, len(todo), BULK_CHUNK):
             chunk = todo[start:start + BULK_CHUNK]
-            await post_chunk(chunk, counts)
+            await post_chunk("vms", chunk, counts)
             done += len(chunk)
             reg["vms"] = {"done": done, "of": total, **counts}
             log.info("registering vms: %d/%d (%s), %.0f/s", done, total,
@@ -306,7 +345,7 @@ async def register(sim: Simulator) -> None:
         return counts
 
     try:
-        hosts = await _run_all(sim, "hosts", list(fleet.hosts), patch_host)
+        hosts = await set_hosts()
         vms = await register_vms()
     except ApiError as exc:
         reg["state"] = "failed"

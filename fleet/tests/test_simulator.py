@@ -501,6 +501,7 @@ class FakeHadash:
         self.refused: list[tuple[str, int]] = []  # connects refused: (host, status)
         self.pings: list[tuple[str, float, list]] = []  # (host, time, vms)
         self.sockets: dict[str, web.WebSocketResponse] = {}
+        self.api_calls: list[tuple[str, str, object]] = []  # operator API: (method, path, body)
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -559,6 +560,23 @@ class FakeHadash:
             await ws.send_str(json.dumps({"type": "pong", "ping_interval": self.interval}))
         return ws
 
+    async def operator_api(self, request):
+        """The operator API of a hadash older than `POST /api/v1/hosts/bulk` (issue 12):
+        no VMs known, each host's settings by PATCH, VMs by `vms/bulk`; `hosts/bulk`
+        is `hosts/{name}`, which takes no POST (405)."""
+        body = await request.json() if request.can_read_body else None
+        self.api_calls.append((request.method, request.path, body))
+        if request.method == "GET" and request.path == "/api/v1/vms":
+            return web.json_response([])
+        if request.method == "PATCH" and request.path.startswith("/api/v1/hosts/"):
+            return web.json_response({"name": request.path.rsplit("/", 1)[1]})
+        if request.method == "POST" and request.path == "/api/v1/vms/bulk":
+            names = [v["name"] for v in body["vms"]]
+            return web.json_response({"count": len(names), "names": names}, status=201)
+        if request.method == "POST" and request.path == "/api/v1/hosts/bulk":
+            return web.json_response({"error": 'Method "POST" not allowed.'}, status=405)
+        return web.json_response({"error": "not found"}, status=404)
+
     async def _revoke(self, name: str, forget: bool) -> None:
         if forget:
             del self.tokens[name]  # as if the server's database had been reset
@@ -580,6 +598,7 @@ class FakeHadash:
         app.router.add_post("/api/agent/v1/connect", self.connect)
         app.router.add_post("/api/agent/v1/ping", self.ping)
         app.router.add_get("/api/agent/v1/ws", self.ws)
+        app.router.add_route("*", "/api/v1/{tail:.*}", self.operator_api)
         self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -602,6 +621,29 @@ class FakeHadash:
 
     def pings_of(self, name: str, since: float = 0.0) -> list[tuple[str, float, list]]:
         return [p for p in list(self.pings) if p[0] == name and p[1] >= since]
+
+
+def test_registration_falls_back_to_a_patch_per_host_on_an_older_server(tmp_path):
+    """A server without `POST /api/v1/hosts/bulk` (405 there, issue 12): the BMC
+    settings go one PATCH per host, then the VMs by `vms/bulk` as ever."""
+    with FakeHadash(interval=0.5) as server:
+        opts = Options(server=server.url, listen_port=0, hosts=3, vms=6,
+                       agent_key=FakeHadash.JOIN_KEY, api_token="operator-token",
+                       status_interval=0, seed=2, state_file=str(tmp_path / "agents.jsonl"))
+        with SimulatorThread(opts) as st:
+            wait_for(lambda: st.call(lambda: st.sim.registration.get("state")) in (
+                "done", "done with failures", "failed"), what="registration")
+            reg = st.call(lambda: dict(st.sim.registration))
+    assert reg["state"] == "done", reg
+    assert reg["hosts"] == {"done": 3, "of": 3, "set": 3,
+                            "via": "PATCH /api/v1/hosts/{name}"}
+    assert reg["vms"]["registered"] == 6
+    calls = [(m, p) for m, p, _ in server.api_calls if m != "GET"]
+    assert calls[0] == ("POST", "/api/v1/hosts/bulk")
+    assert sorted(calls[1:4]) == [("PATCH", f"/api/v1/hosts/kvm-00{i}") for i in (1, 2, 3)]
+    assert calls[4:] == [("POST", "/api/v1/vms/bulk")]
+    patch = next(b for m, p, b in server.api_calls if p == "/api/v1/hosts/kvm-001")
+    assert patch["oobm_enabled"] and patch["oobm_system_id"] == "kvm-001"
 
 
 @pytest.mark.parametrize(("transport", "processes"), [("ws", 0), ("http", 0), ("ws", 2),
@@ -822,7 +864,7 @@ def test_simulator_against_a_real_server(tmp_path):
     from django.db import connection
 
     from hadash import config
-    from hadash.models import ApiToken
+    from hadash.models import ApiToken, Event
     from hosts.choices import HostStatus
     from vms.choices import PowerState, VmState
 
@@ -871,6 +913,14 @@ def test_simulator_against_a_real_server(tmp_path):
         h1 = hosts["kvm-001"]
         assert h1.agent_url == f"http://127.0.0.1:{sim_port}/agents/kvm-001"
         assert h1.oobm_enabled and h1.oobm_system_id == "kvm-001"
+        # The BMC settings went in one POST /api/v1/hosts/bulk (issue 12), each host with
+        # the event the single PATCH writes.
+        reg = httpx.get(f"http://127.0.0.1:{sim_port}/control/health", headers=CTL,
+                        timeout=5).json()["registration"]
+        assert reg["hosts"] == {"done": 3, "of": 3, "set": 3,
+                                "via": "POST /api/v1/hosts/bulk"}, reg
+        assert Event.objects.filter(event="SettingsChanged", subject="host",
+                                    reason="simulator").count() == 3
         assert set(VMInstance.objects.filter(host=h1).values_list("name", flat=True)) == {
             "vm-0001", "vm-0004"}
 
