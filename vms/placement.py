@@ -241,31 +241,38 @@ class Pool:
 def allocations(host_ids=None) -> dict[int, tuple[int, int]]:
     """Allocated (cpus, memory_mb) per host id: VMs that occupy capacity there, and VMs
     migrating towards it (a Migration item under way names it as target), so that each
-    migration of an evacuation sees the ones before it (R24)."""
+    migration of an evacuation sees the ones before it (R24). ``host_ids``: a list, or a
+    queryset of host ids (a subquery: a cluster of a thousand hosts is not sent as a
+    thousand parameters)."""
     from hadash.choices import FINAL_STEPS, Step, WorkType
     from hadash.models import HaWork
 
     qs = VMInstance.objects.filter(state__in=ACTIVE_STATES, host__isnull=False)
     if host_ids is not None:
         qs = qs.filter(host_id__in=host_ids)
-    rows = qs.values("host_id").annotate(c=Sum("cpus"), m=Sum("memory_mb"))
-    used = {r["host_id"]: [r["c"] or 0, r["m"] or 0] for r in rows}
+    rows = qs.values_list("host_id").annotate(c=Sum("cpus"), m=Sum("memory_mb")) \
+        .order_by()
+    used = {h: [c or 0, m or 0] for h, c, m in rows}
     moving = HaWork.objects.filter(
         type=WorkType.MIGRATION, step=Step.MIGRATING, target_host__isnull=False,
         instance__state=VmState.MIGRATING,
     ).exclude(step__in=FINAL_STEPS)
     if host_ids is not None:
         moving = moving.filter(target_host_id__in=host_ids)
-    for r in moving.values("target_host_id").annotate(c=Sum("instance__cpus"),
-                                                      m=Sum("instance__memory_mb")):
-        u = used.setdefault(r["target_host_id"], [0, 0])
-        u[0] += r["c"] or 0
-        u[1] += r["m"] or 0
+    for h, c, m in moving.values_list("target_host_id").annotate(
+            c=Sum("instance__cpus"), m=Sum("instance__memory_mb")).order_by():
+        u = used.setdefault(h, [0, 0])
+        u[0] += c or 0
+        u[1] += m or 0
     return {k: (c, m) for k, (c, m) in used.items()}
 
 
 def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:
-    """The Up, Enabled hosts of ``cluster`` as rooms, with their allocations."""
+    """The Up, Enabled hosts of ``cluster`` as rooms, with their allocations. Three
+    queries whatever the cluster's size, reading columns, not Host rows (issue 12: at
+    500 hosts a cluster, building Host objects and sending their ids back as
+    parameters cost 58 ms of CPU per call, twice per HA restart); ``Room.host`` is
+    filled by `with_hosts` for the callers that want the rows."""
     hosts = Host.objects.filter(status=HostStatus.UP, resource_state=ResourceState.ENABLED)
     if cluster:
         hosts = hosts.filter(cluster=cluster)
@@ -273,13 +280,27 @@ def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:
         hosts = hosts.exclude(pk__in=exclude)
     if only:
         hosts = hosts.filter(pk__in=only)
-    hosts = list(hosts)
-    used = allocations([h.pk for h in hosts])
+    rows = list(hosts.values_list("pk", "name", "cpus", "memory_mb", "tags"))
+    used = allocations(hosts.values("pk")) if rows else {}
     rooms = []
-    for h in hosts:
-        c, m = used.get(h.pk, (0, 0))
-        rooms.append(Room(h.pk, h.name, h.cpus, h.memory_mb, c, m, tuple(h.tag_list), h))
+    for pk, name, cpus, memory_mb, tags in rows:
+        c, m = used.get(pk, (0, 0))
+        rooms.append(Room(pk, name, cpus, memory_mb, c, m, split_tags(tags)))
     return rooms
+
+
+def split_tags(tags: str) -> tuple[str, ...]:
+    """A host's tags column as a tuple (as Host.tag_list)."""
+    return tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ()
+
+
+def with_hosts(rooms: list[Room]) -> list[Room]:
+    """``rooms`` with their Host rows (one query)."""
+    rows = Host.objects.in_bulk([r.id for r in rooms if r.host is None])
+    for r in rooms:
+        if r.host is None:
+            r.host = rows.get(r.id)
+    return [r for r in rooms if r.host is not None]
 
 
 def group_members(vm: VMInstance, *, moved=None) -> list[tuple[str, str, str, int]]:
@@ -349,8 +370,8 @@ def candidates(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
                exclude: tuple[int, ...] = (), only: tuple[int, ...] = ()) -> list[Host]:
     """Hosts that fit ``vm``, best first. ``ha`` selects the HA rule for ha.tag:
     HA restarts may only land on tagged hosts; ordinary placement avoids them."""
-    return [r.host for r in ranked(vm, ha=ha, ha_tag=ha_tag, cluster=cluster,
-                                   exclude=exclude, only=only)]
+    return [r.host for r in with_hosts(ranked(vm, ha=ha, ha_tag=ha_tag, cluster=cluster,
+                                              exclude=exclude, only=only))]
 
 
 def pick_host(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
@@ -369,7 +390,10 @@ def pick_with_reason(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | No
                    extra=extra)
     if not found:
         return None, why_none(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)[1]
-    return found[0].host, explain(found[0], vm.cpus, vm.memory_mb, fitting=len(found))
+    best = with_hosts(found[:1])
+    if not best:  # deleted meanwhile
+        return None, why_none(vm, ha=ha, ha_tag=ha_tag, cluster=cluster, exclude=exclude)[1]
+    return best[0].host, explain(found[0], vm.cpus, vm.memory_mb, fitting=len(found))
 
 
 def why_none(vm: VMInstance, *, ha: bool, ha_tag: str, cluster: str | None,
