@@ -23,11 +23,13 @@ counters of this process are in ``snapshot()`` (``GET /api/v1/engine``, "ingesti
 On PostgreSQL the steady path's statements take one array parameter per column
 (``= ANY(%s)``, ``unnest``) instead of Django ``__in`` lookups, which cost more Python
 than the database work at 1,000 pings/s (docs/benchmarks.md, P1), each array written as
-one literal; a batch reads in one round trip (the interval, the hosts, their VMs) and
-writes in one (the counter and both UPDATEs, one implicit transaction), so a batch
-costs two wake-ups of the database, not seven — what bounds a web process sharing
-its cores with PostgreSQL and everything else (issue 12). Other databases (SQLite)
-take the same steps through the ORM.
+one literal; a batch reads in one round trip (the interval, the hosts, and per host a
+summary of its VMs) and writes in one (the counter and both UPDATEs, one implicit
+transaction), so a batch costs two wake-ups of the database, not seven — what bounds a
+web process sharing its cores with PostgreSQL and everything else (issue 12). A report
+equal to its host's summary is steady without a VM row in Python; any other report of
+an Up host is checked VM by VM against rows read for it (a third round trip, only then).
+Other databases (SQLite) take the same steps through the ORM, VM by VM.
 """
 
 from __future__ import annotations
@@ -102,12 +104,51 @@ def _digest(token: str) -> str:
 
 
 class _HostRef:
-    """The columns of a host the steady path reads (no model instance per ping)."""
+    """The columns of a host the steady path reads (no model instance per ping); on
+    PostgreSQL also its VMs' summary (``_read_pg``): ``sig`` (``_signature`` of what a
+    steady report of it says), ``ok`` (each of those VMs consistent), ``vm_ids``."""
 
-    __slots__ = ("pk", "status", "name")
+    __slots__ = ("pk", "status", "name", "sig", "ok", "vm_ids")
 
-    def __init__(self, pk: int, status: str, name: str):
+    def __init__(self, pk: int, status: str, name: str, sig: str | None = None,
+                 ok: bool = False, vm_ids: list[int] | None = None):
         self.pk, self.status, self.name = pk, status, name
+        self.sig, self.ok, self.vm_ids = sig, ok, vm_ids
+
+
+# A report's signature: its (name, power state) pairs sorted by name (code points, as
+# PostgreSQL's COLLATE "C" sorts UTF-8), each joined by US, the pairs by RS — control
+# characters no VM name or power state holds (hadash.names; validation refuses them).
+_US, _RS = "\x1f", "\x1e"
+
+
+def _signature(report: Report) -> str:
+    """``_HostRef.sig`` of a host this report is steady for (cached on a VmReport:
+    the websocket consumer reuses one while a socket's report does not change)."""
+    sig = getattr(report, "_ingest_sig", None)
+    if sig is None:
+        sig = _RS.join([f"{name}{_US}{ps}" for name, ps in sorted(report)])
+        if isinstance(report, service.VmReport):
+            report._ingest_sig = sig
+    return sig
+
+
+class _Known:
+    """The managed names of a batch's reports, for vms.discovery: the VM rows read for
+    the reports checked one VM at a time, plus every name of a report whose host
+    summary matched (all managed: discovery asks rarely, so built on first use)."""
+
+    __slots__ = ("rows", "reports", "names")
+
+    def __init__(self, rows: dict, reports: list[Report]):
+        self.rows, self.reports, self.names = rows, reports, None
+
+    def __contains__(self, name) -> bool:
+        if name in self.rows:
+            return True
+        if self.names is None:
+            self.names = {n for report in self.reports for n, _ in report}
+        return name in self.names
 
 
 # Rows of _vm_rows: tuples in this order.
@@ -167,19 +208,41 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
     now = now or timezone.now()
     pg = connection.vendor == "postgresql" if arrays is None else arrays
     hashes = [_digest(it[0]) for it in items]
-    names = {name for it in items for name, _ in it[1]}
     if pg:
-        interval, hosts, vm_rows = _read_pg(set(hashes), names)
+        interval, hosts = _read_pg(set(hashes))
     else:
         interval = config.get("ping.interval")
         hosts = _hosts_by_hash(set(hashes))
-        vm_rows = _vm_rows({h.pk for h in hosts.values()}, names)
     results: list[object] = [interval] * len(items)
-    ids = {h.pk for h in hosts.values()}
+    up = HostStatus.UP
+
+    # PostgreSQL: a report equal to its host's summary (_read_pg) is steady as a whole
+    # — every VM it names is one of the host's, consistent with the power state it
+    # reports, and no VM the host should report is missing — so its VMs are confirmed
+    # without a row each in Python. Any other report of an Up host is checked VM by
+    # VM below, against the rows read for those reports only.
+    quick: dict[int, list[int]] = {}
+    check_names: set[str] = set()
+    check_ids: set[int] = set()
+    for i, (it, digest) in enumerate(zip(items, hashes, strict=True)):
+        host = hosts.get(digest)
+        if host is None or host.status != up:
+            continue
+        if pg and host.ok and host.sig == _signature(it[1]):
+            quick[i] = host.vm_ids
+        else:
+            check_ids.add(host.pk)
+            check_names.update(name for name, _ in it[1])
+    if not check_ids:
+        vm_rows = []
+    elif pg:
+        vm_rows = _vm_rows_pg(check_ids, check_names)
+    else:
+        vm_rows = _vm_rows(check_ids, check_names)
     by_name = {r[1]: r for r in vm_rows}
     on_host: dict[int, set[str]] = {}
     for r in by_name.values():
-        if r[2] in ids and r[3] in REPORTED_STATES:
+        if r[2] in check_ids and r[3] in REPORTED_STATES:
             on_host.setdefault(r[2], set()).add(r[1])
 
     steady_hosts: list[tuple[int, object]] = []  # (pk, arrival): as text on PostgreSQL
@@ -187,7 +250,6 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
     slow: list[tuple[int, _HostRef, Report, dt.datetime]] = []
     discover: list[tuple[_HostRef, Report, dt.datetime]] = []
     seen: set[int] = set()
-    up = HostStatus.UP
     for i, (it, digest) in enumerate(zip(items, hashes, strict=True)):
         vms = it[1]
         at = it[2] if len(it) > 2 and it[2] is not None else now
@@ -199,8 +261,9 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
         # A report carrying definitions (v1.1, rare) is taken by service.ping.
         steady = host.status == up and pk not in seen and not service.definitions_of(vms)
         seen.add(pk)
-        mine = []
-        if steady:
+        mine = quick.get(i) if steady else None
+        if steady and mine is None:
+            mine = []
             for name, ps in vms:
                 vm = by_name.get(name)
                 if vm is None:
@@ -209,11 +272,11 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
                     steady = False
                     break
                 mine.append(vm[0])
-        if steady:
-            expected = on_host.get(pk)
-            if expected and len(expected) > len(mine) or (
-                    expected and not expected <= {n for n, _ in vms}):
-                steady = False  # a VM is missing from the report: R8 decides
+            if steady:
+                expected = on_host.get(pk)
+                if expected and len(expected) > len(mine) or (
+                        expected and not expected <= {n for n, _ in vms}):
+                    steady = False  # a VM is missing from the report: R8 decides
         if steady:
             stamp = at.isoformat() if pg else at
             steady_hosts.append((pk, stamp))
@@ -232,10 +295,11 @@ def _apply_batch(items: list[tuple], *, now=None, arrays: bool | None = None) ->
                        count="power_state_update_count")
     if discover:
         # Issue 9: unknown names → vms.discovery (a hash per report; writes only when
-        # a host's unknown names change). by_name holds every reported managed name.
+        # a host's unknown names change). Every reported managed name is known.
+        known = _Known(by_name, [items[i][1] for i in quick]) if quick else by_name
         try:
             with _savepoint():
-                discovery.note_batch(discover, known=by_name)
+                discovery.note_batch(discover, known=known)
         except Exception:
             log.exception("discovery of a batch of %d reports failed", len(discover))
     if slow:
@@ -283,30 +347,54 @@ def _vm_rows(ids: set[int], names: set[str]) -> list[tuple]:
                 .values_list(*VM_COLUMNS))
 
 
-def _read_pg(hashes: set[str], names: set[str]) -> tuple[object, dict[str, _HostRef], list]:
-    """What a batch reads, in one round trip (three statements in one query string):
-    the ping interval in force (hadash.config.get), the hosts of these token hashes,
-    and the VMs on those hosts or of these names (rows in VM_COLUMNS order)."""
+def _read_pg(hashes: set[str]) -> tuple[object, dict[str, _HostRef]]:
+    """What a batch reads, in one round trip (two statements in one query string): the
+    ping interval in force (hadash.config.get), and the hosts of these token hashes,
+    each with the summary of its VMs a steady report is compared with — over the VMs on
+    the host that it must report (R8's states) or that are consistent with it (its
+    power host, and a state that agrees with the power state): their ``_signature``,
+    whether each is consistent, and their ids."""
     from hadash.models import Configuration
 
     host_t, vm = Host._meta.db_table, VMInstance._meta
-    cols = ", ".join(f'"{vm.get_field(c.removesuffix("_id")).column}"' for c in VM_COLUMNS)
-    hash_array = _array(sorted(hashes), quote=True)
+    col = {c: vm.get_field(c).column for c in ("host", "power_host", "power_state", "state")}
+    reported = ", ".join(f"'{s}'" for s in REPORTED_STATES)
+    unsettled = ", ".join(f"'{s}'" for s in _UNSETTLED)
+    consistent = (
+        f'(v."{col["power_host"]}" = h."id" AND v."{col["power_state"]}" IS NOT NULL AND '
+        f'CASE WHEN v."{col["power_state"]}" = \'{PowerState.POWER_ON}\' '
+        f'THEN v."{col["state"]}" = \'{VmState.RUNNING}\' '
+        f'ELSE v."{col["state"]}" NOT IN ({unsettled}) END)')
     with connection.cursor() as cur:
         cur.execute(
             f'SELECT "value" FROM "{Configuration._meta.db_table}" WHERE "name" = %s; '
-            f'SELECT "token_hash", "id", "status", "name" FROM "{host_t}" '
-            f'WHERE "token_hash" = ANY(%s::text[]); '
-            f'SELECT {cols} FROM "{vm.db_table}" '
-            f'WHERE "{vm.get_field("host").column}" IN (SELECT "id" FROM "{host_t}" '
-            f'WHERE "token_hash" = ANY(%s::text[])) OR "name" = ANY(%s::text[])',
-            [INTERVAL_KEY, hash_array, hash_array, _array(sorted(names), quote=True)])
+            f'SELECT h."token_hash", h."id", h."status", h."name", '
+            f'coalesce(s.sig, \'\'), coalesce(s.ok, true), coalesce(s.ids, \'{{}}\') '
+            f'FROM "{host_t}" h LEFT JOIN LATERAL ('
+            f'SELECT string_agg(v."name" || chr(31) || v."{col["power_state"]}", chr(30) '
+            f'ORDER BY v."name" COLLATE "C") AS sig, bool_and({consistent} IS TRUE) AS ok, '
+            f'array_agg(v."id") AS ids FROM "{vm.db_table}" v '
+            f'WHERE v."{col["host"]}" = h."id" AND (v."{col["state"]}" IN ({reported}) '
+            f'OR {consistent})) s ON true '
+            f'WHERE h."token_hash" = ANY(%s::text[])',
+            [INTERVAL_KEY, _array(sorted(hashes), quote=True)])
         found = cur.fetchone()
         cur.nextset()
-        hosts = {digest: _HostRef(pk, status, name) for digest, pk, status, name in cur.fetchall()}
-        cur.nextset()
-        vm_rows = cur.fetchall()
-    return _interval(found[0] if found else None), hosts, vm_rows
+        hosts = {digest: _HostRef(pk, status, name, sig, ok, ids)
+                 for digest, pk, status, name, sig, ok, ids in cur.fetchall()}
+    return _interval(found[0] if found else None), hosts
+
+
+def _vm_rows_pg(ids: set[int], names: set[str]) -> list[tuple]:
+    """_vm_rows with one array parameter per column."""
+    vm = VMInstance._meta
+    cols = ", ".join(f'"{vm.get_field(c.removesuffix("_id")).column}"' for c in VM_COLUMNS)
+    with connection.cursor() as cur:
+        cur.execute(
+            f'SELECT {cols} FROM "{vm.db_table}" WHERE "{vm.get_field("host").column}" '
+            f'= ANY(%s::bigint[]) OR "name" = ANY(%s::text[])',
+            [_array([str(pk) for pk in sorted(ids)]), _array(sorted(names), quote=True)])
+        return cur.fetchall()
 
 
 INTERVAL_KEY = "ping.interval"

@@ -191,6 +191,79 @@ def test_array_path_writes_what_the_orm_path_writes():
     assert {h["name"]: h["last_ping"] for h in hosts} == arrival
 
 
+
+@pytest.mark.postgres_only
+def test_host_summary_path_decides_as_the_vm_by_vm_check():
+    """Issue 12: on PostgreSQL a report equal to its host's summary (_read_pg) is
+    confirmed without its VM rows; every other report is checked VM by VM. Each case
+    below leaves the same rows and events as the ORM path (R8: unknown names ignored,
+    a VM the host should report and does not is judged; a VM inconsistent with the
+    report goes through service.ping), and the plain reports take the summary."""
+    from django.db import transaction
+
+    fleet_world(n_hosts=8, vms_per_host=3)
+    toks = tokens()
+    Host.objects.update(last_ping=ago(600))
+    VMInstance.objects.update(power_state_update_time=ago(600))
+    # h01: a Stopped VM it reports PowerOff (consistent, outside R8's states);
+    # h02: the same VM left out of its report (nothing to judge: steady);
+    for name in ("h01-vm2", "h02-vm2"):
+        VMInstance.objects.filter(name=name).update(state="Stopped", power_state="PowerOff")
+    # h03: a Running VM whose power host is another host (inconsistent);
+    VMInstance.objects.filter(name="h03-vm1").update(
+        power_host=Host.objects.get(name="h04"))
+    # h05: a Running VM whose report went missing, reported PowerOn again.
+    VMInstance.objects.filter(name="h05-vm0").update(power_state="PowerReportMissing")
+
+    def report(host, drop=(), off=(), extra=()):
+        out = [(f"{host}-vm{j}", "PowerOff" if f"{host}-vm{j}" in off else "PowerOn")
+               for j in range(3) if f"{host}-vm{j}" not in drop]
+        return list(reversed(out + [(n, "PowerOn") for n in extra]))  # any order
+
+    reports = {
+        "h00": report("h00"),
+        "h01": report("h01", off={"h01-vm2"}),
+        "h02": report("h02", drop={"h02-vm2"}),
+        "h03": report("h03"),
+        "h04": report("h04"),
+        "h05": report("h05"),
+        "h06": report("h06", extra=["not-managed-here"]),  # R8: ignored
+        "h07": report("h07", drop={"h07-vm0"}),  # a Running VM missing: judged (R8)
+    }
+    items = [(toks[n], r, ago(20 - i)) for i, (n, r) in enumerate(reports.items())]
+
+    def run(arrays):
+        steady = ingest.STATS.steady
+        with transaction.atomic():
+            results = ingest.apply_batch(items, arrays=arrays)
+            state = (
+                list(Host.objects.order_by("pk").values("name", "status", "last_ping")),
+                list(VMInstance.objects.order_by("pk").values(
+                    "pk", "state", "power_state", "power_host_id", "power_state_update_time",
+                    "power_state_update_count")),
+                sorted(Event.objects.values_list("time", "event", "subject_name", "old", "new")),
+                sorted(HaWork.objects.values_list("instance__name", "reason")),
+            )
+            transaction.set_rollback(True)
+        return results, state, ingest.STATS.steady - steady
+
+    with CaptureQueriesContext(connection) as q:
+        summary_run = run(True)
+    assert summary_run == run(False)
+    results, (hosts, vms, events, work), steady = summary_run
+    assert results == [10] * 8
+    # h00, h01, h04 by their summary, h02 and h06 by their rows; h03, h05 and h07
+    # go through service.ping.
+    assert steady == 5
+    assert next(v for v in vms if v["power_state"] == "PowerReportMissing")
+    assert any("vm_unmanaged" in x["sql"] for x in q.captured_queries)  # discovery saw h06
+
+    # A batch of plain reports reads no VM rows: one read, one write.
+    plain = [(toks[n], reports[n]) for n in ("h00", "h01", "h04")]
+    with CaptureQueriesContext(connection) as q:
+        assert ingest.apply_batch(plain) == [10] * 3
+    assert not any('FROM "vm_instance" WHERE' in x["sql"] for x in q.captured_queries)
+
 # --- the batcher: coalescing and backlog (P5) ---------------------------------------
 
 
