@@ -89,7 +89,8 @@ def event_values(
         severity=severity or (Severity.CRITICAL if alert else Severity.INFO),
         host=related_host,
         vm=related_vm,
-        incident=incident,
+        # An incident row, or its id (an HA item's incident_id: not read to be linked).
+        **({"incident_id": incident} if isinstance(incident, int) else {"incident": incident}),
     )
 
 

@@ -311,7 +311,8 @@ def vm_restarted(item, vm, target, *, now):
         row.detail = f"restarted on {row.target_host_name}"
         row.save(update_fields=["outcome", "running_at", "target_host_name", "detail"])
         touched.append(row.incident_id)
-    if link:
+    if link and not (item is not None and item.incident_id):
+        # An item of an incident wrote its events linked (hadash.ha.work.mark_vm).
         Event.objects.filter(vm=vm, time=now, incident__isnull=True).update(incident=link)
 
     def count_restarts() -> None:

@@ -103,11 +103,13 @@ class VMInstance(models.Model):
         reason: str = "",
         message: str = "",
         alert: bool = False,
+        incident=None,
         **fields,
     ) -> bool:
         """Move the VM to state ``to`` if nobody changed it since this instance was
         read (same state and update counter), writing the event in the same
         transaction. Returns False and changes nothing when the VM moved meanwhile.
+        ``incident`` (a row or its id): the incident the event belongs to (R18).
         """
         with transaction.atomic():
             changed = VMInstance.objects.filter(
@@ -116,7 +118,15 @@ class VMInstance(models.Model):
             if not changed:
                 return False
             old = self.state
-            self.refresh_from_db()
+            if any(hasattr(v, "resolve_expression") for v in fields.values()):
+                self.refresh_from_db()
+            else:
+                # What the UPDATE wrote, without reading the row back (issue 12: an HA
+                # restart made three transitions, each a VM and a host SELECT). Nobody
+                # changed the VM's state since it was read (the update counter matched).
+                self.state, self.update_count = to, self.update_count + 1
+                for name, value in fields.items():
+                    setattr(self, name, value)
             where = f" on {self.host.name}" if self.host_id else ""
             record_event(
                 Subject.VM,
@@ -129,6 +139,7 @@ class VMInstance(models.Model):
                 message=message or f"VM {self.name}: {old} → {to}{where}",
                 alert=alert,
                 now=now,
+                incident=incident,
             )
         return True
 

@@ -248,7 +248,7 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
                     power_state_update_time=now, power_state_update_count=1)
             # R18/R19: an info event of the VM's incident, not an alert of its own.
             count_restart = incidents.vm_restarted(item, vm, target, now=now)
-            finish(item, Step.DONE, now=now,
+            finish(item, Step.DONE, now=now, settled=True,
                    message=f"HA work #{item.pk}: VM {vm.name} Running on {target.name}")
             count_restart()  # last: the incident row is locked until the commit
         return

@@ -179,7 +179,7 @@ def set_step(item: HaWork, step: str, *, now, message: str = "",
                 Subject.WORK, item, name=item.instance.name, event="WorkStep", field="step",
                 old=old, new=step, reason=item.reason, severity=severity, now=now,
                 related_vm=item.instance, related_host=item.host,
-                incident=item.incident_id and item.incident,
+                incident=item.incident_id,
                 message=message or f"{item.type} work #{item.pk} for {item.instance.name}: "
                                    f"{old} → {step}",
             )
@@ -197,13 +197,14 @@ ERROR_ALERT_KINDS = {
 }
 
 
-def finish(item: HaWork, step: str, *, now, message: str) -> None:
+def finish(item: HaWork, step: str, *, now, message: str, settled: bool = False) -> None:
     """End the item (Done, Cancelled, Error) with its event; its incident learns what
-    became of the VM (R18), and work alerts open or resolve (R19) — one transaction."""
+    became of the VM (R18; ``settled``: the caller told it already), and work alerts
+    open or resolve (R19) — one transaction."""
     with transaction.atomic():
         set_step(item, step, now=now, message=message, taken=None, taken_by="",
                  severity=Severity.CRITICAL if step == Step.ERROR else None)
-        if item.type == WorkType.HA:
+        if item.type == WorkType.HA and not settled:
             incidents.item_ended(item, step, now=now, message=message)
         vm = item.instance
         if step == Step.ERROR and not item.incident_id:
@@ -244,7 +245,7 @@ def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = 
             old=old, new=item.step, reason=item.reason, now=now,
             severity=Severity.WARNING if waiting else None,
             related_vm=item.instance, related_host=item.host,
-            incident=item.incident_id and item.incident,
+            incident=item.incident_id,
             message=f"{item.type} work #{item.pk} for {item.instance.name}: {message}; "
                     f"next try in {int(after)} s",
         )
@@ -332,15 +333,11 @@ def mark_vm(vm: VMInstance, item: HaWork, to: str, *, now, event: str, message: 
             **fields) -> bool:
     """Change the VM and refresh the item's snapshot in one transaction."""
     with transaction.atomic():
+        # R18: the VM's change is an event of the item's incident.
         if not vm.transition(to, now=now, event=event, message=message,
-                             reason=item.reason, **fields):
+                             reason=item.reason, incident=item.incident_id, **fields):
             return False
         refresh_snapshot(item, vm, now)
-        if item.incident_id:  # R18: the VM's change is an event of the item's incident
-            from hadash.models import Event
-
-            Event.objects.filter(vm=vm, event=event, time=now, incident__isnull=True) \
-                .update(incident=item.incident_id)
     return True
 
 
