@@ -222,7 +222,11 @@ def wait_until(what: str, cond: Callable[[], Any], timeout: float, every: float 
                              f"(last: {last!r})"[:2000])
         if progress is not None and now - shown >= progress_every:
             shown = now
-            say(f"  … {what}: {progress()} ({now - start:.0f} s)")
+            try:
+                said = progress()
+            except Exception as exc:  # noqa: BLE001 - a slow answer is no reason to stop
+                said = f"(no answer: {exc!r})"[:300]
+            say(f"  … {what}: {said} ({now - start:.0f} s)")
         time.sleep(every)
 
 

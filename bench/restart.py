@@ -59,6 +59,7 @@ def run(o: dict[str, Any]) -> dict[str, Any]:
                 runs.extend(_run(o, db, tmp, delay))
     return {"benchmark": "restart", "machine": info, "command": o["command"],
             "vms": o["vms"], "failed_hosts": o.get("failed_hosts", 1), "runs": runs,
+            "engine_processes": o.get("engine_processes") or 1,
             "target": {"vms": TARGET_VMS, "seconds": TARGET_SECONDS, "workers": 20,
                        "start_delay": 0.0}}
 
@@ -77,7 +78,8 @@ def _run(o: dict[str, Any], db: BenchDatabase, tmp: Path, delay: float) -> list[
     with system:
         # Room for everything on every host: capacity is not what is measured.
         system.start(hosts=hosts, vms=hosts * per_host, ha_ratio=1.0, clusters=1,
-                     start_delay=delay, host_cpus=100_000, host_memory_mb=100_000_000)
+                     start_delay=delay, host_cpus=100_000, host_memory_mb=100_000_000,
+                     engine_processes=o.get("engine_processes") or 1)
         system.wait_ready(o["timeout"] or 300 + 0.1 * hosts * per_host)
         names = [h["name"] for h in system.get("/hosts", limit=10000)]
         victims = names[:victims_n]
@@ -266,7 +268,7 @@ def rack_report(r: dict[str, Any]) -> str:
     n = r["failed_hosts"]
     lines = [f"A rack fails: {n} hosts with {r['vms']} HA VMs each power off together; from "
              "the first HostDown event to each VM's own Running event (HaStarted) on "
-             "another host"]
+             f"another host; {r.get('engine_processes', 1)} engine process(es)"]
     rows = []
     for x in r["runs"]:
         target = ""

@@ -210,6 +210,9 @@ class Command(BaseCommand):
         p.add_argument("--failed-hosts", type=int, default=1,
                        help="hosts that fail together per ha.workers value (1; 10 with "
                        "--vms 100 --start-delay 1: a rack, issue 12 target 3)")
+        p.add_argument("--engine-processes", type=int, default=1,
+                       help="engine processes (qclusters); ha.workers stays the cap across "
+                       "all of them (R11; default 1)")
         p.add_argument("--timeout", type=float, default=None,
                        help="bound on each recovery (default 120 s + 2 × VMs × start delay "
                        "÷ workers)")
