@@ -412,17 +412,13 @@ def _interval(raw: str | None):
 
 
 def _write_pg(hosts: list[tuple[int, str]], vms: list[tuple[int, str]]) -> None:
-    """The steady path's writes in one round trip: the R21 counter, then each host's
-    last_ping and each confirmed VM's power_state_update_time become the ping's
-    arrival (ISO text) unless already later (GREATEST ignores a NULL), and the VMs'
-    power_state_update_count goes up by one. Several statements in one query string
+    """The steady path's writes in one round trip: each host's last_ping and each
+    confirmed VM's power_state_update_time become the ping's arrival (ISO text) unless
+    already later (GREATEST ignores a NULL), the VMs' power_state_update_count goes up
+    by one, and the R21 counter. Several statements in one query string
     run as one transaction (PostgreSQL's implicit transaction block), or inside the
     caller's."""
     statements, params = [], []
-    counter = _counter_sql(len(hosts))
-    if counter is not None:
-        statements.append(counter[0])
-        params += counter[1]
     for table, column, rows, bump in (
             (Host._meta.db_table, "last_ping", hosts, None),
             (VMInstance._meta.db_table, "power_state_update_time", vms,
@@ -436,6 +432,13 @@ def _write_pg(hosts: list[tuple[int, str]], vms: list[tuple[int, str]]) -> None:
             f'FROM unnest(%s::bigint[], %s::timestamptz[]) AS s(id, at) '
             f'WHERE "{table}"."id" = s.id')
         params += [_array([str(pk) for pk, _ in rows]), _array([at for _, at in rows])]
+    # The counter last, as service.ping's callers count last: a transaction holds its
+    # shard's row only at its very end, so two batches in flight (DEPTH) never wait on
+    # each other in a cycle through it.
+    counter = _counter_sql(len(hosts))
+    if counter is not None:
+        statements.append(counter[0])
+        params += counter[1]
     if connection.in_atomic_block or counter is None:
         with transaction.atomic():
             if counter is None:
@@ -456,7 +459,8 @@ def _counter_sql(n: int) -> tuple[str, list] | None:
         return None
     from metrics import counters
 
-    return counters._SQL, ["pings_ingested", "", os.getpid() % counters.SHARDS, n]
+    # The shard of this thread, as metrics.counters.inc takes it.
+    return counters._SQL, ["pings_ingested", "", threading.get_native_id() % counters.SHARDS, n]
 
 
 def _stamp_orm(manager, column: str, rows: list[tuple[int, dt.datetime]], *,
@@ -525,30 +529,55 @@ class _Pending:
     futures: list[asyncio.Future] = field(default_factory=list)
 
 
-class Batcher:
-    """Collects pings on one event loop and applies them in batches, one batch at a
-    time, in a worker thread. ``apply`` and ``record`` (async callables) replace the
-    database work in tests."""
+# Batches in flight per process, each applied by its own worker thread over its own
+# database connection: while one waits for PostgreSQL, the next is gathered and sent
+# (issue 12). A host's pings are never in two batches at once, so its reports are
+# applied in order.
+DEPTH = 2
 
-    def __init__(self, apply=None, record=None) -> None:
+
+class Batcher:
+    """Collects pings on one event loop and applies them in batches, up to ``depth``
+    at a time, each in a worker thread of its own (one database connection each). A
+    host whose report is being applied waits for that batch before its next report is
+    taken. ``apply`` and ``record`` (async callables) replace the database work in
+    tests."""
+
+    def __init__(self, apply=None, record=None, depth: int = DEPTH) -> None:
         # Insertion-ordered, and pings are queued as they arrive: the first entry
         # holds the oldest waiting ping.
         self.pending: dict[str, _Pending] = {}
-        self._inflight: list[_Pending] = []  # the batch being applied
-        self.inflight_oldest: dt.datetime | None = None
+        self._inflight: dict[int, list[tuple[str, _Pending]]] = {}  # the batches applied
+        self._oldest: dict[int, dt.datetime] = {}  # each one's oldest ping
+        self._busy: set[str] = set()  # the tokens of the batches in flight
         self.backlog = False  # an episode is under way (its alert is recorded)
         self.backlog_since: dt.datetime | None = None
         self._wakeup = asyncio.Event()
         self._full = asyncio.Event()
-        # One worker thread, which keeps one database connection between batches.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hadash-ingest")
-        self.apply = apply or sync_to_async(_apply_in_thread, thread_sensitive=False,
-                                            executor=self._executor)
+        self._done = asyncio.Event()  # a batch finished: a worker is free
+        self._backlog_lock = asyncio.Lock()
+        self.depth = max(1, depth)
+        # One thread per worker, each keeping its own database connection between batches.
+        self._executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="hadash-ingest")
+                           for _ in range(self.depth)]
+        self._applies = [apply] * self.depth if apply else [
+            sync_to_async(_apply_in_thread, thread_sensitive=False, executor=e)
+            for e in self._executors]
+        self.apply = self._applies[0]
+        self._idle = list(range(self.depth - 1, -1, -1))  # free workers, 0 first
+        self._tasks: set[asyncio.Task] = set()
         self.record = record or sync_to_async(record_backlog, thread_sensitive=False,
-                                              executor=self._executor)
+                                              executor=self._executors[0])
         self.task = asyncio.get_running_loop().create_task(self._run())
         with _lock:
             _all.add(self)
+
+    @property
+    def inflight_oldest(self) -> dt.datetime | None:
+        try:
+            return min(list(self._oldest.values()), default=None)
+        except RuntimeError:  # read from another thread while it changed
+            return None
 
     async def submit(self, token: str, vms: Report, arrival: dt.datetime | None = None) -> int:
         """Queue one ping (``arrival``: when it came in, default now) and wait for its
@@ -599,7 +628,9 @@ class Batcher:
         }
 
     async def _gather(self) -> list[tuple[str, _Pending]]:
-        while not self.pending:
+        """The next batch: up to MAX_BATCH queued reports of hosts not in flight, the
+        oldest first, after waiting up to MAX_WAIT for company."""
+        while not self._takeable():
             self._wakeup.clear()
             await self._wakeup.wait()
         if len(self.pending) < MAX_BATCH:
@@ -608,8 +639,17 @@ class Batcher:
                 await asyncio.wait_for(self._full.wait(), MAX_WAIT)
             except TimeoutError:
                 pass
-        taken = list(itertools.islice(self.pending, MAX_BATCH))
+        if self._busy:
+            taken = list(itertools.islice(
+                (t for t in self.pending if t not in self._busy), MAX_BATCH))
+        else:
+            taken = list(itertools.islice(self.pending, MAX_BATCH))
         return [(token, self.pending.pop(token)) for token in taken]
+
+    def _takeable(self) -> bool:
+        if not self._busy:
+            return bool(self.pending)
+        return any(t not in self._busy for t in self.pending)
 
     async def _check_backlog(self, oldest: dt.datetime | None, queued: int) -> None:
         """One alert when the oldest waiting ping passes BACKLOG_AFTER, one event when
@@ -646,43 +686,75 @@ class Batcher:
         finally:
             # Nobody would answer the pings still queued here: fail them (their
             # sockets get an error instead of waiting forever). And the event loop
-            # is going away, or this batcher is: so does the worker's connection.
+            # is going away, or this batcher is: so do the workers' connections.
             stopped = RuntimeError("ping batcher stopped")
-            for p in [*self._inflight, *self.pending.values()]:
+            for batch in list(self._inflight.values()):
+                for _, p in batch:
+                    for fut in p.futures:
+                        if not fut.done():
+                            fut.set_exception(stopped)
+            for p in self.pending.values():
                 for fut in p.futures:
                     if not fut.done():
                         fut.set_exception(stopped)
             self.pending.clear()
-            self._executor.submit(_close_connection)
-            self._executor.shutdown(wait=False)
+            for task in list(self._tasks):
+                task.cancel()
+            for executor in self._executors:
+                executor.submit(_close_connection)
+                executor.shutdown(wait=False)
 
     async def _loop(self) -> None:
+        n = 0
         while True:
+            while not self._idle:  # every worker busy: wait for one
+                self._done.clear()
+                await self._done.wait()
             batch = await self._gather()
-            self._inflight = [p for _, p in batch]
-            self.inflight_oldest = min(p.first for p in self._inflight)
-            await self._check_backlog(self.inflight_oldest, len(batch) + len(self.pending))
-            try:
-                results = await self.apply([(t, p.vms, p.arrival) for t, p in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{len(results)} results for {len(batch)} pings")
-            except Exception as exc:
-                if isinstance(exc, outage.DB_ERRORS):  # an outage: one line per process
-                    outage.failed("ping ingestion", exc, drop_connection=False)
-                else:
-                    log.exception("ping batch failed")
-                results = [exc] * len(batch)
+            worker = self._idle.pop()
+            n += 1
+            self._inflight[n] = batch
+            self._oldest[n] = min(p.first for _, p in batch)
+            self._busy.update(token for token, _ in batch)
+            await self._check_backlog_once(self.oldest_waiting(),
+                                           sum(map(len, self._inflight.values()))
+                                           + len(self.pending))
+            task = asyncio.ensure_future(self._apply(n, worker, batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _apply(self, n: int, worker: int, batch: list[tuple[str, _Pending]]) -> None:
+        try:
+            results = await self._applies[worker]([(t, p.vms, p.arrival) for t, p in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} pings")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, outage.DB_ERRORS):  # an outage: one line per process
+                outage.failed("ping ingestion", exc, drop_connection=False)
             else:
-                outage.ok()
-            finally:
-                self.inflight_oldest = None
-            for p, res in zip(self._inflight, results, strict=True):
-                for fut in p.futures:
-                    if not fut.done():
-                        fut.set_result(res)
-            self._inflight = []
-            if self.backlog and not self.pending:
-                await self._check_backlog(None, 0)  # drained: nothing may come for a while
+                log.exception("ping batch failed")
+            results = [exc] * len(batch)
+        else:
+            outage.ok()
+        finally:
+            self._inflight.pop(n, None)
+            self._oldest.pop(n, None)
+            self._busy.difference_update(token for token, _ in batch)
+            self._idle.append(worker)
+            self._done.set()
+            self._wakeup.set()  # reports of these hosts may wait
+        for (_, p), res in zip(batch, results, strict=True):
+            for fut in p.futures:
+                if not fut.done():
+                    fut.set_result(res)
+        if self.backlog and not self.pending and not self._inflight:
+            await self._check_backlog_once(None, 0)  # drained: nothing may come for a while
+
+    async def _check_backlog_once(self, oldest: dt.datetime | None, queued: int) -> None:
+        async with self._backlog_lock:  # the loop and a finishing batch: one at a time
+            await self._check_backlog(oldest, queued)
 
 
 def _with_definitions(kept: Report, dropped: Report) -> Report:

@@ -301,7 +301,8 @@ def test_queued_pings_of_one_host_coalesce_and_all_get_the_answer():
         import asyncio
 
         gate = Gate(result=7)
-        b = ingest.Batcher(apply=gate.apply, record=gate.record)
+        # One batch at a time: tok-b waits behind tok-a's batch too.
+        b = ingest.Batcher(apply=gate.apply, record=gate.record, depth=1)
         t0, t1, t2, t3 = ago(4), ago(3), ago(2), ago(1)
         first = asyncio.ensure_future(b.submit("tok-a", [("vm", "PowerOn")], t0))
         await gate.started.wait()  # the first batch is being applied
@@ -352,7 +353,7 @@ def test_coalesced_pings_are_answered_by_the_applied_report_over_the_database():
                 await gate.gate.wait()
             return await sync_to_async(ingest.apply_batch)(items)
 
-        b = ingest.Batcher(apply=apply, record=gate.record)
+        b = ingest.Batcher(apply=apply, record=gate.record, depth=1)
         t0, t1, t2 = ago(3), ago(2), ago(1)
         first = asyncio.ensure_future(b.submit(toks["h01"], [], t0))
         while not applied:
@@ -372,6 +373,37 @@ def test_coalesced_pings_are_answered_by_the_applied_report_over_the_database():
     assert all(isinstance(o, ingest.TokenRevoked) for o in out[3:])
     assert Host.objects.get(name="h00").last_ping == t2
 
+
+def test_two_batches_in_flight_never_hold_one_host_twice():
+    """Issue 12: while a batch waits for the database, the next one is gathered and
+    applied (DEPTH workers); a host whose report is in flight waits for that batch,
+    its newer pings coalescing meanwhile, so its reports are applied in order."""
+    import asyncio
+
+    from asgiref.sync import async_to_sync
+
+    async def run():
+        gate = Gate(result=7)
+        b = ingest.Batcher(apply=gate.apply, record=gate.record, depth=2)
+        t0, t1, t2, t3 = ago(4), ago(3), ago(2), ago(1)
+        first = asyncio.ensure_future(b.submit("tok-a", [("vm", "PowerOn")], t0))
+        await gate.started.wait()  # tok-a's batch is held in the database
+        others = [asyncio.ensure_future(b.submit(tok, vms, at)) for tok, vms, at in [
+            ("tok-a", [("vm", "PowerOff")], t1),
+            ("tok-b", [], t2),
+            ("tok-a", [("vm", "PowerOn"), ("vm2", "PowerOn")], t3),
+        ]]
+        b_answer = await others[1]  # applied beside the held batch
+        during = list(gate.batches)
+        gate.gate.set()
+        answers = await asyncio.gather(first, *others)
+        b.task.cancel()
+        return gate.batches, during, b_answer, answers, (t0, t1, t2, t3)
+
+    batches, during, b_answer, answers, (t0, t1, t2, t3) = async_to_sync(run)()
+    assert b_answer == 7 and answers == [7, 7, 7, 7]
+    assert during == [[("tok-a", [("vm", "PowerOn")], t0)], [("tok-b", [], t2)]]
+    assert batches[2:] == [[("tok-a", [("vm", "PowerOn"), ("vm2", "PowerOn")], t3)]]
 
 async def caught_up(b: ingest.Batcher, timeout: float = 10) -> None:
     import asyncio
@@ -396,7 +428,8 @@ def test_backlog_raises_one_alert_per_episode_and_an_event_when_caught_up():
 
     async def run():
         gate = Gate()
-        b = ingest.Batcher(apply=gate.apply)  # events through the real worker thread
+        # Events through the real worker thread; one batch at a time.
+        b = ingest.Batcher(apply=gate.apply, depth=1)
         # One batch of three, the oldest 3 s old: the alert.
         first = [asyncio.ensure_future(b.submit(tok, [], ago(s)))
                  for tok, s in [("tok-a", 2), ("tok-b", 3), ("tok-x", 0)]]
