@@ -151,10 +151,22 @@ def throwaway_database(o: dict[str, Any], note: str = ""):
 # --- subprocesses ------------------------------------------------------------------------
 
 def bench_env(db_url: str, var_dir: str, **extra: str) -> dict[str, str]:
-    """The environment of every process of a benchmark run."""
+    """The environment of every process of a benchmark run. DEBUG is off whatever the
+    caller's (as in production: with it on, Django keeps every query's SQL, which
+    costs each process time per query); the secrets come from the environment or
+    var/secrets.env (scripts/setup)."""
     env = {**os.environ, "DATABASE_URL": db_url, "HADASH_VAR_DIR": var_dir,
            "HADASH_LOG": os.environ.get("HADASH_BENCH_LOG", "WARNING")}
     env.pop("CI", None)
+    env.pop("DEBUG", None)
+    # The children's HADASH_VAR_DIR is a temporary one, without var/secrets.env: they
+    # take this process's secrets (with DEBUG off they refuse development values, R30).
+    from django.conf import settings
+
+    for name in ("SECRET_KEY", "HADASH_AGENT_KEY", "HADASH_FLEET_TOKEN",
+                 "HADASH_METRICS_TOKEN"):
+        if not env.get(name) and getattr(settings, name, ""):
+            env[name] = getattr(settings, name)
     env.update(extra)
     return env
 
