@@ -106,16 +106,23 @@
     if (!section || !list) return;
     var ackAll = $("ack-all-form");
 
+    var shownKey = null;  // the rows on the panel, as alerts.json gave them
     function apply(data) {
-      var frag = document.createDocumentFragment();
-      (data.alerts || []).forEach(function (a) { frag.appendChild(alertRow(a)); });
-      if (!frag.childNodes.length) {
-        var none = L.el("li", "muted empty", "No open alerts.");
-        none.id = "no-alerts";
-        frag.appendChild(none);
+      // Refetched about once a second while events arrive: the rows are rebuilt only
+      // when they changed (a rebuild costs a layout and paint of the page, issue 12).
+      var key = JSON.stringify(data.alerts || []);
+      if (key !== shownKey) {
+        shownKey = key;
+        var frag = document.createDocumentFragment();
+        (data.alerts || []).forEach(function (a) { frag.appendChild(alertRow(a)); });
+        if (!frag.childNodes.length) {
+          var none = L.el("li", "muted empty", "No open alerts.");
+          none.id = "no-alerts";
+          frag.appendChild(none);
+        }
+        list.textContent = "";
+        list.appendChild(frag);
       }
-      list.textContent = "";
-      list.appendChild(frag);
       setText($("alerts-open-count"), data.open);
       var n = $("alerts-open-count");
       if (n) n.dataset.n = data.open;

@@ -29,13 +29,57 @@
 
   // --- overview ---------------------------------------------------------------------
   function overview() {
-    var feed = L.feed($("event-feed"), { max: 200 });
+    // Issue 12: the list is redrawn at most 4 times a second (every event still shows).
+    var feed = L.feed($("event-feed"), { max: 200, every: 250 });
     rateMeter();
     var map = $("fleet-map");
-    var tiles = {};
-    map.querySelectorAll(".tile").forEach(function (t) { tiles[t.dataset.hostId] = t; });
+    /* The fleet map at 10,000 hosts (issue 12): what each tile shows is kept here too
+     * (state[id]), so a change is found without reading the DOM; the clusters' counts
+     * ("N hosts · M Down/Alert") are kept up to date by each tile change instead of
+     * counted again over every tile; and only the tiles that changed are written, once
+     * an animation frame, however many events arrive in it. */
+    var tiles = {};      // host id -> tile
+    var state = {};      // host id -> {status, rs, vms, sus, cluster}
+    var clusters = {};   // cluster name -> {sec, label, total, bad}
+    var dirtyClusters = {};
     var tileChanges = {};
     var flashed = [];
+
+    function isBad(status) { return status === "Down" || status === "Alert"; }
+
+    function addCluster(sec) {
+      var c = { sec: sec, label: sec.querySelector(".cluster-count"), total: 0, bad: 0 };
+      clusters[sec.dataset.cluster] = c;
+      return c;
+    }
+
+    function track(t, cluster) {
+      var id = t.dataset.hostId;
+      tiles[id] = t;
+      var st = state[id] = { status: t.dataset.status || "", rs: t.dataset.rs || "",
+                             vms: int(t.dataset.vms), sus: t.dataset.suspect === "1",
+                             cluster: cluster };
+      var c = clusters[cluster];
+      c.total++;
+      if (isBad(st.status)) c.bad++;
+      dirtyClusters[cluster] = true;
+    }
+
+    function untrack(id) {
+      var st = state[id];
+      var c = st && clusters[st.cluster];
+      if (c) { c.total--; if (isBad(st.status)) c.bad--; dirtyClusters[st.cluster] = true; }
+      tiles[id].remove();
+      delete tiles[id];
+      delete state[id];
+    }
+
+    map.querySelectorAll(".cluster").forEach(function (sec) {
+      addCluster(sec);
+      var ts = sec.getElementsByClassName("tile");
+      for (var i = 0; i < ts.length; i++) track(ts[i], sec.dataset.cluster);
+    });
+    dirtyClusters = {};  // the server wrote the counts
 
     function sizeClass(n) {
       if (n <= 0) return "v0";
@@ -45,28 +89,36 @@
       return "v4";
     }
 
-    function paintTile(t, status, rs, vms, suspect) {
+    function paintTile(id, status, rs, vms, suspect) {
+      var t = tiles[id], st = state[id];
       var changed = false;
-      if (suspect !== undefined && (t.dataset.suspect === "1") !== !!suspect) {
-        t.dataset.suspect = suspect ? "1" : ""; changed = true;
+      if (suspect !== undefined && st.sus !== !!suspect) { st.sus = !!suspect; changed = true; }
+      if (status !== undefined && st.status !== status) {
+        if (isBad(st.status) !== isBad(status)) {
+          clusters[st.cluster].bad += isBad(status) ? 1 : -1;
+          dirtyClusters[st.cluster] = true;
+        }
+        st.status = status; changed = true;
       }
-      if (status !== undefined && t.dataset.status !== status) { t.dataset.status = status; changed = true; }
-      if (rs !== undefined && t.dataset.rs !== rs) { t.dataset.rs = rs; changed = true; }
-      if (vms !== undefined && int(t.dataset.vms) !== vms) {
-        t.dataset.vms = vms; t.textContent = vms; changed = true;
-      }
+      if (rs !== undefined && st.rs !== rs) { st.rs = rs; changed = true; }
+      var vmsChanged = vms !== undefined && st.vms !== vms;
+      if (vmsChanged) { st.vms = vms; changed = true; }
       if (!changed) return false;
-      var n = int(t.dataset.vms);
-      var sus = t.dataset.suspect === "1";
-      t.className = "tile st-" + t.dataset.status + " rs-" + t.dataset.rs + " " + sizeClass(n) +
+      var n = st.vms, sus = st.sus;
+      t.dataset.status = st.status;
+      t.dataset.rs = st.rs;
+      t.dataset.vms = n;
+      t.dataset.suspect = sus ? "1" : "";
+      if (vmsChanged) t.textContent = n;
+      t.className = "tile st-" + st.status + " rs-" + st.rs + " " + sizeClass(n) +
         (sus ? " suspect" : "") + " flash";
-      t.title = t.dataset.host + " · " + t.dataset.status +
-        (t.dataset.rs === "Enabled" ? "" : " · " + t.dataset.rs) +
+      t.title = t.dataset.host + " · " + st.status +
+        (st.rs === "Enabled" ? "" : " · " + st.rs) +
         (sus ? " · suspect (behind on ping)" : "") + " · " + n + " VMs";
       // Its accessible name: host, status (and resource state), VM count — not colour only;
       // R17: a suspect host (behind on ping, no verdict yet) says so.
-      t.setAttribute("aria-label", t.dataset.host + ": " + t.dataset.status +
-        (t.dataset.rs === "Enabled" ? "" : ", " + t.dataset.rs) +
+      t.setAttribute("aria-label", t.dataset.host + ": " + st.status +
+        (st.rs === "Enabled" ? "" : ", " + st.rs) +
         (sus ? ", suspect: behind on ping" : "") + ", " + n + " VMs");
       flashed.push(t);
       return true;
@@ -80,9 +132,8 @@
     function applyTiles() {
       var ids = Object.keys(tileChanges);
       for (var i = 0; i < ids.length; i++) {
-        var t = tiles[ids[i]];
         var c = tileChanges[ids[i]];
-        if (t) paintTile(t, c.status, c.resource_state, undefined);
+        if (tiles[ids[i]]) paintTile(ids[i], c.status, c.resource_state, undefined);
       }
       tileChanges = {};
       hostsVersion = "";  // painted from events: the next summary sends every row again
@@ -90,17 +141,17 @@
     }
 
     function clusterCounts() {
-      map.querySelectorAll(".cluster").forEach(function (sec) {
-        var all = sec.querySelectorAll(".tile");
-        var bad = sec.querySelectorAll('.tile[data-status="Down"], .tile[data-status="Alert"]').length;
-        var label = sec.querySelector(".cluster-count");
-        setText(label, all.length + " hosts" + (bad ? " · " + bad + " Down/Alert" : ""));
-      });
+      var names = Object.keys(dirtyClusters);
+      dirtyClusters = {};
+      for (var i = 0; i < names.length; i++) {
+        var c = clusters[names[i]];
+        if (!c) continue;
+        setText(c.label, c.total + " hosts" + (c.bad ? " · " + c.bad + " Down/Alert" : ""));
+      }
     }
 
     function clusterSection(name) {
-      var secs = map.querySelectorAll(".cluster");
-      for (var i = 0; i < secs.length; i++) if (secs[i].dataset.cluster === name) return secs[i];
+      if (clusters[name]) return clusters[name].sec;
       var empty = $("fleet-empty");
       if (empty) empty.remove();
       var sec = L.el("section", "cluster");
@@ -114,6 +165,7 @@
       sec.appendChild(h);
       sec.appendChild(L.el("div", "tiles"));
       map.appendChild(sec);
+      addCluster(sec);
       return sec;
     }
 
@@ -159,19 +211,18 @@
         present[id] = true;
         clusters[h[2]] = true;
         if (h[4] !== "Enabled") notEnabled++;
-        var t = tiles[id];
-        if (!t) {
-          t = L.el("a", "tile");
+        if (!tiles[id]) {
+          var t = L.el("a", "tile");
           t.href = "/hosts/" + encodeURIComponent(h[1]);
           t.dataset.host = h[1]; t.dataset.hostId = id;
           t.dataset.status = ""; t.dataset.rs = ""; t.dataset.vms = "-1";
           clusterSection(h[2]).querySelector(".tiles").appendChild(t);
-          tiles[id] = t;
+          track(t, h[2]);
         }
-        paintTile(t, h[3], h[4], h[5], h[6]);
+        paintTile(id, h[3], h[4], h[5], h[6]);
       }
       Object.keys(tiles).forEach(function (id) {
-        if (!present[id]) { tiles[id].remove(); delete tiles[id]; }
+        if (!present[id]) untrack(id);
       });
       setText($("maintenance-total"), notEnabled);
       setText($("cluster-total"), Object.keys(clusters).length);
