@@ -31,7 +31,7 @@ from django.conf import settings  # noqa: E402
 
 from hadash.api.asgi import ApiGate  # noqa: E402
 from hadash.routing import websocket_urlpatterns  # noqa: E402
-from hosts.agent.asgi import AgentGate  # noqa: E402
+from hosts.agent.asgi import AgentGate, agent_handler  # noqa: E402
 
 
 def header_refusal(method: bytes, raw_path: bytes, raw_headers) -> tuple[int, str] | None:
@@ -130,7 +130,9 @@ application = ProtocolTypeRouter(
     {
         # Agent requests with bad credentials or an oversized body are refused from
         # their headers, before the body is read (issue 8, part 4).
-        "http": AgentGate(ApiGate(django_asgi_app)),
+        # Agent requests that pass go to a handler with only the middleware that sets
+        # their headers (hosts.agent.asgi.agent_handler; issue 12).
+        "http": AgentGate(ApiGate(django_asgi_app), agent_app=agent_handler()),
         "websocket": URLRouter(websocket_urlpatterns),
     }
 )

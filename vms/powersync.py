@@ -27,7 +27,10 @@ def ha_wanted(vm: VMInstance, cfg) -> bool:
     return bool(cfg["vm.ha.enabled"]) and (vm.ha_enabled or bool(cfg["force.ha"]))
 
 
-def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg) -> None:
+def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime,
+                   cfg) -> set[str]:
+    """R8/R9: apply a host's power report. Returns the reported names hadash manages
+    (discovery's ``known``: read here anyway)."""
     reported = dict(report)
     missing_after = dt.timedelta(seconds=2 * cfg["ping.interval"])
     vms = list(
@@ -80,6 +83,7 @@ def process_report(host, report: list[tuple[str, str]], *, now: dt.datetime, cfg
             power_state_update_time=not_before("power_state_update_time", now),
             power_state_update_count=models.F("power_state_update_count") + 1,
         )
+    return {vm.name for vm in vms if vm.name in reported}
 
 
 def _set_power(vm: VMInstance, host, ps: str, now) -> None:

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import json
 
-from channels.db import database_sync_to_async
-
+from . import dbpool
 from .auth import bearer, host_for_token, is_join_key
 from .validation import MAX_BODY_BYTES
 from .views import SCOPE_HOST
@@ -81,10 +80,42 @@ def _text(value) -> str:
     return value.decode("latin-1") if isinstance(value, bytes | bytearray) else str(value)
 
 
+# The middleware an agent's answer goes through (hosts.agent.asgi.agent_handler): the
+# ones that set its headers (nosniff, referrer and opener policies, CSP, X-Frame-Options).
+# Sessions, CSRF (the views are exempt), authentication, messages and login throttling
+# have nothing to do with an agent, and each costs a request two hops to a thread.
+AGENT_MIDDLEWARE = (
+    "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+)
+
+
+def agent_handler():
+    """Django's ASGI handler for the agent endpoints: the same URLs and views, with only
+    AGENT_MIDDLEWARE of settings.MIDDLEWARE (issue 12: a fleet connecting at once made
+    the web process CPU-bound, a good part of it in the middleware's thread hops)."""
+    from django.conf import settings
+    from django.core.handlers.asgi import ASGIHandler
+
+    class AgentHandler(ASGIHandler):
+        def load_middleware(self, is_async=False):
+            full = settings.MIDDLEWARE
+            settings.MIDDLEWARE = [m for m in full if m in AGENT_MIDDLEWARE]
+            try:
+                super().load_middleware(is_async=is_async)
+            finally:
+                settings.MIDDLEWARE = full
+
+    return AgentHandler()
+
+
 class AgentGate:
-    def __init__(self, app, prefix: str = PREFIX):
+    def __init__(self, app, prefix: str = PREFIX, agent_app=None):
         self.app = app
         self.prefix = prefix
+        # Where the agent requests that pass go (agent_handler()); default: app.
+        self.agent_app = agent_app or app
 
     async def __call__(self, scope, receive, send):
         if (
@@ -100,13 +131,15 @@ class AgentGate:
                                  **(UNAUTHORIZED if status == 401 else {}))
         token = bearer(scope.get("headers") or [])
         if not (scope["path"] == CONNECT and is_join_key(token)):
-            host = await database_sync_to_async(_lookup)(token)
+            # In the agent protocol's own threads, on their long-lived connections
+            # (hosts.agent.dbpool): not a new connection per request.
+            host = await dbpool.run(_lookup, token)
             if host is None:
                 what = "invalid join key or host token" if scope["path"] == CONNECT \
                     else "invalid host token"
                 return await _answer(send, 401, what, **UNAUTHORIZED)
             scope = {**scope, SCOPE_HOST: host}
-        return await self.app(scope, _limited(receive), send)
+        return await self.agent_app(scope, _limited(receive), send)
 
 
 def _limited(receive):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 
 from hadash.choices import Severity, Subject
 from hadash.clock import not_before
@@ -64,6 +64,7 @@ class Connected:
     host: object  # hosts.models.Host
     token: str
     server_token: str
+    ping_interval: int | None = None  # the ping.interval in force, read by the connect
 
 
 class ConnectRefused(Exception):
@@ -101,8 +102,8 @@ def enrol(data: ConnectData, *, now) -> Connected:
                     host.save(force_insert=True)
             except IntegrityError:
                 raise ConnectRefused(already_enrolled(data.name)) from None
-            _bring_up(host, data, now=now, how="enrolled with the join key")
-            return Connected(host, token, server_token)
+            interval = _bring_up(host, data, now=now, how="enrolled with the join key")
+            return Connected(host, token, server_token, interval)
         if not host.reenrol_open(now):
             raise ConnectRefused(already_enrolled(data.name))
         token, server_token = Host.new_secret(), Host.new_secret()
@@ -124,8 +125,8 @@ def enrol(data: ConnectData, *, now) -> Connected:
         )
         _apply(host, data)
         host.save()
-        _bring_up(host, data, now=now, how="re-enrolled")
-        return Connected(host, token, server_token)
+        interval = _bring_up(host, data, now=now, how="re-enrolled")
+        return Connected(host, token, server_token, interval)
 
 
 def reconnect(host, token: str, data: ConnectData, *, now) -> Connected:
@@ -144,8 +145,8 @@ def reconnect(host, token: str, data: ConnectData, *, now) -> Connected:
             row.server_token = Host.new_secret()
         _apply(row, data)
         row.save()
-        _bring_up(row, data, now=now, how="agent connected")
-        return Connected(row, token, row.server_token)
+        interval = _bring_up(row, data, now=now, how="agent connected")
+        return Connected(row, token, row.server_token, interval)
 
 
 def connect(data: ConnectData, *, now) -> tuple:
@@ -181,14 +182,45 @@ def _apply(host, data: ConnectData) -> None:
     host.agent_hypervisor_uri = agent.hypervisor_uri
 
 
-def _bring_up(host, data: ConnectData, *, now, how: str) -> None:
+def _bring_up(host, data: ConnectData, *, now, how: str) -> int:
     """R1/R6: the host goes Connecting → Up with its events, and its power report is
-    taken. Runs inside the connect's transaction, on a saved row."""
+    taken. Runs inside the connect's transaction, on a saved row the connect holds
+    locked. Returns ``ping.interval`` (read with the rest of the configuration).
+
+    One UPDATE takes the row to Up with the ping stamp, one INSERT writes both events
+    (AgentConnected unless it was Connecting already, then Ready), exactly as the two
+    transitions did one after the other (issue 12: a fleet connecting at once). The
+    report's managed names come from the power report's own read, not a second one."""
     from hadash import config
     from hosts.models import Host
     from vms.powersync import process_report
 
     cfg = config.snapshot()
+    old = host.status
+    steps = []  # (event, old, new, message)
+    if old != HostStatus.CONNECTING:
+        steps.append((HostEvent.AGENT_CONNECTED, old, HostStatus.CONNECTING,
+                      f"Host {host.name}: {how} ({old} → Connecting)"))
+    steps.append((HostEvent.READY, HostStatus.CONNECTING, HostStatus.UP,
+                  f"Host {host.name} is Up"))
+    changed = Host.objects.filter(pk=host.pk, status=old).update(
+        status=HostStatus.UP, last_ping=now, next_investigation=None,
+        update_count=models.F("update_count") + len(steps))
+    if not changed:  # moved meanwhile (a connect holds the row locked: not seen)
+        host.refresh_from_db()
+        _bring_up_stepwise(host, now=now, how=how)
+    else:
+        _up(host, steps, now=now)
+    known = process_report(host, data.vms, now=now, cfg=cfg)
+    take_extras(host, data.vms, now=now, known=known)
+    return cfg["ping.interval"]
+
+
+def _bring_up_stepwise(host, *, now, how: str) -> None:
+    """The row moved between the connect's read and its UPDATE: transition by
+    transition, each conditional on what the row holds."""
+    from hosts.models import Host
+
     Host.objects.filter(pk=host.pk).update(last_ping=now, next_investigation=None)
     host.last_ping, host.next_investigation = now, None
     if host.status != HostStatus.CONNECTING:
@@ -196,12 +228,20 @@ def _bring_up(host, data: ConnectData, *, now, how: str) -> None:
             HostStatus.CONNECTING, now=now, event=HostEvent.AGENT_CONNECTED,
             message=f"Host {host.name}: {how} ({host.status} → Connecting)",
         )
-    host.transition(
-        HostStatus.UP, now=now, event=HostEvent.READY,
-        message=f"Host {host.name} is Up",
-    )
-    process_report(host, data.vms, now=now, cfg=cfg)
-    take_extras(host, data.vms, now=now)
+    host.transition(HostStatus.UP, now=now, event=HostEvent.READY,
+                    message=f"Host {host.name} is Up")
+
+
+def _up(host, steps: list[tuple], *, now) -> None:
+    from hadash.events import event_values
+    from hadash.models import Event
+
+    host.status, host.last_ping, host.next_investigation = HostStatus.UP, now, None
+    host.update_count = (host.update_count or 0) + len(steps)
+    Event.objects.bulk_create([
+        Event(**event_values(Subject.HOST, host, event=event, field="status", old=before,
+                             new=after, message=message, now=now))
+        for event, before, after, message in steps])
 
 
 def take_extras(host, report, *, now, known=None, sig=None) -> None:
@@ -242,8 +282,8 @@ def ping(host, vms: list[tuple[str, str]], *, now) -> None:
                 message=f"Host {host.name}: pinged again ({old} → Up)",
             ):
                 host.refresh_from_db()
-        process_report(host, vms, now=now, cfg=cfg)
-        take_extras(host, vms, now=now)
+        known = process_report(host, vms, now=now, cfg=cfg)
+        take_extras(host, vms, now=now, known=known)
 
 
 def disconnect(host, reason: str, *, now) -> None:

@@ -1,7 +1,8 @@
 """Agent protocol over HTTP (PROTOCOL.md, agent → server): connect, ping, disconnect.
 
-Plain Django views, kept lean because every host pings every ``ping.interval``: one
-indexed token lookup, validation, then the service call. Every request is
+Async Django views, their database work in hosts.agent.dbpool's threads (each with a
+long-lived connection: issue 12); kept lean because every host pings every
+``ping.interval``: one indexed token lookup, validation, then the service call. Every request is
 authenticated before its body is read and validated in full before the service is
 called, so a rejected request (4xx) changes nothing. (Under ASGI, Django reads a body
 before any view runs: ``hosts.agent.asgi.AgentGate`` refuses bad credentials and
@@ -24,10 +25,11 @@ from django.views.decorators.csrf import csrf_exempt
 from hadash import config
 from hosts.models import Host
 
-from . import service, validation
+from . import dbpool, service, validation
 from .auth import bearer, host_for_token, is_join_key
 from .validation import ProtocolError
 
+dbpool.expected(ProtocolError, service.ConnectRefused)
 log = logging.getLogger("hadash.agent")
 
 # Where AgentGate leaves the host it found for the request's token (ASGI scope key).
@@ -46,15 +48,25 @@ def unauthorized(message: str) -> JsonResponse:
 
 
 def agent_endpoint(view: Callable) -> Callable:
-    """POST only, no CSRF (agents are not browsers), ProtocolError → JSON 4xx."""
+    """POST only, no CSRF (agents are not browsers), ProtocolError → JSON 4xx.
+
+    The view is async and gets ``db``: how to run its database work (hosts.agent.dbpool:
+    under ASGI, in the pool's threads with their long-lived connections)."""
 
     @csrf_exempt
     @wraps(view)
-    def wrapper(request: HttpRequest, *args, **kwargs):
+    async def wrapper(request: HttpRequest, *args, **kwargs):
+        response = await _answer(request, *args, **kwargs)
+        # Set here, not by CommonMiddleware: under ASGI agent requests skip it
+        # (hosts.agent.asgi.agent_handler).
+        response["Content-Length"] = str(len(response.content))
+        return response
+
+    async def _answer(request: HttpRequest, *args, **kwargs):
         if request.method != "POST":
             return error(f"method {request.method} not allowed; use POST", 405, Allow="POST")
         try:
-            return view(request, *args, **kwargs)
+            return await view(request, dbpool.run_for(request), *args, **kwargs)
         except ProtocolError as exc:
             if exc.status == 401:
                 return unauthorized(exc.message)
@@ -100,18 +112,28 @@ def _gate_host(request: HttpRequest, token: str) -> Host | None:
     return None
 
 
-def authenticated_host(request: HttpRequest) -> Host:
+async def authenticated_host(request: HttpRequest, db) -> Host:
     token = bearer(request.headers)
     if token is None:
         raise ProtocolError("missing credentials: send Authorization: Bearer <host token>", 401)
-    host = _gate_host(request, token) or host_for_token(token)
+    host = _gate_host(request, token) or await db(host_for_token, token)
     if host is None:
         raise ProtocolError("invalid host token", 401)
     return host
 
 
+def _reconnect(host: Host, token: str, data, now) -> tuple:
+    result = service.reconnect(host, token, data, now=now)
+    return result, result.ping_interval or ping_interval()
+
+
+def _enrol(data, now) -> tuple:
+    result = service.enrol(data, now=now)
+    return result, result.ping_interval or ping_interval()
+
+
 @agent_endpoint
-def connect(request: HttpRequest) -> JsonResponse:
+async def connect(request: HttpRequest, db) -> JsonResponse:
     """R1/R6/R29: enrol a new host with the join key, or reconnect a known one with
     its own token. Answers with the token the agent keeps and the server_token the
     server presents on its calls to the agent."""
@@ -123,7 +145,7 @@ def connect(request: HttpRequest) -> JsonResponse:
     known: Host | None = None
     join = is_join_key(token)
     if not join:
-        known = _gate_host(request, token) or host_for_token(token)
+        known = _gate_host(request, token) or await db(host_for_token, token)
         if known is None:
             return unauthorized("invalid join key or host token")
     data = validation.parse_connect(read_json(request))
@@ -131,30 +153,34 @@ def connect(request: HttpRequest) -> JsonResponse:
     if known is not None:
         if known.name != data.name:
             return unauthorized(f"this token does not belong to host {data.name!r}")
-        result = service.reconnect(known, token, data, now=now)
+        result, interval = await db(_reconnect, known, token, data, now)
     else:
-        result = service.enrol(data, now=now)
+        result, interval = await db(_enrol, data, now)
     return JsonResponse({
         "host_id": result.host.pk,
         "token": result.token,
         "server_token": result.server_token,
-        "ping_interval": ping_interval(),
+        "ping_interval": interval,
     })
 
 
+def _ping(host: Host, vms, now) -> int:
+    service.ping(host, vms, now=now)
+    return ping_interval()
+
+
 @agent_endpoint
-def ping(request: HttpRequest) -> JsonResponse:
+async def ping(request: HttpRequest, db) -> JsonResponse:
     """R1/R8: refresh last_ping and apply the power report."""
-    host = authenticated_host(request)
+    host = await authenticated_host(request, db)
     vms = validation.parse_ping(read_json(request))
-    service.ping(host, vms, now=timezone.now())
-    return JsonResponse({"ping_interval": ping_interval()})
+    return JsonResponse({"ping_interval": await db(_ping, host, vms, timezone.now())})
 
 
 @agent_endpoint
-def disconnect(request: HttpRequest) -> JsonResponse:
+async def disconnect(request: HttpRequest, db) -> JsonResponse:
     """R7: the agent says goodbye; the host goes Disconnected without investigation."""
-    host = authenticated_host(request)
+    host = await authenticated_host(request, db)
     reason = validation.parse_disconnect(read_json(request, allow_empty=True))
-    service.disconnect(host, reason, now=timezone.now())
+    await db(service.disconnect, host, reason, now=timezone.now())
     return JsonResponse({})
