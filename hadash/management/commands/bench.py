@@ -15,6 +15,8 @@
                    receiver in the bench process, beside "send test" round trips
     bench register VM registration through the operator API: one POST /api/v1/vms each
                    vs POST /api/v1/vms/bulk in chunks and in one request (issue 12)
+    bench connect  agent connects/s against one daphne: enrolment with the join key, then
+                   reconnects with the hosts' tokens after a web restart (issue 12)
 
 Each run builds a fresh database (PostgreSQL: hadash_bench_<random>, dropped at the
 end), starts real processes (daphne, qcluster, the fleet simulator, a load generator)
@@ -198,6 +200,18 @@ class Command(BaseCommand):
         p.add_argument("--no-one-request", action="store_true",
                        help="skip registering all --vms in one request")
 
+        p = sub.add_parser("connect", help="agent connects/s: enrol, then reconnect after a "
+                           "web restart (issue 12)")
+        common(p)
+        p.add_argument("--hosts", type=int, default=1000, help="hosts (1000)")
+        p.add_argument("--clients", type=int, default=20,
+                       help="connects in flight (20, as the simulator)")
+        p.add_argument("--vms-per-host", type=int, default=10,
+                       help="VMs each connect reports (10; unknown at enrolment, "
+                       "registered before the reconnects)")
+        p.add_argument("--no-restart", action="store_true",
+                       help="reconnect without restarting the web process first")
+
         p = sub.add_parser("restart", help="HA restart throughput per ha.workers")
         common(p)
         p.add_argument("--workers", default="1,5,20", help="ha.workers values (1,5,20)")
@@ -286,6 +300,12 @@ class Command(BaseCommand):
                 if o["hosts"] < 1 or min(o["vms"], o["chunk"], o["single"]) < 0:
                     raise CommandError("--hosts must be positive; --vms, --chunk and "
                                        "--single ≥ 0")
+            elif name == "connect":
+                from bench import connect as mod
+
+                if min(o["hosts"], o["clients"]) < 1 or o["vms_per_host"] < 0:
+                    raise CommandError("--hosts and --clients must be positive, "
+                                       "--vms-per-host ≥ 0")
             elif name == "detect":
                 from bench import detect as mod
 
