@@ -28,6 +28,11 @@ TOKEN_BYTES = 32
 REENROL_WINDOW = dt.timedelta(hours=1)
 
 
+def split_tags(tags: str) -> tuple[str, ...]:
+    """A host's comma-separated tags column as its tags."""
+    return tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ()
+
+
 class Host(models.Model):
     name = models.CharField(max_length=255, unique=True, validators=[validate_name],
                             help_text=NAME_RULE)
@@ -99,7 +104,7 @@ class Host(models.Model):
     # --- tags -----------------------------------------------------------------
     @property
     def tag_list(self) -> list[str]:
-        return [t.strip() for t in self.tags.split(",") if t.strip()]
+        return list(split_tags(self.tags))
 
     def has_tag(self, tag: str) -> bool:
         return tag in self.tag_list

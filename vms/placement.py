@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from django.db.models import Sum
 
 from hosts.choices import HostStatus, ResourceState
-from hosts.models import Host
+from hosts.models import Host, split_tags
 
 from .choices import ACTIVE_STATES, VmState
 from .models import VMInstance
@@ -287,11 +287,6 @@ def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:
         c, m = used.get(pk, (0, 0))
         rooms.append(Room(pk, name, cpus, memory_mb, c, m, split_tags(tags)))
     return rooms
-
-
-def split_tags(tags: str) -> tuple[str, ...]:
-    """A host's tags column as a tuple (as Host.tag_list)."""
-    return tuple(t.strip() for t in tags.split(",") if t.strip()) if tags else ()
 
 
 def with_hosts(rooms: list[Room]) -> list[Room]:
