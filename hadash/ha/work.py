@@ -12,6 +12,7 @@ Processing a claimed item (`hadash.ha.worker.worker_step`) dispatches to
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 
@@ -107,6 +108,7 @@ def claim(engine, cfg) -> HaWork | None:
         return item
 
 
+@functools.cache
 def _claim_sql() -> tuple[str, list[str]]:
     fields = list(HaWork._meta.concrete_fields)
     final = ", ".join(f"'{s}'" for s in FINAL_STEPS)  # our own constants
