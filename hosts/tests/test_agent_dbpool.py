@@ -68,6 +68,7 @@ def pool_backends() -> set:
     return set(async_to_sync(go)())
 
 
+@pytest.mark.postgres_only  # what it counts are server connections; SQLite's are files
 @pytest.mark.django_db(transaction=True)
 def test_connects_under_asgi_reuse_the_pools_connections(monkeypatch):
     """R29 enrolment and R6 reconnects through the ASGI application: answered as the
@@ -103,6 +104,7 @@ def test_connects_under_asgi_reuse_the_pools_connections(monkeypatch):
                           ("Ready", "Connecting", "Up")] * 5
 
 
+@pytest.mark.postgres_only  # what it counts are server connections; SQLite's are files
 @pytest.mark.django_db(transaction=True)
 def test_refusals_under_asgi_change_nothing_and_keep_the_connections():
     """R29/R31 under ASGI: a known name with the join key → 409, a bad body → 400,
