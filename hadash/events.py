@@ -12,35 +12,16 @@ from django.db import transaction
 from django.utils import timezone
 
 
-def record_event(
-    subject: str,
-    obj: Any = None,
-    *,
-    event: str,
-    field: str = "",
-    old: Any = "",
-    new: Any = "",
-    reason: str = "",
-    message: str = "",
-    alert: bool = False,
-    severity: str | None = None,
-    now=None,
-    name: str | None = None,
-    related_host=None,
-    related_vm=None,
-    incident=None,
-):
-    """Write one event. Must run inside the transaction that makes the change
-    (it refuses to run in autocommit, so a change can never lose its event)."""
+def record_event(subject: str, obj: Any = None, **fields):
+    """Write one event (its fields as `event_values` takes them). Must run inside the
+    transaction that makes the change (it refuses to run in autocommit, so a change can
+    never lose its event)."""
     from .models import Event
 
     conn = transaction.get_connection()
     if not conn.in_atomic_block:
         raise RuntimeError("record_event must run inside the transaction of its change")
-    return Event.objects.create(**event_values(
-        subject, obj, event=event, field=field, old=old, new=new, reason=reason,
-        message=message, alert=alert, severity=severity, now=now, name=name,
-        related_host=related_host, related_vm=related_vm, incident=incident))
+    return Event.objects.create(**event_values(subject, obj, **fields))
 
 
 def event_values(
