@@ -18,6 +18,7 @@ refused here with a pointer to the operator API.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ __all__ = ["CredentialStore", "Fault", "FaultError", "Fleet", "Host", "VmSpec", 
            "parse_fault"]
 
 log = logging.getLogger("fleet.simulator")
+
+# The first simulated host's address; host i (from 0) has FIRST_ADDRESS + i.
+FIRST_ADDRESS = ipaddress.IPv4Address("10.0.0.1")
 
 # Operator actions in the scenario vocabulary: not something a machine does.
 OPERATOR_ACTIONS = ("disable", "enable", "maintenance", "cancel-maintenance")
@@ -336,7 +340,10 @@ def demo_fleet(
             cluster=f"c{i % clusters + 1}",
             cpus=cpus,
             memory_mb=memory_mb,
-            address=f"10.{(i // 65536) % 256}.{(i // 256) % 256}.{i % 256 + 1}",
+            # 10.0.0.1, 10.0.0.2, … counted on: 10.0.0.255, then 10.0.1.0 (in 10.0.0.0/8 a
+            # host address like any other; the old "10.0.0.256" made every 256th host's
+            # connect a 400, so it never enrolled).
+            address=str(FIRST_ADDRESS + i),
         )
     names = list(fleet.hosts)
     vw = _width(vms, 4)

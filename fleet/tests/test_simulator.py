@@ -130,6 +130,18 @@ def test_demo_fleet_shape():
     assert "kvm-0001" in demo_fleet(hosts=1000, vms=0).hosts
 
 
+def test_every_demo_host_has_an_address_the_server_accepts():
+    """Issue 12: host 256 of a fleet had "10.0.0.256", its connect was a 400, and a
+    1,000-host bench waited for three hosts (256, 512, 768) that never enrolled."""
+    from hosts.agent.networks import address_problem
+
+    hosts = demo_fleet(hosts=1000, vms=0).hosts.values()
+    addresses = [h.address for h in hosts]
+    assert addresses[:2] == ["10.0.0.1", "10.0.0.2"]
+    assert len(set(addresses)) == 1000
+    assert [a for a in addresses if address_problem(a, resolve=False)] == []
+
+
 def test_fault_parsing():
     assert parse_fault("host  kvm-001 power off").what == "power off"
     assert parse_fault("host kvm-001 start-fail 3").count == 3
