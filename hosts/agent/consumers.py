@@ -19,6 +19,14 @@ nothing changes, so a message equal to the socket's previous one reuses that one
 validated report instead of parsing it again (validation is a pure function of the
 text); the token's hash is taken once per connection; the pong text is made once per
 ping interval; the batcher is looked up once per socket.
+
+The token check of a socket's upgrade runs in the agent protocol's own database threads
+(hosts.agent.dbpool), on their long-lived connections, as the HTTP requests' do — not
+in Channels' one shared sync thread with a new PostgreSQL connection per socket, where
+a fleet connecting at once queued behind every other sync call of the process (an
+operator's bulk registration took seconds) and its first pings came too late (issue 12:
+at ping.interval 1, 1,000 connecting hosts drew a PingTimeout storm). So the consumer
+never uses Channels' per-message connection clean-up at all.
 """
 
 from __future__ import annotations
@@ -27,13 +35,12 @@ import json
 import logging
 
 from channels.consumer import get_handler_name
-from channels.db import aclose_old_connections, database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.utils import timezone
 
 from hosts.models import Host
 
-from . import ingest, validation
+from . import dbpool, ingest, validation
 from .auth import bearer, host_for_token
 from .ingest import TokenRevoked
 from .validation import ProtocolError
@@ -63,21 +70,18 @@ class AgentPingConsumer(AsyncWebsocketConsumer):
     channel_layer_alias = NO_CHANNEL_LAYER  # P4: agents are sent nothing through it
 
     async def dispatch(self, message) -> None:
-        """AsyncConsumer.dispatch, except that a ping (websocket.receive) skips
-        Channels' aclose_old_connections(), a hop into the one thread-sensitive sync
-        thread per message: the consumer never uses the database while it handles a
-        ping (the batcher's thread owns its connection). Connect (token check) and
-        disconnect keep it (P2)."""
+        """AsyncConsumer.dispatch without Channels' aclose_old_connections(), a hop
+        into the one thread-sensitive sync thread per message (P2): the consumer's
+        database work runs in hosts.agent.dbpool's threads (the token check) and the
+        batcher's (pings), which keep their own connections."""
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
-        if message["type"] != "websocket.receive":
-            await aclose_old_connections()
         await handler(message)
 
     async def connect(self) -> None:
         token = bearer(self.scope.get("headers") or [])
-        host = await database_sync_to_async(_authenticate)(token)
+        host = await dbpool.run(_authenticate, token)
         if host is None:
             await self.close()  # before accept: the upgrade is refused (HTTP 403)
             return

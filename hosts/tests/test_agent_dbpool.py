@@ -7,6 +7,7 @@ are the same as through the test client."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -165,3 +166,50 @@ def test_agent_answers_under_asgi_carry_the_same_headers(client):
                  "x-frame-options", "content-security-policy", "content-type"):
         assert asgi.get(name) == expected.get(name), name
     assert set(asgi) == set(expected)
+
+
+
+@pytest.mark.postgres_only  # like the two above: SQLite's pool threads reopen theirs
+@pytest.mark.django_db(transaction=True)
+def test_websocket_upgrades_check_their_token_on_the_pools_connections(monkeypatch):
+    """Issue 12: each agent socket's token check ran in Channels' shared sync thread on
+    a new database connection (on PostgreSQL a fork per socket, queued behind every
+    other sync call). Now five sockets open and ping without opening one, and a wrong
+    token is still refused at the upgrade."""
+    from channels.testing import WebsocketCommunicator
+    from django.db import connections
+
+    from hadash.asgi import application
+
+    status, enrolled = post("/api/agent/v1/connect", BODY, settings.HADASH_AGENT_KEY)
+    assert status == 200, enrolled
+    pool_backends()  # every pool thread has its connection
+
+    async def sockets(token: str, n: int) -> list:
+        answers = []
+        for _ in range(n):
+            comm = WebsocketCommunicator(application, "/api/agent/v1/ws", headers=[
+                (b"host", b"testserver"), (b"authorization", f"Bearer {token}".encode())])
+            connected, _ = await comm.connect(timeout=10)
+            if connected:
+                await comm.send_json_to({"type": "ping", "vms": BODY["vms"]})
+                answers.append((await comm.receive_json_from(timeout=10))["type"])
+                await comm.disconnect()
+            else:
+                answers.append("refused")
+        return answers
+
+    opened = []
+    wrapper = type(connections["default"])
+    real = wrapper.get_new_connection
+
+    def counting(self, params):
+        # The ping batcher's threads (hadash-ingest) open theirs once, for pings.
+        if not threading.current_thread().name.startswith("hadash-ingest"):
+            opened.append(threading.current_thread().name)
+        return real(self, params)
+
+    monkeypatch.setattr(wrapper, "get_new_connection", counting)
+    assert async_to_sync(sockets)(enrolled["token"], 5) == ["pong"] * 5
+    assert async_to_sync(sockets)("wrong-token", 1) == ["refused"]
+    assert opened == []

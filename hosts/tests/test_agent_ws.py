@@ -344,19 +344,37 @@ def test_agent_socket_has_no_channel_layer(host):
     assert get_channel_layer(EventsConsumer.channel_layer_alias) is not None
 
 
-def test_pings_skip_channels_per_message_connection_cleanup(host, monkeypatch):
-    """P2: Channels' aclose_old_connections() runs for connect and disconnect, not for
-    each ping (the consumer never touches the database while it handles one)."""
-    from hosts.agent import consumers
+def test_agent_sockets_never_use_channels_shared_sync_thread(host, monkeypatch):
+    """P2 and issue 12: no message of an agent socket hops into Channels' one shared
+    sync thread (its per-message connection clean-up, or database_sync_to_async): the
+    upgrade's token check runs in hosts.agent.dbpool's threads, once per socket, and
+    pings in the batcher's. A fleet connecting at once no longer queues its token
+    checks behind every other sync call of the web process."""
+    import channels.consumer
+    import channels.db
 
-    calls = []
-    real = consumers.aclose_old_connections
+    from hosts.agent import dbpool
 
-    async def counting():
-        calls.append(1)
-        await real()
+    hops, pool_calls = [], []
+    real_run = dbpool.run
 
-    monkeypatch.setattr(consumers, "aclose_old_connections", counting)
-    result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])] * 3)
+    async def counting_hop(*args, **kwargs):
+        hops.append(1)
+
+    async def counting_run(fn, *args, **kwargs):
+        pool_calls.append(fn.__name__)
+        return await real_run(fn, *args, **kwargs)
+
+    monkeypatch.setattr(channels.db, "aclose_old_connections", counting_hop)
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counting_hop,
+                        raising=False)
+    monkeypatch.setattr(dbpool, "run", counting_run)
+    try:
+        result = exchange(host.token, [ping([("i-2-10-VM", "PowerOn")])] * 3)
+        refused = exchange("not-a-token", [ping()])
+    finally:
+        dbpool.close_all()  # before the test database is flushed
     assert [a["type"] for a in result["answers"]] == ["pong"] * 3
-    assert len(calls) == 2  # websocket.connect, websocket.disconnect
+    assert refused["connected"] is False
+    assert hops == []
+    assert pool_calls == ["_authenticate", "_authenticate"]  # one per socket
