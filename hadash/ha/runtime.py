@@ -31,6 +31,7 @@ depends on a clean shutdown of qcluster: leases expire, heartbeats go stale.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import fcntl
 import logging
@@ -67,6 +68,9 @@ DETECT_SLACK = 0.01
 # How often the detector thread looks whether its loop became the sweeper.
 DETECT_IDLE = 0.2
 INVESTIGATORS = 16
+# How long an investigator thread waits for the next late host before it closes its
+# database connection and ends.
+DRAIN_LINGER = 2.0
 # How many engine processes (qclusters, one loop each) the installation runs: shown as
 # "alive of wanted" in the status (API, dashboard, `manage.py engine status`).
 TARGET_LOOPS = int(os.environ.get("HADASH_ENGINE_LOOPS", 1))
@@ -198,8 +202,12 @@ class EngineLoop:
         self.keep_running = keep_running or (lambda: True)
         self.pool = WorkerPool(self.engine_factory, self.id)
         self.investigations = ThreadPoolExecutor(INVESTIGATORS, thread_name_prefix="investigate")
-        self.in_progress: set[int] = set()
+        self.in_progress: set[int] = set()  # hosts submitted, until investigated
+        self.waiting: collections.deque = collections.deque()  # (host, cfg) not taken yet
+        self.drainers = 0  # tasks of `investigations` taking from `waiting`
+        self.idle_drainers = 0  # of those, waiting for a host (DRAIN_LINGER at most)
         self.in_progress_lock = threading.Lock()
+        self.more_waiting = threading.Condition(self.in_progress_lock)
         self.is_sweeper = False
         self.cfg = None  # the configuration of the loop's last step (the detector's)
         self.ended = threading.Event()  # run() is over: the detector thread ends too
@@ -276,7 +284,35 @@ class EngineLoop:
                 if host.pk in self.in_progress:
                     continue
                 self.in_progress.add(host.pk)
-            self.investigations.submit(self._investigate, host, cfg)
+                self.waiting.append((host, cfg))
+                if self.idle_drainers:
+                    self.more_waiting.notify()
+                    continue
+                if self.drainers >= INVESTIGATORS:
+                    continue  # a busy drainer takes it next
+                self.drainers += 1
+            self.investigations.submit(self._drain)
+
+    def _drain(self) -> None:
+        """Investigate waiting hosts, on one database connection, until none has come
+        for DRAIN_LINGER seconds (issue 12: in a storm of late hosts each
+        investigation opened — and PostgreSQL forked — a connection of its own, ≈ 100
+        a second, and the forks took the CPU the pings needed). The connection is
+        closed when the drainer stops, so an idle engine holds none for them."""
+        try:
+            while True:
+                with self.in_progress_lock:
+                    if not self.waiting:
+                        self.idle_drainers += 1
+                        self.more_waiting.wait(DRAIN_LINGER)
+                        self.idle_drainers -= 1
+                        if not self.waiting:
+                            self.drainers -= 1
+                            return
+                    host, cfg = self.waiting.popleft()
+                self._investigate(host, cfg)
+        finally:
+            connection.close()
 
     def _investigate(self, host, cfg) -> None:
         from hosts.liveness import check_host
@@ -291,10 +327,10 @@ class EngineLoop:
             self._drop_claim(host, now)
         except Exception:
             log.exception("investigating %s failed", host.name)
+            connection.close()  # whatever state it was left in: the next one reconnects
         finally:
             with self.in_progress_lock:
                 self.in_progress.discard(host.pk)
-            connection.close()
 
     def _drop_claim(self, host, now, patience: float = 10.0) -> None:
         """After a broken connection: give the host back to the next sweep, not when

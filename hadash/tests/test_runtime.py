@@ -463,3 +463,54 @@ def test_django_q_reports_a_database_error_in_one_line():
     assert record.exc_info is None
     assert record.getMessage() == ("Failed to pull task from broker: OperationalError: "
                                    "terminating connection due to administrator command")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_late_hosts_does_not_open_a_connection_per_investigation(monkeypatch):
+    """R4 for 60 late hosts whose agents answer: all stay Up (the pings were lost). Issue
+    12: each investigation opened a database connection of its own (on PostgreSQL a
+    fork each, ≈ 100 a second in a 1,000-host storm); now an investigator thread keeps
+    its connection while more hosts wait to be investigated, and closes it when none
+    does."""
+    names = [f"h{i:02d}" for i in range(60)]
+    w = world({"hosts": {n: {} for n in names}, "vms": {},
+               "config": {"ping.interval": 1, "ping.timeout": 2}})
+    Host.objects.update(last_ping=timezone.now() - dt.timedelta(seconds=30))
+    wrapper = type(connections["default"])
+    real = wrapper.get_new_connection
+    opened = []
+
+    def counting(self, params):
+        if threading.current_thread().name.startswith("investigate"):
+            opened.append(threading.current_thread().name)
+        return real(self, params)
+
+    monkeypatch.setattr(wrapper, "get_new_connection", counting)
+    failures = []  # a database error drops the thread's connection (SQLite: "locked")
+    real_failed = outage.failed
+
+    def failed(where, exc, **kwargs):
+        failures.append(where)
+        return real_failed(where, exc, **kwargs)
+
+    monkeypatch.setattr(outage, "failed", failed)
+    loop = runtime.EngineLoop(engine_factory=lambda wid: Engine(
+        agents=SimAgentClient(w.fleet), oob=SimOobClient(w.fleet), worker_id=wid))
+    try:
+        loop._submit_investigations(timezone.now(), config.snapshot(), newly_behind=False)
+        assert wait_until(lambda: not loop.in_progress, 30)
+    finally:
+        loop.investigations.shutdown(wait=True)
+    assert set(Host.objects.values_list("status", flat=True)) == {"Up"}
+    assert Event.objects.filter(event="PingTimeout").count() == 60
+    assert 1 <= len(opened) <= runtime.INVESTIGATORS + len(failures)  # not one per host
+    assert len(failures) < 10
+    # Idle afterwards: no investigator thread keeps a connection open.
+    if connection.vendor == "postgresql":
+        def others() -> int:
+            with connection.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND pid <> pg_backend_pid()")
+                return cur.fetchone()[0]
+
+        assert wait_until(lambda: others() == 0, 5), others()
