@@ -266,12 +266,14 @@ def _relinked(h: Host) -> None:
 
 async def ping_ws(sim: Simulator, h: Host) -> None:
     """Ping over one websocket until it closes (returns) or the token is refused."""
-    assert sim.session is not None and sim.connect_slots is not None
+    assert sim.session is not None and sim.upgrade_slots is not None
     headers = {"Authorization": f"Bearer {h.token}"}
     try:
-        # Upgrades share the connect slots: a thousand hosts (re)opening their sockets
-        # at once would otherwise swamp the server's handshakes.
-        async with sim.connect_slots, asyncio.timeout(HANDSHAKE_TIMEOUT):
+        # Upgrades are bounded too (a thousand hosts reopening their sockets at once
+        # would swamp the server's handshakes), by slots of their own: in the connect
+        # slots' queue a host that had just enrolled waited behind every other host's
+        # enrolment — a minute at 1,000 hosts, long past its ping timeout (issue 12).
+        async with sim.upgrade_slots, asyncio.timeout(HANDSHAKE_TIMEOUT):
             ws = await sim.session.ws_connect(
                 f"{_ws_url(sim.server_url)}/api/agent/v1/ws", headers=headers,
                 autoping=True, heartbeat=None, timeout=WS_TIMEOUT, compress=0,

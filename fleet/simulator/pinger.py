@@ -143,8 +143,8 @@ class Credentials:
 
 class Pinger:
     """What :mod:`.agents` expects of a simulator (``session``, ``connect_slots``,
-    ``opts``, ``server_url``, ``stats``, ``credentials``, ``jitter``, ``agent_url``),
-    for the hosts of one shard."""
+    ``upgrade_slots``, ``opts``, ``server_url``, ``stats``, ``credentials``,
+    ``jitter``, ``agent_url``), for the hosts of one shard."""
 
     def __init__(self, options: dict[str, Any], hosts: list[dict[str, Any]],
                  writer: asyncio.StreamWriter):
@@ -159,7 +159,8 @@ class Pinger:
         self.stats = Stats()
         self.credentials = Credentials(self)
         self.session: aiohttp.ClientSession | None = None
-        self.connect_slots: asyncio.Semaphore | None = None
+        self.connect_slots: asyncio.Semaphore | None = None  # POST /connect
+        self.upgrade_slots: asyncio.Semaphore | None = None  # websocket upgrades
         self._rng = random.Random(options.get("seed"))
         self._stopping = False
         self._sent: dict[str, tuple] = {}
@@ -176,6 +177,7 @@ class Pinger:
 
     async def start(self) -> None:
         self.connect_slots = asyncio.Semaphore(max(1, self.opts.connect_concurrency))
+        self.upgrade_slots = asyncio.Semaphore(max(1, self.opts.connect_concurrency))
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=False),
             headers={"User-Agent": "hadash-fleet-simulator"},

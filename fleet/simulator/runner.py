@@ -289,7 +289,8 @@ class Simulator:
         self._background: set[asyncio.Task] = set()
         self._rng = random.Random(opts.seed)
         self._stopping = False
-        self.connect_slots: asyncio.Semaphore | None = None
+        self.connect_slots: asyncio.Semaphore | None = None  # POST /connect
+        self.upgrade_slots: asyncio.Semaphore | None = None  # websocket upgrades
         # Agents in ping processes (Options.processes ≥ 1) rather than in this loop.
         self.use_pingers = opts.agents and opts.processes > 0
         self.pingers: list[PingProcess] = []
@@ -311,6 +312,7 @@ class Simulator:
         loop = asyncio.get_running_loop()
         self.started_at = loop.time()
         self.connect_slots = asyncio.Semaphore(max(1, self.opts.connect_concurrency))
+        self.upgrade_slots = asyncio.Semaphore(max(1, self.opts.connect_concurrency))
         self._runner = web.AppRunner(
             server.make_app(self), access_log=None, shutdown_timeout=1.0,
             handle_signals=False,

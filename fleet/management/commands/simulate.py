@@ -114,7 +114,8 @@ class Command(BaseCommand):
         g.add_argument("--bmc-password", default="hadash-sim",
                        help="BMC password (default hadash-sim)")
         g.add_argument("--connect-concurrency", type=int, default=20,
-                       help="connects in flight at once (default 20)")
+                       help="agent connects in flight at once, and as many websocket "
+                       "upgrades (default 20 each)")
         g.add_argument("--api-concurrency", type=int, default=20,
                        help="operator API calls in flight at once when registering "
                        "(default 20)")
