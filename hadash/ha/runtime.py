@@ -142,6 +142,11 @@ class WorkerPool:
         with self.wake:
             self.wake.notify_all()
 
+    def has_idle(self) -> bool:
+        """Whether a worker waits for work (is not in a step)."""
+        with self._lock:
+            return self.busy < len(self.threads)
+
     def _run(self, i: int, stop: threading.Event) -> None:
         from hadash.ha.work import release_held_by
         from hadash.ha.worker import worker_step
@@ -409,7 +414,8 @@ class EngineLoop:
 
         from hadash.ha import wakeup
 
-        wakeup.start(self.stopping, self.pool.notify, name=f"ha-wakeup-{self.id}")
+        wakeup.start(self.stopping, self.pool.notify, name=f"ha-wakeup-{self.id}",
+                     wanted=self.pool.has_idle)
         if not apps.is_installed("notify"):
             return
         from notify.sender import run_sender

@@ -7,8 +7,11 @@ used to wait up to a second before anyone claimed it. On PostgreSQL every commit
 event already NOTIFYs ``hadash_events`` (migration 0005, for the live dashboards), and
 every scheduled item comes with an event; this thread LISTENs there and, when due work
 is waiting, wakes the workers at once. At most one look per ``MIN_GAP`` (a burst of
-events costs one query, not one each). Elsewhere (SQLite) it does nothing: the tick
-stays.
+events costs one query, not one each), and none while no worker of this process waits
+for work (``wanted``): a busy worker claims its next item itself when it finishes one
+(issue 12: while a rack restarted, every event NOTIFYs and the look cost a query every
+20 ms, a tenth of the engine's CPU, to wake nobody). Elsewhere (SQLite) it does
+nothing: the tick stays.
 """
 
 from __future__ import annotations
@@ -49,24 +52,27 @@ _current: dict = {}  # this process's listener: its thread and whom it wakes
 _current_lock = threading.Lock()
 
 
-def start(stopping: threading.Event, wake: Callable[[], None], name: str) -> None:
+def start(stopping: threading.Event, wake: Callable[[], None], name: str,
+          wanted: Callable[[], bool] = lambda: True) -> None:
     """One listener per process, waking the latest engine loop's workers (a loop that
     failed and was restarted hands its listener to the new one)."""
     with _current_lock:
-        _current["wake"] = wake
+        _current["wake"], _current["wanted"] = wake, wanted
         thread = _current.get("thread")
         if thread is not None and thread.is_alive() and not _current["stopping"].is_set():
             return
-        thread = threading.Thread(target=run, args=(stopping, lambda: _current["wake"]()),
+        thread = threading.Thread(target=run, args=(stopping, lambda: _current["wake"](),
+                                                    lambda: _current["wanted"]()),
                                   name=name, daemon=True)
         _current.update(thread=thread, stopping=stopping)
         thread.start()
 
 
-def run(stopping: threading.Event, wake: Callable[[], None]) -> None:
-    """Until ``stopping``: LISTEN, and call ``wake`` when events committed and HA work
-    is due. Reconnects after a lost connection (quietly: the engine loop reports
-    outages)."""
+def run(stopping: threading.Event, wake: Callable[[], None],
+        wanted: Callable[[], bool] = lambda: True) -> None:
+    """Until ``stopping``: LISTEN, and call ``wake`` when events committed, someone
+    waits for work (``wanted``) and HA work is due. Reconnects after a lost connection
+    (quietly: the engine loop reports outages)."""
     if connection.vendor != "postgresql":
         return
     import psycopg
@@ -76,7 +82,7 @@ def run(stopping: threading.Event, wake: Callable[[], None]) -> None:
             try:
                 with psycopg.connect(_conninfo(), autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    listen(conn, stopping, wake)
+                    listen(conn, stopping, wake, wanted)
             except (psycopg.Error, *outage.DB_ERRORS) as exc:
                 log.debug("HA wake-up listener: %s; again in 1 s", exc)
                 connection.close()
@@ -88,7 +94,8 @@ def run(stopping: threading.Event, wake: Callable[[], None]) -> None:
         connection.close()
 
 
-def listen(conn, stopping: threading.Event, wake: Callable[[], None]) -> None:
+def listen(conn, stopping: threading.Event, wake: Callable[[], None],
+           wanted: Callable[[], bool] = lambda: True) -> None:
     last = 0.0
     while not stopping.is_set():
         got = False
@@ -103,5 +110,5 @@ def listen(conn, stopping: threading.Event, wake: Callable[[], None]) -> None:
         for _ in conn.notifies(timeout=0.0):
             pass
         last = time.monotonic()
-        if work_due():
+        if wanted() and work_due():
             wake()

@@ -5,6 +5,7 @@ instead of at their next one-second look."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from django.db import transaction
@@ -41,6 +42,57 @@ def test_work_scheduled_elsewhere_wakes_the_workers():
             if woken.wait(0.5):
                 break
         assert woken.is_set()
+    finally:
+        stop.set()
+        listener.join(5)
+    assert not listener.is_alive()
+
+
+@pytest.mark.postgres_only
+@pytest.mark.django_db(transaction=True)
+def test_no_look_for_work_while_every_worker_is_busy(monkeypatch):
+    """Issue 12: while a rack restarts every event NOTIFYs; with every worker of the
+    process busy (each claims its next item itself) the listener neither looks for due
+    work (a query each time) nor wakes anyone; once one waits, it does both."""
+    world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
+    looks, woken, stop = [], threading.Event(), threading.Event()
+    idle = threading.Event()  # whether a worker waits
+    real = wakeup.work_due
+
+    def counting():
+        looks.append(1)
+        return real()
+
+    monkeypatch.setattr(wakeup, "work_due", counting)
+    listener = threading.Thread(target=wakeup.run, args=(stop, woken.set, idle.is_set),
+                                daemon=True)
+    listener.start()
+    try:
+        vm = VMInstance.objects.get(name="vm1")
+        with transaction.atomic():
+            HaWork.objects.schedule_restart(vm, investigate=True, reason=Reason.VM_POWER_OFF,
+                                            now=timezone.now())
+
+        def commit_events(n: int) -> None:
+            for _ in range(n):
+                with transaction.atomic():
+                    record_event(Subject.VM, vm, event="PowerStateChanged", message="test",
+                                 now=timezone.now())
+                if woken.wait(0.1):
+                    return
+
+        idle.set()
+        commit_events(40)  # until the listener LISTENs and wakes the idle worker
+        assert woken.is_set() and looks
+        idle.clear()  # every worker busy from now on
+        woken.clear()
+        time.sleep(0.2)
+        looks.clear()
+        commit_events(20)
+        assert not woken.is_set() and looks == []
+        idle.set()
+        commit_events(20)
+        assert woken.is_set() and looks
     finally:
         stop.set()
         listener.join(5)
