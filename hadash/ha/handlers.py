@@ -206,7 +206,7 @@ def place_and_start(engine, item, vm, *, now, cfg) -> bool:
         retry(item, now=now, after=after, waiting=WaitCause.ORDER,
               message=f"VM {vm.name} {words}")
         return False
-    target = placement_guard.reserve(vm, item, ha=True, now=now, cfg=cfg)
+    target = placement_guard.reserve(vm, item, ha=True, now=now, cfg=cfg, clock=engine.now)
     if target is None:
         # R17/R25: no room, or room only where a member of its anti-affinity group runs.
         cause, words = placement_guard.why_none(vm, ha=True, cfg=cfg)

@@ -68,10 +68,14 @@ def late_hosts(cluster, *, now, cfg) -> tuple[int, ...]:
     return tuple(hosts.values_list("pk", flat=True))
 
 
-def reserve(vm, item, *, ha: bool, now, cfg):
+def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
     """Pick a host and move the VM to Starting on it and the item to Restarting, in
     one transaction, recording why the host was chosen on the item. Returns the host,
-    or None when no host has room.
+    or None when no host has room. ``clock`` (the engine's): the HaStarting and
+    Restarting events are stamped when the host is chosen, not when placement began
+    (the rankings and the host's row lock take tens of milliseconds, more while a
+    host's VMs are placed together; stamped at the start, that time showed as the
+    start call's in the R18 phases).
 
     R24 with parallel workers: the best host is locked, then the cluster ranked again
     — seeing every reservation committed meanwhile, e.g. another restart of the same
@@ -101,6 +105,7 @@ def reserve(vm, item, *, ha: bool, now, cfg):
                 found = fresh  # filled or overtaken meanwhile: lock the best now
                 continue
             why = placement.explain(mine, vm.cpus, vm.memory_mb, fitting=len(fresh) or fitting)
+            now = clock() if clock is not None else now
             if not mark_vm(vm, item, VmState.STARTING, now=now, event="HaStarting",
                            message=f"VM {vm.name} starting on {locked.name} (HA): {why}",
                            host=locked, power_state_update_time=now):

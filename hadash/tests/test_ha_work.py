@@ -209,6 +209,31 @@ def test_r12_unknown_fate_fences_before_restarting():
     assert Host.objects.get(name="h1").status == "Down"
 
 
+def test_r12_starting_is_stamped_when_the_host_is_chosen(monkeypatch):
+    """R18's phases come from the events: HaStarting and the item's Restarting step are
+    stamped when placement has chosen the host, not when it began — here placement
+    takes 0.4 s (of virtual time), which before showed as part of the start call."""
+    from vms import placement
+
+    w = world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
+    w.apply("host h1 power off")
+    real = placement.ranked
+    began = []
+
+    def slow_ranked(*args, **kwargs):
+        began.append(w.clock.now())
+        w.clock.advance(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(placement, "ranked", slow_ranked)
+    w.advance_to(30)  # h1 is found Down, vm1 restarted (R4, R12)
+    assert vm("vm1").host.name == "h2" and vm("vm1").state == "Running"
+    starting = Event.objects.get(event="HaStarting", vm__name="vm1")
+    restarting = Event.objects.get(field="step", new=Step.RESTARTING)
+    assert len(began) == 2  # ranked, then again under the host's lock (R24)
+    assert starting.time == restarting.time == began[-1] + dt.timedelta(seconds=0.2)
+
+
 def test_r12_fencing_failure_never_restarts_and_alerts():
     """R12.2: fencing failed → event and the incident's alert says so (R19), retry
     after restart.retry.interval, waiting fencing-failed (R17); the VM is not started
