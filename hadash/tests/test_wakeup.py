@@ -19,28 +19,37 @@ from hadash.models import HaWork
 from vms.models import VMInstance
 
 
+def schedule_restart_of_vm1() -> VMInstance:
+    """What ingesting a PowerOff report does: the item and its event, one commit."""
+    world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
+    vm = VMInstance.objects.get(name="vm1")
+    with transaction.atomic():
+        HaWork.objects.schedule_restart(vm, investigate=True, reason=Reason.VM_POWER_OFF,
+                                        now=timezone.now())
+    return vm
+
+
+def commit_events(vm, n: int, until: threading.Event, wait: float) -> None:
+    """Commit up to ``n`` events (each NOTIFYs), until ``until`` is set."""
+    for _ in range(n):
+        with transaction.atomic():
+            record_event(Subject.VM, vm, event="PowerStateChanged", message="test",
+                         now=timezone.now())
+        if until.wait(wait):
+            return
+
+
 @pytest.mark.postgres_only
 @pytest.mark.django_db(transaction=True)
 def test_work_scheduled_elsewhere_wakes_the_workers():
-    world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
     woken = threading.Event()
     stop = threading.Event()
     listener = threading.Thread(target=wakeup.run, args=(stop, woken.set), daemon=True)
     listener.start()
     try:
-        vm = VMInstance.objects.get(name="vm1")
-        # What ingesting a PowerOff report does: the item and its event, one commit.
-        # The listener may not be LISTENing yet: commit again until it wakes (each
-        # commit NOTIFYs).
-        with transaction.atomic():
-            HaWork.objects.schedule_restart(vm, investigate=True, reason=Reason.VM_POWER_OFF,
-                                            now=timezone.now())
-        for _ in range(40):
-            with transaction.atomic():
-                record_event(Subject.VM, vm, event="PowerStateChanged", message="test",
-                             now=timezone.now())
-            if woken.wait(0.5):
-                break
+        vm = schedule_restart_of_vm1()
+        # The listener may not be LISTENing yet: commit again until it wakes.
+        commit_events(vm, 40, woken, 0.5)
         assert woken.is_set()
     finally:
         stop.set()
@@ -54,7 +63,6 @@ def test_no_look_for_work_while_every_worker_is_busy(monkeypatch):
     """Issue 12: while a rack restarts every event NOTIFYs; with every worker of the
     process busy (each claims its next item itself) the listener neither looks for due
     work (a query each time) nor wakes anyone; once one waits, it does both."""
-    world({"hosts": {"h1": {}, "h2": {}}, "vms": {"vm1": {"host": "h1", "ha": True}}})
     looks, woken, stop = [], threading.Event(), threading.Event()
     idle = threading.Event()  # whether a worker waits
     real = wakeup.work_due
@@ -68,30 +76,18 @@ def test_no_look_for_work_while_every_worker_is_busy(monkeypatch):
                                 daemon=True)
     listener.start()
     try:
-        vm = VMInstance.objects.get(name="vm1")
-        with transaction.atomic():
-            HaWork.objects.schedule_restart(vm, investigate=True, reason=Reason.VM_POWER_OFF,
-                                            now=timezone.now())
-
-        def commit_events(n: int) -> None:
-            for _ in range(n):
-                with transaction.atomic():
-                    record_event(Subject.VM, vm, event="PowerStateChanged", message="test",
-                                 now=timezone.now())
-                if woken.wait(0.1):
-                    return
-
+        vm = schedule_restart_of_vm1()
         idle.set()
-        commit_events(40)  # until the listener LISTENs and wakes the idle worker
+        commit_events(vm, 40, woken, 0.1)  # until the listener LISTENs and wakes
         assert woken.is_set() and looks
         idle.clear()  # every worker busy from now on
         woken.clear()
         time.sleep(0.2)
         looks.clear()
-        commit_events(20)
+        commit_events(vm, 20, woken, 0.1)
         assert not woken.is_set() and looks == []
         idle.set()
-        commit_events(20)
+        commit_events(vm, 20, woken, 0.1)
         assert woken.is_set() and looks
     finally:
         stop.set()
