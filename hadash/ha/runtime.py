@@ -9,9 +9,10 @@ of that process — not a queued task, which any cluster could take (two loops q
 together used to land in one cluster, leaving no standby when it died). Each loop
 
 - keeps a heartbeat row (`op_engine_process`), so the fleet of loops is visible;
-- runs a pool of HA worker threads sized to `ha.workers` (re-read every second, so an
-  admin edit changes concurrency within seconds; the installation-wide cap is the
-  claim lock in hadash.ha.work, so several loops never exceed it together);
+- runs a pool of HA worker threads sized to its share of `ha.workers` among the loops
+  alive (re-read every second, so an admin edit changes concurrency within seconds;
+  the installation-wide cap is the claim lock in hadash.ha.work, so several loops
+  never exceed it together);
 - competes for the `sweeper` lease: exactly one loop holds it and runs the monitor
   sweep every second (investigations go to a small thread pool so one slow host
   never delays the others), while a detector thread beside it wakes at the moment
@@ -106,6 +107,24 @@ def release(name: str, holder: str) -> None:
 
 
 # --- the worker pool ---------------------------------------------------------------------
+
+def alive_loops(now=None) -> int:
+    """Engine loops heartbeating and not handing over (at least this one)."""
+    now = now or timezone.now()
+    return max(1, EngineProcess.objects.filter(heartbeat__gte=now - HEARTBEAT_TTL,
+                                               leaving=False).count())
+
+
+def threads_per_loop(workers: int, loops: int) -> int:
+    """Worker threads each of ``loops`` engine loops runs for an installation-wide
+    ``ha.workers``: its share, rounded up — together they never hold more than
+    ``workers`` items at once anyway (R11, the claim lock), and each thread keeps a
+    database connection (issue 12: two engine processes with ha.workers 50 ran 100
+    threads and exceeded PostgreSQL's default max_connections of 100). A loop that
+    dies stops heartbeating and the others grow to the whole within HEARTBEAT_TTL; one
+    that hands over does so at once."""
+    return max(1, math.ceil(workers / max(1, loops)))
+
 
 class WorkerPool:
     """Threads that claim and process HA work; resized to ha.workers on the fly."""
@@ -437,7 +456,7 @@ class EngineLoop:
                     if not self.registered:
                         self.register()
                     cfg = self.cfg = config.snapshot()
-                    workers = cfg["ha.workers"]
+                    workers = threads_per_loop(cfg["ha.workers"], alive_loops())
                     self.pool.resize(workers)
                     self.take_sweeper()
                     if self.is_sweeper:

@@ -197,6 +197,27 @@ def test_worker_pool_follows_ha_workers_without_restart():
 
 
 @pytest.mark.django_db(transaction=True)
+def test_loops_share_ha_workers_and_one_left_takes_them_all():
+    """Issue 12 / R11: ha.workers is the installation's; two engine loops run half the
+    threads each (each holds a database connection), and when one hands over the other
+    grows to the whole within a second or two."""
+    w = world({"hosts": {"h1": {}}, "vms": {}, "config": {"ha.workers": 6}})
+    loops, threads = run_loops(w, 2, lifetime=20)
+
+    def alive(loop) -> int:
+        return len([t for t in loop.pool.threads.values() if t.is_alive()])
+
+    try:
+        assert wait_until(lambda: [alive(lp) for lp in loops] == [3, 3], 8), \
+            [alive(lp) for lp in loops]
+        loops[0].stop()
+        threads[0].join(30)
+        assert wait_until(lambda: alive(loops[1]) == 6, 5), alive(loops[1])
+    finally:
+        stop_loops(loops, threads)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_lost_loop_raises_one_alert_and_its_work_is_retaken_at_once(monkeypatch):
     """Issue 3 / issue 8 part 6 (R11): a killed or wedged engine loop stops
     heartbeating; the sweeper raises one alert naming the HA work it still holds and
