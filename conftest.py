@@ -28,6 +28,19 @@ def pytest_runtest_setup(item):
         pytest.skip(f"needs PostgreSQL (database is {connection.vendor})")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _agent_pool_closed_before_the_test_database_goes(django_db_setup, django_db_blocker):
+    """The agent protocol's database threads (hosts.agent.dbpool) keep their
+    connections between requests, and the websocket and HTTP agent tests under ASGI
+    use them: close them before pytest-django drops the test database (PostgreSQL
+    refuses to drop a database with sessions on it)."""
+    yield
+    from hosts.agent import dbpool
+
+    with django_db_blocker.unblock():
+        dbpool.close_all()
+
+
 @pytest.fixture
 def agent_key():
     """The join key agents present on ``connect`` (settings.HADASH_AGENT_KEY)."""
