@@ -25,9 +25,11 @@ its copy (vms.failover).
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from django.db.models import Sum
+from django.utils.dateparse import parse_datetime
 
 from hosts.choices import HostStatus, ResourceState
 from hosts.models import Host, split_tags
@@ -48,6 +50,7 @@ class Room:
     used_memory_mb: int = 0
     tags: tuple[str, ...] = ()
     host: object = None  # the Host row, when built from the database
+    last_ping: object = None  # when built from the database (placement's late hosts)
 
     @property
     def free_cpus(self) -> int:
@@ -267,26 +270,70 @@ def allocations(host_ids=None) -> dict[int, tuple[int, int]]:
     return {k: (c, m) for k, (c, m) in used.items()}
 
 
+# One statement for the rooms (issue 12): the hosts, what is allocated on each, and what
+# migrates towards each — built by hand, not through the ORM, whose query building cost
+# more CPU than the database's answer (two rankings an HA restart, ten restarts at once
+# when a host fails). ``{hosts}`` is the host filter, applied inside each part so that
+# only the cluster's VMs are summed.
+_ROOMS_SQL = """
+SELECT h.id, h.name, h.cpus, h.memory_mb, h.tags, h.last_ping,
+       COALESCE(a.c, 0), COALESCE(a.m, 0), COALESCE(g.c, 0), COALESCE(g.m, 0)
+  FROM host h
+  LEFT JOIN (SELECT v.host_id AS hid, SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
+               FROM vm_instance v JOIN host h ON h.id = v.host_id
+              WHERE v.state IN ({active}) AND {hosts}
+              GROUP BY v.host_id) a ON a.hid = h.id
+  LEFT JOIN (SELECT w.target_host_id AS hid, SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
+               FROM op_ha_work w JOIN vm_instance v ON v.id = w.instance_id
+               JOIN host h ON h.id = w.target_host_id
+              WHERE w.type = %s AND w.step = %s AND v.state = %s AND {hosts}
+              GROUP BY w.target_host_id) g ON g.hid = h.id
+ WHERE {hosts}
+"""
+
+
 def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:
-    """The Up, Enabled hosts of ``cluster`` as rooms, with their allocations. Three
-    queries whatever the cluster's size, reading columns, not Host rows (issue 12: at
-    500 hosts a cluster, building Host objects and sending their ids back as
-    parameters cost 58 ms of CPU per call, twice per HA restart); ``Room.host`` is
-    filled by `with_hosts` for the callers that want the rows."""
-    hosts = Host.objects.filter(status=HostStatus.UP, resource_state=ResourceState.ENABLED)
+    """The Up, Enabled hosts of ``cluster`` as rooms, with their allocations (VMs that
+    occupy capacity there, and VMs migrating towards them: `allocations`) and their
+    last ping (``Room.last_ping``). One query whatever the cluster's size, reading
+    columns, not Host rows; ``Room.host`` is filled by `with_hosts` for the callers
+    that want the rows. ``only``: just these hosts (a re-check of a few)."""
+    from django.db import connection
+
+    from hadash.choices import Step, WorkType
+
+    where, params = ["h.status = %s", "h.resource_state = %s"], \
+        [HostStatus.UP, ResourceState.ENABLED]
     if cluster:
-        hosts = hosts.filter(cluster=cluster)
+        where.append("h.cluster = %s")
+        params.append(cluster)
     if exclude:
-        hosts = hosts.exclude(pk__in=exclude)
+        where.append(f"h.id NOT IN ({', '.join(['%s'] * len(exclude))})")
+        params.extend(exclude)
     if only:
-        hosts = hosts.filter(pk__in=only)
-    rows = list(hosts.values_list("pk", "name", "cpus", "memory_mb", "tags"))
-    used = allocations(hosts.values("pk")) if rows else {}
-    rooms = []
-    for pk, name, cpus, memory_mb, tags in rows:
-        c, m = used.get(pk, (0, 0))
-        rooms.append(Room(pk, name, cpus, memory_mb, c, m, split_tags(tags)))
-    return rooms
+        where.append(f"h.id IN ({', '.join(['%s'] * len(only))})")
+        params.extend(only)
+    active = sorted(ACTIVE_STATES)
+    sql = _ROOMS_SQL.format(hosts=" AND ".join(where), active=", ".join(["%s"] * len(active)))
+    args = [*active, *params, WorkType.MIGRATION, Step.MIGRATING, VmState.MIGRATING,
+            *params, *params]
+    with connection.cursor() as cur:
+        cur.execute(sql, args)
+        rows = cur.fetchall()
+    rows.sort(key=lambda r: r[1])
+    return [Room(pk, name, cpus, memory_mb, int(c) + int(mc), int(m) + int(mm),
+                 split_tags(tags), last_ping=_aware(last_ping))
+            for pk, name, cpus, memory_mb, tags, last_ping, c, m, mc, mm in rows]
+
+
+def _aware(value):
+    """A timestamp read by a raw cursor: aware on PostgreSQL; on SQLite naive UTC (or
+    text)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = parse_datetime(value)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def with_hosts(rooms: list[Room]) -> list[Room]:

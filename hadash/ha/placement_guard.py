@@ -13,7 +13,6 @@ import datetime as dt
 from django.db import transaction
 
 from hadash.choices import Step, WorkType
-from hosts.choices import HostStatus
 from hosts.models import Host
 from vms import placement
 from vms.choices import VmState
@@ -52,20 +51,19 @@ def why_none(vm, *, ha: bool, cfg, exclude=()) -> tuple[str, str]:
 RERANKS = 5
 # How far down the ranking a worker looks for a host no other worker is placing on.
 SKIP_AMONG = 8
+# How many of the ranking's first hosts are read again under the lock.
+RECHECK = 2 * SKIP_AMONG
 
 
 # A host whose last ping is older than ping.interval and this much is late.
 LATE_SLACK = 0.2
 
 
-def late_hosts(cluster, *, now, cfg) -> tuple[int, ...]:
-    """Up hosts of ``cluster`` that missed their last ping (not behind on ping yet:
-    nobody investigates them, but they may be failing)."""
+def late_among(rooms, *, now, cfg) -> frozenset[int]:
+    """Of ``rooms`` (Up hosts, with their last ping), those that missed their last
+    ping (not behind on ping yet: nobody investigates them, but they may be failing)."""
     cutoff = now - dt.timedelta(seconds=cfg["ping.interval"] + LATE_SLACK)
-    hosts = Host.objects.filter(status=HostStatus.UP, last_ping__lt=cutoff)
-    if cluster:
-        hosts = hosts.filter(cluster=cluster)
-    return tuple(hosts.values_list("pk", flat=True))
+    return frozenset(r.id for r in rooms if r.last_ping is not None and r.last_ping < cutoff)
 
 
 def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
@@ -77,34 +75,46 @@ def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
     host's VMs are placed together; stamped at the start, that time showed as the
     start call's in the R18 phases).
 
-    R24 with parallel workers: the best host is locked, then the cluster ranked again
-    — seeing every reservation committed meanwhile, e.g. another restart of the same
-    failed host — and if the locked host is no longer the best, the new best is taken
-    instead. So each placement of a batch sees the ones before it."""
+    R24 with parallel workers: the best host is locked, then ranked again among the
+    first `RECHECK` of the ranking — seeing every reservation committed meanwhile, e.g.
+    another restart of the same failed host — and if the locked host is no longer the
+    best, the new best is taken instead. So each placement of a batch sees the ones
+    before it. Only the head of the ranking is read again (issue 12: the second full
+    ranking of the cluster, ten workers at once, was most of a host failure's
+    placement time); a host further down could only overtake the head if VMs left it
+    in the milliseconds between the two reads."""
     tag = cfg["ha.tag"]
+    ranking = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
     # Hosts late with their pings come last: when a rack fails its hosts go Down one
     # after the other, and a restart placed on a fellow host that is failing too would
     # fail and wait out restart.retry.interval. Taken only when nothing else fits.
-    late = late_hosts(vm.cluster, now=now, cfg=cfg)
-    found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster, exclude=late)
-    if not found and late:
-        late = ()
-        found = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
+    late = late_among(ranking, now=now, cfg=cfg)
+    found = [r for r in ranking if r.id not in late] or ranking
+    if len(found) == len(ranking):
+        late = frozenset()
     fitting = len(found)
     for attempt in range(RERANKS + 1):
         if not found:
             return None
         with transaction.atomic():
             locked, busy = lock_best(found)
-            fresh = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster, exclude=late)
+            head = {r.id for r in found[:RECHECK]} | {locked.pk}
+            # The groups' rule read again too (R25: a member reserved meanwhile).
+            fresh = [r for r in placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster,
+                                                 only=tuple(sorted(head)))
+                     if r.id not in late]
             mine = next((r for r in fresh if r.id == locked.pk), None)
             # Hosts ranked ahead of ours that other workers are placing on now count
             # as taken: they get a VM each before any of us could.
             ahead = [r.id for r in fresh[:fresh.index(mine)]] if mine is not None else []
             if mine is None or (set(ahead) - busy and attempt < RERANKS):
-                found = fresh  # filled or overtaken meanwhile: lock the best now
+                # Filled or overtaken meanwhile: lock the best now (the whole cluster
+                # ranked again once the head has no room left).
+                found = fresh or [r for r in placement.ranked(
+                    vm, ha=ha, ha_tag=tag, cluster=vm.cluster) if r.id not in late]
+                fitting = len(found) if not fresh else fitting
                 continue
-            why = placement.explain(mine, vm.cpus, vm.memory_mb, fitting=len(fresh) or fitting)
+            why = placement.explain(mine, vm.cpus, vm.memory_mb, fitting=fitting)
             now = clock() if clock is not None else now
             if not mark_vm(vm, item, VmState.STARTING, now=now, event="HaStarting",
                            message=f"VM {vm.name} starting on {locked.name} (HA): {why}",

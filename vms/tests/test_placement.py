@@ -203,6 +203,82 @@ def test_r24_a_reservation_committed_meanwhile_moves_the_restart_to_the_next_bes
     assert item.placement.startswith("h2: most free after placement")
 
 
+def _late_before_placement(monkeypatch, w, host: str) -> None:
+    """Make ``host`` miss its last ping (Up, not behind yet) just before the restart's
+    placement reads the cluster, as a fellow host of a failing rack does."""
+    from hadash import config
+
+    real = placement.ranked
+
+    def ranked(v, **kw):
+        stale = w.clock.now() - dt.timedelta(seconds=2 * config.get("ping.interval"))
+        Host.objects.filter(name=host).update(last_ping=stale)
+        return real(v, **kw)
+
+    monkeypatch.setattr(placement, "ranked", ranked)
+
+
+def test_r24_a_host_late_with_its_pings_is_taken_last(monkeypatch):
+    """A host that missed its last ping may be failing too (a rack going down host by
+    host): the restart goes to a host that pings on time, though the late one has
+    more room."""
+    w = world({"hosts": {"h0": {}, "h1": {}, "h2": {}},
+               "vms": {"x": {"host": "h0", "ha": True}, "on2": {"host": "h2", "cpus": 4}}})
+    _late_before_placement(monkeypatch, w, "h1")
+    fail_host(w, "h0")
+    w.advance_to(40)
+    v = vm("x")
+    assert (v.state, v.host.name) == (VmState.RUNNING, "h2")
+
+
+def test_r24_a_late_host_is_taken_when_nothing_else_fits(monkeypatch):
+    """...but when it is the only host with room, the restart is not held back."""
+    w = world({"hosts": {"h0": {}, "h1": {}, "h2": {}},
+               "vms": {"x": {"host": "h0", "ha": True, "cpus": 4},
+                       "on2": {"host": "h2", "cpus": 14}}})
+    _late_before_placement(monkeypatch, w, "h1")
+    fail_host(w, "h0")
+    w.advance_to(40)
+    v = vm("x")
+    assert (v.state, v.host.name) == (VmState.RUNNING, "h1")
+
+
+def test_r24_a_restart_finds_room_beyond_the_rankings_head_filled_meanwhile(monkeypatch):
+    """R24 with parallel workers, issue 12: under the host's lock only the head of the
+    ranking is read again. When other reservations fill every host of that head
+    between the two reads, the restart still finds the hosts further down (the whole
+    cluster is ranked again) instead of giving up."""
+    from hadash.ha import placement_guard
+
+    head = placement_guard.RECHECK
+    hosts = {"h0": {}, **{f"h{i:02d}": {} for i in range(1, head + 5)}}
+    # h01…h<head> are emptier than the rest: they are the head of the ranking.
+    vms = {"x": {"host": "h0", "ha": True, "cpus": 2},
+           **{f"busy{i:02d}": {"host": f"h{i:02d}", "cpus": 4}
+              for i in range(head + 1, head + 5)},
+           **{f"filler{i:02d}": {"state": "Stopped", "cpus": 15} for i in range(1, head + 1)}}
+    w = world({"hosts": hosts, "vms": vms})
+    real = placement.ranked
+    first: list[list[str]] = []
+
+    def ranked_then_fill(v, **kw):
+        found = real(v, **kw)
+        if v.name == "x" and not first:
+            first.append([r.name for r in found])
+            for i in range(1, head + 1):  # other workers' restarts, committed
+                VMInstance.objects.filter(name=f"filler{i:02d}").update(
+                    state=VmState.STARTING, host=Host.objects.get(name=f"h{i:02d}"))
+        return found
+
+    monkeypatch.setattr(placement, "ranked", ranked_then_fill)
+    fail_host(w, "h0")
+    w.advance_to(40)
+    assert first and first[0][:head] == [f"h{i:02d}" for i in range(1, head + 1)]
+    v = vm("x")
+    assert v.state == VmState.RUNNING
+    assert v.host.name in {f"h{i:02d}" for i in range(head + 1, head + 5)}
+
+
 def test_r24_an_evacuation_spreads_over_the_cluster():
     """R24 batch (issue 11: an evacuation sent 8 of 11 VMs to one host): maintenance of a
     host with 11 running VMs migrates them over the three other hosts 4/4/3, and each
