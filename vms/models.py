@@ -111,7 +111,7 @@ class VMInstance(models.Model):
         transaction. Returns False and changes nothing when the VM moved meanwhile.
         ``incident`` (a row or its id): the incident the event belongs to (R18).
         """
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             changed = VMInstance.objects.filter(
                 pk=self.pk, state=self.state, update_count=self.update_count
             ).update(state=to, update_count=models.F("update_count") + 1, **fields)

@@ -157,26 +157,41 @@ class LostItem(Exception):
 
 def _update(item: HaWork, now, **changes) -> None:
     """Change our item, only while we still hold it."""
+    if not _updated(item, now, **changes):
+        raise LostItem(item.pk)
+
+
+def _updated(item: HaWork, now, **changes) -> bool:
+    """`_update`, returning False (nothing written) when the item is no longer ours."""
     changes.setdefault("updated", now)
     n = HaWork.objects.filter(pk=item.pk, taken_by=item.taken_by, taken=item.taken).update(
         **changes
     )
     if not n:
-        raise LostItem(item.pk)
+        return False
     for k, v in changes.items():
         setattr(item, k, v)
+    return True
 
+
+# set_step, retry and mark_vm (and VMInstance.transition) mostly run inside their
+# callers' transactions, and open no savepoint there (savepoint=False): a savepoint is
+# two more round trips (SAVEPOINT, RELEASE), nine of them an HA restart (issue 12).
+# Without one, an exception leaving the block dooms the caller's transaction: so
+# set_step's and retry's LostItem — which callers may catch — is raised once the block
+# is left, having written nothing; mark_vm's (the VM changed, the item no longer ours)
+# dooms it on purpose — the VM's change must not stay without the item's.
 
 def set_step(item: HaWork, step: str, *, now, message: str = "",
              severity: str | None = None, vm: VMInstance | None = None, **changes) -> None:
     """Move the item to ``step`` with its event, in one transaction. An item that
     moves on no longer waits (R17: ``waiting`` cleared)."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         old = item.step
         if item.waiting and "waiting" not in changes:
             changes["waiting"] = ""
-        _update(item, now, step=step, **changes)
-        if old != step or message:
+        lost = not _updated(item, now, step=step, **changes)
+        if not lost and (old != step or message):
             record_event(
                 Subject.WORK, item, name=item.instance.name, event="WorkStep", field="step",
                 old=old, new=step, reason=item.reason, severity=severity, now=now,
@@ -185,6 +200,8 @@ def set_step(item: HaWork, step: str, *, now, message: str = "",
                 message=message or f"{item.type} work #{item.pk} for {item.instance.name}: "
                                    f"{old} → {step}",
             )
+    if lost:
+        raise LostItem(item.pk)
 
 
 # R19: an item that ends in Error outside any incident raises one alert per (kind, VM),
@@ -239,18 +256,21 @@ def retry(item: HaWork, *, now, after: float, message: str, tried: int | None = 
                    time_to_try=now + dt.timedelta(seconds=after), waiting=waiting)
     if tried is not None:
         changes["tried"] = tried
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         old = item.step
-        _update(item, now, step=step or item.step, **changes)
-        record_event(
-            Subject.WORK, item, name=item.instance.name, event="WorkRetry", field="step",
-            old=old, new=item.step, reason=item.reason, now=now,
-            severity=Severity.WARNING if waiting else None,
-            related_vm=item.instance, related_host=item.host,
-            incident=item.incident_id,
-            message=f"{item.type} work #{item.pk} for {item.instance.name}: {message}; "
-                    f"next try in {int(after)} s",
-        )
+        lost = not _updated(item, now, step=step or item.step, **changes)
+        if not lost:
+            record_event(
+                Subject.WORK, item, name=item.instance.name, event="WorkRetry", field="step",
+                old=old, new=item.step, reason=item.reason, now=now,
+                severity=Severity.WARNING if waiting else None,
+                related_vm=item.instance, related_host=item.host,
+                incident=item.incident_id,
+                message=f"{item.type} work #{item.pk} for {item.instance.name}: {message}; "
+                        f"next try in {int(after)} s",
+            )
+    if lost:
+        raise LostItem(item.pk)
 
 
 def wait_quietly(item: HaWork, *, now, after: float, waiting: str, message: str) -> None:
@@ -334,7 +354,7 @@ def backoff_seconds(cfg, tried: int) -> float:
 def mark_vm(vm: VMInstance, item: HaWork, to: str, *, now, event: str, message: str,
             **fields) -> bool:
     """Change the VM and refresh the item's snapshot in one transaction."""
-    with transaction.atomic():
+    with transaction.atomic(savepoint=False):
         # R18: the VM's change is an event of the item's incident.
         if not vm.transition(to, now=now, event=event, message=message,
                              reason=item.reason, incident=item.incident_id, **fields):
