@@ -85,27 +85,45 @@ def in_flight(now) -> int:
 def claim(engine, cfg) -> HaWork | None:
     """Take one due item, or None (nothing due, or ha.workers items already in
     flight across the installation)."""
+    items = claim_many(engine, cfg, 1)
+    return items[0] if items else None
+
+
+def claim_many(engine, cfg, n: int) -> list[HaWork]:
+    """Take up to ``n`` due items in one claim — the next ``n`` in R11's order, as
+    many as ha.workers still allows across the installation — all taken by
+    ``engine.worker_id``; a worker pool hands the others to its waiting threads
+    (`hand_over`). Empty when nothing is due or ha.workers items are in flight."""
     now = engine.now()
     if not due_items(now).exists():
-        return None  # the common case, without taking any lock
+        return []  # the common case, without taking any lock
     with transaction.atomic():
         # Claims are serialised on one lease row, so "count in flight, then take"
         # cannot overshoot ha.workers between two processes.
         lock_claims()
         if connection.vendor == "postgresql":
-            return _claim_pg(now, engine.worker_id, cfg["ha.workers"])
-        if in_flight(now) >= cfg["ha.workers"]:
-            return None
-        item = due_items(now).select_for_update(skip_locked=True, of=("self",)).first()
-        if item is None:
-            return None
-        taken = HaWork.objects.filter(
-            pk=item.pk, taken=item.taken, updated=item.updated
-        ).update(taken=now, taken_by=engine.worker_id)
-        if not taken:
-            return None
-        item.taken, item.taken_by = now, engine.worker_id
-        return item
+            return _claim_pg(now, engine.worker_id, cfg["ha.workers"], n)
+        room = cfg["ha.workers"] - in_flight(now)
+        items = list(due_items(now).select_for_update(skip_locked=True, of=("self",))
+                     [:max(0, min(n, room))])
+        taken = []
+        for item in items:
+            if HaWork.objects.filter(pk=item.pk, taken=item.taken, updated=item.updated) \
+                    .update(taken=now, taken_by=engine.worker_id):
+                item.taken, item.taken_by = now, engine.worker_id
+                taken.append(item)
+        return taken
+
+
+def hand_over(item: HaWork, worker_id: str, *, now) -> bool:
+    """Take over ``item``, claimed for us by another worker of our pool (`claim_many`):
+    it becomes ours (``taken_by``) unless it is no longer the claimer's — released
+    meanwhile, e.g. after the claimer lost its connection (`release_held_by`)."""
+    if not HaWork.objects.filter(pk=item.pk, taken_by=item.taken_by, taken=item.taken) \
+            .exclude(step__in=FINAL_STEPS).update(taken_by=worker_id):
+        return False
+    item.taken_by = worker_id
+    return True
 
 
 @functools.cache
@@ -114,19 +132,20 @@ def _claim_sql() -> tuple[str, list[str]]:
     final = ", ".join(f"'{s}'" for s in FINAL_STEPS)  # our own constants
     return f"""
         UPDATE op_ha_work SET taken = %(now)s, taken_by = %(by)s
-         WHERE id = (
+         WHERE id IN (
             SELECT id FROM op_ha_work
              WHERE step NOT IN ({final}) AND time_to_try <= %(now)s
                AND (taken IS NULL OR taken < %(lapsed)s)
-               AND (SELECT count(*) FROM op_ha_work
-                     WHERE step NOT IN ({final}) AND taken IS NOT NULL
-                       AND taken >= %(lapsed)s) < %(workers)s
              ORDER BY rank, created, id
-             LIMIT 1 FOR UPDATE SKIP LOCKED)
+             LIMIT GREATEST(0, LEAST(%(n)s, %(workers)s - (
+                SELECT count(*) FROM op_ha_work
+                 WHERE step NOT IN ({final}) AND taken IS NOT NULL
+                   AND taken >= %(lapsed)s)))
+             FOR UPDATE SKIP LOCKED)
         RETURNING {", ".join(f.column for f in fields)}""", [f.attname for f in fields]
 
 
-def _claim_pg(now, worker_id: str, workers: int) -> HaWork | None:
+def _claim_pg(now, worker_id: str, workers: int, n: int) -> list[HaWork]:
     """The count, the pick and the take as one statement after the claim lock (issue
     12: each round trip under the lock cost a GIL hand-over with twenty workers awake,
     ≈ 30 ms a claim, and a failed host's claims queue behind each other). It runs after
@@ -135,11 +154,11 @@ def _claim_pg(now, worker_id: str, workers: int) -> HaWork | None:
     sql, names = _claim_sql()
     with connection.cursor() as cursor:
         cursor.execute(sql, {"now": now, "by": worker_id, "lapsed": now - WORK_LEASE,
-                             "workers": workers})
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    return HaWork.from_db(connection.alias, names, row)
+                             "workers": workers, "n": n})
+        rows = cursor.fetchall()
+    items = [HaWork.from_db(connection.alias, names, row) for row in rows]
+    items.sort(key=lambda i: (i.rank, i.created, i.pk))  # R11's order
+    return items
 
 
 def lock_claims() -> None:
@@ -339,7 +358,9 @@ def release_after_db_error(engine, claim, exc) -> bool:
 def release_held_by(worker_id: str, *, now, message: str) -> int:
     """Release every unfinished item taken by ``worker_id``: for a worker that holds
     none (it processes one item at a time) but whose claim may have committed while
-    its connection broke. Returns how many were released."""
+    its connection broke. Items it claimed for other threads carry its id until they
+    are handed over (`hand_over`); released, they are not. Returns how many were
+    released."""
     held = list(HaWork.objects.unfinished().filter(taken_by=worker_id)
                 .values_list("pk", "taken_by", "taken"))
     return sum(release_claim(c, now=now, after=0, message=message) for c in held)

@@ -421,3 +421,40 @@ def test_operator_stop_is_queued_and_done_by_a_worker():
     # An operator stop is not a failure: no HA follows.
     w.advance_to(40)
     assert items("vm1") == [] and restarts("vm1") == 0
+
+
+def test_r11_one_claim_takes_several_items_in_order_within_ha_workers():
+    """R11, issue 12: a claim for several threads takes the next items in R11's order
+    (system VMs, then priority, then age), never past ha.workers in flight."""
+    from hosts.liveness import host_down
+
+    w = world({"hosts": {"h1": {}, "h2": {"cpus": 64}},
+               "vms": {"a-low": {"host": "h1", "ha": True, "priority": "low"},
+                       "b-high": {"host": "h1", "ha": True, "priority": "high"},
+                       "c-med": {"host": "h1", "ha": True},
+                       "d-med": {"host": "h1", "ha": True}},
+               "config": {"ha.workers": 3}})
+    w.fleet.power_off("h1")
+    host_down(Host.objects.get(name="h1"), now=w.clock.now(), cfg=config.snapshot(), by="test")
+    items = work.claim_many(w.engine.with_worker("w1"), config.snapshot(), 10)
+    assert [i.instance.name for i in items] == ["b-high", "c-med", "d-med"]
+    assert all(i.taken_by == "w1" for i in items)
+    assert work.claim_many(w.engine.with_worker("w2"), config.snapshot(), 10) == []
+
+
+def test_r11_an_item_released_before_it_is_handed_over_is_not_taken_over():
+    """Issue 12: an item claimed for another thread is that thread's once handed over;
+    if the claimer released it first (it lost its connection while claiming), the hand
+    over is refused and the item is free for any worker."""
+    from hosts.liveness import host_down
+
+    w = world({"hosts": {"h1": {}, "h2": {}},
+               "vms": {"v1": {"host": "h1", "ha": True}, "v2": {"host": "h1", "ha": True}}})
+    w.fleet.power_off("h1")
+    host_down(Host.objects.get(name="h1"), now=w.clock.now(), cfg=config.snapshot(), by="test")
+    first, second = work.claim_many(w.engine.with_worker("claimer"), config.snapshot(), 2)
+    assert work.hand_over(first, "other", now=w.clock.now())
+    assert HaWork.objects.get(pk=first.pk).taken_by == "other"
+    assert work.release_held_by("claimer", now=w.clock.now(), message="lost") == 1
+    assert not work.hand_over(second, "third", now=w.clock.now())
+    assert work.claim(w.engine.with_worker("anyone"), config.snapshot()).pk == second.pk

@@ -535,3 +535,60 @@ def test_a_burst_of_late_hosts_does_not_open_a_connection_per_investigation(monk
                 return cur.fetchone()[0]
 
         assert wait_until(lambda: others() == 0, 5), others()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_hosts_items_are_claimed_at_once_and_each_handed_to_its_own_worker(
+        monkeypatch):
+    """Issue 12 (R11): when a host fails, the pool's threads queued for work do not
+    take their items in turn on the installation-wide claim lock, one transaction
+    each: the first claims for itself and for every thread queued behind it, and
+    hands those items over. Each item is worked on once, as the working thread's own
+    (taken_by), and every VM is started once on another host."""
+    from hadash.ha import work, worker
+    from hosts.liveness import host_down
+
+    n = 6
+    w = world({"hosts": {"h1": {}, "h2": {"cpus": 64}, "h3": {"cpus": 64}},
+               "vms": {f"v{i}": {"host": "h1", "ha": True} for i in range(n)},
+               "config": {"ha.workers": n}})
+    w.fleet.power_off("h1")
+    claims: list[int] = []
+    processed: list[tuple[str, str]] = []
+    real_claim, real_process = work.claim_many, worker.process
+
+    def claim_many(engine, cfg, k):
+        items = real_claim(engine, cfg, k)
+        if items:
+            claims.append(len(items))
+        return items
+
+    def process(engine, item, cfg):
+        processed.append((engine.worker_id, item.taken_by))
+        real_process(engine, item, cfg)
+
+    monkeypatch.setattr(work, "claim_many", claim_many)
+    monkeypatch.setattr(worker, "process", process)
+    assert host_down(Host.objects.get(name="h1"), now=timezone.now(), cfg=config.snapshot(),
+                     by="test")
+
+    def factory(wid):
+        return Engine(agents=SimAgentClient(w.fleet), oob=SimOobClient(w.fleet), worker_id=wid)
+
+    pool = runtime.WorkerPool(factory, "test-loop")
+    pool.claiming.acquire()  # every thread queues for the claim, as when woken together
+    pool.resize(n)
+    try:
+        assert wait_until(lambda: pool.queued == n, 10, 0.01)
+        pool.claiming.release()
+        assert wait_until(lambda: not HaWork.objects.unfinished().exists(), 20)
+    finally:
+        pool.stop()
+    assert claims == [n]  # one claim took them all
+    assert len(processed) == n  # each item worked on once…
+    assert all(wid == taken_by for wid, taken_by in processed)  # …as the worker's own
+    assert len({wid for wid, _ in processed}) > 1  # by the threads it was handed to
+    assert set(HaWork.objects.values_list("step", flat=True)) == {"Done"}
+    starts = [c for c in w.fleet.calls if c[0] == "start"]
+    assert sorted(c[2] for c in starts) == [f"v{i}" for i in range(n)]
+    assert all(c[1] in ("h2", "h3") for c in starts)
