@@ -86,6 +86,15 @@ def handle_ha(engine, item, cfg) -> None:
                 set_step(item, Step.FENCING, now=now,
                          message=f"VM {vm.name}: the BMC of {host.name} reports power Off; "
                                  "its host counts as fenced")
+            elif verdict == Verdict.DEAD and (host is None or host.status == HostStatus.DOWN):
+                # Nothing to ask the old host (R12.3): the Stopping step, the stop and
+                # Scheduled commit together — one transaction, not three (issue 12: a
+                # failed host's VMs on their way to placement).
+                with transaction.atomic():
+                    set_step(item, Step.STOPPING, now=now,
+                             message=f"VM {vm.name} is dead ({by}); stopping it")
+                    if not force_stop(engine, item, vm, host, now=now):
+                        return
             elif verdict == Verdict.DEAD:
                 set_step(item, Step.STOPPING, now=now,
                          message=f"VM {vm.name} is dead ({by}); stopping it")
@@ -102,7 +111,6 @@ def handle_ha(engine, item, cfg) -> None:
         elif step == Step.STOPPING:
             if not force_stop(engine, item, vm, host, now=now):
                 return
-            set_step(item, Step.SCHEDULED, now=now)
         elif step == Step.SCHEDULED:
             if vm.state != VmState.STOPPED:
                 # Scheduled without investigation: stop it first (R12.3).
@@ -166,24 +174,27 @@ def fence(engine, item, host, *, now, cfg) -> bool:
 
 
 def force_stop(engine, item, vm, host, *, now) -> bool:
-    """R12.3: make the old host forget the VM if it answers; mark it Stopped."""
+    """R12.3: make the old host forget the VM if it answers; mark it Stopped, and the
+    item Scheduled (one transaction). False when the VM changed meanwhile (the item is
+    then Done)."""
     if host is not None and host.status != HostStatus.DOWN:
         try:
             engine.agents.stop_vm(host, vm.name, force=True)
         except (Unreachable, AgentError) as exc:
             log.info("force stop of %s on %s: %s", vm.name, host.name, exc)
     now = engine.now()
-    if vm.state == VmState.STOPPED:
-        return True
-    with transaction.atomic():
-        if not mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStopped",
-                       message=f"VM {vm.name} stopped by HA (was on "
-                               f"{host.name if host else '?'})",
-                       **stopped_fields(vm)):
-            finish(item, Step.DONE, now=now,
-                   message=f"VM {vm.name} changed while HA was stopping it; nothing to do")
-            return False
-        incidents.vm_stopped_by_ha(item, now=now)
+    with transaction.atomic(savepoint=False):
+        if vm.state != VmState.STOPPED:
+            if not mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStopped",
+                           message=f"VM {vm.name} stopped by HA (was on "
+                                   f"{host.name if host else '?'})",
+                           **stopped_fields(vm)):
+                finish(item, Step.DONE, now=now,
+                       message=f"VM {vm.name} changed while HA was stopping it; nothing "
+                               "to do")
+                return False
+            incidents.vm_stopped_by_ha(item, now=now)
+        set_step(item, Step.SCHEDULED, now=now)
     return True
 
 
@@ -224,7 +235,8 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
     """R12.5: start the VM on the reserved host. A resumed item asks the host first:
     a VM it already runs is not started a second time (the start of the interrupted
     attempt went through), only recorded as Running."""
-    target = Host.objects.get(pk=item.target_host_id)
+    # The host placement locked a moment ago (a resumed item reads it).
+    target = item.target_host if not resumed else Host.objects.get(pk=item.target_host_id)
     if resumed and _runs_on(engine, target, vm.name):
         ok, error = True, ""
         log.info("HA work #%s: VM %s already runs on %s; not started again", item.pk,
@@ -324,7 +336,8 @@ def handle_migration(engine, item, cfg) -> None:
                 return
             set_step(item, Step.MIGRATING, now=now, target_host=target,
                      placement=getattr(target, "placement_reason", ""))
-    target = Host.objects.get(pk=item.target_host_id)
+    # The host placement locked a moment ago (a resumed item reads it).
+    target = item.target_host if not resumed else Host.objects.get(pk=item.target_host_id)
     if resumed and _runs_on(engine, target, vm.name):
         ok, error = True, ""  # the interrupted attempt's migration went through
     else:
