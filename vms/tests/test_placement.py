@@ -218,29 +218,23 @@ def _late_before_placement(monkeypatch, w, host: str) -> None:
     monkeypatch.setattr(placement, "ranked", ranked)
 
 
-def test_r24_a_host_late_with_its_pings_is_taken_last(monkeypatch):
+@pytest.mark.parametrize("x_cpus, on2_cpus, lands_on", [
+    (1, 4, "h2"),   # h2 pings on time: taken, though the late h1 has more room
+    (4, 14, "h1"),  # only the late h1 has room: the restart is not held back
+])
+def test_r24_a_host_late_with_its_pings_is_taken_last(monkeypatch, x_cpus, on2_cpus,
+                                                       lands_on):
     """A host that missed its last ping may be failing too (a rack going down host by
     host): the restart goes to a host that pings on time, though the late one has
-    more room."""
+    more room — and to the late one when nothing else fits."""
     w = world({"hosts": {"h0": {}, "h1": {}, "h2": {}},
-               "vms": {"x": {"host": "h0", "ha": True}, "on2": {"host": "h2", "cpus": 4}}})
+               "vms": {"x": {"host": "h0", "ha": True, "cpus": x_cpus},
+                       "on2": {"host": "h2", "cpus": on2_cpus}}})
     _late_before_placement(monkeypatch, w, "h1")
     fail_host(w, "h0")
     w.advance_to(40)
     v = vm("x")
-    assert (v.state, v.host.name) == (VmState.RUNNING, "h2")
-
-
-def test_r24_a_late_host_is_taken_when_nothing_else_fits(monkeypatch):
-    """...but when it is the only host with room, the restart is not held back."""
-    w = world({"hosts": {"h0": {}, "h1": {}, "h2": {}},
-               "vms": {"x": {"host": "h0", "ha": True, "cpus": 4},
-                       "on2": {"host": "h2", "cpus": 14}}})
-    _late_before_placement(monkeypatch, w, "h1")
-    fail_host(w, "h0")
-    w.advance_to(40)
-    v = vm("x")
-    assert (v.state, v.host.name) == (VmState.RUNNING, "h1")
+    assert (v.state, v.host.name) == (VmState.RUNNING, lands_on)
 
 
 def test_r24_a_restart_finds_room_beyond_the_rankings_head_filled_meanwhile(monkeypatch):
