@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from django.db.models import Sum
 from django.utils.dateparse import parse_datetime
 
 from hosts.choices import HostStatus, ResourceState
@@ -241,35 +240,6 @@ class Pool:
 
 # --- from the database --------------------------------------------------------------------
 
-def allocations(host_ids=None) -> dict[int, tuple[int, int]]:
-    """Allocated (cpus, memory_mb) per host id: VMs that occupy capacity there, and VMs
-    migrating towards it (a Migration item under way names it as target), so that each
-    migration of an evacuation sees the ones before it (R24). ``host_ids``: a list, or a
-    queryset of host ids (a subquery: a cluster of a thousand hosts is not sent as a
-    thousand parameters)."""
-    from hadash.choices import FINAL_STEPS, Step, WorkType
-    from hadash.models import HaWork
-
-    qs = VMInstance.objects.filter(state__in=ACTIVE_STATES, host__isnull=False)
-    if host_ids is not None:
-        qs = qs.filter(host_id__in=host_ids)
-    rows = qs.values_list("host_id").annotate(c=Sum("cpus"), m=Sum("memory_mb")) \
-        .order_by()
-    used = {h: [c or 0, m or 0] for h, c, m in rows}
-    moving = HaWork.objects.filter(
-        type=WorkType.MIGRATION, step=Step.MIGRATING, target_host__isnull=False,
-        instance__state=VmState.MIGRATING,
-    ).exclude(step__in=FINAL_STEPS)
-    if host_ids is not None:
-        moving = moving.filter(target_host_id__in=host_ids)
-    for h, c, m in moving.values_list("target_host_id").annotate(
-            c=Sum("instance__cpus"), m=Sum("instance__memory_mb")).order_by():
-        u = used.setdefault(h, [0, 0])
-        u[0] += c or 0
-        u[1] += m or 0
-    return {k: (c, m) for k, (c, m) in used.items()}
-
-
 # One statement for the rooms (issue 12): the hosts, what is allocated on each, and what
 # migrates towards each — built by hand, not through the ORM, whose query building cost
 # more CPU than the database's answer (two rankings an HA restart, ten restarts at once
@@ -293,11 +263,13 @@ SELECT h.id, h.name, h.cpus, h.memory_mb, h.tags, h.last_ping,
 
 
 def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:
-    """The Up, Enabled hosts of ``cluster`` as rooms, with their allocations (VMs that
-    occupy capacity there, and VMs migrating towards them: `allocations`) and their
-    last ping (``Room.last_ping``). One query whatever the cluster's size, reading
-    columns, not Host rows; ``Room.host`` is filled by `with_hosts` for the callers
-    that want the rows. ``only``: just these hosts (a re-check of a few)."""
+    """The Up, Enabled hosts of ``cluster`` as rooms, with their allocations — VMs that
+    occupy capacity there (Starting, Running, Stopping, Migrating), and VMs migrating
+    towards them (a Migration item under way names it as target), so that each
+    migration of an evacuation sees the ones before it (R24) — and their last ping
+    (``Room.last_ping``). One query whatever the cluster's size, reading columns, not
+    Host rows; ``Room.host`` is filled by `with_hosts` for the callers that want the
+    rows. ``only``: just these hosts (a re-check of a few)."""
     from django.db import connection
 
     from hadash.choices import Step, WorkType

@@ -137,7 +137,10 @@ def test_r24_a_migration_under_way_counts_on_its_target():
                           updated=now)
     # m counts on h1 (still its host) and on h2 (its target): h3 is now the most free.
     assert pick("x") == "h3"
-    assert placement.allocations()[Host.objects.get(name="h2").pk] == (4, 1024)
+    rooms = {r.name: r for r in placement.rooms_for("c1")}
+    assert (rooms["h1"].used_cpus, rooms["h1"].used_memory_mb) == (4, 1024)
+    assert (rooms["h2"].used_cpus, rooms["h2"].used_memory_mb) == (4, 1024)
+    assert (rooms["h3"].used_cpus, rooms["h3"].used_memory_mb) == (0, 0)
 
 
 def test_r24_ha_restart_lands_on_the_most_free_host_and_records_why():
