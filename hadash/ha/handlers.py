@@ -235,7 +235,8 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
     """R12.5: start the VM on the reserved host. A resumed item asks the host first:
     a VM it already runs is not started a second time (the start of the interrupted
     attempt went through), only recorded as Running."""
-    # The host placement locked a moment ago (a resumed item reads it).
+    # The host placement locked a moment ago (set on the item by reserve); a resumed
+    # item reads it.
     target = item.target_host if not resumed else Host.objects.get(pk=item.target_host_id)
     if resumed and _runs_on(engine, target, vm.name):
         ok, error = True, ""
@@ -336,8 +337,8 @@ def handle_migration(engine, item, cfg) -> None:
                 return
             set_step(item, Step.MIGRATING, now=now, target_host=target,
                      placement=getattr(target, "placement_reason", ""))
-    # The host placement locked a moment ago (a resumed item reads it).
-    target = item.target_host if not resumed else Host.objects.get(pk=item.target_host_id)
+    if resumed:  # the target chosen by the interrupted attempt
+        target = Host.objects.get(pk=item.target_host_id)
     if resumed and _runs_on(engine, target, vm.name):
         ok, error = True, ""  # the interrupted attempt's migration went through
     else:
