@@ -224,7 +224,7 @@ class WorkerPool:
                 if not self.handed:
                     return None
                 item = self.handed.popleft()
-            if hand_over(item, engine.worker_id, now=engine.now()):
+            if hand_over(item, engine.worker_id):
                 return item
             log.info("work #%s was released before it was handed over; left to others",
                      item.pk)

@@ -115,7 +115,7 @@ def claim_many(engine, cfg, n: int) -> list[HaWork]:
         return taken
 
 
-def hand_over(item: HaWork, worker_id: str, *, now) -> bool:
+def hand_over(item: HaWork, worker_id: str) -> bool:
     """Take over ``item``, claimed for us by another worker of our pool (`claim_many`):
     it becomes ours (``taken_by``) unless it is no longer the claimer's — released
     meanwhile, e.g. after the claimer lost its connection (`release_held_by`)."""

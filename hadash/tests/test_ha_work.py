@@ -453,8 +453,8 @@ def test_r11_an_item_released_before_it_is_handed_over_is_not_taken_over():
     w.fleet.power_off("h1")
     host_down(Host.objects.get(name="h1"), now=w.clock.now(), cfg=config.snapshot(), by="test")
     first, second = work.claim_many(w.engine.with_worker("claimer"), config.snapshot(), 2)
-    assert work.hand_over(first, "other", now=w.clock.now())
+    assert work.hand_over(first, "other")
     assert HaWork.objects.get(pk=first.pk).taken_by == "other"
     assert work.release_held_by("claimer", now=w.clock.now(), message="lost") == 1
-    assert not work.hand_over(second, "third", now=w.clock.now())
+    assert not work.hand_over(second, "third")
     assert work.claim(w.engine.with_worker("anyone"), config.snapshot()).pk == second.pk
