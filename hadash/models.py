@@ -196,11 +196,7 @@ class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
 
         cfg = cfg or config.snapshot()
         vms = self.vms_on_host(host) if vms is None else vms
-        items = [
-            item for vm in vms
-            if (item := self.schedule_restart(vm, investigate=True, reason=Reason.HOST_DOWN,
-                                              now=now, cfg=cfg))
-        ]
+        items = self._schedule_restarts(vms, reason=Reason.HOST_DOWN, now=now, cfg=cfg)
         ha_names = [vm.name for vm in vms if ha(vm, cfg)]
         if vms:
             names = ", ".join(ha_names) if ha_names else "none"
@@ -210,6 +206,51 @@ class HaWorkManager(models.Manager.from_queryset(HaWorkQuerySet)):
                 message=f"Host {host.name} is down: {len(vms)} VM(s) scheduled; HA VMs to "
                         f"restart: {names}",
             )
+        return items
+
+    def _schedule_restarts(self, vms, *, reason: str, now, cfg) -> list:
+        """``schedule_restart(vm, investigate=True)`` for each of ``vms``, in their order,
+        as a few statements instead of six round trips a VM (issue 12: a failed host's
+        ten VMs took sixty inside the transaction that declares it Down, and its HA
+        work waits for that commit). Should another process schedule one of these VMs
+        meanwhile, the database refuses the whole insert (R10) and they are scheduled
+        one by one as before."""
+        from .events import event_values
+
+        if not vms:
+            return []
+        ids = [vm.pk for vm in vms]
+        busy = set(self.unfinished().filter(instance_id__in=ids, type=WorkType.HA)
+                   .values_list("instance_id", flat=True))
+        window = now - dt.timedelta(seconds=cfg["time.between.failures"])
+        previous: dict[int, int] = {}
+        for vm_id, tried in (self.filter(instance_id__in=ids, type=WorkType.HA,
+                                         created__gte=window)
+                             .order_by("-id").values_list("instance_id", "tried")):
+            previous.setdefault(vm_id, tried)  # the latest item's tries (R10)
+        todo = [vm for vm in vms if vm.pk not in busy]
+        step = Step.INVESTIGATING
+        try:
+            with transaction.atomic():
+                items = self.bulk_create([
+                    HaWork(instance=vm, vm_type=vm.type, type=WorkType.HA, reason=reason,
+                           step=step, host=vm.host, state=vm.state,
+                           update_count=vm.update_count, time_to_try=now,
+                           tried=previous.get(vm.pk) or 0, rank=ha_rank(vm), created=now,
+                           updated=now)
+                    for vm in todo])
+                Event.objects.bulk_create([
+                    Event(**event_values(
+                        Subject.WORK, item, name=vm.name, event="WorkScheduled",
+                        field="step", old="", new=step, reason=reason, now=now,
+                        related_vm=vm, related_host=item.host,
+                        message=f"{WorkType.HA} work #{item.pk} scheduled for VM {vm.name} "
+                                f"({reason})"))
+                    for item, vm in zip(items, todo, strict=True)])
+        except IntegrityError:
+            return [item for vm in vms
+                    if (item := self.schedule_restart(vm, investigate=True, reason=reason,
+                                                      now=now, cfg=cfg))]
         return items
 
     def schedule_force_stop(self, vm, host, *, now):

@@ -97,6 +97,41 @@ def test_r10_host_down_schedules_system_vms_first_and_one_alert_names_ha_vms():
     assert "a-low" in alert.message and "b-high" in alert.message
 
 
+def test_r10_a_down_hosts_vms_are_scheduled_at_once_as_one_by_one():
+    """R10 for a Down host's VMs (scheduled together, issue 12): a VM that already has
+    an unfinished HA item gets no second one, a VM whose last item is inside
+    time.between.failures inherits its tries, each new item has its WorkScheduled
+    event — and when the database refuses the batch (here: one VM twice; in life,
+    another process scheduling one of them meanwhile) they are scheduled one by one,
+    each VM once."""
+    w = world({"hosts": {"h1": {}, "h2": {}},
+               "vms": {"a": {"host": "h1", "ha": True}, "b": {"host": "h1", "ha": True},
+                       "c": {"host": "h1", "ha": True}}})
+    now = w.clock.now()
+    busy = work.schedule_restart(vm("a"), investigate=False, reason=Reason.OPERATOR, now=now)
+    old = work.schedule_restart(vm("b"), investigate=False, reason=Reason.OPERATOR, now=now)
+    HaWork.objects.filter(pk=old.pk).update(step=Step.DONE, tried=2)
+    h1 = Host.objects.get(name="h1")
+    vms = HaWork.objects.vms_on_host(h1)
+    new = HaWork.objects.schedule_restart_for_vms_on_host(
+        h1, now=now, ha=lambda v, cfg: True, vms=vms)
+    assert [i.instance.name for i in new] == ["b", "c"]
+    assert [(i.step, i.tried, i.host_id) for i in new] == [
+        (Step.INVESTIGATING, 2, h1.pk), (Step.INVESTIGATING, 0, h1.pk)]
+    assert [i.pk for i in items("a")] == [busy.pk]
+    for item in new:
+        [ev] = Event.objects.filter(event="WorkScheduled", subject_id=item.pk)
+        assert ev.vm.name == item.instance.name and ev.new == Step.INVESTIGATING
+        assert f"work #{item.pk} scheduled for VM {item.instance.name}" in ev.message
+    # Refused as a whole: one by one, and nothing is scheduled twice.
+    HaWork.objects.filter(pk__in=[i.pk for i in new]).update(step=Step.DONE)
+    c = vm("c")
+    again = HaWork.objects._schedule_restarts([c, c], reason=Reason.HOST_DOWN, now=now,
+                                              cfg=config.snapshot())
+    assert len(again) == 1 and again[0].instance_id == c.pk
+    assert len(HaWork.objects.unfinished().filter(instance=c)) == 1
+
+
 # --- R11 -----------------------------------------------------------------------------
 
 def test_r11_due_items_taken_by_system_vm_then_priority_then_age():
