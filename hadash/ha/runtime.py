@@ -146,16 +146,26 @@ class WorkerPool:
         self.claiming = threading.Lock()  # one claim of this pool at a time
         self.queued = 0  # threads waiting for `claiming`
         self.handed: collections.deque = collections.deque()  # claimed for the queued
+        # Wake-ups so far (`notify`), and the last claim that found nothing: when it
+        # began (monotonic) and how many wake-ups there had been. A thread that queued
+        # for `claiming` before that claim began, with no wake-up since, would only ask
+        # the database the same question again (`next_item`).
+        self.notified = 0
+        self._empty: tuple[float, int] = (-math.inf, -1)
 
     def resize(self, n: int) -> None:
-        """Run exactly threads 0..n-1; higher ones finish their item and stop."""
+        """Run exactly threads 0..n-1; higher ones finish their item and stop. Wakes
+        the workers when that changed anything (the engine loop calls it every tick)."""
+        changed = False
         for i, t in list(self.threads.items()):
             if not t.is_alive():
                 del self.threads[i], self.stops[i]
         for i, stop in self.stops.items():
             if i >= n:
+                changed = changed or not stop.is_set()
                 stop.set()
-            else:
+            elif stop.is_set():
+                changed = True
                 stop.clear()  # asked to stop before, wanted again: keep it
         for i in range(n):
             if i not in self.threads:
@@ -164,10 +174,13 @@ class WorkerPool:
                                      name=f"ha-worker-{i}")
                 self.threads[i], self.stops[i] = t, stop
                 t.start()
-        self.notify()
+                changed = True
+        if changed:
+            self.notify()
 
     def notify(self) -> None:
         with self.wake:
+            self.notified += 1
             self.wake.notify_all()
 
     def has_idle(self) -> bool:
@@ -195,6 +208,7 @@ class WorkerPool:
             return item
         with self._lock:
             self.queued += 1
+            entered = time.monotonic()
         queued = True
         try:
             with self.claiming:
@@ -206,7 +220,20 @@ class WorkerPool:
                     return item
                 with self._lock:
                     behind = self.queued
+                    began, notified = time.monotonic(), self.notified
+                    if self._empty[0] >= entered and self._empty[1] == notified:
+                        # A claim that began after we queued found nothing, and no
+                        # work was announced since (issue 12: the pool's twenty idle
+                        # threads woke together every tick and asked one after the
+                        # other — twenty queries a second, in a burst that could meet
+                        # a host's HostDown and delay its restarts).
+                        return None
                 items = claim_many(engine, cfg, 1 + behind)
+                if len(items) < 1 + behind:
+                    # Everything due (within ha.workers) was taken: nothing left for
+                    # the threads queued before this claim began.
+                    with self._lock:
+                        self._empty = (began, notified)
                 if len(items) > 1:
                     with self._lock:
                         self.handed.extend(items[1:])
