@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Count
 
 from hadash import alerts
@@ -50,13 +50,29 @@ def ratio_words(cluster: str, cfg) -> str:
 def is_braked(cluster: str | None, *, now, cfg) -> bool:
     if not cluster:
         return False
-    # Every HA restart asks: one cluster's hosts counted, and a write only when the
-    # brake changes (the sweep's update_all normally got there first).
-    failed, total = cluster_counts(cluster).get(cluster, (0, 0))
+    # Every HA restart asks: one cluster's hosts counted with its brake's state in one
+    # statement (issue 12: on a failed host's restarts' way to placement), and a write
+    # only when the brake changes (the sweep's update_all normally got there first).
+    failed, total, engaged = _counts_and_brake(cluster)
     braked = over_ratio(failed, total, cfg)
-    if not ClusterBrake.objects.filter(cluster=cluster, engaged=braked).exists():
+    if engaged is None or bool(engaged) != braked:
         _announce(cluster, braked, failed, total, now=now, cfg=cfg)
     return braked
+
+
+def _counts_and_brake(cluster: str) -> tuple[int, int, bool | None]:
+    """cluster_counts(cluster)[cluster] and the cluster's brake row's ``engaged``
+    (None without a row), in one statement."""
+    failed = ", ".join(["%s"] * len(FAILED_STATUSES))
+    with connection.cursor() as cur:
+        cur.execute(
+            f'SELECT COUNT(*) FILTER (WHERE "status" IN ({failed})), COUNT(*), '
+            f'(SELECT "engaged" FROM "{ClusterBrake._meta.db_table}" WHERE "cluster" = %s) '
+            f'FROM "{Host._meta.db_table}" '
+            f'WHERE "type" = %s AND "cluster" = %s AND "status" <> %s',
+            [*FAILED_STATUSES, cluster, HostType.ROUTING, cluster, HostStatus.REMOVED])
+        failed_n, total, engaged = cur.fetchone()
+    return failed_n or 0, total or 0, engaged
 
 
 def update_all(*, now, cfg) -> None:

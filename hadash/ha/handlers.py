@@ -39,7 +39,10 @@ log = logging.getLogger("hadash.handlers")
 def _load(item):
     vm = VMInstance.objects.select_related("host", "last_host").get(pk=item.instance_id)
     item.instance = vm
-    host = Host.objects.filter(pk=item.host_id).first() if item.host_id else None
+    if item.host_id and item.host_id == vm.host_id:
+        host = vm.host  # read with the VM
+    else:
+        host = Host.objects.filter(pk=item.host_id).first() if item.host_id else None
     item.host = host
     return vm, host
 

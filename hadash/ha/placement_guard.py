@@ -84,7 +84,12 @@ def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
     placement time); a host further down could only overtake the head if VMs left it
     in the milliseconds between the two reads."""
     tag = cfg["ha.tag"]
-    ranking = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster)
+    groups = placement.groups_of(vm)
+    # Under the lock the groups' rule is read again (R25: a member reserved meanwhile);
+    # a VM in no group has none to read.
+    again = None if groups else placement.NO_RULE
+    ranking = placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster,
+                               rule=placement.group_rule(vm, groups=groups))
     # Hosts late with their pings come last: when a rack fails its hosts go Down one
     # after the other, and a restart placed on a fellow host that is failing too would
     # fail and wait out restart.retry.interval. Taken only when nothing else fits.
@@ -101,7 +106,7 @@ def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
             head = {r.id for r in found[:RECHECK]} | {locked.pk}
             # The groups' rule read again too (R25: a member reserved meanwhile).
             fresh = [r for r in placement.ranked(vm, ha=ha, ha_tag=tag, cluster=vm.cluster,
-                                                 only=tuple(sorted(head)))
+                                                 only=tuple(sorted(head)), rule=again)
                      if r.id not in late]
             mine = next((r for r in fresh if r.id == locked.pk), None)
             # Hosts ranked ahead of ours that other workers are placing on now count
@@ -111,7 +116,8 @@ def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
                 # Filled or overtaken meanwhile: lock the best now (the whole cluster
                 # ranked again once the head has no room left).
                 found = fresh or [r for r in placement.ranked(
-                    vm, ha=ha, ha_tag=tag, cluster=vm.cluster) if r.id not in late]
+                    vm, ha=ha, ha_tag=tag, cluster=vm.cluster, rule=again)
+                    if r.id not in late]
                 fitting = len(found) if not fresh else fitting
                 continue
             why = placement.explain(mine, vm.cpus, vm.memory_mb, fitting=fitting)
