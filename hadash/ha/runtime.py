@@ -135,6 +135,8 @@ class WorkerPool:
     transaction of its own. The others are handed over in the process (`handed`);
     each takes its item over (`work.hand_over`) before working on it."""
 
+    IDLE_WAIT = 1.0  # seconds an idle thread waits for a wake-up before it looks again
+
     def __init__(self, engine_factory, loop_id: str):
         self.engine_factory = engine_factory
         self.loop_id = loop_id
@@ -299,7 +301,7 @@ class WorkerPool:
                     close_old_connections()
                 if not did:
                     with self.wake:
-                        self.wake.wait(timeout=1.0)
+                        self.wake.wait(timeout=self.IDLE_WAIT)
         finally:
             connection.close()
 

@@ -592,3 +592,51 @@ def test_a_failed_hosts_items_are_claimed_at_once_and_each_handed_to_its_own_wor
     starts = [c for c in w.fleet.calls if c[0] == "start"]
     assert sorted(c[2] for c in starts) == [f"v{i}" for i in range(n)]
     assert all(c[1] in ("h2", "h3") for c in starts)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_idle_threads_woken_together_look_for_work_once_and_still_take_new_work(
+        monkeypatch):
+    """Issue 12 (R11): the pool's idle threads, woken together (every engine tick), ask
+    the database once whether work is due — not once each in turn on the claim lock,
+    a burst that delayed a HostDown and its restarts. Work announced afterwards (a
+    wake-up) is still taken at once, without waiting for the next tick."""
+    from hadash.ha import work
+    from hosts.liveness import host_down
+
+    n = 8
+    w = world({"hosts": {"h1": {}, "h2": {"cpus": 64}},
+               "vms": {"v0": {"host": "h1", "ha": True}},
+               "config": {"ha.workers": n}})
+    w.fleet.power_off("h1")
+    looks: list[int] = []
+    real_claim = work.claim_many
+
+    def claim_many(engine, cfg, k):
+        looks.append(k)
+        return real_claim(engine, cfg, k)
+
+    monkeypatch.setattr(work, "claim_many", claim_many)
+    # No thread looks again on its own within this test: only wake-ups make them.
+    monkeypatch.setattr(runtime.WorkerPool, "IDLE_WAIT", 60.0)
+
+    def factory(wid):
+        return Engine(agents=SimAgentClient(w.fleet), oob=SimOobClient(w.fleet), worker_id=wid)
+
+    pool = runtime.WorkerPool(factory, "test-loop")
+    pool.claiming.acquire()  # every thread queues for the claim, as when woken together
+    pool.resize(n)
+    try:
+        assert wait_until(lambda: pool.queued == n, 10, 0.01)
+        pool.claiming.release()
+        assert wait_until(lambda: pool.busy == 0 and pool.queued == 0, 10, 0.01)
+        assert looks == [n]  # one look for the eight of them, nothing due
+        # New work, announced: the wake-up makes them look again and take it.
+        assert host_down(Host.objects.get(name="h1"), now=timezone.now(),
+                         cfg=config.snapshot(), by="test")
+        pool.notify()
+        assert wait_until(lambda: not HaWork.objects.unfinished().exists(), 10, 0.01)
+        assert len(looks) >= 2
+    finally:
+        pool.stop()
+    assert [c[2] for c in w.fleet.calls if c[0] == "start"] == ["v0"]
