@@ -191,13 +191,14 @@ def force_stop(engine, item, vm, host, *, now) -> bool:
             if not mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStopped",
                            message=f"VM {vm.name} stopped by HA (was on "
                                    f"{host.name if host else '?'})",
-                           **stopped_fields(vm)):
+                           step=Step.SCHEDULED, **stopped_fields(vm)):
                 finish(item, Step.DONE, now=now,
                        message=f"VM {vm.name} changed while HA was stopping it; nothing "
                                "to do")
                 return False
             incidents.vm_stopped_by_ha(item, now=now)
-        set_step(item, Step.SCHEDULED, now=now)
+        else:
+            set_step(item, Step.SCHEDULED, now=now)
     return True
 
 
@@ -248,8 +249,10 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
     else:
         try:
             # PROTOCOL.md v1.1: the stored definition goes with the start (an agent
-            # client written before v1.1 is called as before when there is none).
-            definition = definitions.of_vm(vm)
+            # client written before v1.1 is called as before when there is none). A VM
+            # that had none when this item loaded it is not asked again (issue 12: one
+            # query on the way to the start call); the XML is read only when there is one.
+            definition = definitions.of_vm(vm) if vm.has_definition else None
             engine.agents.start_vm(target, vm, **({"definition": definition} if definition else {}))
             ok, error = True, ""
         except (Unreachable, AgentError) as exc:

@@ -17,7 +17,7 @@ from hosts.models import Host
 from vms import placement
 from vms.choices import VmState
 
-from .work import mark_vm, set_step
+from .work import mark_vm
 
 
 def pick(vm, *, ha: bool, cfg, exclude=(), extra=None, moved=None):
@@ -124,10 +124,12 @@ def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
             now = clock() if clock is not None else now
             if not mark_vm(vm, item, VmState.STARTING, now=now, event="HaStarting",
                            message=f"VM {vm.name} starting on {locked.name} (HA): {why}",
-                           host=locked, power_state_update_time=now):
+                           host=locked, power_state_update_time=now,
+                           step=Step.RESTARTING,
+                           step_changes={"target_host": locked, "placement": why},
+                           step_message=f"HA work #{item.pk}: starting VM {vm.name} on "
+                                        f"{locked.name}"):
                 return None
-            set_step(item, Step.RESTARTING, now=now, target_host=locked, placement=why,
-                     message=f"HA work #{item.pk}: starting VM {vm.name} on {locked.name}")
             return locked
     return None
 

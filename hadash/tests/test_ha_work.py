@@ -493,3 +493,29 @@ def test_r11_an_item_released_before_it_is_handed_over_is_not_taken_over():
     assert work.release_held_by("claimer", now=w.clock.now(), message="lost") == 1
     assert not work.hand_over(second, "third")
     assert work.claim(w.engine.with_worker("anyone"), config.snapshot()).pk == second.pk
+
+
+def test_r12_ha_start_sends_the_stored_definition_and_none_without_one(monkeypatch):
+    """R12.5 / PROTOCOL.md v1.1: an HA restart's start carries the VM's stored
+    definition; a VM without one is started without (its definition is not asked for
+    again on the way to the start call, issue 12)."""
+    from fleet.sim import SimAgentClient
+
+    w = world({"hosts": {"h1": {}, "h2": {}},
+               "vms": {"d": {"host": "h1", "ha": True}, "p": {"host": "h1", "ha": True}}})
+    xml = "<domain type='kvm'><name>d</name><vcpu>1</vcpu></domain>"
+    VMInstance.objects.filter(name="d").update(definition_format="libvirt-xml",
+                                               definition_xml=xml)
+    sent = {}
+    real = SimAgentClient.start_vm
+
+    def start_vm(self, host, vm, definition=None):
+        sent[vm.name] = definition
+        return real(self, host, vm, definition)
+
+    monkeypatch.setattr(SimAgentClient, "start_vm", start_vm)
+    w.fleet.power_off("h1")
+    w.advance_to(60)
+    assert sent == {"d": {"format": "libvirt-xml", "xml": xml}, "p": None}
+    assert {v.name: v.host.name for v in VMInstance.objects.select_related("host")} == \
+        {"d": "h2", "p": "h2"}
