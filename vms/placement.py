@@ -245,14 +245,12 @@ class Pool:
 # more CPU than the database's answer (two rankings an HA restart, ten restarts at once
 # when a host fails). ``{hosts}`` is the host filter, applied inside each part so that
 # only the cluster's VMs are summed.
-_ROOMS_SQL = """
+_ROOMS_SELECT = """
 SELECT h.id, h.name, h.cpus, h.memory_mb, h.tags, h.last_ping,
        COALESCE(a.c, 0), COALESCE(a.m, 0), COALESCE(g.c, 0), COALESCE(g.m, 0)
   FROM host h
-  LEFT JOIN (SELECT v.host_id AS hid, SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
-               FROM vm_instance v JOIN host h ON h.id = v.host_id
-              WHERE v.state IN ({active}) AND {hosts}
-              GROUP BY v.host_id) a ON a.hid = h.id
+"""
+_ROOMS_MIGRATIONS = """
   LEFT JOIN (SELECT w.target_host_id AS hid, SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
                FROM op_ha_work w JOIN vm_instance v ON v.id = w.instance_id
                JOIN host h ON h.id = w.target_host_id
@@ -260,25 +258,20 @@ SELECT h.id, h.name, h.cpus, h.memory_mb, h.tags, h.last_ping,
               GROUP BY w.target_host_id) g ON g.hid = h.id
  WHERE {hosts}
 """
-
+_ROOMS_SQL = _ROOMS_SELECT + """
+  LEFT JOIN (SELECT v.host_id AS hid, SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
+               FROM vm_instance v JOIN host h ON h.id = v.host_id
+              WHERE v.state IN ({active}) AND {hosts}
+              GROUP BY v.host_id) a ON a.hid = h.id""" + _ROOMS_MIGRATIONS
 # PostgreSQL: each host's allocations summed from its own VMs (vm_host_state_idx),
 # not by scanning every VM of the installation and keeping the cluster's (issue 12: a
 # restart ranks its cluster twice; at 1,000 hosts / 10,000 VMs the scan was ≈ 6 of the
 # query's 7 ms, and it grows with the fleet rather than the cluster).
-_ROOMS_SQL_PG = """
-SELECT h.id, h.name, h.cpus, h.memory_mb, h.tags, h.last_ping,
-       COALESCE(a.c, 0), COALESCE(a.m, 0), COALESCE(g.c, 0), COALESCE(g.m, 0)
-  FROM host h
+_ROOMS_SQL_PG = _ROOMS_SELECT + """
   LEFT JOIN LATERAL (SELECT SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
                        FROM vm_instance v
-                      WHERE v.host_id = h.id AND v.state IN ({active})) a ON true
-  LEFT JOIN (SELECT w.target_host_id AS hid, SUM(v.cpus) AS c, SUM(v.memory_mb) AS m
-               FROM op_ha_work w JOIN vm_instance v ON v.id = w.instance_id
-               JOIN host h ON h.id = w.target_host_id
-              WHERE w.type = %s AND w.step = %s AND v.state = %s AND {hosts}
-              GROUP BY w.target_host_id) g ON g.hid = h.id
- WHERE {hosts}
-"""
+                      WHERE v.host_id = h.id AND v.state IN ({active})) a ON true""" \
+    + _ROOMS_MIGRATIONS
 
 
 def rooms_for(cluster: str | None, *, exclude=(), only=()) -> list[Room]:

@@ -537,6 +537,24 @@ def test_a_burst_of_late_hosts_does_not_open_a_connection_per_investigation(monk
         assert wait_until(lambda: others() == 0, 5), others()
 
 
+def _queued_pool(w, n: int) -> runtime.WorkerPool:
+    """A pool of ``n`` threads on ``w``'s fleet, every one of them queued for the claim
+    (held by the caller until it releases ``pool.claiming``), as when woken together."""
+    def factory(wid):
+        return Engine(agents=SimAgentClient(w.fleet), oob=SimOobClient(w.fleet), worker_id=wid)
+
+    pool = runtime.WorkerPool(factory, "test-loop")
+    pool.claiming.acquire()
+    pool.resize(n)
+    try:
+        assert wait_until(lambda: pool.queued == n, 10, 0.01)
+    except BaseException:
+        pool.claiming.release()
+        pool.stop()
+        raise
+    return pool
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_hosts_items_are_claimed_at_once_and_each_handed_to_its_own_worker(
         monkeypatch):
@@ -572,14 +590,8 @@ def test_a_failed_hosts_items_are_claimed_at_once_and_each_handed_to_its_own_wor
     assert host_down(Host.objects.get(name="h1"), now=timezone.now(), cfg=config.snapshot(),
                      by="test")
 
-    def factory(wid):
-        return Engine(agents=SimAgentClient(w.fleet), oob=SimOobClient(w.fleet), worker_id=wid)
-
-    pool = runtime.WorkerPool(factory, "test-loop")
-    pool.claiming.acquire()  # every thread queues for the claim, as when woken together
-    pool.resize(n)
+    pool = _queued_pool(w, n)
     try:
-        assert wait_until(lambda: pool.queued == n, 10, 0.01)
         pool.claiming.release()
         assert wait_until(lambda: not HaWork.objects.unfinished().exists(), 20)
     finally:
@@ -620,14 +632,8 @@ def test_idle_threads_woken_together_look_for_work_once_and_still_take_new_work(
     # No thread looks again on its own within this test: only wake-ups make them.
     monkeypatch.setattr(runtime.WorkerPool, "IDLE_WAIT", 60.0)
 
-    def factory(wid):
-        return Engine(agents=SimAgentClient(w.fleet), oob=SimOobClient(w.fleet), worker_id=wid)
-
-    pool = runtime.WorkerPool(factory, "test-loop")
-    pool.claiming.acquire()  # every thread queues for the claim, as when woken together
-    pool.resize(n)
+    pool = _queued_pool(w, n)
     try:
-        assert wait_until(lambda: pool.queued == n, 10, 0.01)
         pool.claiming.release()
         assert wait_until(lambda: pool.busy == 0 and pool.queued == 0, 10, 0.01)
         assert looks == [n]  # one look for the eight of them, nothing due
