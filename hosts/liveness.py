@@ -313,4 +313,7 @@ def host_down(host: Host, *, now, cfg, by: str, seen_ping=None,
         # R18: the host's incident is declared (its alert turns critical, R19).
         incidents.host_declared_down(host, now=now, by=by or "investigation", vms=vms,
                                      items=items, ha=lambda vm: ha_wanted(vm, cfg))
+        # VMs whose HA start on this host failed go elsewhere now (R12.5's back-off
+        # was for a start that might go through there next time).
+        HaWork.objects.retry_starts_on(host, now=now)
     return True

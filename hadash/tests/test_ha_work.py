@@ -519,3 +519,36 @@ def test_r12_ha_start_sends_the_stored_definition_and_none_without_one(monkeypat
     assert sent == {"d": {"format": "libvirt-xml", "xml": xml}, "p": None}
     assert {v.name: v.host.name for v in VMInstance.objects.select_related("host")} == \
         {"d": "h2", "p": "h2"}
+
+
+def test_r12_a_start_on_a_host_that_then_goes_down_is_retried_elsewhere_at_once(
+        monkeypatch):
+    """R12.5 with R4/R12.2 (issue 12): an HA start that fails because its target host is
+    failing too — placed there before the host was late with its pings, as when a rack
+    fails — waits out the back-off only while that host might still run the VM. Once the
+    host is found Down the item is tried again at once, elsewhere, with its event; the
+    failed start still counts as a try."""
+    from fleet.sim import SimAgentClient
+
+    w = world({"hosts": {"h1": {}, "h2": {"cpus": 64}, "h3": {"cpus": 8}},
+               "vms": {"v": {"host": "h1", "ha": True}},
+               "config": {"ha.max.hosts.down.ratio": 1}})  # 2 of 3 hosts go: no brake
+    real = SimAgentClient.start_vm
+
+    def start_vm(self, host, vm, definition=None):
+        if host.name == "h2":
+            w.fleet.power_off("h2")  # it fails while the start is on its way
+        return real(self, host, vm, definition)
+
+    monkeypatch.setattr(SimAgentClient, "start_vm", start_vm)
+    w.fleet.power_off("h1")
+    w.advance_to(60)
+    v = vm("v")
+    assert (v.state, v.host.name) == ("Running", "h3")
+    assert [c[1] for c in w.fleet.calls if c[0] == "start"] == ["h2", "h3"]
+    [item] = items("v")
+    assert item.step == Step.DONE and item.tried == 1
+    [again] = Event.objects.filter(event="WorkRetry", subject_id=item.pk,
+                                   message__contains="h2 is Down now")
+    assert Host.objects.get(name="h2").status == "Down"
+    assert again.time <= Event.objects.get(event="HaStarted", vm__name="v").time
