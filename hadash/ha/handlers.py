@@ -274,6 +274,12 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
     tried = item.tried + 1
     limit = cfg["vm.ha.migration.max.retries"]
     with transaction.atomic():
+        # The target's row first, as host_down takes it: a target found Down before
+        # this commits is seen Down here; one found Down after it finds this item
+        # waiting (HaWorkManager.retry_starts_on). Either way the VM goes elsewhere at
+        # once — the host is dead, its VMs with it (R4, R12.2) — not after the back-off.
+        gone = Host.objects.select_for_update(no_key=True).filter(pk=target.pk) \
+            .values_list("status", flat=True).first() in (HostStatus.DOWN, None)
         mark_vm(vm, item, VmState.STOPPED, now=now, event="HaStartFailed",
                 message=f"Starting VM {vm.name} on {target.name} failed: {error}",
                 host=None, last_host=target)
@@ -283,6 +289,11 @@ def start_on_target(engine, item, vm, *, now, cfg, resumed: bool = False) -> Non
             finish(item, Step.ERROR, now=now,
                    message=f"HA gave up on VM {vm.name} after {tried} failed start(s); "
                            f"last error: {error}")
+            return
+        if gone:
+            retry(item, now=now, after=0, tried=tried, step=Step.SCHEDULED,
+                  message=f"start on {target.name} failed ({error}) and {target.name} is "
+                          f"Down; try {tried} of {limit} now, elsewhere")
             return
         after = backoff_seconds(cfg, tried)
         at = (now + dt.timedelta(seconds=after)).strftime("%H:%M:%S")

@@ -521,14 +521,16 @@ def test_r12_ha_start_sends_the_stored_definition_and_none_without_one(monkeypat
         {"d": "h2", "p": "h2"}
 
 
+@pytest.mark.parametrize("found_down", ["later", "during the start"])
 def test_r12_a_start_on_a_host_that_then_goes_down_is_retried_elsewhere_at_once(
-        monkeypatch):
+        monkeypatch, found_down):
     """R12.5 with R4/R12.2 (issue 12): an HA start that fails because its target host is
     failing too — placed there before the host was late with its pings, as when a rack
     fails — waits out the back-off only while that host might still run the VM. Once the
-    host is found Down the item is tried again at once, elsewhere, with its event; the
-    failed start still counts as a try."""
+    host is found Down (after the failure, or while the start was under way) the item is
+    tried again at once, elsewhere, with its event; the failed start counts as a try."""
     from fleet.sim import SimAgentClient
+    from hosts.liveness import host_down
 
     w = world({"hosts": {"h1": {}, "h2": {"cpus": 64}, "h3": {"cpus": 8}},
                "vms": {"v": {"host": "h1", "ha": True}},
@@ -538,6 +540,9 @@ def test_r12_a_start_on_a_host_that_then_goes_down_is_retried_elsewhere_at_once(
     def start_vm(self, host, vm, definition=None):
         if host.name == "h2":
             w.fleet.power_off("h2")  # it fails while the start is on its way
+            if found_down == "during the start":
+                assert host_down(Host.objects.get(name="h2"), now=w.clock.now(),
+                                 cfg=config.snapshot(), by="test")
         return real(self, host, vm, definition)
 
     monkeypatch.setattr(SimAgentClient, "start_vm", start_vm)
@@ -548,7 +553,8 @@ def test_r12_a_start_on_a_host_that_then_goes_down_is_retried_elsewhere_at_once(
     assert [c[1] for c in w.fleet.calls if c[0] == "start"] == ["h2", "h3"]
     [item] = items("v")
     assert item.step == Step.DONE and item.tried == 1
+    said = "h2 is Down now" if found_down == "later" else "and h2 is Down; try 1 of"
     [again] = Event.objects.filter(event="WorkRetry", subject_id=item.pk,
-                                   message__contains="h2 is Down now")
+                                   message__contains=said)
     assert Host.objects.get(name="h2").status == "Down"
     assert again.time <= Event.objects.get(event="HaStarted", vm__name="v").time
