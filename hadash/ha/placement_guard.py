@@ -92,7 +92,8 @@ def reserve(vm, item, *, ha: bool, now, cfg, clock=None):
                                rule=placement.group_rule(vm, groups=groups))
     # Hosts late with their pings come last: when a rack fails its hosts go Down one
     # after the other, and a restart placed on a fellow host that is failing too would
-    # fail and wait out restart.retry.interval. Taken only when nothing else fits.
+    # fail and wait until that host is found Down (HaWorkManager.retry_starts_on).
+    # Taken only when nothing else fits.
     late = late_among(ranking, now=now, cfg=cfg)
     found = [r for r in ranking if r.id not in late] or ranking
     if len(found) == len(ranking):
